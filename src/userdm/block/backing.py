@@ -1,0 +1,93 @@
+"""Backing stores: turn a device reference from a table into one shared `BlockDevice`.
+
+The same file, block node or remote export named by several tables (or twice in one table)
+must be one device object, so that claims and the holders graph see one device. Devices are
+cached by inode (files), by device number (block nodes) or by URL (remote schemes, which the
+layers above register, e.g. `nbd://`). A device leaves the cache, and its file descriptor is
+closed, when its last open closes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import threading
+from collections.abc import Callable
+
+from ..errors import DMError
+from .device import BlockDevice, BlockOpen, HolderOps
+from .file import FileDisk
+
+SchemeFactory = Callable[[str], BlockDevice]
+
+
+class BackingStores:
+    """Opens underlying devices by reference, one object per device."""
+
+    def __init__(self, *, direct: bool = False) -> None:
+        self._lock = threading.Lock()
+        self._devices: dict[object, BlockDevice] = {}
+        self._schemes: dict[str, SchemeFactory] = {}
+        self.direct = direct
+
+    def register_scheme(self, scheme: str, factory: SchemeFactory) -> None:
+        self._schemes[scheme] = factory
+
+    def is_scheme(self, ref: str) -> bool:
+        return "://" in ref and ref.split("://", 1)[0] in self._schemes
+
+    def open(self, ref: str, *, write: bool, holder: object | None = None,
+             holder_ops: HolderOps | None = None) -> BlockOpen:
+        """Open the device named by `ref` (absolute path or registered URL)."""
+        with self._lock:
+            key, device = self._lookup(ref)
+            if device is None:
+                device = self._create(ref)
+                device.on_last_close(lambda dev, key=key: self._evict(key, dev))
+                self._devices[key] = device
+            try:
+                return device.open(write=write, holder=holder, holder_ops=holder_ops)
+            except DMError:
+                if not device.opens:
+                    self._evict_locked(key, device)
+                raise
+
+    def _lookup(self, ref: str) -> tuple[object, BlockDevice | None]:
+        if "://" in ref:
+            scheme = ref.split("://", 1)[0]
+            if scheme not in self._schemes:
+                raise DMError(errno.EINVAL, f"{ref}: unknown device reference scheme {scheme!r}")
+            key: object = ref
+        else:
+            if not ref.startswith("/"):
+                raise DMError(errno.EINVAL, f"{ref!r} is not an absolute path, MAJOR:MINOR, or a URL")
+            try:
+                st = os.stat(ref)
+            except OSError as exc:
+                raise DMError.from_os(exc, f"cannot use {ref}") from None
+            if stat.S_ISBLK(st.st_mode):
+                key = ("blk", st.st_rdev)
+            elif stat.S_ISREG(st.st_mode):
+                key = ("file", st.st_dev, st.st_ino)
+            else:
+                raise DMError(errno.ENOTBLK, f"{ref} is neither a regular file nor a block device")
+        return key, self._devices.get(key)
+
+    def _create(self, ref: str) -> BlockDevice:
+        if "://" in ref:
+            return self._schemes[ref.split("://", 1)[0]](ref)
+        return FileDisk(ref, direct=self.direct)
+
+    def _evict(self, key: object, device: BlockDevice) -> None:
+        with self._lock:
+            self._evict_locked(key, device)
+
+    def _evict_locked(self, key: object, device: BlockDevice) -> None:
+        if not device.opens and self._devices.get(key) is device:
+            del self._devices[key]
+            device.close_backing()
+
+    def devices(self) -> list[BlockDevice]:
+        with self._lock:
+            return list(self._devices.values())

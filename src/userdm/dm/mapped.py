@@ -1,0 +1,269 @@
+"""A mapped device: a `BlockDevice` whose I/O goes through a table, with the kernel's state machine.
+
+It has a live and an inactive table slot. `load` builds a table into the inactive slot (which
+already opens and claims the underlying devices), `resume` swaps it in (suspending first),
+`suspend` blocks new I/O and drains what is in flight (nothing fails: new I/O waits for the
+resume), and the open count decides whether it can be removed. The registry of devices, names
+and deferred removal live in `userdm.dm.mapper`.
+"""
+
+from __future__ import annotations
+
+import errno
+import threading
+from collections.abc import Callable
+
+from ..block.device import BlockDevice, BlockOpen, describe_holder
+from ..errors import DMError
+from .table import Table, build_table
+from .target import TableDevice, TargetContext
+
+DM_MAJOR = 253
+
+#: Resolves a table's device reference: (ref, write, holder) -> (open, name for `table`).
+Resolver = Callable[[str, bool, object | None], tuple[BlockOpen, str]]
+
+
+class _DMHolder:
+    """The single holder shared by every mapped device (the kernel's `_dm_claim_ptr`)."""
+
+    holder_name = "device-mapper"
+
+    def __repr__(self) -> str:
+        return "device-mapper"
+
+
+DM_HOLDER = _DMHolder()
+
+
+class MappedDevice(BlockDevice):
+    """One device-mapper device."""
+
+    def __init__(self, name: str, uuid: str, minor: int, resolver: Resolver, *,
+                 shared: bool = False) -> None:
+        super().__init__(f"/dev/mapper/{name}", 0)
+        self.name = name
+        self.uuid = uuid
+        self.minor = minor
+        self.shared = shared
+        self.live: Table | None = None
+        self.inactive: Table | None = None
+        self.suspended = False
+        self.deferred_remove = False
+        self.deleting = False
+        self.event_nr = 0
+        self._resolver = resolver
+        self._cond = threading.Condition()
+        self._blocked = False
+        self._in_flight = 0
+        #: (ref, write, shared) -> [device, refcount]; shared by live and inactive tables
+        self._table_devices: dict[tuple[str, bool, bool], list] = {}
+        self._event_hook: Callable[[MappedDevice], None] = lambda md: None
+
+    @property
+    def devno(self) -> tuple[int, int]:
+        return (DM_MAJOR, self.minor)
+
+    # ---- opens --------------------------------------------------------------------------
+
+    def check_open(self, write: bool) -> None:
+        if self.deleting:
+            raise DMError(errno.ENXIO, f"device {self.name} is being removed")
+
+    # ---- tables ------------------------------------------------------------------------
+
+    def _get_device(self, ref: str, write: bool, shared: bool) -> TableDevice:
+        shared = shared or self.shared
+        key = (ref, write, shared)
+        entry = self._table_devices.get(key)
+        if entry is None:
+            open_, name = self._resolver(ref, write, None if shared else DM_HOLDER)
+            if open_.device is self:
+                open_.close()
+                raise DMError(errno.EINVAL, f"device {self.name} cannot map onto itself")
+            open_.device.link_holder(self)
+            entry = self._table_devices[key] = [TableDevice(ref, name, open_, shared), 0]
+        entry[1] += 1
+        return entry[0]
+
+    def _put_device(self, dev: TableDevice) -> None:
+        key = (dev.ref, dev.open.write_mode, dev.shared)
+        entry = self._table_devices.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            del self._table_devices[key]
+            dev.open.device.unlink_holder(self)
+            dev.open.close()
+
+    def load(self, text: str, read_only: bool) -> None:
+        """Build `text` into the inactive slot, replacing any inactive table."""
+        ctx = TargetContext(self._get_device, self._put_device, read_only, self.name, self.table_event)
+        table = build_table(text, ctx)
+        old, self.inactive = self.inactive, table
+        if old is not None:
+            old.destroy()
+
+    def clear(self) -> None:
+        old, self.inactive = self.inactive, None
+        if old is not None:
+            old.destroy()
+
+    def suspend(self, *, noflush: bool = False, nolockfs: bool = False) -> None:
+        """Block new I/O and wait for in-flight I/O; freeze the holder unless `nolockfs`."""
+        if self.begin_suspend(nolockfs=nolockfs):
+            self.drain()
+            self.end_suspend(noflush=noflush)
+
+    def begin_suspend(self, *, nolockfs: bool = False) -> bool:
+        """First step of suspend: freeze the holder, presuspend targets, hold new I/O.
+
+        Returns False if the device is already suspended or suspending."""
+        if self.suspended or self._blocked:
+            return False
+        if self.live is not None and not nolockfs and self.holder_ops and self.holder_ops.freeze:
+            self.holder_ops.freeze()
+        if self.live is not None:
+            for target in self.live.targets:
+                target.presuspend()
+        with self._cond:
+            self._blocked = True
+        return True
+
+    def drain(self) -> None:
+        """Wait until no I/O is in flight (or until the suspend was undone)."""
+        with self._cond:
+            while self._in_flight and self._blocked:
+                self._cond.wait()
+
+    def end_suspend(self, *, noflush: bool = False) -> None:
+        if self.suspended or not self._blocked:
+            return
+        if self.live is not None:
+            for target in self.live.targets:
+                target.postsuspend()
+            if not noflush:
+                try:
+                    self.live.flush()
+                except DMError:
+                    pass  # a flush failure is reported by the next flush, not by suspend
+        self.suspended = True
+
+    def resume(self) -> bool:
+        """Swap in the inactive table if any, then let I/O flow. Returns True if the size changed."""
+        if self.inactive is None:
+            if self.live is None:
+                if self.suspended:
+                    raise DMError(errno.EINVAL, f"device {self.name} has no table to resume with; load one first")
+                return False
+            if not self.suspended:
+                return False
+        resized = False
+        if self.inactive is not None:
+            self.suspend(noflush=True, nolockfs=True)
+            new, old = self.inactive, self.live
+            for target in new.targets:
+                target.preresume()
+            self.live, self.inactive = new, None
+            resized = old is None or old.size != new.size
+            self.size = new.size
+            self.read_only = new.read_only
+            if old is not None:
+                old.destroy()
+        elif self.live is not None:
+            for target in self.live.targets:
+                target.preresume()
+        thaw = self.holder_ops.thaw if self.holder_ops else None
+        with self._cond:
+            self._blocked = False
+            self._cond.notify_all()
+        self.suspended = False
+        if self.live is not None:
+            for target in self.live.targets:
+                target.resume()
+        if thaw:
+            thaw()
+        return resized
+
+    def destroy(self) -> None:
+        """Release both tables (at removal). I/O that still arrives fails with EIO."""
+        with self._cond:
+            self._blocked = False
+            self._cond.notify_all()
+        for slot in ("inactive", "live"):
+            table = getattr(self, slot)
+            setattr(self, slot, None)
+            if table is not None:
+                table.destroy()
+        self.size = 0
+
+    def table_event(self) -> None:
+        """A target signalled an event (the kernel's `dm_table_event`)."""
+        self.event_nr += 1
+        self._event_hook(self)
+
+    # ---- the data path ------------------------------------------------------------------
+
+    def _enter(self) -> Table:
+        with self._cond:
+            while self._blocked:
+                self._cond.wait()
+            table = self.live
+            if table is None:
+                raise DMError(errno.EIO, f"device {self.name} has no live table (mapping table unavailable)")
+            self._in_flight += 1
+            return table
+
+    def _leave(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            if self._blocked and not self._in_flight:
+                self._cond.notify_all()
+
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        table = self._enter()
+        try:
+            table.readinto(offset, buf)
+        finally:
+            self._leave()
+
+    def write(self, offset: int, data: memoryview | bytes, fua: bool = False) -> None:
+        table = self._enter()
+        try:
+            table.write(offset, memoryview(data), fua)
+        finally:
+            self._leave()
+
+    def flush(self) -> None:
+        table = self._enter()
+        try:
+            table.flush()
+        finally:
+            self._leave()
+
+    def discard(self, offset: int, length: int) -> None:
+        table = self._enter()
+        try:
+            table.discard(offset, length)
+        finally:
+            self._leave()
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
+        table = self._enter()
+        try:
+            table.write_zeroes(offset, length, may_unmap)
+        finally:
+            self._leave()
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        table = self._enter()
+        try:
+            return table.block_status(offset, length)
+        finally:
+            self._leave()
+
+    # ---- reporting ---------------------------------------------------------------------
+
+    def holders_description(self) -> str:
+        return describe_holder(self.holder) if self.holder is not None else "-"

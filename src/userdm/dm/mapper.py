@@ -1,0 +1,589 @@
+"""The device-mapper: the registry of mapped devices and every control operation on them.
+
+`Mapper` is the in-process equivalent of the kernel's DM ioctl interface, named after the
+dmsetup verbs (`create`, `load`, `resume`, `suspend`, `remove`, `rename`, `info`, `table`,
+`status`, `deps`, `message`, `wait` ...). Its results are plain dicts and lists, so the
+daemon can send them over the control socket unchanged and `userdm.connect()` returns the
+same shapes. It keeps the kernel's rules: unique names and uuids, minors, EBUSY while open,
+deferred removal that fires after the last close and cascades down stacks, cancellation by
+`@cancel_deferred_remove`. With a `state_dir` every change is saved and restored on start.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..block.backing import BackingStores
+from ..block.device import SECTOR, BlockDevice, BlockOpen
+from ..errors import DMError
+from . import state as state_file
+from .mapped import DM_MAJOR, MappedDevice
+from .names import MINOR_LIMIT, check_name, check_uuid
+from .table import Table, split_args
+from .target import registered
+
+log = logging.getLogger("userdm.dm")
+
+DRIVER_VERSION = (4, 50, 0)
+REMOVE_RETRIES = 25          # dmsetup's DM_IOCTL_RETRIES
+REMOVE_RETRY_DELAY = 0.2     # dmsetup's DM_RETRY_USLEEP_DELAY
+
+
+class Mapper:
+    """All mapped devices of one daemon (or of one test, in process)."""
+
+    def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
+                 fuse_dir: str | os.PathLike[str] | None = None, direct_io: bool = False) -> None:
+        self._lock = threading.RLock()
+        self._devices: dict[str, MappedDevice] = {}
+        self._events = threading.Condition()
+        self.backing = BackingStores(direct=direct_io)
+        self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
+        self.state_dir = os.fspath(state_dir) if state_dir else None
+        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._register_schemes()
+        if self.state_dir:
+            self._restore(state_file.load(self.state_dir))
+
+    def _register_schemes(self) -> None:
+        try:
+            from ..nbd import client as nbd_client
+        except ImportError:
+            return
+        register = getattr(nbd_client, "register", None)
+        if register is not None:
+            register(self.backing)
+
+    # ---- lookup --------------------------------------------------------------------------
+
+    def _find(self, name: str) -> MappedDevice:
+        md = self._devices.get(name)
+        if md is None:
+            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+        return md
+
+    def _by_minor(self, minor: int) -> MappedDevice | None:
+        for md in self._devices.values():
+            if md.minor == minor:
+                return md
+        return None
+
+    def find_name(self, *, uuid: str | None = None, major: int | None = None,
+                  minor: int | None = None) -> str:
+        """The name of the device with this uuid or device number (dmsetup's `-u`, `-j/-m`)."""
+        with self._lock:
+            for md in self._devices.values():
+                if uuid is not None and md.uuid == uuid:
+                    return md.name
+                if minor is not None and md.minor == minor and major in (None, DM_MAJOR):
+                    return md.name
+        what = f"uuid {uuid!r}" if uuid is not None else f"device number {major}:{minor}"
+        raise DMError(errno.ENXIO, f"no device with {what}")
+
+    def _mapped_ref(self, ref: str) -> MappedDevice | None:
+        """The mapped device a table reference names, or None if it names something else."""
+        name = None
+        if ref.startswith("/dev/mapper/"):
+            name = ref[len("/dev/mapper/"):]
+        elif self.fuse_dir and os.path.dirname(ref.rstrip("/")) == self.fuse_dir.rstrip("/"):
+            name = os.path.basename(ref)
+        elif ":" in ref and "/" not in ref:
+            major, _, minor = ref.partition(":")
+            if major.isdigit() and minor.isdigit() and int(major) == DM_MAJOR:
+                md = self._by_minor(int(minor))
+                if md is None:
+                    raise DMError(errno.ENXIO, f"no mapped device {ref}")
+                return md
+            return None
+        if name is None:
+            return None
+        md = self._devices.get(name)
+        if md is None:
+            raise DMError(errno.ENXIO, f"{ref}: no mapped device named {name!r}")
+        return md
+
+    def _resolve(self, ref: str, write: bool, holder: object | None) -> tuple[BlockOpen, str]:
+        """Open a table's device reference (the resolver given to every MappedDevice)."""
+        md = self._mapped_ref(ref)
+        if md is not None:
+            return md.open(write=write, holder=holder), f"{DM_MAJOR}:{md.minor}"
+        if ":" in ref and "/" not in ref:
+            major, _, minor = ref.partition(":")
+            if not (major.isdigit() and minor.isdigit()):
+                raise DMError(errno.EINVAL, f"{ref!r} is not MAJOR:MINOR, an absolute path or a URL")
+            path = f"/dev/block/{int(major)}:{int(minor)}"
+            if not os.path.exists(path):
+                raise DMError(errno.ENXIO, f"no block device {ref} ({path} does not exist)")
+            opened = self.backing.open(path, write=write, holder=holder)
+            return opened, ref
+        opened = self.backing.open(ref, write=write, holder=holder)
+        devno = opened.device.devno
+        return opened, f"{devno[0]}:{devno[1]}" if devno else ref
+
+    # ---- create / load / resume / suspend --------------------------------------------
+
+    def create(self, name: str, table: str | None = None, *, uuid: str | None = None,
+               readonly: bool = False, minor: int | None = None, shared: bool = False) -> dict[str, Any]:
+        """dmsetup create: make the device, and with `table` also load and resume it.
+
+        If the load or resume fails the device is removed again, as libdm does."""
+        with self._lock:
+            name = check_name(name)
+            uuid = check_uuid(uuid)
+            if name in self._devices:
+                raise DMError(errno.EBUSY, f"a device named {name!r} already exists")
+            if uuid and any(md.uuid == uuid for md in self._devices.values()):
+                raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
+            minor = self._allocate_minor(minor)
+            md = MappedDevice(name, uuid, minor, self._resolve, shared=shared)
+            md._event_hook = self._table_event
+            md.on_last_close(self._last_close)
+            self._devices[name] = md
+            if table is not None:
+                try:
+                    md.load(table, readonly)
+                    md.resume()
+                except BaseException:
+                    self._destroy(md)
+                    raise
+            self._changed("create", md)
+            return self._info(md)
+
+    def _allocate_minor(self, minor: int | None) -> int:
+        used = {md.minor for md in self._devices.values()}
+        if minor is not None:
+            if not 0 <= minor < MINOR_LIMIT:
+                raise DMError(errno.ENXIO, f"minor {minor} is out of range (0 to {MINOR_LIMIT - 1})")
+            if minor in used:
+                raise DMError(errno.ENXIO, f"minor {minor} is already in use")
+            return minor
+        minor = 0
+        while minor in used:
+            minor += 1
+        return minor
+
+    def load(self, name: str, table: str, *, readonly: bool = False) -> dict[str, Any]:
+        """dmsetup load/reload: build `table` into the inactive slot."""
+        with self._lock:
+            md = self._find(name)
+            md.load(table, readonly)
+            self._changed("load", md)
+            return self._info(md)
+
+    def clear(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            md = self._find(name)
+            md.clear()
+            self._changed("clear", md)
+            return self._info(md)
+
+    def suspend(self, name: str, *, noflush: bool = False, nolockfs: bool = False) -> dict[str, Any]:
+        """Hold new I/O and drain in-flight I/O. The drain happens outside the registry lock,
+        so that a device whose I/O waits on another suspended device never blocks its resume."""
+        with self._lock:
+            md = self._find(name)
+            started = md.begin_suspend(nolockfs=nolockfs)
+        if started:
+            md.drain()
+        with self._lock:
+            md.end_suspend(noflush=noflush)
+            self._changed("suspend", md)
+            return self._info(md)
+
+    def resume(self, name: str) -> dict[str, Any]:
+        """Swap in the inactive table (suspending first if needed) and let I/O flow."""
+        with self._lock:
+            md = self._find(name)
+            must_suspend = md.inactive is not None and not md.suspended
+        if must_suspend:
+            self.suspend(name, noflush=True, nolockfs=True)
+        with self._lock:
+            md = self._find(name)
+            old_size = md.size
+            resized = md.resume()
+            if resized and old_size:
+                md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
+            self._changed("resume", md, resized=resized, size=md.size)
+            return self._info(md)
+
+    def wipe_table(self, name: str) -> dict[str, Any]:
+        """Replace the table by one `error` target of the same size and resume (noflush, nolockfs)."""
+        with self._lock:
+            md = self._find(name)
+            if md.live is not None:
+                md.load(f"0 {md.live.sectors} error", md.live.read_only)
+                md.suspend(noflush=True, nolockfs=True)
+                md.resume()
+                self._changed("load", md)
+            return self._info(md)
+
+    # ---- remove ------------------------------------------------------------------------
+
+    def remove(self, name: str, *, force: bool = False, deferred: bool = False,
+               retry: bool = False) -> dict[str, Any]:
+        """dmsetup remove. Busy devices give EBUSY, or with `deferred` are marked for removal."""
+        attempts = REMOVE_RETRIES if retry else 1
+        for attempt in range(attempts):
+            with self._lock:
+                md = self._find(name)
+                if force and attempt == 0:
+                    self.wipe_table(name)
+                if md.open_count == 0:
+                    info = self._info(md)
+                    self._remove(md)
+                    info["deferred_remove"] = False
+                    return info
+                if deferred:
+                    md.deferred_remove = True
+                    self._changed("deferred_remove", md)
+                    return self._info(md)
+                busy = DMError(errno.EBUSY, f"device {name} is open (open count {md.open_count}); "
+                               "close it first or use --deferred")
+            if attempt + 1 < attempts:
+                time.sleep(REMOVE_RETRY_DELAY)
+        raise busy
+
+    def remove_all(self, *, force: bool = False, deferred: bool = False) -> dict[str, Any]:
+        """Remove every unopened device, repeating while stacks come apart; mark or report the rest."""
+        with self._lock:
+            progress = True
+            while progress:
+                progress = False
+                for md in list(self._devices.values()):
+                    if self._devices.get(md.name) is md and md.open_count == 0:
+                        self._remove(md)
+                        progress = True
+            if force:
+                for md in list(self._devices.values()):
+                    self.wipe_table(md.name)
+            left = list(self._devices.values())
+            if deferred:
+                for md in left:
+                    md.deferred_remove = True
+                    self._changed("deferred_remove", md)
+            return {"left_open": [md.name for md in left]}
+
+    def _remove(self, md: MappedDevice) -> None:
+        md.deleting = True
+        if md.live is not None:
+            md.table_event()
+        del self._devices[md.name]
+        self._destroy(md)
+        self._changed("remove", md)
+
+    def _destroy(self, md: MappedDevice) -> None:
+        self._devices.pop(md.name, None)
+        md.deleting = True
+        md.destroy()
+
+    def _last_close(self, device: BlockDevice) -> None:
+        """The kernel's dm_blk_close: after the last close of a device marked for deferred
+        removal, remove every unopened device so marked (which cascades down stacks)."""
+        if isinstance(device, MappedDevice) and device.deferred_remove:
+            self._deferred_scan()
+
+    def _deferred_scan(self) -> None:
+        with self._lock:
+            progress = True
+            while progress:
+                progress = False
+                for md in list(self._devices.values()):
+                    if self._devices.get(md.name) is md and md.deferred_remove and md.open_count == 0:
+                        self._remove(md)
+                        progress = True
+
+    # ---- rename ------------------------------------------------------------------------
+
+    def rename(self, name: str, new_name: str | None = None, *, uuid: str | None = None) -> dict[str, Any]:
+        """dmsetup rename NAME NEW, or `--setuuid UUID` (only while the device has none)."""
+        with self._lock:
+            if (new_name is None) == (uuid is None):
+                raise DMError(errno.EINVAL, "rename needs exactly one of a new name or a uuid")
+            md = self._find(name)
+            if uuid is not None:
+                if not uuid:
+                    raise DMError(errno.EINVAL, "the new uuid is empty")
+                uuid = check_uuid(uuid)
+                if md.uuid:
+                    raise DMError(errno.EINVAL, f"device {name} already has uuid {md.uuid!r}; "
+                                  "a uuid cannot be changed")
+                if any(other.uuid == uuid for other in self._devices.values()):
+                    raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
+                md.uuid = uuid
+            else:
+                new_name = check_name(new_name)
+                if new_name in self._devices:
+                    raise DMError(errno.EBUSY, f"a device named {new_name!r} already exists")
+                del self._devices[name]
+                md.name = new_name
+                md.ref = f"/dev/mapper/{new_name}"
+                self._devices[new_name] = md
+            if md.live is not None:
+                md.table_event()
+            self._changed("rename", md, old_name=name)
+            return self._info(md)
+
+    # ---- queries -----------------------------------------------------------------------
+
+    def info(self, name: str) -> dict[str, Any]:
+        with self._lock:
+            return self._info(self._find(name))
+
+    def _info(self, md: MappedDevice) -> dict[str, Any]:
+        return {
+            "name": md.name,
+            "uuid": md.uuid,
+            "major": DM_MAJOR,
+            "minor": md.minor,
+            "live": md.live is not None,
+            "inactive": md.inactive is not None,
+            "suspended": md.suspended,
+            "readonly": md.live.read_only if md.live is not None else False,
+            "inactive_readonly": md.inactive.read_only if md.inactive is not None else False,
+            "open_count": md.open_count,
+            "event_nr": md.event_nr,
+            "target_count": len(md.live.targets) if md.live is not None else 0,
+            "inactive_target_count": len(md.inactive.targets) if md.inactive is not None else 0,
+            "size": md.size,
+            "deferred_remove": md.deferred_remove,
+            "shared": md.shared,
+            "holder": md.holders_description(),
+        }
+
+    def list(self) -> list[dict[str, Any]]:
+        """Every device, sorted by name, with its info."""
+        with self._lock:
+            return [self._info(md) for _, md in sorted(self._devices.items())]
+
+    def _table_of(self, md: MappedDevice, inactive: bool) -> Table | None:
+        return md.inactive if inactive else md.live
+
+    def table(self, name: str, *, inactive: bool = False, showkeys: bool = False) -> list[list[Any]]:
+        """Table lines `[start, length, type, params]` in the kernel's table format."""
+        with self._lock:
+            table = self._table_of(self._find(name), inactive)
+            if table is None:
+                return []
+            out = []
+            for t in table.targets:
+                params = t.table(showkeys) if _takes_showkeys(t) else t.table()
+                out.append([t.begin, t.length, t.name, params])
+            return out
+
+    def status(self, name: str, *, inactive: bool = False) -> list[list[Any]]:
+        """Status lines `[start, length, type, status]` in the kernel's formats."""
+        with self._lock:
+            table = self._table_of(self._find(name), inactive)
+            if table is None:
+                return []
+            return [[t.begin, t.length, t.name, t.status()] for t in table.targets]
+
+    def deps(self, name: str, *, inactive: bool = False) -> list[dict[str, Any]]:
+        """The devices a table uses: name (as `table` prints it), device number if any, shared."""
+        with self._lock:
+            table = self._table_of(self._find(name), inactive)
+            if table is None:
+                return []
+            return [_dep(dev) for dev in table.devices()]
+
+    def tree(self) -> list[dict[str, Any]]:
+        """Devices with their dependencies, for `ls --tree` (each dep carries 'device' if mapped)."""
+        with self._lock:
+            out = []
+            for _, md in sorted(self._devices.items()):
+                tables = [t for t in (md.live, md.inactive) if t is not None]
+                seen: dict[int, dict[str, Any]] = {}
+                for table in tables:
+                    for dev in table.devices():
+                        seen.setdefault(id(dev.open.device), _dep(dev))
+                out.append({**self._info(md), "deps": list(seen.values())})
+            return out
+
+    def targets(self) -> list[dict[str, Any]]:
+        return [{"name": name, "version": list(cls.version)} for name, cls in registered().items()]
+
+    def version(self) -> dict[str, Any]:
+        from .. import __version__
+        return {"library": __version__, "driver": list(DRIVER_VERSION)}
+
+    # ---- messages and events -------------------------------------------------------------
+
+    def message(self, name: str, sector: int, message: str) -> str | None:
+        """dmsetup message: `@cancel_deferred_remove` for the core, anything else to a target."""
+        with self._lock:
+            md = self._find(name)
+            if md.deleting:
+                raise DMError(errno.ENXIO, f"device {name} is being removed")
+            args = split_args(message)
+            if not args:
+                raise DMError(errno.EINVAL, "empty message")
+            if args[0].startswith("@"):
+                return self._core_message(md, args)
+            if md.live is None:
+                return None  # the kernel does nothing (and reports success) without a live table
+            target = md.live.target_at(int(sector))
+            if target is None:
+                raise DMError(errno.EINVAL, f"message sector {sector} is beyond the end of {name} "
+                              f"({md.live.sectors} sectors)")
+            result = target.message(args)
+            self._changed("message", md)
+            return result
+
+    def _core_message(self, md: MappedDevice, args: list[str]) -> str | None:
+        if args[0].lower() == "@cancel_deferred_remove":
+            if len(args) != 1:
+                raise DMError(errno.EINVAL, "@cancel_deferred_remove takes no arguments")
+            if md.deleting:
+                raise DMError(errno.EBUSY, f"device {md.name} is already being removed")
+            md.deferred_remove = False
+            self._changed("cancel_deferred_remove", md)
+            return None
+        raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
+
+    def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> dict[str, Any]:
+        """dmsetup wait: block until the device's event number differs from `event_nr`."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            md = self._find(name)
+        with self._events:
+            while md.event_nr == event_nr and not md.deleting:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise DMError(errno.ETIMEDOUT, f"no event on {name} after event {event_nr} "
+                                  f"within {timeout} seconds")
+                self._events.wait(remaining)
+        with self._lock:
+            if md.deleting:
+                raise DMError(errno.ENXIO, f"device {name} was removed while waiting")
+            return self._info(md)
+
+    def _table_event(self, md: MappedDevice) -> None:
+        with self._events:
+            self._events.notify_all()
+        self._emit({"event": "table_event", "name": md.name, "event_nr": md.event_nr})
+
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        """Call `listener(record)` for every change (create, remove, resume, ...)."""
+        self._listeners.append(listener)
+
+    def _emit(self, record: dict[str, Any]) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(record)
+            except Exception:  # a listener must never break the device-mapper
+                log.exception("event listener failed")
+
+    def _changed(self, event: str, md: MappedDevice, **extra: Any) -> None:
+        if self.state_dir:
+            state_file.save(self.state_dir, self._state())
+        self._emit({"event": event, "name": md.name, **extra})
+
+    # ---- exports -------------------------------------------------------------------------
+
+    def open_device(self, name: str, *, write: bool, holder: object | None = None) -> BlockOpen:
+        """Open a mapped device for an export or a user: it counts in the device's open count."""
+        with self._lock:
+            return self._find(name).open(write=write, holder=holder)
+
+    def export_names(self) -> list[str]:
+        """Devices that have a live table and are not being removed."""
+        with self._lock:
+            return sorted(name for name, md in self._devices.items() if md.live is not None and not md.deleting)
+
+    def device(self, name: str) -> MappedDevice:
+        with self._lock:
+            return self._find(name)
+
+    # ---- persistence --------------------------------------------------------------------
+
+    def _state(self) -> dict[str, Any]:
+        devices = []
+        for md in sorted(self._devices.values(), key=lambda m: m.minor):
+            devices.append({
+                "name": md.name, "uuid": md.uuid, "minor": md.minor, "shared": md.shared,
+                "live": _table_state(md.live), "inactive": _table_state(md.inactive),
+                "suspended": md.suspended, "deferred_remove": md.deferred_remove,
+                "event_nr": md.event_nr,
+            })
+        return {"version": 1, "devices": devices}
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Recreate saved devices; tables load in rounds so stacked devices find their parts."""
+        entries = saved.get("devices", [])
+        state_dir, self.state_dir = self.state_dir, None  # do not rewrite the file while restoring
+        try:
+            pending = []
+            for entry in entries:
+                try:
+                    self.create(entry["name"], uuid=entry.get("uuid") or None, minor=entry.get("minor"),
+                                shared=entry.get("shared", False))
+                    md = self._devices[entry["name"]]
+                    md.event_nr = entry.get("event_nr", 0)
+                    md.deferred_remove = entry.get("deferred_remove", False)
+                    pending.append(entry)
+                except DMError as exc:
+                    log.error("cannot restore device %s: %s", entry.get("name"), exc)
+            for slot in ("live", "inactive"):
+                todo = [e for e in pending if e.get(slot)]
+                while todo:
+                    failed, errors = [], {}
+                    for entry in todo:
+                        table = entry[slot]
+                        try:
+                            self.load(entry["name"], table["text"], readonly=table["read_only"])
+                            if slot == "live":
+                                self.resume(entry["name"])
+                        except DMError as exc:
+                            failed.append(entry)
+                            errors[entry["name"]] = exc
+                    if len(failed) == len(todo):
+                        for name, exc in errors.items():
+                            log.error("cannot restore the %s table of %s: %s", slot, name, exc)
+                        break
+                    todo = failed
+            for entry in pending:
+                if entry.get("suspended") and entry["name"] in self._devices:
+                    self.suspend(entry["name"], noflush=True, nolockfs=True)
+            if any(md.deferred_remove for md in self._devices.values()):
+                self._deferred_scan()
+        finally:
+            self.state_dir = state_dir
+        if self.state_dir:
+            state_file.save(self.state_dir, self._state())
+
+    def close(self) -> None:
+        """Release every device's tables without forgetting the saved state (daemon exit)."""
+        with self._lock:
+            state_dir, self.state_dir = self.state_dir, None
+            try:
+                for md in sorted(self._devices.values(), key=lambda m: -m.minor):
+                    md.destroy()
+                self._devices.clear()
+            finally:
+                self.state_dir = state_dir
+
+
+def _table_state(table: Table | None) -> dict[str, Any] | None:
+    return None if table is None else {"text": table.text, "read_only": table.read_only}
+
+
+def _dep(dev: Any) -> dict[str, Any]:
+    device = dev.open.device
+    devno = device.devno
+    return {
+        "name": dev.name,
+        "devno": list(devno) if devno else None,
+        "device": device.name if isinstance(device, MappedDevice) else None,
+        "shared": dev.shared,
+        "size": device.size // SECTOR,
+    }
+
+
+def _takes_showkeys(target: Any) -> bool:
+    return getattr(target, "has_keys", False)

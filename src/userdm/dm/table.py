@@ -1,0 +1,227 @@
+"""The table language and the built table: parsing, the kernel's load rules, and I/O splitting.
+
+A table is lines of `start length type args...` in 512-byte sectors (dmsetup's syntax;
+blank lines and `#` comments are skipped, arguments are split as `dm_split_args` does, with
+backslash escapes). `build_table` applies the kernel's rules (first target at 0, no gaps or
+overlaps, no zero lengths, size limits, singleton/immutable types, read-only for targets that
+need it) and constructs each target; every refusal names the line. A built `Table` finds the
+target of an offset by binary search over the target starts, and splits I/O that spans targets.
+"""
+
+from __future__ import annotations
+
+import errno
+from bisect import bisect_right
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..block.device import SECTOR, merge_extents
+from ..errors import DMError
+from .target import TableDevice, Target, TargetContext, TargetError, lookup
+
+MAX_SECTORS = (1 << 63) - 1 >> 9  # the kernel's "too large device" limit
+
+
+@dataclass(frozen=True)
+class TableLine:
+    lineno: int
+    start: int
+    length: int
+    type: str
+    args: list[str]
+
+
+def split_args(text: str) -> list[str]:
+    """Split on whitespace; a backslash makes the next character literal (`dm_split_args`)."""
+    out: list[str] = []
+    cur: list[str] = []
+    in_word = False
+    it = iter(text)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, "")
+            cur.append(nxt)
+            in_word = True
+        elif ch.isspace():
+            if in_word:
+                out.append("".join(cur))
+                cur = []
+                in_word = False
+        else:
+            cur.append(ch)
+            in_word = True
+    if in_word:
+        out.append("".join(cur))
+    return out
+
+
+def _number(text: str, lineno: int, what: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise DMError(errno.EINVAL, f"table line {lineno}: invalid {what} {text!r}: not a decimal number of sectors")
+    return int(text)
+
+
+def parse_table(text: str) -> list[TableLine]:
+    """Parse table text into lines (syntax only; the load rules are checked by `build_table`)."""
+    lines: list[TableLine] = []
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        stripped = raw.strip()
+        if not stripped or stripped.startswith("#"):
+            continue
+        words = stripped.split(None, 3)
+        if len(words) < 3:
+            raise DMError(errno.EINVAL, f"table line {lineno}: {stripped!r} needs at least "
+                          "'<start> <length> <target type>'")
+        start = _number(words[0], lineno, "start sector")
+        length = _number(words[1], lineno, "length")
+        params = words[3] if len(words) > 3 else ""
+        lines.append(TableLine(lineno, start, length, words[2], split_args(params) if "\\" in params
+                               else params.split()))
+    if not lines:
+        raise DMError(errno.EINVAL, "table is empty: no targets specified")
+    return lines
+
+
+def check_layout(lines: list[TableLine]) -> None:
+    """The kernel's layout rules: contiguous from sector 0, no zero lengths, size limit."""
+    end = 0
+    for line in lines:
+        if line.length == 0:
+            raise DMError(errno.EINVAL, f"table line {line.lineno}: zero-length target")
+        if line.start != end:
+            if end == 0 and line is lines[0]:
+                raise DMError(errno.EINVAL, f"table line {line.lineno}: first target starts at sector "
+                              f"{line.start}, not 0")
+            what = "gap" if line.start > end else "overlap"
+            raise DMError(errno.EINVAL, f"table line {line.lineno}: {what} at sector {line.start} "
+                          f"(previous target ends at {end})")
+        end = line.start + line.length
+        if end > MAX_SECTORS:
+            raise DMError(errno.EINVAL, f"table line {line.lineno}: too large device: "
+                          f"ends at sector {end}, the limit is {MAX_SECTORS}")
+
+
+class Table:
+    """A constructed table: targets sorted by start, with O(log n) lookup."""
+
+    def __init__(self, targets: list[Target], ctx: TargetContext, text: str) -> None:
+        self.targets = targets
+        self._ctx = ctx
+        read_only = ctx.read_only
+        self.read_only = read_only
+        self.text = text
+        self.starts = [t.begin * SECTOR for t in targets]
+        self.ends = [(t.begin + t.length) * SECTOR for t in targets]
+        self.size = self.ends[-1] if targets else 0
+
+    @property
+    def sectors(self) -> int:
+        return self.size // SECTOR
+
+    def pieces(self, offset: int, length: int) -> Iterator[tuple[Target, int, int, int]]:
+        """Yield (target, offset in target, position in request, length) covering the range."""
+        i = bisect_right(self.starts, offset) - 1
+        pos = 0
+        while pos < length:
+            start, end = self.starts[i], self.ends[i]
+            n = min(length - pos, end - offset - pos)
+            yield self.targets[i], offset + pos - start, pos, n
+            pos += n
+            i += 1
+
+    # The single-target case is the common one: it avoids the generator and the slicing.
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        i = bisect_right(self.starts, offset) - 1
+        if offset + len(buf) <= self.ends[i]:
+            self.targets[i].readinto(offset - self.starts[i], buf)
+            return
+        for target, toff, pos, n in self.pieces(offset, len(buf)):
+            target.readinto(toff, buf[pos:pos + n])
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        i = bisect_right(self.starts, offset) - 1
+        if offset + len(data) <= self.ends[i]:
+            self.targets[i].write(offset - self.starts[i], data, fua)
+            return
+        for target, toff, pos, n in self.pieces(offset, len(data)):
+            target.write(toff, data[pos:pos + n], fua)
+
+    def discard(self, offset: int, length: int) -> None:
+        for target, toff, _pos, n in self.pieces(offset, length):
+            target.discard(toff, n)
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        for target, toff, _pos, n in self.pieces(offset, length):
+            target.write_zeroes(toff, n, may_unmap)
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        out: list[tuple[int, int]] = []
+        for target, toff, _pos, n in self.pieces(offset, length):
+            got = 0
+            for ext_len, flags in target.block_status(toff, n):
+                ext_len = min(ext_len, n - got)
+                out.append((ext_len, flags))
+                got += ext_len
+                if got >= n:
+                    break
+            if got < n:  # a target described only a prefix: stop there, as NBD allows
+                break
+        return merge_extents(out)
+
+    def flush(self) -> None:
+        for dev in self.devices():
+            dev.open.flush()
+
+    def devices(self) -> list[TableDevice]:
+        """Underlying devices without duplicates, in table order (the `deps` list)."""
+        seen: dict[int, TableDevice] = {}
+        for dev in self._ctx.acquired:
+            seen.setdefault(id(dev.open), dev)
+        return list(seen.values())
+
+    def target_at(self, sector: int) -> Target | None:
+        offset = sector * SECTOR
+        if offset < 0 or offset >= self.size:
+            return None
+        return self.targets[bisect_right(self.starts, offset) - 1]
+
+    def destroy(self) -> None:
+        """Destroy the targets and release every underlying device the table opened."""
+        for target in self.targets:
+            target.destroy()
+        _release(self._ctx)
+
+
+def _release(ctx: TargetContext) -> None:
+    acquired, ctx.acquired = ctx.acquired, []
+    for dev in acquired:
+        ctx.put_device(dev)
+
+
+def build_table(text: str, ctx: TargetContext) -> Table:
+    """Parse, check and construct a table. On any refusal, targets built so far are destroyed."""
+    lines = parse_table(text)
+    check_layout(lines)
+    types = {line.type for line in lines}
+    targets: list[Target] = []
+    try:
+        for line in lines:
+            cls = lookup(line.type)
+            if cls is None:
+                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {line.type!r}")
+            if cls.singleton and len(lines) > 1:
+                raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
+                              "must appear alone in table")
+            if cls.immutable and len(types) > 1:
+                raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
+                              f"{line.type} cannot be mixed with other target types")
+            try:
+                targets.append(cls(ctx, line.start, line.length, line.args))
+            except TargetError as exc:
+                raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None
+    except BaseException:
+        for target in targets:
+            target.destroy()
+        _release(ctx)
+        raise
+    return Table(targets, ctx, text)

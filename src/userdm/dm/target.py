@@ -1,0 +1,181 @@
+"""The target interface (the kernel's `struct target_type`) and the target registry.
+
+A target is constructed from its table arguments, maps I/O on its range of the device, and
+reports `status()`/`table()` lines in the kernel's formats. Offsets given to a target's I/O
+methods are byte offsets relative to the start of the target. Targets open underlying devices
+only through `TargetContext.get_device`, which applies the device-mapper's claim and the
+kernel's area checks, and raise `TargetError` with the kernel's `ti->error` text on bad
+arguments. A new target is a module in `userdm.targets` that calls `register`; the core
+never knows what a target does.
+"""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Callable
+from typing import ClassVar
+
+from ..block.device import SECTOR, STATUS_HOLE, STATUS_ZERO, BlockOpen
+from ..errors import DMError
+
+
+class TargetError(Exception):
+    """A constructor refusal; the text is the kernel's `ti->error` string."""
+
+    def __init__(self, message: str, err: int = errno.EINVAL) -> None:
+        super().__init__(message)
+        self.errno = err
+
+
+class TableDevice:
+    """An underlying device opened by a table: the open plus the name `table` prints."""
+
+    __slots__ = ("ref", "name", "open", "shared")
+
+    def __init__(self, ref: str, name: str, open_: BlockOpen, shared: bool) -> None:
+        self.ref = ref
+        self.name = name
+        self.open = open_
+        self.shared = shared
+
+    @property
+    def device(self):  # noqa: ANN201 - BlockDevice
+        return self.open.device
+
+
+class TargetContext:
+    """What a constructor may use: the table's mode and device lookup with area checks.
+
+    `get_device` is provided by the mapped device that loads the table (it knows the
+    registry of mapped devices, the backing stores, and the device-mapper holder).
+    """
+
+    def __init__(self, get_device: Callable[[str, bool, bool], TableDevice],
+                 put_device: Callable[[TableDevice], None], read_only: bool,
+                 device_name: str, event: Callable[[], None]) -> None:
+        self._get_device = get_device
+        self.put_device = put_device
+        self.read_only = read_only
+        self.device_name = device_name
+        self.event = event
+        #: every device opened while building the table; the table releases them
+        self.acquired: list[TableDevice] = []
+
+    def get_device(self, ref: str, start: int, length: int, *, shared: bool = False) -> TableDevice:
+        """Open `ref` for this table and check that sectors [start, start+length) exist on it."""
+        try:
+            dev = self._get_device(ref, not self.read_only, shared)
+        except DMError as exc:
+            raise TargetError(f"Device lookup failed: {exc}", exc.errno) from None
+        self.acquired.append(dev)
+        size = dev.open.size // SECTOR
+        if start + length > size:
+            raise TargetError(f"{dev.name} too small for target: it has {size} sectors, "
+                              f"the target needs sectors {start} to {start + length}")
+        lbs = dev.open.device.logical_block_size // SECTOR
+        if start % lbs or length % lbs:
+            raise TargetError(f"{dev.name}: start {start} and length {length} must be multiples "
+                              f"of its logical block size ({lbs} sectors)")
+        return dev
+
+
+class Target:
+    """Base class: a target of `length` sectors starting at sector `begin` of its device."""
+
+    name: ClassVar[str]
+    version: ClassVar[tuple[int, int, int]]
+    singleton: ClassVar[bool] = False
+    immutable: ClassVar[bool] = False
+    wildcard: ClassVar[bool] = False
+    __slots__ = ("begin", "length")
+
+    def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
+        self.begin = begin
+        self.length = length
+
+    # ---- data path (byte offsets relative to the target start) ----------------------
+    def readinto(self, offset: int, buf: memoryview) -> None:
+        raise DMError(errno.EIO, f"{self.name} target does not support reads")
+
+    def write(self, offset: int, data: memoryview, fua: bool) -> None:
+        raise DMError(errno.EIO, f"{self.name} target does not support writes")
+
+    def flush(self) -> None:
+        for dev in self.devices():
+            dev.open.flush()
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
+        zero = memoryview(bytes(min(length, 1 << 20)))
+        end = offset + length
+        while offset < end:
+            n = min(end - offset, len(zero))
+            self.write(offset, zero[:n], False)
+            offset += n
+
+    def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
+        return [(length, 0)]
+
+    # ---- reporting --------------------------------------------------------------------
+    def status(self) -> str:
+        return ""
+
+    def table(self) -> str:
+        return ""
+
+    def message(self, args: list[str]) -> str | None:
+        raise DMError(errno.EINVAL, f"{self.name} target does not accept messages")
+
+    def devices(self) -> list[TableDevice]:
+        """The underlying devices (the kernel's `iterate_devices`)."""
+        return []
+
+    # ---- lifecycle hooks ----------------------------------------------------------------
+    def presuspend(self) -> None: ...
+    def postsuspend(self) -> None: ...
+    def preresume(self) -> None: ...
+    def resume(self) -> None: ...
+    def destroy(self) -> None: ...
+
+
+ZERO_EXTENT = STATUS_HOLE | STATUS_ZERO
+
+_REGISTRY: dict[str, type[Target]] = {}
+
+
+def register(cls: type[Target]) -> type[Target]:
+    """Class decorator: make a target type available to tables under `cls.name`."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def lookup(name: str) -> type[Target] | None:
+    _load_builtin_targets()
+    return _REGISTRY.get(name)
+
+
+def registered() -> dict[str, type[Target]]:
+    _load_builtin_targets()
+    return dict(sorted(_REGISTRY.items()))
+
+
+_loaded = False
+
+
+def _load_builtin_targets() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from .. import targets  # noqa: F401  - importing registers every target module
+
+
+def parse_sector(text: str, what: str) -> int:
+    """Parse a decimal sector count as the kernel's `sscanf("%llu%c")` does."""
+    if not text.isdigit() or not text.isascii():
+        raise TargetError(what)
+    value = int(text)
+    if value >= 1 << 64:
+        raise TargetError(what)
+    return value
