@@ -1,0 +1,1 @@
+"""The dmsetup-compatible command line."""

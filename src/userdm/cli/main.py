@@ -1,0 +1,274 @@
+"""The `userdm` command: dmsetup's verbs, options and output, plus `userdm daemon`.
+
+Options may come before or after the verb, as with dmsetup. Devices are named by name, by
+`-u UUID` or by `-j MAJOR -m MINOR`. Tables come from `--table`, a file argument or stdin.
+Every refusal prints `VERB: ERRNO: sentence` on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any, NoReturn
+
+from ..errors import DMError
+from . import format as fmt
+
+VERBS = ("create", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
+         "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
+         "wipe_table", "daemon", "help")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="userdm", description="The Linux device-mapper in userspace "
+                                "(dmsetup-compatible).", allow_abbrev=False)
+    p.add_argument("verb", choices=VERBS, metavar="COMMAND", help=" ".join(VERBS))
+    p.add_argument("args", nargs="*", help="device names and command arguments")
+    p.add_argument("--runtime-dir", help="the daemon's runtime directory (env USERDM_RUNTIME_DIR)")
+    p.add_argument("--state-dir", help="daemon: where devices are saved (env USERDM_STATE_DIR)")
+    p.add_argument("--table", help="the table, one target per line")
+    p.add_argument("-n", "--notable", action="store_true", help="create without a table")
+    p.add_argument("-u", "--uuid", help="the uuid (create) or the device to act on")
+    p.add_argument("-j", "--major", type=int, help="device major number")
+    p.add_argument("-m", "--minor", type=int, help="device minor number")
+    p.add_argument("-r", "--readonly", action="store_true", help="load the table read-only")
+    p.add_argument("-c", "-C", "--columns", action="store_true", help="info: one line per device")
+    p.add_argument("-o", "--options", help="info -c fields; ls/deps device name format")
+    p.add_argument("--noheadings", action="store_true")
+    p.add_argument("--separator", default=" ")
+    p.add_argument("--noopencount", action="store_true")
+    p.add_argument("--noflush", action="store_true")
+    p.add_argument("--nolockfs", action="store_true")
+    p.add_argument("-f", "--force", action="store_true")
+    p.add_argument("--retry", action="store_true")
+    p.add_argument("--deferred", action="store_true")
+    p.add_argument("--tree", action="store_true")
+    p.add_argument("--target", help="only devices/targets of this type")
+    p.add_argument("--showkeys", action="store_true")
+    p.add_argument("--inactive", action="store_true", help="report on the inactive table")
+    p.add_argument("--setuuid", help="rename: set the uuid")
+    p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    # daemon options
+    p.add_argument("--nbd-listen", help="daemon: also serve NBD on TCP HOST:PORT")
+    p.add_argument("--no-fuse", action="store_true", help="daemon: no FUSE directory")
+    p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
+    p.add_argument("--example", action="store_true",
+                   help="daemon: create the device 'example' (linear over a sparse file)")
+    return p
+
+
+def usage(message: str) -> NoReturn:
+    raise DMError(22, message)
+
+
+def read_table(opts: argparse.Namespace, rest: list[str]) -> str:
+    if opts.table is not None:
+        if rest:
+            usage(f"both --table and a table file {rest[0]!r} given")
+        return opts.table
+    if rest:
+        try:
+            with open(rest[0], encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:
+            raise DMError.from_os(exc, f"cannot read table file {rest[0]}") from None
+    return sys.stdin.read()
+
+
+class Commands:
+    """One method per verb; `self.dm` is a Mapper-like object (the daemon's client)."""
+
+    def __init__(self, dm: Any, opts: argparse.Namespace) -> None:
+        self.dm = dm
+        self.o = opts
+        self.args: list[str] = opts.args
+
+    # ---- device selection ---------------------------------------------------------------
+
+    def selected(self) -> list[str] | None:
+        """Named devices, or None for 'all devices'."""
+        if self.o.uuid is not None and self.o.verb not in ("create",):
+            return [self.dm.find_name(uuid=self.o.uuid)]
+        if self.o.minor is not None and self.o.verb != "create":
+            return [self.dm.find_name(major=self.o.major, minor=self.o.minor)]
+        return list(self.args) or None
+
+    def one(self) -> tuple[str, list[str]]:
+        if self.o.uuid is not None or self.o.minor is not None:
+            return self.selected()[0], list(self.args)  # type: ignore[index]
+        if not self.args:
+            usage(f"{self.o.verb} needs a device name")
+        return self.args[0], self.args[1:]
+
+    def all_or_selected(self) -> list[str]:
+        names = self.selected()
+        if names is None:
+            names = [d["name"] for d in self.dm.list()]
+        return names
+
+    # ---- verbs ------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        if not self.args:
+            usage("create needs a device name")
+        name, rest = self.args[0], self.args[1:]
+        table = None if self.o.notable else read_table(self.o, rest)
+        self.dm.create(name, table, uuid=self.o.uuid, readonly=self.o.readonly,
+                       minor=self.o.minor)
+
+    def load(self) -> None:
+        name, rest = self.one()
+        self.dm.load(name, read_table(self.o, rest), readonly=self.o.readonly)
+
+    reload = load
+
+    def clear(self) -> None:
+        self.dm.clear(self.one()[0])
+
+    def suspend(self) -> None:
+        for name in self.selected() or usage("suspend needs a device name"):
+            self.dm.suspend(name, noflush=self.o.noflush, nolockfs=self.o.nolockfs)
+
+    def resume(self) -> None:
+        for name in self.selected() or usage("resume needs a device name"):
+            self.dm.resume(name)
+
+    def remove(self) -> None:
+        for name in self.selected() or usage("remove needs a device name"):
+            self.dm.remove(name, force=self.o.force, deferred=self.o.deferred, retry=self.o.retry)
+
+    def remove_all(self) -> None:
+        left = self.dm.remove_all(force=self.o.force, deferred=self.o.deferred)["left_open"]
+        if left and self.o.force:
+            print(f"Unable to remove {len(left)} device(s).", file=sys.stderr)
+            raise SystemExit(1)
+
+    def wipe_table(self) -> None:
+        for name in self.selected() or usage("wipe_table needs a device name"):
+            self.dm.wipe_table(name)
+
+    def info(self) -> None:
+        names = self.selected()
+        infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        if self.o.columns:
+            try:
+                fields = fmt.parse_fields(self.o.options)
+            except ValueError as exc:
+                usage(str(exc))
+            if not infos:
+                print("No devices found")
+                return
+            sys.stdout.write(fmt.info_columns(infos, fields, headings=not self.o.noheadings,
+                                              separator=self.o.separator))
+            return
+        if not infos:
+            print("No devices found")
+            return
+        sys.stdout.write("\n".join(fmt.info_long(i, opencount=not self.o.noopencount) for i in infos))
+
+    def ls(self) -> None:
+        if self.o.tree:
+            sys.stdout.write(fmt.tree(self.dm.tree()) or "No devices found\n")
+            return
+        infos = self.dm.list()
+        if self.o.target:
+            infos = [i for i in infos if any(line[2] == self.o.target for line in self.dm.table(i["name"]))]
+        if not infos:
+            print("No devices found")
+            return
+        for info in infos:
+            if self.o.options == "blkdevname":
+                print(f"{info['name']}\t(dm-{info['minor']})")
+            else:
+                print(fmt.ls_line(info))
+
+    def _per_device(self, fetch: Any, show: Any) -> None:
+        names = self.selected()
+        prefix = names is None or len(names) > 1
+        for name in names or [d["name"] for d in self.dm.list()]:
+            for text in show(fetch(name)):
+                print(f"{name}: {text}" if prefix else text)
+
+    def table(self) -> None:
+        def show(lines: list[list[Any]]) -> list[str]:
+            return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
+        self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show)
+
+    def status(self) -> None:
+        def show(lines: list[list[Any]]) -> list[str]:
+            return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
+        self._per_device(lambda n: self.dm.status(n, inactive=self.o.inactive), show)
+
+    def deps(self) -> None:
+        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive), lambda d: [fmt.deps_line(d)])
+
+    def message(self) -> None:
+        name, rest = self.one()
+        if len(rest) < 2:
+            usage("message needs a device, a sector and a message")
+        if not rest[0].isdigit():
+            usage(f"message sector {rest[0]!r} is not a number")
+        out = self.dm.message(name, int(rest[0]), " ".join(rest[1:]))
+        if out:
+            print(out)
+
+    def rename(self) -> None:
+        if self.o.setuuid is not None:
+            self.dm.rename(self.one()[0], uuid=self.o.setuuid)
+            return
+        if len(self.args) != 2:
+            usage("rename needs a device name and a new name (or --setuuid UUID)")
+        self.dm.rename(self.args[0], self.args[1])
+
+    def wait(self) -> None:
+        name, rest = self.one()
+        event_nr = int(rest[0]) if rest else 0
+        self.dm.wait(name, event_nr)
+
+    def targets(self) -> None:
+        for t in self.dm.targets():
+            major, minor, patch = t["version"]
+            print(f"{t['name']:<16} v{major}.{minor}.{patch}")
+
+    def version(self) -> None:
+        v = self.dm.version()
+        print(f"Library version:   userdm {v['library']}")
+        print("Driver version:    {}.{}.{}".format(*v["driver"]))
+
+
+def run_daemon(opts: argparse.Namespace) -> int:
+    import logging
+
+    from ..control import paths
+    from ..control.daemon import Daemon
+    logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
+                        format="userdm: %(name)s: %(message)s")
+    Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
+           nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
+           example=opts.example).run()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    opts = parser.parse_intermixed_args(argv)
+    if opts.verb == "help":
+        parser.print_help()
+        return 0
+    try:
+        if opts.verb == "daemon":
+            return run_daemon(opts)
+        from ..control.client import connect
+        with connect(opts.runtime_dir) as client:
+            getattr(Commands(client, opts), opts.verb)()
+    except DMError as exc:
+        print(f"{opts.verb}: {exc}", file=sys.stderr)
+        return 1
+    except BrokenPipeError:
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

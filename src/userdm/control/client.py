@@ -1,0 +1,73 @@
+"""The Python client of a running daemon: `userdm.connect()` returns a `Client` whose methods
+are the Mapper's (`create`, `load`, `resume`, `info`, ...) and return the same results."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import threading
+from typing import Any
+
+from ..errors import DMError
+from . import paths, protocol
+
+
+class Client:
+    """A connection to the daemon's control socket. Thread-safe; one request at a time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._sock.connect(path)
+        except OSError as exc:
+            self._sock.close()
+            raise DMError(errno.ENOENT if isinstance(exc, FileNotFoundError) else exc.errno or errno.EIO,
+                          f"cannot reach the userdm daemon at {path}: {exc.strerror}; "
+                          "is `userdm daemon` running?") from None
+        self._decoder = protocol.Decoder()
+        self._lock = threading.Lock()
+
+    def call(self, cmd: str, **args: Any) -> Any:
+        with self._lock:
+            self._sock.sendall(protocol.encode(protocol.request(cmd, **args)))
+            while True:
+                data = self._sock.recv(1 << 20)
+                if not data:
+                    raise DMError(errno.ECONNRESET, "the userdm daemon closed the connection")
+                messages = self._decoder.feed(data)
+                if messages:
+                    return protocol.result_of(messages[0])
+
+    def __getattr__(self, cmd: str) -> Any:
+        if cmd not in protocol.COMMANDS:
+            raise AttributeError(cmd)
+        return lambda *args, **kwargs: self.call(cmd, **_positional(cmd, args), **kwargs)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# Positional parameters of the Mapper methods, so `client.create("v", table)` works as in process.
+_POSITIONAL = {
+    "create": ("name", "table"), "load": ("name", "table"), "message": ("name", "sector", "message"),
+    "rename": ("name", "new_name"), "wait": ("name", "event_nr"),
+}
+
+
+def _positional(cmd: str, args: tuple[Any, ...]) -> dict[str, Any]:
+    names = _POSITIONAL.get(cmd, ("name",))
+    if len(args) > len(names):
+        raise TypeError(f"{cmd}() takes at most {len(names)} positional arguments")
+    return dict(zip(names, args))
+
+
+def connect(runtime_dir: str | None = None) -> Client:
+    """Connect to the daemon that serves `runtime_dir` (default: see DESIGN §3)."""
+    return Client(str(paths.control_socket(paths.runtime_dir(runtime_dir))))

@@ -1,0 +1,114 @@
+"""The block layer: opens, claims (bd_may_claim rules), file and memory disks, backing stores."""
+
+import errno
+import os
+
+import pytest
+
+from userdm.block import STATUS_HOLE, STATUS_ZERO, BackingStores, FileDisk, MemoryDisk
+from userdm.errors import DMError
+
+
+def test_exclusive_claims_follow_the_kernel_rules():
+    disk = MemoryDisk(1 << 20)
+    a = disk.open(write=True, holder="fs")
+    nested = disk.open(write=True, holder="fs")         # same holder nests
+    with pytest.raises(DMError) as exc:
+        disk.open(write=True, holder="other")            # another holder: EBUSY
+    assert exc.value.errno == errno.EBUSY and "claimed exclusively by fs" in str(exc.value)
+    plain = disk.open(write=True)                        # non-exclusive opens are never blocked
+    assert disk.holder == "fs" and disk.holder_count == 2 and disk.open_count == 3
+    a.close()
+    assert disk.holder == "fs"
+    nested.close()
+    assert disk.holder is None
+    disk.open(holder="other").close()                    # the claim is free again
+    plain.close()
+    assert disk.open_count == 0
+
+
+def test_open_modes_and_bounds():
+    disk = MemoryDisk(4096, read_only=True)
+    with pytest.raises(DMError) as exc:
+        disk.open(write=True)
+    assert exc.value.errno == errno.EACCES
+    rw = MemoryDisk(4096).open(write=False)
+    with pytest.raises(DMError) as exc:
+        rw.write(0, b"x")
+    assert exc.value.errno == errno.EPERM
+    with pytest.raises(DMError) as exc:
+        rw.read(4000, 200)
+    assert exc.value.errno == errno.EINVAL and "beyond the end" in str(exc.value)
+    rw.close()
+    rw.close()  # idempotent
+    with pytest.raises(DMError):
+        rw.read(0, 1)
+
+
+def test_memory_disk_is_sparse():
+    disk = MemoryDisk(1 << 20)
+    h = disk.open(write=True)
+    assert h.block_status(0, 1 << 20) == [(1 << 20, STATUS_HOLE | STATUS_ZERO)]
+    h.write(70000, b"abc")
+    assert h.read(69999, 5) == b"\0abc\0"
+    assert h.block_status(0, 1 << 20)[1] == (65536, 0)
+    h.discard(65536, 65536)
+    assert h.read(70000, 3) == b"\0\0\0"
+
+
+def test_file_disk_io_discard_and_holes(tmp_path):
+    path = tmp_path / "f.img"
+    path.write_bytes(b"")
+    os.truncate(path, 1 << 20)
+    disk = FileDisk(str(path))
+    h = disk.open(write=True)
+    assert disk.size == 1 << 20
+    h.write(4096, b"A" * 8192, fua=True)
+    assert h.read(4096, 4) == b"AAAA"
+    assert h.block_status(0, 1 << 20)[0] == (4096, STATUS_HOLE | STATUS_ZERO)
+    assert h.block_status(4096, 8192) == [(8192, 0)]
+    h.discard(4096, 4096)
+    assert h.read(4096, 4096) == bytes(4096)
+    h.write_zeroes(8192, 4096, may_unmap=False)
+    assert h.read(8192, 4096) == bytes(4096)
+    h.close()
+    disk.close_backing()
+    with open(path, "rb") as f:
+        assert f.read() == bytes(1 << 20)
+
+
+def test_file_disk_direct_io_unaligned(tmp_path):
+    path = tmp_path / "d.img"
+    os.truncate(path, 1 << 20) if path.exists() else path.write_bytes(bytes(1 << 20))
+    disk = FileDisk(str(path), direct=True)
+    h = disk.open(write=True)
+    h.write(1000, b"hello")
+    assert h.read(998, 9) == b"\0\0hello\0\0"
+    h.close()
+    disk.close_backing()
+
+
+def test_backing_stores_share_one_device_per_file(tmp_path):
+    path = tmp_path / "s.img"
+    path.write_bytes(bytes(65536))
+    link = tmp_path / "link.img"
+    link.symlink_to(path)
+    stores = BackingStores()
+    a = stores.open(str(path), write=True, holder="dm")
+    b = stores.open(str(link), write=True, holder="dm")
+    assert a.device is b.device
+    with pytest.raises(DMError) as exc:
+        stores.open(str(path), write=True, holder="mount")
+    assert exc.value.errno == errno.EBUSY
+    a.close()
+    b.close()
+    assert stores.devices() == []          # the last close drops the device and its fd
+    with pytest.raises(DMError) as exc:
+        stores.open("relative/path", write=True)
+    assert exc.value.errno == errno.EINVAL
+    with pytest.raises(DMError) as exc:
+        stores.open(str(tmp_path), write=True)
+    assert exc.value.errno == errno.ENOTBLK
+    with pytest.raises(DMError) as exc:
+        stores.open("/nonexistent/file", write=True)
+    assert exc.value.errno == errno.ENOENT
