@@ -48,10 +48,12 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, *extra: str) -> None:
-        self.proc = subprocess.Popen(USERDM + ["daemon", "--no-fuse", *extra], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.log = self.runtime.parent / "daemon.log"
+        with open(self.log, "a") as log:
+            self.proc = subprocess.Popen(USERDM + ["daemon", "--no-fuse", *extra], env=self.env,
+                                         stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()
-        assert "ready" in line, f"daemon did not start: {line}{self.proc.stdout.read() if self.proc.poll() is not None else ''}"
+        assert "ready" in line, f"daemon did not start: {self.log.read_text()}"
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:

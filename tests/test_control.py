@@ -1,0 +1,84 @@
+"""The control protocol as pure functions, and the control socket against garbage."""
+
+import errno
+import os
+import socket
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from userdm.control import protocol
+from userdm.errors import DMError
+
+
+def test_roundtrip_and_split_delivery():
+    data = protocol.encode(protocol.request("info", name="v")) + protocol.encode(protocol.ok([1, 2]))
+    dec = protocol.Decoder()
+    got = []
+    for i in range(len(data)):  # one byte at a time
+        got += dec.feed(data[i:i + 1])
+    assert got == [{"cmd": "info", "args": {"name": "v"}}, {"ok": True, "result": [1, 2]}]
+    assert dec.pending == 0
+
+
+def test_oversized_and_invalid_messages_are_protocol_errors():
+    for bad in (struct.pack(">I", protocol.MAX_MESSAGE + 1), struct.pack(">I", 3) + b"\xff\xfe{",
+                struct.pack(">I", 2) + b"[]"):
+        try:
+            protocol.Decoder().feed(bad)
+        except protocol.ProtocolError:
+            continue
+        raise AssertionError(f"accepted {bad!r}")
+
+
+class Fake:
+    def info(self, name):
+        raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+
+    def list(self):
+        return []
+
+
+def test_dispatch_maps_every_failure_to_an_errno():
+    fake = Fake()
+    assert protocol.dispatch(fake, {"cmd": "list"}) == {"ok": True, "result": []}
+    assert protocol.dispatch(fake, {"cmd": "info", "args": {"name": "x"}})["errno"] == "ENXIO"
+    assert protocol.dispatch(fake, {"cmd": "__class__"})["errno"] == "ENOTTY"
+    assert protocol.dispatch(fake, {"cmd": "info", "args": {"bogus": 1}})["errno"] == "EINVAL"
+    assert protocol.dispatch(fake, {"cmd": "info", "args": [1]})["errno"] == "EINVAL"
+    assert protocol.dispatch(fake, {})["errno"] == "ENOTTY"
+    err = protocol.dispatch(fake, {"cmd": "info", "args": {"name": "x"}})
+    try:
+        protocol.result_of(err)
+    except DMError as exc:
+        assert exc.errno == errno.ENXIO and "does not exist" in exc.message
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_decoder_never_crashes_on_garbage(data):
+    try:
+        for message in protocol.Decoder().feed(data):
+            assert isinstance(message, dict)
+            protocol.dispatch(Fake(), message)
+    except protocol.ProtocolError:
+        pass
+
+
+def test_daemon_survives_garbage_and_checks_socket_mode(daemon):
+    path = daemon.runtime / "control"
+    assert oct(os.stat(path).st_mode & 0o777) == "0o600"
+    for junk in (b"\xff" * 16, struct.pack(">I", 5) + b"nope!", b"\x00\x00"):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(str(path))
+        s.sendall(junk)
+        s.shutdown(socket.SHUT_WR)
+        s.recv(4096)
+        s.close()
+    with daemon.connect() as client:
+        assert client.list() is not None
+        try:
+            client.call("frobnicate")
+        except DMError as exc:
+            assert exc.errno == errno.ENOTTY
