@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything userdm and its tests need on a fresh Debian 12 machine (run as root):
+# the third-party tools the interop tests drive, and a venv in .venv with userdm installed.
+# The venv is made from Debian's python3 with system site-packages, so that Debian's
+# python3-libnbd and python3-pyfuse3 are importable next to userdm.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PACKAGES=(
+  python3 python3-venv python3-dev python3-libnbd python3-pyfuse3
+  nbdkit libnbd-bin qemu-utils fio
+  fuse3 libfuse3-dev pkg-config
+  e2fsprogs util-linux cryptsetup-bin
+)
+missing=()
+for p in "${PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  /usr/bin/python3 -m venv --system-site-packages .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
+echo "userdm is set up: .venv/bin/userdm"
