@@ -156,6 +156,7 @@ def test_deferred_remove_fires_after_last_close_and_cascades(mapper, images):
     mapper.create("low", f"0 100 linear {img} 0")
     mapper.create("top", "0 100 linear /dev/mapper/low 0")
     assert mapper.info("low")["open_count"] == 1
+    assert mapper.info("low")["holders"] == ["top"]      # the sysfs holders/ graph
     assert err(mapper.remove, "low").errno == errno.EBUSY
     info = mapper.remove("low", deferred=True)
     assert info["deferred_remove"] and mapper.info("low")["deferred_remove"]

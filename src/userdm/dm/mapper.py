@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
@@ -117,9 +118,7 @@ class Mapper:
             major, _, minor = ref.partition(":")
             if not (major.isdigit() and minor.isdigit()):
                 raise DMError(errno.EINVAL, f"{ref!r} is not MAJOR:MINOR, an absolute path or a URL")
-            path = f"/dev/block/{int(major)}:{int(minor)}"
-            if not os.path.exists(path):
-                raise DMError(errno.ENXIO, f"no block device {ref} ({path} does not exist)")
+            path = block_node(int(major), int(minor))
             opened = self.backing.open(path, write=write, holder=holder)
             return opened, ref
         opened = self.backing.open(ref, write=write, holder=holder)
@@ -354,6 +353,7 @@ class Mapper:
             "deferred_remove": md.deferred_remove,
             "shared": md.shared,
             "holder": md.holders_description(),
+            "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links),
         }
 
     def list(self) -> list[dict[str, Any]]:
@@ -567,6 +567,27 @@ class Mapper:
                 self._devices.clear()
             finally:
                 self.state_dir = state_dir
+
+
+def block_node(major: int, minor: int) -> str:
+    """The /dev node of a block device number (udev's /dev/block links may not exist)."""
+    rdev = os.makedev(major, minor)
+    candidates = [f"/dev/block/{major}:{minor}"]
+    try:
+        with open(f"/sys/dev/block/{major}:{minor}/uevent", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("DEVNAME="):
+                    candidates.append("/dev/" + line.strip().split("=", 1)[1])
+    except OSError:
+        pass
+    for path in candidates:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+            return path
+    raise DMError(errno.ENXIO, f"no block device {major}:{minor} on this machine")
 
 
 def _table_state(table: Table | None) -> dict[str, Any] | None:
