@@ -82,3 +82,44 @@ def test_daemon_survives_garbage_and_checks_socket_mode(daemon):
             client.call("frobnicate")
         except DMError as exc:
             assert exc.errno == errno.ENOTTY
+
+
+def test_peer_credentials_are_checked():
+    """Even with the socket mode opened up, a peer of another uid is disconnected unanswered."""
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import pytest
+
+    from conftest import Daemon
+    if os.geteuid() != 0:
+        pytest.skip("needs root to run a peer as another user")
+    base = Path(tempfile.mkdtemp(dir="/tmp"))
+    os.chmod(base, 0o755)
+    daemon = Daemon(base)
+    daemon.start()
+    try:
+        path = daemon.runtime / "control"
+        os.chmod(daemon.runtime, 0o755)
+        os.chmod(path, 0o666)
+        probe = (
+            "import socket, struct, sys\n"
+            "s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])\n"
+            "body = b'{\"cmd\":\"list\",\"args\":{}}'\n"
+            "try:\n"
+            "    s.sendall(struct.pack('>I', len(body)) + body)\n"
+            "    print(repr(s.recv(100)))\n"
+            "except (BrokenPipeError, ConnectionResetError):\n"
+            "    print('disconnected')\n"
+        )
+        res = subprocess.run([sys.executable, "-c", probe, str(path)], capture_output=True, text=True,
+                             user=65534, timeout=30)
+        assert res.stdout.strip() in ("b''", "disconnected"), res  # connected, then dropped unanswered
+        with daemon.connect() as client:
+            assert client.list() == []
+    finally:
+        daemon.stop()
+        shutil.rmtree(base, ignore_errors=True)
