@@ -172,38 +172,33 @@ class FileDisk(BlockDevice):
 
     # ---- O_DIRECT bounce path -------------------------------------------------------
 
-    def _bounce_buffer(self, size: int) -> mmap.mmap:
-        buf = getattr(self._bounce, "buf", None)
-        if buf is None or len(buf) < size:
-            buf = mmap.mmap(-1, max(size, 1 << 20))
-            self._bounce.buf = buf
-        return buf
+    def _load_aligned(self, offset: int, length: int, *, partial_only: bool = False) -> tuple[int, memoryview]:
+        """Read the aligned span around [offset, offset+length) into this thread's bounce
+        buffer; returns (span start, span view). With `partial_only`, skip the read when the
+        request covers the span exactly (a write that replaces every byte)."""
+        start = offset - offset % DIRECT_ALIGN
+        end = -(-(offset + length) // DIRECT_ALIGN) * DIRECT_ALIGN
+        bounce = getattr(self._bounce, "buf", None)
+        if bounce is None or len(bounce) < end - start:
+            bounce = self._bounce.buf = mmap.mmap(-1, max(end - start, 1 << 20))
+        view = memoryview(bounce)[: end - start]
+        if not (partial_only and start == offset and end == offset + length):
+            n = os.preadv(self.fd, [view], start)
+            if n < end - start:
+                view[n:] = bytes(end - start - n)
+        return start, view
 
     def _direct_read(self, offset: int, buf: memoryview) -> None:
-        start = offset - offset % DIRECT_ALIGN
-        end = -(-(offset + len(buf)) // DIRECT_ALIGN) * DIRECT_ALIGN
-        bounce = self._bounce_buffer(end - start)
-        view = memoryview(bounce)[: end - start]
         try:
-            n = os.preadv(self.fd, [view], start)
+            start, view = self._load_aligned(offset, len(buf))
         except OSError as exc:
             raise DMError.from_os(exc, f"read from {self.path} at byte {offset}") from None
-        if n < end - start:
-            view[n:] = bytes(end - start - n)
         buf[:] = view[offset - start: offset - start + len(buf)]
 
     def _direct_write(self, offset: int, data: memoryview) -> None:
-        start = offset - offset % DIRECT_ALIGN
-        end = -(-(offset + len(data)) // DIRECT_ALIGN) * DIRECT_ALIGN
-        bounce = self._bounce_buffer(end - start)
-        view = memoryview(bounce)[: end - start]
         try:
-            if start != offset or end != offset + len(data):
-                n = os.preadv(self.fd, [view], start)
-                if n < end - start:
-                    view[n:] = bytes(end - start - n)
+            start, view = self._load_aligned(offset, len(data), partial_only=True)
             view[offset - start: offset - start + len(data)] = data
             os.pwritev(self.fd, [view], start)
         except OSError as exc:
             raise DMError.from_os(exc, f"write to {self.path} at byte {offset}") from None
-
