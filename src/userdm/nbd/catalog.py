@@ -1,0 +1,97 @@
+"""The NBD server's view of the mapper: exports are mapped devices with a live table.
+
+One `MapperCatalog` per connection: `select` (NBD_OPT_GO or NBD_OPT_EXPORT_NAME) opens the
+device with `mapper.open_device`, so the connection counts in the device's open count until
+it closes. A device whose table is read-only is opened read-only and exported with
+NBD_FLAG_READ_ONLY. `info` (NBD_OPT_INFO, metadata context queries) never opens the device:
+an open and close would fire a deferred or autoclear removal.
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any, Protocol
+
+from ..block.device import BlockOpen
+from ..errors import DMError
+from . import constants as C
+from .handshake import ExportInfo, Refused
+
+
+class ExportSource(Protocol):
+    """The part of `userdm.dm.mapper.Mapper` that the NBD server uses."""
+
+    def export_names(self) -> list[str]: ...
+
+    def info(self, name: str) -> dict[str, Any]: ...
+
+    def open_device(self, name: str, *, write: bool, holder: object | None = None) -> BlockOpen: ...
+
+
+class MapperCatalog:
+    """Export catalog for one connection; `handle` is its open once `select` succeeded."""
+
+    def __init__(self, mapper: ExportSource) -> None:
+        self.mapper = mapper
+        self.handle: BlockOpen | None = None
+
+    def names(self) -> list[str]:
+        return list(self.mapper.export_names())
+
+    def _refuse(self, name: str, exc: DMError | None = None) -> Refused:
+        if exc is not None and exc.errno == errno.ENXIO and name in self._device_names():
+            return Refused(C.REP_ERR_SHUTDOWN, f"export {name!r} is being removed")
+        return Refused(C.REP_ERR_UNKNOWN, f"no export named {name!r} (no such device, or it has no live table)")
+
+    def _device_names(self) -> set[str]:
+        try:
+            return {d["name"] for d in self.mapper.list()}  # type: ignore[attr-defined]
+        except Exception:
+            return set()
+
+    def info(self, name: str) -> ExportInfo:
+        if name not in self.mapper.export_names():
+            raise self._refuse(name)
+        try:
+            d = self.mapper.info(name)
+        except DMError as exc:
+            raise self._refuse(name, exc) from None
+        return ExportInfo(name=name, size=int(d.get("size", 0)), read_only=bool(d.get("readonly")),
+                          min_block=self._block_size(name))
+
+    def _block_size(self, name: str, handle: BlockOpen | None = None) -> int:
+        device = handle.device if handle is not None else None
+        if device is None:
+            getter = getattr(self.mapper, "device", None)
+            try:
+                device = getter(name) if getter else None
+            except DMError:
+                device = None
+        lbs = getattr(device, "logical_block_size", 512)
+        return lbs if lbs in (512, 4096) else 512
+
+    def select(self, name: str) -> ExportInfo:
+        if self.handle is not None:
+            raise Refused(C.REP_ERR_INVALID, "an export is already selected")
+        if name not in self.mapper.export_names():
+            raise self._refuse(name)
+        try:
+            readonly = bool(self.mapper.info(name).get("readonly"))
+            try:
+                handle = self.mapper.open_device(name, write=not readonly)
+            except DMError as exc:
+                if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS) or readonly:
+                    raise
+                handle = self.mapper.open_device(name, write=False)
+        except DMError as exc:
+            if exc.errno == errno.ENXIO:
+                raise self._refuse(name, exc) from None
+            raise Refused(C.REP_ERR_POLICY, str(exc)) from None
+        self.handle = handle
+        return ExportInfo(name=name, size=handle.size, read_only=handle.read_only,
+                          min_block=self._block_size(name, handle))
+
+    def close(self) -> None:
+        if self.handle is not None:
+            handle, self.handle = self.handle, None
+            handle.close()

@@ -1,0 +1,444 @@
+"""One NBD client connection: the handshake, then the transmission phase.
+
+The transmission phase has one reader thread and a small worker pool:
+- the reader receives requests in batches into one buffer (`recv_into`, many headers per
+  system call under load) and runs small READs and WRITEs inline: a WRITE's payload is used
+  where it landed in the receive buffer, a READ's data goes into a preallocated arena, and
+  the replies of a batch leave in one `sendmsg` (header + data, no copies);
+- big requests (over `inline_max`), FUA writes, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS go
+  to worker threads with their own preallocated mmap buffers (only touched pages cost memory)
+  and are answered as they complete, so requests are in flight concurrently; if an inline
+  request turns out slow (a remote or suspended device), the reader dispatches everything
+  for a while.
+Nothing is allocated per request beyond small Python objects.
+
+The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
+a protocol error (hard disconnect), or when the server stops (like EOF). Then the device
+open and the socket are closed and `on_close` is called.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import queue
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+from ..errors import DMError
+from . import constants as C
+from .catalog import ExportSource, MapperCatalog
+from .handshake import ServerHandshake
+from .protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
+                       block_status_chunk, clip_extents, error_reply)
+
+log = logging.getLogger("userdm.nbd")
+
+HANDSHAKE_TIMEOUT = 30.0
+MAX_EXTENTS = 1024
+RECV_BUFFER = 256 * 1024      # batch receive buffer
+ARENA = 1024 * 1024           # inline READ data of one reply batch
+INLINE_MAX = 64 * 1024        # larger requests go to the workers
+MAX_BATCH = 64                # reply parts per sendmsg
+SLOW_REQUEST = 0.0003        # SLOW_STREAK inline requests in a row slower than this ...
+SLOW_STREAK = 4
+SLOW_BACKOFF = 1000           # ... make the next this many requests go to the workers
+
+_READ, _WRITE, _DISC, _CACHE = C.CMD_READ, C.CMD_WRITE, C.CMD_DISC, C.CMD_CACHE
+_REQUEST_MAGIC = C.REQUEST_MAGIC
+_SIMPLE_MAGIC = C.SIMPLE_REPLY_MAGIC
+_STRUCT_MAGIC = C.STRUCTURED_REPLY_MAGIC
+_DONE, _OFFSET_DATA = C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA
+_FUA = C.CMD_FLAG_FUA
+_WAITALL = socket.MSG_WAITALL
+
+
+class Connection:
+    """Serves one accepted socket until it closes; `on_close` is called once at the end."""
+
+    def __init__(self, sock: socket.socket, mapper: ExportSource, *, threads: int = 8,
+                 inline_max: int = INLINE_MAX,
+                 on_close: Callable[["Connection"], None] = lambda c: None) -> None:
+        self.sock = sock
+        self.catalog = MapperCatalog(mapper)
+        self.max_threads = max(1, threads)
+        self.inline_max = inline_max
+        self.on_close = on_close
+        self.export: Export | None = None
+        self._pending = b""
+        self._send_lock = threading.Lock()
+        self._closing = False
+        self._aborted = False
+        self._closed = False
+        self._pool: _WorkerPool | None = None
+        self._workers: list[threading.Thread] = []
+
+    # ---- lifetime -------------------------------------------------------------------
+
+    def start(self) -> None:
+        t = threading.Thread(target=self._serve, name="nbd-conn", daemon=True)
+        self._workers.append(t)
+        t.start()
+
+    def shutdown(self) -> None:
+        """Stop reading requests; in-flight ones finish (the server is stopping)."""
+        self._closing = True
+        try:
+            self.sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    def abort(self) -> None:
+        """Hard disconnect: nothing more is read or sent."""
+        self._closing = True
+        self._aborted = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def join(self, timeout: float | None = None) -> bool:
+        for t in list(self._workers):
+            t.join(timeout)
+        return self._closed
+
+    def _serve(self) -> None:
+        try:
+            try:
+                ok = self._handshake()
+            except (OSError, ProtocolError) as exc:
+                log.debug("nbd handshake ended: %s", exc)
+                ok = False
+            if ok:
+                self._transmission()
+        except Exception:
+            log.exception("nbd: connection failed")
+        finally:
+            self._closing = True
+            self.catalog.close()
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+            self._closed = True
+            self.on_close(self)
+
+    # ---- handshake ------------------------------------------------------------------
+
+    def _handshake(self) -> bool:
+        sock = self.sock
+        sock.settimeout(HANDSHAKE_TIMEOUT)
+        hs = ServerHandshake(self.catalog)
+        sock.sendall(hs.greeting())
+        while not hs.done and not self._closing:
+            data = sock.recv(65536)
+            if not data:
+                return False
+            out = hs.receive_data(data)
+            if out:
+                sock.sendall(out)
+        if hs.state != "transmission" or self._closing:
+            return False
+        sock.settimeout(None)
+        self.export = hs.export()
+        self._pending = hs.unused_data()
+        return True
+
+    # ---- transmission ---------------------------------------------------------------
+
+    def _send(self, parts: list) -> None:
+        """Send reply parts in one `sendmsg` (looping only on a short send)."""
+        with self._send_lock:
+            total = 0
+            for p in parts:
+                total += len(p)
+            sent = self.sock.sendmsg(parts)
+            while sent < total:   # rare: a signal or a full socket buffer on a huge reply
+                rest = b"".join(bytes(p) for p in parts)[sent:]
+                parts, total = [rest], len(rest)
+                sent = self.sock.sendmsg(parts)
+
+    def _recv_more(self, rview: memoryview, end: int, need: int) -> int:
+        """Receive until `need` bytes are buffered (from 0); returns the new end, -1 on EOF."""
+        while end < need:
+            n = self.sock.recv_into(rview[end:])
+            if n == 0:
+                return -1
+            end += n
+        return end
+
+    def _transmission(self) -> None:
+        """The reader loop: parse requests from a batch buffer, run small ones inline and
+        batch their replies, hand big or slow ones to the worker pool."""
+        export = self.export
+        handle = self.catalog.handle
+        assert export is not None and handle is not None
+        pool = self._pool = _WorkerPool(self, handle, export)
+        max_payload = export.max_payload
+        inline_max = min(self.inline_max, RECV_BUFFER - REQUEST_SIZE)
+        rbuf = bytearray(RECV_BUFFER)
+        rview = memoryview(rbuf)
+        start, end = 0, len(self._pending)
+        rview[:end] = self._pending
+        self._pending = b""
+        arena = mmap.mmap(-1, ARENA)
+        aview = memoryview(arena)
+        apos = 0
+        out: list = []
+        check = export.check
+        execute = self._execute
+        sock = self.sock
+        unpack = REQUEST.unpack_from
+        perf = time.perf_counter
+        dispatch_until = 0   # while > 0: the device is slow, dispatch everything
+        slow = 0             # inline requests in a row that were slow
+        try:
+            while not self._closing:
+                if end - start < REQUEST_SIZE:
+                    if out:
+                        self._send(out)
+                        out = []
+                        apos = 0
+                    if start:
+                        rview[:end - start] = rview[start:end]
+                        end -= start
+                        start = 0
+                    n = sock.recv_into(rview[end:])
+                    if n == 0:
+                        break
+                    end += n
+                    continue
+                magic, flags, cmd, cookie, offset, length = unpack(rbuf, start)
+                if magic != _REQUEST_MAGIC:
+                    raise ProtocolError(f"bad request magic 0x{magic:08x}")
+                if cmd == _DISC:
+                    break
+                if dispatch_until:
+                    dispatch_until -= 1
+                    inline = False
+                else:
+                    inline = (length <= inline_max and not flags & _FUA
+                              and (cmd == _READ or cmd == _WRITE or cmd == _CACHE))
+                if cmd == _WRITE:
+                    if length > max_payload:
+                        raise ProtocolError(f"WRITE of {length} bytes exceeds the maximum payload {max_payload}")
+                    if inline:
+                        need = REQUEST_SIZE + length
+                        if end - start < need:
+                            if out:
+                                self._send(out)
+                                out = []
+                                apos = 0
+                            rview[:end - start] = rview[start:end]
+                            end -= start
+                            start = 0
+                            end = self._recv_more(rview, end, need)
+                            if end < 0:
+                                break
+                        data = rview[start + REQUEST_SIZE:start + need]
+                        start += need
+                    else:
+                        if out:
+                            self._send(out)
+                            out = []
+                            apos = 0
+                        buf = pool.buffer()
+                        have = min(end - start - REQUEST_SIZE, length)
+                        buf[:have] = rview[start + REQUEST_SIZE:start + REQUEST_SIZE + have]
+                        start += REQUEST_SIZE + have
+                        if have < length:
+                            if not self._recv_exact(buf[have:length]):
+                                pool.release(buf)
+                                break
+                        pool.submit(flags, cmd, cookie, offset, length, buf)
+                        continue
+                else:
+                    start += REQUEST_SIZE
+                    if not inline:
+                        if out:
+                            self._send(out)
+                            out = []
+                            apos = 0
+                        pool.submit(flags, cmd, cookie, offset, length,
+                                    pool.buffer() if cmd == _READ else None)
+                        continue
+                    if cmd == _READ:
+                        if apos + length > ARENA:
+                            self._send(out)
+                            out = []
+                            apos = 0
+                        data = aview[apos:apos + length]
+                        apos += length
+                    else:
+                        data = None
+                t0 = perf()
+                out += execute(handle, export, check, flags, cmd, cookie, offset, length, data)
+                if perf() - t0 <= SLOW_REQUEST:
+                    slow = 0
+                else:
+                    slow += 1
+                    if slow >= SLOW_STREAK:
+                        dispatch_until, slow = SLOW_BACKOFF, 0
+                if len(out) >= MAX_BATCH:
+                    self._send(out)
+                    out = []
+                    apos = 0
+            if out:
+                self._send(out)
+        except ProtocolError as exc:
+            log.info("nbd: protocol error from client, disconnecting: %s", exc)
+            self.abort()
+        except OSError as exc:
+            log.debug("nbd: connection ended: %s", exc)
+        finally:
+            self._closing = True
+            pool.finish()
+
+    def _recv_exact(self, view: memoryview) -> bool:
+        want = len(view)
+        got = 0
+        while got < want:
+            n = self.sock.recv_into(view[got:], want - got, _WAITALL)
+            if n == 0:
+                return False
+            got += n
+        return True
+
+    def _execute(self, handle, export: Export, check, flags: int, cmd: int, cookie: int,
+                 offset: int, length: int, data: memoryview | None) -> list:
+        """Run one request; return its reply parts (header bytes, maybe read data)."""
+        structured = export.structured
+        err = check(flags, cmd, offset, length, handle.size)
+        if err:
+            return [error_reply(cookie, err, _refusal(cmd, err, offset, length, handle.size), structured)]
+        try:
+            if cmd == _READ:
+                handle.readinto(offset, data)
+                if structured:
+                    return [DATA_CHUNK.pack(_STRUCT_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset),
+                            data]
+                return [SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie), data]
+            if cmd == _WRITE:
+                handle.write(offset, data, bool(flags & _FUA))
+            elif cmd == C.CMD_FLUSH:
+                handle.flush()
+            elif cmd == C.CMD_TRIM:
+                handle.discard(offset, length)
+                if flags & _FUA:
+                    handle.flush()
+            elif cmd == C.CMD_WRITE_ZEROES:
+                handle.write_zeroes(offset, length, not flags & C.CMD_FLAG_NO_HOLE)
+                if flags & _FUA:
+                    handle.flush()
+            elif cmd == C.CMD_BLOCK_STATUS:
+                extents = _block_status(handle, offset, length, bool(flags & C.CMD_FLAG_REQ_ONE))
+                return [block_status_chunk(cookie, export.meta_context, extents)]
+            # CMD_CACHE: a hint; the page cache of the underlying files does the caching.
+        except DMError as exc:
+            return [error_reply(cookie, C.errno_to_wire(exc.errno), str(exc), structured)]
+        except OSError as exc:
+            return [error_reply(cookie, C.errno_to_wire(exc.errno or 5), str(exc), structured)]
+        except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
+            log.exception("nbd: %s failed", C.CMD_NAMES.get(cmd, cmd))
+            return [error_reply(cookie, C.NBD_EIO, f"internal error: {exc}", structured)]
+        return [SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie)]
+
+
+class _WorkerPool:
+    """Threads that run dispatched requests, each task with its own payload buffer.
+
+    `buffer()` blocks while all buffers are in use (backpressure on the reader);
+    `finish()` waits for every task to be answered, then ends the threads."""
+
+    def __init__(self, conn: Connection, handle, export: Export) -> None:
+        self.conn = conn
+        self.handle = handle
+        self.export = export
+        self.size = conn.max_threads
+        self.tasks: queue.SimpleQueue = queue.SimpleQueue()
+        self.free: queue.SimpleQueue = queue.SimpleQueue()
+        self.slots = threading.Semaphore(self.size)
+        self.created = 0
+        self.threads: list[threading.Thread] = []
+
+    def buffer(self) -> memoryview:
+        self.slots.acquire()
+        try:
+            return self.free.get_nowait()
+        except queue.Empty:
+            self.created += 1
+            return memoryview(mmap.mmap(-1, self.export.max_payload))
+
+    def release(self, buf: memoryview | None) -> None:
+        if buf is not None:
+            self.free.put(buf)
+        self.slots.release()
+
+    def submit(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
+               buf: memoryview | None) -> None:
+        if buf is None:
+            self.slots.acquire()
+        if len(self.threads) < self.size:
+            t = threading.Thread(target=self._run, name="nbd-worker", daemon=True)
+            self.threads.append(t)
+            self.conn._workers.append(t)
+            t.start()
+        self.tasks.put((flags, cmd, cookie, offset, length, buf))
+
+    def _run(self) -> None:
+        conn, handle, export = self.conn, self.handle, self.export
+        check = export.check
+        while True:
+            task = self.tasks.get()
+            if task is None:
+                return
+            flags, cmd, cookie, offset, length, buf = task
+            try:
+                data = buf[:length] if buf is not None else None
+                parts = conn._execute(handle, export, check, flags, cmd, cookie, offset, length, data)
+                if not conn._aborted:
+                    conn._send(parts)
+            except OSError as exc:
+                log.debug("nbd: reply not sent: %s", exc)
+            except Exception:
+                log.exception("nbd: worker failed")
+            finally:
+                if buf is not None:
+                    self.free.put(buf)
+                self.slots.release()
+
+    def finish(self) -> None:
+        for _ in range(self.size):
+            self.slots.acquire()
+        for _ in self.threads:
+            self.tasks.put(None)
+        for t in self.threads:
+            t.join()
+
+
+def _block_status(handle, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
+    extents: list[tuple[int, int]] = []
+    pos, end = offset, offset + length
+    while pos < end and len(extents) < MAX_EXTENTS:
+        got = handle.block_status(pos, end - pos)
+        step = sum(n for n, _ in got if n > 0)
+        if step <= 0:
+            break
+        extents.extend(got)
+        pos += step
+        if one:
+            break
+    return clip_extents(extents, length, one)
+
+
+def _refusal(cmd: int, err: int, offset: int, length: int, size: int) -> str:
+    name = C.CMD_NAMES.get(cmd, f"command {cmd}")
+    if err == C.NBD_EPERM:
+        return f"{name}: the export is read-only"
+    if err == C.NBD_ENOTSUP:
+        return f"{name}: fast zeroing is not supported"
+    if offset + length > size:
+        return f"{name}: offset {offset} length {length} is beyond the end of the export ({size} bytes)"
+    return f"{name}: invalid request (offset {offset}, length {length})"

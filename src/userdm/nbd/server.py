@@ -1,0 +1,177 @@
+"""The NBD server: listens on a Unix socket (and TCP only when asked) and exports mapped devices.
+
+    srv = NBDServer(mapper, unix_path=runtime_dir / "nbd.sock", tcp=None)  # or ("127.0.0.1", 10809)
+    srv.start()   # returns once listening; serves in background threads
+    srv.stop()    # closes the listeners and every connection
+
+The export name is the device name; NBD_OPT_LIST lists the devices that have a live table.
+Each connection holds one open of its device (see `catalog.py`) and is served by a small
+thread pool (see `connection.py`). CAN_MULTI_CONN is advertised: every connection to a
+device goes to the same in-process device object, so a flush on one covers writes that
+completed on all of them.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+import stat
+import threading
+from pathlib import Path
+
+from ..errors import DMError
+from .catalog import ExportSource
+from .connection import Connection
+
+log = logging.getLogger("userdm.nbd")
+
+DEFAULT_THREADS = 8
+STOP_GRACE = 5.0
+
+
+class NBDServer:
+    """Serves `mapper`'s devices over NBD until `stop()`."""
+
+    def __init__(self, mapper: ExportSource, unix_path: str | os.PathLike[str] | None = None,
+                 tcp: tuple[str, int] | None = None, *, threads_per_connection: int = DEFAULT_THREADS,
+                 unix_mode: int = 0o600) -> None:
+        if unix_path is None and tcp is None:
+            raise ValueError("NBDServer needs a unix_path or a tcp address")
+        self.mapper = mapper
+        self.unix_path = Path(unix_path) if unix_path is not None else None
+        self.tcp = tcp
+        self.threads_per_connection = threads_per_connection
+        self.unix_mode = unix_mode
+        self._listeners: list[socket.socket] = []
+        self._accept_threads: list[threading.Thread] = []
+        self._connections: set[Connection] = set()
+        self._lock = threading.Lock()
+        self._stopping = False
+        #: the TCP address actually bound (port 0 picks a free port)
+        self.tcp_address: tuple[str, int] | None = None
+
+    # ---- start/stop -----------------------------------------------------------------
+
+    def start(self) -> None:
+        try:
+            if self.unix_path is not None:
+                self._listeners.append(self._listen_unix(self.unix_path))
+            if self.tcp is not None:
+                sock = socket.create_server(self.tcp, reuse_port=False, backlog=64)
+                self.tcp_address = sock.getsockname()[:2]
+                self._listeners.append(sock)
+        except BaseException:
+            self._close_listeners()
+            raise
+        for sock in self._listeners:
+            t = threading.Thread(target=self._accept_loop, args=(sock,), name="nbd-accept", daemon=True)
+            self._accept_threads.append(t)
+            t.start()
+        log.info("nbd server listening on %s", ", ".join(self.addresses()))
+
+    def addresses(self) -> list[str]:
+        out = []
+        if self.unix_path is not None:
+            out.append(f"nbd+unix:///?socket={self.unix_path}")
+        if self.tcp_address is not None:
+            out.append(f"nbd://{self.tcp_address[0]}:{self.tcp_address[1]}/")
+        return out
+
+    def _listen_unix(self, path: Path) -> socket.socket:
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    probe.connect(os.fspath(path))
+                except OSError:
+                    os.unlink(path)     # stale socket of a dead server
+                else:
+                    raise DMError(errno.EADDRINUSE, f"{path}: another NBD server is listening there")
+                finally:
+                    probe.close()
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old = os.umask(0o777 & ~self.unix_mode)
+            try:
+                sock.bind(os.fspath(path))
+            finally:
+                os.umask(old)
+            os.chmod(path, self.unix_mode)
+            sock.listen(64)
+        except OSError as exc:
+            sock.close()
+            raise DMError.from_os(exc, f"cannot listen on {path}") from None
+        return sock
+
+    def stop(self) -> None:
+        """Close the listeners, let in-flight requests finish, close every connection."""
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            conns = list(self._connections)
+        self._close_listeners()
+        for t in self._accept_threads:
+            t.join(STOP_GRACE)
+        for conn in conns:
+            conn.shutdown()
+        for conn in conns:
+            if not conn.join(STOP_GRACE):
+                conn.abort()
+                conn.join(STOP_GRACE)
+        if self.unix_path is not None:
+            try:
+                os.unlink(self.unix_path)
+            except OSError:
+                pass
+
+    def _close_listeners(self) -> None:
+        for sock in self._listeners:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            sock.close()
+
+    def __enter__(self) -> "NBDServer":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- connections ----------------------------------------------------------------
+
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._connections)
+
+    def _accept_loop(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError as exc:
+                if self._stopping or exc.errno in (errno.EBADF, errno.EINVAL):
+                    return
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("nbd accept: %s", exc)
+                    threading.Event().wait(0.1)
+                continue
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, self.mapper, threads=self.threads_per_connection,
+                              on_close=self._forget)
+            with self._lock:
+                if self._stopping:
+                    sock.close()
+                    return
+                self._connections.add(conn)
+            conn.start()
+
+    def _forget(self, conn: Connection) -> None:
+        with self._lock:
+            self._connections.discard(conn)
