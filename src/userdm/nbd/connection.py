@@ -38,7 +38,7 @@ log = logging.getLogger("userdm.nbd")
 
 HANDSHAKE_TIMEOUT = 30.0
 MAX_EXTENTS = 1024
-RECV_BUFFER = 256 * 1024      # batch receive buffer
+RECV_BUFFER = 80 * 1024  # batch receive buffer
 ARENA = 1024 * 1024           # inline READ data of one reply batch
 INLINE_MAX = 64 * 1024        # larger requests go to the workers
 MAX_BATCH = 64                # reply parts per sendmsg

@@ -1,0 +1,161 @@
+"""The userdm NBD server against nbdkit, qemu-nbd and the raw file, with the same fio jobs.
+
+One run, everything on Unix sockets over the same file (in the page cache after the first
+job), rounds interleaved across servers (this machine's speed drifts), medians printed:
+
+    userdm:   fio --ioengine=nbd -> NBDServer (own process) -> Mapper (linear) -> file
+    nbdkit:   fio --ioengine=nbd -> nbdkit file
+    qemu-nbd: fio --ioengine=nbd -> qemu-nbd --cache=writeback
+    raw:      fio --ioengine=psync on the file (queue depth 1)
+
+Jobs: 1 MiB sequential read and write at qd8, 4 KiB random read at qd1 and qd16, 4 KiB
+random write at qd16; one connection each. Usage:
+
+    PYTHONPATH=src python3 bench/nbd.py [--mib 1024] [--runtime 3] [--rounds 3] [--dir DIR]
+
+The file lives in /dev/shm by default: this machine runs DAMON proactive reclaim (kdamond),
+which evicts a file's page cache within seconds, so a file in /var/tmp is measured at the
+speed of the virtual disk (raw 4K reads drop to ~20k IOPS) instead of the servers' speed.
+Give `--dir /var/tmp` to measure that case.
+
+`--serve SOCKET FILE` is the helper mode that runs the userdm server in its own process.
+Every process and file it creates is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+
+JOBS = [  # (label, fio rw, block size, queue depth, unit)
+    ("1M seq read qd8", "read", "1M", 8, "MB/s"),
+    ("1M seq write qd8", "write", "1M", 8, "MB/s"),
+    ("4K randread qd1", "randread", "4k", 1, "IOPS"),
+    ("4K randread qd16", "randread", "4k", 16, "IOPS"),
+    ("4K randwrite qd16", "randwrite", "4k", 16, "IOPS"),
+]
+SERVERS = ["userdm", "nbdkit", "qemu-nbd", "raw"]
+
+
+def serve(sock: str, path: str) -> None:
+    """Helper mode: a Mapper with one linear device over `path`, served on `sock`."""
+    from userdm.dm.mapper import Mapper
+    from userdm.nbd.server import NBDServer
+
+    size = os.path.getsize(path) // 512
+    mapper = Mapper()
+    mapper.create("bench", f"0 {size} linear {path} 0\n")
+    srv = NBDServer(mapper, unix_path=sock)
+    srv.start()
+    print("ready", flush=True)
+    signal.sigwait({signal.SIGTERM, signal.SIGINT})
+    srv.stop()
+    mapper.close()
+
+
+def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
+    for _ in range(500):
+        if os.path.exists(path):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what} exited with {proc.returncode}")
+        time.sleep(0.02)
+    raise RuntimeError(f"{what} did not create {path}")
+
+
+def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | None = None) -> None:
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+
+    def stop() -> None:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    stack.callback(stop)
+    wait_for(sock, proc, what)
+
+
+def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str) -> dict:
+    cmd = ["fio", "--name=bench", f"--rw={rw}", f"--bs={bs}", f"--size={size}", "--time_based",
+           f"--runtime={runtime}", "--ramp_time=0.5", f"--output={out}", "--output-format=json"]
+    if target.startswith("nbd"):
+        cmd += ["--ioengine=nbd", f"--uri={target}", f"--iodepth={qd}"]
+    else:
+        cmd += ["--ioengine=psync", f"--filename={path}"]
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    job = json.load(open(out))["jobs"][0]
+    return job["read"] if job["read"]["io_bytes"] else job["write"]
+
+
+def fill(path: str, size: int) -> None:
+    block = os.urandom(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size >> 20):
+            f.write(block)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--mib", type=int, default=1024, help="file size in MiB")
+    ap.add_argument("--runtime", type=float, default=3.0, help="seconds per fio job")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp")
+    ap.add_argument("--serve", nargs=2, metavar=("SOCKET", "FILE"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.serve:
+        serve(*args.serve)
+        return
+    for tool in ("fio", "nbdkit", "qemu-nbd"):
+        if shutil.which(tool) is None:
+            sys.exit(f"bench/nbd.py needs {tool}")
+    size = args.mib << 20
+    with ExitStack() as stack:
+        work = stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir, prefix="userdm-nbd-bench-"))
+        path = os.path.join(work, "disk.img")
+        fill(path, size)
+        socks = {s: os.path.join(work, f"{s}.sock") for s in SERVERS[:3]}
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"), os.environ.get("PYTHONPATH", "")])}
+        start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks["userdm"], path],
+              socks["userdm"], "userdm server", env)
+        start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], "file", path], socks["nbdkit"], "nbdkit")
+        start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k", socks["qemu-nbd"],
+                      path], socks["qemu-nbd"], "qemu-nbd")
+        targets = {"userdm": f"nbd+unix:///bench?socket={socks['userdm']}",
+                   "nbdkit": f"nbd+unix:///?socket={socks['nbdkit']}",
+                   "qemu-nbd": f"nbd+unix:///?socket={socks['qemu-nbd']}",
+                   "raw": path}
+        results: dict[tuple[str, str], list[float]] = {}
+        out = os.path.join(work, "fio.json")
+        for rnd in range(args.rounds):
+            for label, rw, bs, qd, unit in JOBS:
+                for server in SERVERS:
+                    if server == "raw" and qd > 1 and rw.startswith("rand"):
+                        continue          # psync has no queue depth
+                    r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out)
+                    value = r["bw_bytes"] / 1e6 if unit == "MB/s" else r["iops"]
+                    results.setdefault((label, server), []).append(value)
+                    print(f"round {rnd + 1} {label:18} {server:8} {value:10.0f} {unit}", flush=True)
+        print()
+        print(f"{'job':18} " + " ".join(f"{s:>10}" for s in SERVERS) + "  userdm/nbdkit  userdm/qemu-nbd")
+        for label, _rw, _bs, _qd, unit in JOBS:
+            med = {s: statistics.median(results[(label, s)]) for s in SERVERS if (label, s) in results}
+            cells = " ".join(f"{med[s]:10.0f}" if s in med else f"{'-':>10}" for s in SERVERS)
+            print(f"{label:18} {cells}  {med['userdm'] / med['nbdkit']:13.2f}  {med['userdm'] / med['qemu-nbd']:15.2f}"
+                  f"   ({unit}, median of {args.rounds})")
+
+
+if __name__ == "__main__":
+    main()
