@@ -382,3 +382,40 @@ def test_cleanup_stale_mount_of_a_killed_daemon(base, request):
             child.wait()
         if str(mnt) in fuse_mounts():
             subprocess.run(["fusermount3", "-u", "-z", str(mnt)], check=False)
+
+
+def test_stop_while_a_reader_waits_on_a_suspended_device(base, request):
+    work = base / request.node.name
+    work.mkdir()
+    mapper = Mapper()
+    export = FuseExport(mapper, work / "mapper")
+    try:
+        disk = backing_file(work, "disk.img", MiB)
+        mapper.create("frozen", f"0 {MiB // 512} linear {disk} 0")
+        export.start()
+        fd = os.open(os.path.join(export.mountpoint, "frozen"), os.O_RDONLY)
+        mapper.suspend("frozen")
+        outcome: list[object] = []
+
+        def read() -> None:
+            try:
+                outcome.append(os.pread(fd, 512, 0))
+            except OSError as exc:
+                outcome.append(exc.errno)
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(0.2)
+        assert reader.is_alive()
+        export.stop()  # must not wait for the suspended device
+        reader.join(30)
+        assert not reader.is_alive()
+        assert outcome and outcome[0] in (errno.ENOTCONN, errno.ECONNABORTED, errno.EIO)
+        try:
+            os.close(fd)
+        except OSError as exc:  # the close's FUSE flush finds the connection gone
+            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+        assert str(work / "mapper") not in fuse_mounts()
+    finally:
+        export.stop()
+        mapper.close()

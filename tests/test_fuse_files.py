@@ -15,22 +15,30 @@ SECTORS = 2048  # 1 MiB
 
 
 @pytest.fixture
-def mapper(tmp_path):
-    backing = tmp_path / "disk.img"
-    backing.write_bytes(b"\0" * (SECTORS * 512 * 2))
+def backing(tmp_path) -> str:
+    path = tmp_path / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(SECTORS * 512 * 2)
+    return str(path)
+
+
+@pytest.fixture
+def mapper(backing):
     m = Mapper()
-    m.backing_path = str(backing)  # type: ignore[attr-defined]
     yield m
     m.close()
 
 
-def linear(m: Mapper, sectors: int = SECTORS) -> str:
-    return f"0 {sectors} linear {m.backing_path} 0"  # type: ignore[attr-defined]
+@pytest.fixture
+def linear(backing):
+    def table(sectors: int = SECTORS) -> str:
+        return f"0 {sectors} linear {backing} 0"
+    return table
 
 
-def test_directory_shows_devices_with_live_table(mapper):
+def test_directory_shows_devices_with_live_table(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     mapper.create("empty")
     assert [name for name, _ in files.listdir()] == ["vol"]
     attr = files.lookup("vol")
@@ -42,9 +50,9 @@ def test_directory_shows_devices_with_live_table(mapper):
     assert exc.value.errno == errno.ENOENT
 
 
-def test_read_only_table_gives_mode_0444_and_refuses_write_open(mapper):
+def test_read_only_table_gives_mode_0444_and_refuses_write_open(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("ro", linear(mapper), readonly=True)
+    mapper.create("ro", linear(), readonly=True)
     attr = files.lookup("ro")
     assert attr.mode & 0o777 == 0o444
     with pytest.raises(DMError) as exc:
@@ -55,9 +63,9 @@ def test_read_only_table_gives_mode_0444_and_refuses_write_open(mapper):
     files.release(fh)
 
 
-def test_opens_are_device_opens(mapper):
+def test_opens_are_device_opens(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     fh = files.open(files.lookup("vol").ino, write=True)
     assert mapper.info("vol")["open_count"] == 1
     with pytest.raises(DMError) as exc:
@@ -71,9 +79,9 @@ def test_opens_are_device_opens(mapper):
         mapper.info("vol")
 
 
-def test_io_is_clamped_at_the_end_of_the_device(mapper):
+def test_io_is_clamped_at_the_end_of_the_device(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     fh = files.open(files.lookup("vol").ino, write=True)
     size = SECTORS * 512
     assert files.write(fh, size - 100, b"x" * 300) == 100
@@ -86,25 +94,25 @@ def test_io_is_clamped_at_the_end_of_the_device(mapper):
     files.release(fh)
 
 
-def test_recreated_device_gets_a_new_inode(mapper):
+def test_recreated_device_gets_a_new_inode(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     old = files.lookup("vol").ino
     mapper.remove("vol")
     with pytest.raises(DMError) as exc:
         files.getattr(old)
     assert exc.value.errno == errno.ENOENT
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     assert files.lookup("vol").ino != old
     with pytest.raises(DMError):
         files.open(old, write=False)
 
 
-def test_size_follows_resize_and_truncate_cannot_change_it(mapper):
+def test_size_follows_resize_and_truncate_cannot_change_it(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     ino = files.lookup("vol").ino
-    mapper.load("vol", linear(mapper, SECTORS * 2))
+    mapper.load("vol", linear(SECTORS * 2))
     mapper.resume("vol")
     assert files.getattr(ino).size == SECTORS * 2 * 512
     files.check_size_change(ino, SECTORS * 2 * 512)
@@ -113,9 +121,9 @@ def test_size_follows_resize_and_truncate_cannot_change_it(mapper):
     assert exc.value.errno == errno.EINVAL
 
 
-def test_release_all_closes_every_open(mapper):
+def test_release_all_closes_every_open(mapper, linear):
     files = DeviceFiles(mapper)
-    mapper.create("vol", linear(mapper))
+    mapper.create("vol", linear())
     ino = files.lookup("vol").ino
     files.open(ino, write=False)
     files.open(ino, write=True)

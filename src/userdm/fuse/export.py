@@ -45,6 +45,7 @@ class FuseExport:
         self.files = DeviceFiles(mapper)
         self._thread: threading.Thread | None = None
         self._token: trio.lowlevel.TrioToken | None = None
+        self._scope = trio.CancelScope()
         self._loop_started = threading.Event()
         self._serving = False
         self._error: BaseException | None = None
@@ -76,11 +77,15 @@ class FuseExport:
         self._thread = threading.Thread(target=self._serve, name="userdm-fuse", daemon=True)
         self._thread.start()
         self._loop_started.wait()
-        if self._error is None:
-            os.stat(self.mountpoint)  # the first request completes the kernel's INIT handshake
-        if self._error is not None:
+        problem: BaseException | None = self._error
+        if problem is None:
+            try:
+                os.stat(self.mountpoint)  # the first request completes the kernel's INIT handshake
+            except OSError as exc:
+                problem = exc
+        if problem is not None:
             self.stop()
-            raise DMError(errno.EIO, f"the FUSE loop at {self.mountpoint} failed: {self._error}")
+            raise DMError(errno.EIO, f"the FUSE export at {self.mountpoint} does not answer: {problem}")
         log.info("FUSE export mounted at %s", self.mountpoint)
 
     def _serve(self) -> None:
@@ -95,7 +100,14 @@ class FuseExport:
     async def _main(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._loop_started.set()
-        await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+        with self._scope:
+            await pyfuse3.main(min_tasks=1, max_tasks=MAX_TASKS)
+
+    def _shutdown(self) -> None:
+        """On the trio thread: end the loop without waiting for requests that wait on suspended
+        devices (their worker threads are abandoned; the closed connection fails their callers)."""
+        pyfuse3.terminate()
+        self._scope.cancel()
 
     def stop(self) -> None:
         """Stop serving, unmount (lazily if busy) and close the devices' opens. Idempotent."""
@@ -107,7 +119,7 @@ class FuseExport:
             thread, token = self._thread, self._token
             if thread is not None and thread.is_alive() and token is not None:
                 try:
-                    trio.from_thread.run_sync(pyfuse3.terminate, trio_token=token)
+                    trio.from_thread.run_sync(self._shutdown, trio_token=token)
                 except trio.RunFinishedError:
                     pass  # the loop already ended (the mount was unmounted from outside)
             if thread is not None:
