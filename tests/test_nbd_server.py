@@ -369,3 +369,28 @@ def _wait(cond, timeout=20.0):
             return
         ev.wait(0.02)
     assert cond()
+
+
+def test_catalog_refusals():
+    """UNKNOWN for a missing device, SHUTDOWN for one with a live table that is not exported
+    any more (being removed)."""
+    from userdm.nbd.catalog import MapperCatalog
+    from userdm.nbd.handshake import Refused
+
+    class Fake:
+        def export_names(self):
+            return []
+
+        def info(self, name):
+            if name == "dying":
+                return {"live": True, "size": 512, "readonly": False}
+            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+
+        def open_device(self, name, *, write, holder=None):
+            raise DMError(errno.ENXIO, "no")
+
+    cat = MapperCatalog(Fake())
+    for name, want in (("nope", C.REP_ERR_UNKNOWN), ("dying", C.REP_ERR_SHUTDOWN)):
+        with pytest.raises(Refused) as exc:
+            cat.select(name)
+        assert exc.value.reply == want

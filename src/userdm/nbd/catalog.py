@@ -38,16 +38,16 @@ class MapperCatalog:
     def names(self) -> list[str]:
         return list(self.mapper.export_names())
 
-    def _refuse(self, name: str, exc: DMError | None = None) -> Refused:
-        if exc is not None and exc.errno == errno.ENXIO and name in self._device_names():
+    def _refuse(self, name: str) -> Refused:
+        """UNKNOWN for a device that does not exist or has no live table; SHUTDOWN for one
+        that has a live table but is being removed."""
+        try:
+            live = bool(self.mapper.info(name).get("live"))
+        except DMError:
+            live = False
+        if live:
             return Refused(C.REP_ERR_SHUTDOWN, f"export {name!r} is being removed")
         return Refused(C.REP_ERR_UNKNOWN, f"no export named {name!r} (no such device, or it has no live table)")
-
-    def _device_names(self) -> set[str]:
-        try:
-            return {d["name"] for d in self.mapper.list()}  # type: ignore[attr-defined]
-        except Exception:
-            return set()
 
     def info(self, name: str) -> ExportInfo:
         if name not in self.mapper.export_names():
@@ -55,7 +55,7 @@ class MapperCatalog:
         try:
             d = self.mapper.info(name)
         except DMError as exc:
-            raise self._refuse(name, exc) from None
+            raise self._refuse(name) from None
         return ExportInfo(name=name, size=int(d.get("size", 0)), read_only=bool(d.get("readonly")),
                           min_block=self._block_size(name))
 
@@ -85,7 +85,7 @@ class MapperCatalog:
                 handle = self.mapper.open_device(name, write=False)
         except DMError as exc:
             if exc.errno == errno.ENXIO:
-                raise self._refuse(name, exc) from None
+                raise self._refuse(name) from None
             raise Refused(C.REP_ERR_POLICY, str(exc)) from None
         self.handle = handle
         return ExportInfo(name=name, size=handle.size, read_only=handle.read_only,
