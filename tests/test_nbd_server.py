@@ -394,3 +394,27 @@ def test_catalog_refusals():
         with pytest.raises(Refused) as exc:
             cat.select(name)
         assert exc.value.reply == want
+
+
+def test_table_over_the_same_daemons_own_export(tmp_path, images):
+    """Loading a table that connects to this daemon's own NBD export must not deadlock:
+    opens, info and the export list do not wait for the registry lock held by the load."""
+    from userdm.dm.mapper import Mapper
+    from userdm.nbd.server import NBDServer
+    (img,) = images(1, 8 << 20)
+    m = Mapper()
+    sock = tmp_path / "own.sock"
+    srv = NBDServer(m, unix_path=sock)
+    srv.start()
+    try:
+        m.create("base", f"0 8192 linear {img} 0")
+        m.create("loop", f"0 8192 linear nbd+unix:///base?socket={sock} 0")
+        with m.open_device("loop", write=True) as dev:
+            dev.write(4096, b"round trip")
+        with m.open_device("base", write=False) as dev:
+            assert dev.read(4096, 10) == b"round trip"
+        assert m.info("base")["open_count"] == 1   # the NBD connection of "loop"
+        m.remove("loop")
+    finally:
+        srv.stop()
+        m.close()

@@ -70,6 +70,18 @@ class MappedDevice(BlockDevice):
         if self.deleting:
             raise DMError(errno.ENXIO, f"device {self.name} is being removed")
 
+    def lock_for_deletion(self, *, mark_deferred: bool = False) -> bool:
+        """The kernel's dm_lock_for_deletion: atomically with respect to opens, either mark the
+        device as being removed (True; from now on opens fail with ENXIO) or, if it is open,
+        return False (and with `mark_deferred` schedule its removal for the last close)."""
+        with self._opens_lock:
+            if self.opens:
+                if mark_deferred:
+                    self.deferred_remove = True
+                return False
+            self.deleting = True
+            return True
+
     # ---- tables ------------------------------------------------------------------------
 
     def _get_device(self, ref: str, write: bool, shared: bool) -> TableDevice:

@@ -233,13 +233,12 @@ class Mapper:
                 md = self._find(name)
                 if force and attempt == 0:
                     self.wipe_table(name)
-                if md.open_count == 0:
-                    info = self._info(md)
+                info = self._info(md)
+                if md.lock_for_deletion(mark_deferred=deferred):
                     self._remove(md)
                     info["deferred_remove"] = False
                     return info
                 if deferred:
-                    md.deferred_remove = True
                     self._changed("deferred_remove", md)
                     return self._info(md)
                 busy = DMError(errno.EBUSY, f"device {name} is open (open count {md.open_count}); "
@@ -255,7 +254,7 @@ class Mapper:
             while progress:
                 progress = False
                 for md in list(self._devices.values()):
-                    if self._devices.get(md.name) is md and md.open_count == 0:
+                    if self._devices.get(md.name) is md and md.lock_for_deletion():
                         self._remove(md)
                         progress = True
             if force:
@@ -269,7 +268,7 @@ class Mapper:
             return {"left_open": [md.name for md in left]}
 
     def _remove(self, md: MappedDevice) -> None:
-        md.deleting = True
+        """Unhash and destroy a device that `lock_for_deletion` has marked."""
         if md.live is not None:
             md.table_event()
         del self._devices[md.name]
@@ -293,7 +292,7 @@ class Mapper:
             while progress:
                 progress = False
                 for md in list(self._devices.values()):
-                    if self._devices.get(md.name) is md and md.deferred_remove and md.open_count == 0:
+                    if self._devices.get(md.name) is md and md.deferred_remove and md.lock_for_deletion():
                         self._remove(md)
                         progress = True
 
@@ -331,8 +330,8 @@ class Mapper:
     # ---- queries -----------------------------------------------------------------------
 
     def info(self, name: str) -> dict[str, Any]:
-        with self._lock:
-            return self._info(self._find(name))
+        """The device's state. Lock-free (a snapshot), like `open_device`: see there why."""
+        return self._info(self._find(name))
 
     def _info(self, md: MappedDevice) -> dict[str, Any]:
         return {
@@ -472,6 +471,10 @@ class Mapper:
         """Call `listener(record)` for every change (create, remove, resume, ...)."""
         self._listeners.append(listener)
 
+    def unsubscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
     def _emit(self, record: dict[str, Any]) -> None:
         for listener in list(self._listeners):
             try:
@@ -486,19 +489,23 @@ class Mapper:
 
     # ---- exports -------------------------------------------------------------------------
 
+    # Opens and the export list do not take the registry lock: a table being loaded may be
+    # connecting to this daemon's own NBD export, whose handshake calls these. An open races
+    # safely with removal because `lock_for_deletion` and `open` share the device's lock.
+
     def open_device(self, name: str, *, write: bool, holder: object | None = None) -> BlockOpen:
         """Open a mapped device for an export or a user: it counts in the device's open count."""
-        with self._lock:
-            return self._find(name).open(write=write, holder=holder)
+        md = self._devices.get(name)
+        if md is None:
+            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+        return md.open(write=write, holder=holder)
 
     def export_names(self) -> list[str]:
         """Devices that have a live table and are not being removed."""
-        with self._lock:
-            return sorted(name for name, md in self._devices.items() if md.live is not None and not md.deleting)
+        return sorted(name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting)
 
     def device(self, name: str) -> MappedDevice:
-        with self._lock:
-            return self._find(name)
+        return self._find(name)  # lock-free, as `open_device`
 
     # ---- persistence --------------------------------------------------------------------
 

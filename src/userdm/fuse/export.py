@@ -49,7 +49,6 @@ class FuseExport:
         self._loop_started = threading.Event()
         self._serving = False
         self._error: BaseException | None = None
-        mapper.subscribe(self._on_event)
 
     # ---- lifecycle ---------------------------------------------------------------------
 
@@ -73,6 +72,7 @@ class FuseExport:
             except RuntimeError as exc:  # pyfuse3 reports a failed mount as RuntimeError
                 raise DMError(errno.EIO, f"cannot mount FUSE at {self.mountpoint}: {exc}") from None
             _session_owner = self
+            self.mapper.subscribe(self._on_event)
         self._serving = True
         self._thread = threading.Thread(target=self._serve, name="userdm-fuse", daemon=True)
         self._thread.start()
@@ -116,6 +116,7 @@ class FuseExport:
             if _session_owner is not self:
                 return
             self._serving = False
+            self.mapper.unsubscribe(self._on_event)
             thread, token = self._thread, self._token
             if thread is not None and thread.is_alive() and token is not None:
                 try:
