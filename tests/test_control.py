@@ -123,3 +123,39 @@ def test_peer_credentials_are_checked():
     finally:
         daemon.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_control_socket_passes_an_nbd_socket(daemon, images):
+    """`connect_nbd` hands the client a file descriptor (SCM_RIGHTS) already served by the
+    daemon's NBD server; libnbd does the handshake on it and the open counts."""
+    import subprocess
+
+    import pytest
+    if not os.path.exists("/usr/bin/python3") or subprocess.run(
+            ["/usr/bin/python3", "-c", "import nbd"], capture_output=True).returncode:
+        pytest.skip("needs Debian's python3-libnbd")
+    (img,) = images(1)
+    with daemon.connect() as client:
+        client.create("fdtest", f"0 2048 linear {img} 0")
+        sock = client.connect_nbd()
+        script = ("import nbd, os, sys\n"
+                  "h = nbd.NBD(); h.set_export_name('fdtest'); h.connect_socket(int(sys.argv[1]))\n"
+                  "h.pwrite(b'via-fd'.ljust(512, b'.'), 512); print(h.get_size(), h.pread(512, 512)[:6].decode())\n"
+                  "sys.stdout.flush(); sys.stdin.readline()\n")
+        proc = subprocess.Popen(["/usr/bin/python3", "-c", script, str(sock.fileno())],
+                                pass_fds=[sock.fileno()], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        sock.close()  # the child holds the only copy now
+        try:
+            line = proc.stdout.readline()
+            assert line.split() == ["1048576", "via-fd"], proc.stderr.read() if not line else line
+            assert client.info("fdtest")["open_count"] == 1
+        finally:
+            proc.stdin.close()
+            proc.wait(30)
+        from conftest import wait_until
+        assert wait_until(lambda: client.info("fdtest")["open_count"] == 0)
+        client.remove("fdtest")
+    with open(img, "rb") as f:
+        f.seek(512)
+        assert f.read(6) == b"via-fd"

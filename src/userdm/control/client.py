@@ -4,6 +4,7 @@ are the Mapper's (`create`, `load`, `resume`, `info`, ...) and return the same r
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import threading
 from typing import Any
@@ -38,6 +39,30 @@ class Client:
                 messages = self._decoder.feed(data)
                 if messages:
                     return protocol.result_of(messages[0])
+
+    def connect_nbd(self) -> socket.socket:
+        """A new socket connected to the daemon's NBD server, passed over the control socket
+        (SCM_RIGHTS). Do the NBD handshake on it, e.g. libnbd's `connect_socket(sock.fileno())`."""
+        with self._lock:
+            self._sock.sendall(protocol.encode(protocol.request("connect_nbd")))
+            fds: list[int] = []
+            while True:
+                data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, 4)
+                fds += got
+                if not data:
+                    raise DMError(errno.ECONNRESET, "the userdm daemon closed the connection")
+                messages = self._decoder.feed(data)
+                if messages:
+                    break
+        try:
+            protocol.result_of(messages[0])
+        except DMError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if len(fds) != 1:
+            raise DMError(errno.EPROTO, f"expected one file descriptor from the daemon, got {len(fds)}")
+        return socket.socket(fileno=fds[0])
 
     def __getattr__(self, cmd: str) -> Any:
         if cmd not in protocol.COMMANDS:

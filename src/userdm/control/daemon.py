@@ -69,22 +69,23 @@ class Daemon:
         if self.example:
             ensure_example(self.mapper, self.state_dir)
         control.target = self.mapper
+        if self.want_nbd:
+            control.nbd = self._start_nbd()
         control.start()
         self._services.append(control)
-        if self.want_nbd:
-            self._start_nbd()
         if self.want_fuse:
             self._start_fuse(fuse_dir)
 
-    def _start_nbd(self) -> None:
+    def _start_nbd(self) -> Any:
         try:
             from ..nbd.server import NBDServer
         except ImportError as exc:
             log.warning("NBD export unavailable: %s", exc)
-            return
+            return None
         server = NBDServer(self.mapper, unix_path=paths.nbd_socket(self.runtime_dir), tcp=self.nbd_listen)
         server.start()
         self._services.append(server)
+        return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:
         try:

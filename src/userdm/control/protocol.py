@@ -27,6 +27,9 @@ COMMANDS = frozenset({
     "message", "wait", "wipe_table", "find_name",
 })
 
+#: commands the control server answers itself, with file descriptors beside the response
+FD_COMMANDS = frozenset({"connect_nbd"})
+
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid message; the connection must close."""
@@ -74,8 +77,11 @@ def request(cmd: str, **args: Any) -> dict[str, Any]:
     return {"cmd": cmd, "args": args}
 
 
-def ok(result: Any) -> dict[str, Any]:
-    return {"ok": True, "result": result}
+def ok(result: Any, fds: int = 0) -> dict[str, Any]:
+    response = {"ok": True, "result": result}
+    if fds:
+        response["fds"] = fds
+    return response
 
 
 def error(exc: DMError) -> dict[str, Any]:

@@ -46,8 +46,10 @@ def claim_socket_path(path: Path) -> None:
 class ControlServer:
     """Serves `protocol.dispatch(target, request)` on a Unix socket."""
 
-    def __init__(self, target: Any, path: Path) -> None:
+    def __init__(self, target: Any, path: Path, *, nbd: Any = None) -> None:
         self.target = target
+        #: the NBD server that serves sockets handed out by `connect_nbd`
+        self.nbd = nbd
         self.path = path
         self._sock: socket.socket | None = None
         self._threads: list[threading.Thread] = []
@@ -94,7 +96,10 @@ class ControlServer:
                 if not data:
                     break
                 for message in decoder.feed(data):
-                    conn.sendall(protocol.encode(protocol.dispatch(self.target, message)))
+                    if message.get("cmd") in protocol.FD_COMMANDS:
+                        self._connect_nbd(conn)
+                    else:
+                        conn.sendall(protocol.encode(protocol.dispatch(self.target, message)))
         except protocol.ProtocolError as exc:
             log.warning("closing control connection: %s", exc)
             try:
@@ -109,6 +114,23 @@ class ControlServer:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    def _connect_nbd(self, conn: socket.socket) -> None:
+        """Answer with a new NBD client socket (SCM_RIGHTS) that the NBD server already serves:
+        the client then does the NBD handshake on it, choosing the export by name."""
+        if self.nbd is None:
+            conn.sendall(protocol.encode(protocol.error(
+                DMError(errno.EOPNOTSUPP, "this daemon runs without its NBD export (--no-nbd)"))))
+            return
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if not self.nbd.serve_socket(ours):
+                raise DMError(errno.ESHUTDOWN, "the daemon is shutting down")
+            socket.send_fds(conn, [protocol.encode(protocol.ok(None, fds=1))], [theirs.fileno()])
+        except DMError as exc:
+            conn.sendall(protocol.encode(protocol.error(exc)))
+        finally:
+            theirs.close()
 
     def stop(self) -> None:
         self._stopping = True

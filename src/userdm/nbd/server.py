@@ -163,14 +163,20 @@ class NBDServer:
                 continue
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, self.mapper, threads=self.threads_per_connection,
-                              on_close=self._forget)
-            with self._lock:
-                if self._stopping:
-                    sock.close()
-                    return
-                self._connections.add(conn)
-            conn.start()
+            if not self.serve_socket(sock):
+                return
+
+    def serve_socket(self, sock: socket.socket) -> bool:
+        """Serve one connected socket, from a listener or handed in (the server end of a
+        socketpair whose other end the control socket passes to a client). False if stopping."""
+        conn = Connection(sock, self.mapper, threads=self.threads_per_connection, on_close=self._forget)
+        with self._lock:
+            if self._stopping:
+                sock.close()
+                return False
+            self._connections.add(conn)
+        conn.start()
+        return True
 
     def _forget(self, conn: Connection) -> None:
         with self._lock:
