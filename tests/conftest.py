@@ -53,7 +53,9 @@ class Daemon:
             self.proc = subprocess.Popen(USERDM + ["daemon", "--no-fuse", *extra], env=self.env,
                                          stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()
-        assert "ready" in line, f"daemon did not start: {self.log.read_text()}"
+        if "ready" not in line:
+            self.stop(signal.SIGKILL)  # never leave a half-started daemon behind
+            raise AssertionError(f"daemon did not start: {self.log.read_text()}")
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
