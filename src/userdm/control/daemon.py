@@ -18,7 +18,7 @@ from typing import Any
 from ..dm.mapper import Mapper
 from ..errors import DMError
 from . import paths
-from .server import ControlServer
+from .server import ControlServer, claim_socket_path
 
 log = logging.getLogger("userdm.daemon")
 
@@ -63,8 +63,7 @@ class Daemon:
         self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         fuse_dir = paths.fuse_dir(self.runtime_dir)
         control = ControlServer(None, paths.control_socket(self.runtime_dir))
-        from .server import claim_socket_path
-        claim_socket_path(control.path)  # refuse early if another daemon runs here
+        claim_socket_path(control.path)  # refuse before restoring devices if another daemon runs here
         self.mapper = Mapper(self.state_dir, fuse_dir=fuse_dir if self.want_fuse else None)
         if self.example:
             ensure_example(self.mapper, self.state_dir)

@@ -250,13 +250,7 @@ class Mapper:
     def remove_all(self, *, force: bool = False, deferred: bool = False) -> dict[str, Any]:
         """Remove every unopened device, repeating while stacks come apart; mark or report the rest."""
         with self._lock:
-            progress = True
-            while progress:
-                progress = False
-                for md in list(self._devices.values()):
-                    if self._devices.get(md.name) is md and md.lock_for_deletion():
-                        self._remove(md)
-                        progress = True
+            self._remove_unopened(only_deferred=False)
             if force:
                 for md in list(self._devices.values()):
                     self.wipe_table(md.name)
@@ -271,7 +265,6 @@ class Mapper:
         """Unhash and destroy a device that `lock_for_deletion` has marked."""
         if md.live is not None:
             md.table_event()
-        del self._devices[md.name]
         self._destroy(md)
         self._changed("remove", md)
 
@@ -284,15 +277,18 @@ class Mapper:
         """The kernel's dm_blk_close: after the last close of a device marked for deferred
         removal, remove every unopened device so marked (which cascades down stacks)."""
         if isinstance(device, MappedDevice) and device.deferred_remove:
-            self._deferred_scan()
+            self._remove_unopened(only_deferred=True)
 
-    def _deferred_scan(self) -> None:
+    def _remove_unopened(self, *, only_deferred: bool) -> None:
+        """The kernel's dm_hash_remove_all: remove every unopened device (only those marked
+        for deferred removal, if asked), rescanning after each one so that stacks come apart."""
         with self._lock:
             progress = True
             while progress:
                 progress = False
                 for md in list(self._devices.values()):
-                    if self._devices.get(md.name) is md and md.deferred_remove and md.lock_for_deletion():
+                    if self._devices.get(md.name) is md and (md.deferred_remove or not only_deferred) \
+                            and md.lock_for_deletion():
                         self._remove(md)
                         progress = True
 
@@ -557,8 +553,7 @@ class Mapper:
             for entry in pending:
                 if entry.get("suspended") and entry["name"] in self._devices:
                     self.suspend(entry["name"], noflush=True, nolockfs=True)
-            if any(md.deferred_remove for md in self._devices.values()):
-                self._deferred_scan()
+            self._remove_unopened(only_deferred=True)
         finally:
             self.state_dir = state_dir
         if self.state_dir:
