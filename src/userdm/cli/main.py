@@ -14,7 +14,7 @@ from typing import Any, NoReturn
 from ..errors import DMError
 from . import format as fmt
 
-VERBS = ("create", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
+VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
          "wipe_table", "daemon", "help")
 
@@ -47,6 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--showkeys", action="store_true")
     p.add_argument("--inactive", action="store_true", help="report on the inactive table")
     p.add_argument("--setuuid", help="rename: set the uuid")
+    # userdm's ownership and lifetime options (DESIGN.md section 4)
+    p.add_argument("--shared", action="store_true", help="create: claim no underlying device")
+    p.add_argument("--autoclear", action="store_true", help="create: remove the device at its last close")
+    p.add_argument("--max-opens", type=int, metavar="N", help="create: at most N opens at once")
+    p.add_argument("--exec", action="store_true", dest="exec_",
+                   help="create: open the new device and run the command after '--' with it on fd 3")
+    p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
+    p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
+    p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
     # daemon options
@@ -79,10 +88,12 @@ def read_table(opts: argparse.Namespace, rest: list[str]) -> str:
 class Commands:
     """One method per verb; `self.dm` is a Mapper-like object (the daemon's client)."""
 
-    def __init__(self, dm: Any, opts: argparse.Namespace) -> None:
+    def __init__(self, dm: Any, opts: argparse.Namespace, command: list[str] | None = None) -> None:
         self.dm = dm
         self.o = opts
         self.args: list[str] = opts.args
+        #: the command after '--' (create --exec, open)
+        self.command = command or []
 
     # ---- device selection ---------------------------------------------------------------
 
@@ -114,8 +125,24 @@ class Commands:
             usage("create needs a device name")
         name, rest = self.args[0], self.args[1:]
         table = None if self.o.notable else read_table(self.o, rest)
-        self.dm.create(name, table, uuid=self.o.uuid, readonly=self.o.readonly,
-                       minor=self.o.minor)
+        if self.o.exec_ and not self.command:
+            usage("create --exec needs a command after '--'")
+        if self.command and not self.o.exec_:
+            usage(f"create: unexpected command {self.command[0]!r} after '--' without --exec")
+        info = self.dm.create(name, table, uuid=self.o.uuid, readonly=self.o.readonly,
+                              minor=self.o.minor, shared=self.o.shared, autoclear=self.o.autoclear,
+                              max_opens=self.o.max_opens, open_fd=self.o.exec_)
+        if self.o.exec_:
+            run_with_open(info, self.command)
+
+    def open(self) -> None:
+        """`userdm open NAME [--exclusive [--holder ID]] [--readonly] -- CMD ARGS`."""
+        name, rest = self.one()
+        if rest or not self.command:
+            usage("open needs a device name, then '--' and the command to run with the open")
+        info = self.dm.open(name, readonly=self.o.readonly, exclusive=self.o.exclusive,
+                            holder=self.o.holder)
+        run_with_open(info, self.command)
 
     def load(self) -> None:
         name, rest = self.one()
@@ -136,7 +163,8 @@ class Commands:
 
     def remove(self) -> None:
         for name in self.selected() or usage("remove needs a device name"):
-            self.dm.remove(name, force=self.o.force, deferred=self.o.deferred, retry=self.o.retry)
+            self.dm.remove(name, force=self.o.force, deferred=self.o.deferred, retry=self.o.retry,
+                           no_open=self.o.no_open)
 
     def remove_all(self) -> None:
         left = self.dm.remove_all(force=self.o.force, deferred=self.o.deferred)["left_open"]
@@ -237,6 +265,29 @@ class Commands:
         print("Driver version:    {}.{}.{}".format(*v["driver"]))
 
 
+OPEN_FD = 3
+
+
+def run_with_open(info: dict[str, Any], command: list[str]) -> NoReturn:
+    """Replace this process by `command`, holding the open (an NBD socket) on fd 3 with
+    `USERDM_FD=3` and `USERDM_DEVICE=NAME` in its environment. The command's exit (even by
+    SIGKILL) closes the open; for an autoclear device that last close removes it."""
+    import os
+    fd = info["fd"]
+    if fd != OPEN_FD:
+        os.dup2(fd, OPEN_FD, inheritable=True)
+        os.close(fd)
+    else:
+        os.set_inheritable(fd, True)
+    env = {**os.environ, "USERDM_FD": str(OPEN_FD), "USERDM_DEVICE": info["name"]}
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, env)
+    except OSError as exc:
+        print(f"userdm: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        os._exit(127)
+
+
 def run_daemon(opts: argparse.Namespace) -> int:
     import logging
 
@@ -252,6 +303,11 @@ def run_daemon(opts: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1:]
     opts = parser.parse_intermixed_args(argv)
     if opts.verb == "help":
         parser.print_help()
@@ -261,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(opts)
         from ..control.client import connect
         with connect(opts.runtime_dir) as client:
-            getattr(Commands(client, opts), opts.verb)()
+            getattr(Commands(client, opts, command), opts.verb)()
     except DMError as exc:
         print(f"{opts.verb}: {exc}", file=sys.stderr)
         return 1

@@ -30,38 +30,51 @@ class Client:
         self._lock = threading.Lock()
 
     def call(self, cmd: str, **args: Any) -> Any:
+        """Run one command; a file descriptor sent beside the answer (`create(open_fd=True)`,
+        `open`) becomes the result's `"fd"`, owned by the caller."""
+        message, fds = self._roundtrip(cmd, args)
+        try:
+            result = protocol.result_of(message)
+            if message.get("fds") and len(fds) != 1:
+                raise DMError(errno.EPROTO, f"expected one file descriptor from the daemon, got {len(fds)}")
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        if fds:
+            if isinstance(result, dict):
+                result["fd"] = fds[0]
+            else:
+                os.close(fds[0])
+        return result
+
+    def _roundtrip(self, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self._lock:
             self._sock.sendall(protocol.encode(protocol.request(cmd, **args)))
+            fds: list[int] = []
             while True:
-                data = self._sock.recv(1 << 20)
+                data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, 4, socket.MSG_CMSG_CLOEXEC)
+                fds += got
                 if not data:
+                    for fd in fds:
+                        os.close(fd)
                     raise DMError(errno.ECONNRESET, "the userdm daemon closed the connection")
                 messages = self._decoder.feed(data)
                 if messages:
-                    return protocol.result_of(messages[0])
+                    return messages[0], fds
 
     def connect_nbd(self) -> socket.socket:
         """A new socket connected to the daemon's NBD server, passed over the control socket
         (SCM_RIGHTS). Do the NBD handshake on it, e.g. libnbd's `connect_socket(sock.fileno())`."""
-        with self._lock:
-            self._sock.sendall(protocol.encode(protocol.request("connect_nbd")))
-            fds: list[int] = []
-            while True:
-                data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 16, 4)
-                fds += got
-                if not data:
-                    raise DMError(errno.ECONNRESET, "the userdm daemon closed the connection")
-                messages = self._decoder.feed(data)
-                if messages:
-                    break
+        message, fds = self._roundtrip("connect_nbd", {})
         try:
-            protocol.result_of(messages[0])
-        except DMError:
+            protocol.result_of(message)
+            if len(fds) != 1:
+                raise DMError(errno.EPROTO, f"expected one file descriptor from the daemon, got {len(fds)}")
+        except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        if len(fds) != 1:
-            raise DMError(errno.EPROTO, f"expected one file descriptor from the daemon, got {len(fds)}")
         return socket.socket(fileno=fds[0])
 
     def __getattr__(self, cmd: str) -> Any:

@@ -84,6 +84,7 @@ class Daemon:
         server = NBDServer(self.mapper, unix_path=paths.nbd_socket(self.runtime_dir), tcp=self.nbd_listen)
         server.start()
         self._services.append(server)
+        self.mapper.fd_server = server
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:

@@ -24,7 +24,7 @@ _LEN = struct.Struct(">I")
 COMMANDS = frozenset({
     "version", "targets", "list", "tree", "info", "table", "status", "deps",
     "create", "load", "clear", "suspend", "resume", "remove", "remove_all", "rename",
-    "message", "wait", "wipe_table", "find_name",
+    "message", "wait", "wipe_table", "find_name", "open",
 })
 
 #: commands the control server answers itself, with file descriptors beside the response
@@ -82,6 +82,17 @@ def ok(result: Any, fds: int = 0) -> dict[str, Any]:
     if fds:
         response["fds"] = fds
     return response
+
+
+def take_fd(response: dict[str, Any]) -> int | None:
+    """Take the file descriptor out of a successful result (`create(open_fd=True)`, `open`):
+    the result keeps `"fd": null` and the response says that one fd travels beside it."""
+    result = response.get("result")
+    if not response.get("ok") or not isinstance(result, dict) or not isinstance(result.get("fd"), int):
+        return None
+    fd, result["fd"] = result["fd"], None
+    response["fds"] = 1
+    return fd
 
 
 def error(exc: DMError) -> dict[str, Any]:

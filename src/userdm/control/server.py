@@ -99,7 +99,7 @@ class ControlServer:
                     if message.get("cmd") in protocol.FD_COMMANDS:
                         self._connect_nbd(conn)
                     else:
-                        conn.sendall(protocol.encode(protocol.dispatch(self.target, message)))
+                        self._reply(conn, protocol.dispatch(self.target, message))
         except protocol.ProtocolError as exc:
             log.warning("closing control connection: %s", exc)
             try:
@@ -114,6 +114,18 @@ class ControlServer:
             with self._lock:
                 self._conns.discard(conn)
             conn.close()
+
+    def _reply(self, conn: socket.socket, response: dict[str, Any]) -> None:
+        """Send a response; a file descriptor in its result travels beside it (SCM_RIGHTS)
+        and the daemon's copy is closed, so the client's copy is the only one."""
+        fd = protocol.take_fd(response)
+        if fd is None:
+            conn.sendall(protocol.encode(response))
+            return
+        try:
+            socket.send_fds(conn, [protocol.encode(response)], [fd])
+        finally:
+            os.close(fd)
 
     def _connect_nbd(self, conn: socket.socket) -> None:
         """Answer with a new NBD client socket (SCM_RIGHTS) that the NBD server already serves:

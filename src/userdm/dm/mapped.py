@@ -40,12 +40,18 @@ class MappedDevice(BlockDevice):
     """One device-mapper device."""
 
     def __init__(self, name: str, uuid: str, minor: int, resolver: Resolver, *,
-                 shared: bool = False) -> None:
+                 shared: bool = False, autoclear: bool = False, max_opens: int | None = None) -> None:
         super().__init__(f"/dev/mapper/{name}", 0)
         self.name = name
         self.uuid = uuid
         self.minor = minor
         self.shared = shared
+        #: removed when its last open closes (LO_FLAGS_AUTOCLEAR; seed 001)
+        self.autoclear = autoclear
+        #: at most this many opens at once (DM_ENFORCE_OPEN_COUNT_FLAG; seed 002)
+        self.max_opens = max_opens
+        #: no new opens: set with a deferred remove (DM_DEFERRED_REMOVE_NO_OPEN; seed 002)
+        self.no_open = False
         self.live: Table | None = None
         self.inactive: Table | None = None
         self.suspended = False
@@ -67,17 +73,26 @@ class MappedDevice(BlockDevice):
     # ---- opens --------------------------------------------------------------------------
 
     def check_open(self, write: bool) -> None:
+        """Called under the opens lock, so the limits hold against concurrent opens."""
         if self.deleting:
             raise DMError(errno.ENXIO, f"device {self.name} is being removed")
+        if self.no_open:
+            raise DMError(errno.ENXIO, f"device {self.name} is marked for deferred removal "
+                          "and accepts no new opens (--no-open)")
+        if self.max_opens is not None and len(self.opens) >= self.max_opens:
+            raise DMError(errno.EBUSY, f"device {self.name} already has {len(self.opens)} opens, "
+                          f"its limit (--max-opens {self.max_opens})")
 
-    def lock_for_deletion(self, *, mark_deferred: bool = False) -> bool:
+    def lock_for_deletion(self, *, mark_deferred: bool = False, no_open: bool = False) -> bool:
         """The kernel's dm_lock_for_deletion: atomically with respect to opens, either mark the
         device as being removed (True; from now on opens fail with ENXIO) or, if it is open,
-        return False (and with `mark_deferred` schedule its removal for the last close)."""
+        return False (and with `mark_deferred` schedule its removal for the last close, with
+        `no_open` also refusing every new open from now on)."""
         with self._opens_lock:
             if self.opens:
                 if mark_deferred:
                     self.deferred_remove = True
+                    self.no_open = self.no_open or no_open
                 return False
             self.deleting = True
             return True

@@ -12,6 +12,7 @@ deferred removal that fires after the last close and cascades down stacks, cance
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import os
 import stat
@@ -48,6 +49,10 @@ class Mapper:
         self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
         self.state_dir = os.fspath(state_dir) if state_dir else None
         self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        #: the NBD server that serves the sockets of `create(open_fd=True)` and `open`
+        #: (set by the daemon; without one each such socket gets a connection of its own)
+        self.fd_server: Any = None
+        self._exclusive_opens = itertools.count(1)
         self._register_schemes()
         if self.state_dir:
             self._restore(state_file.load(self.state_dir))
@@ -127,32 +132,78 @@ class Mapper:
 
     # ---- create / load / resume / suspend --------------------------------------------
 
-    def create(self, name: str, table: str | None = None, *, uuid: str | None = None,
-               readonly: bool = False, minor: int | None = None, shared: bool = False) -> dict[str, Any]:
+    def create(self, name: str | None, table: str | None = None, *, uuid: str | None = None,
+               readonly: bool = False, minor: int | None = None, shared: bool = False,
+               autoclear: bool = False, max_opens: int | None = None, open_fd: bool = False,
+               holder: object | None = None) -> dict[str, Any]:
         """dmsetup create: make the device, and with `table` also load and resume it.
 
-        If the load or resume fails the device is removed again, as libdm does."""
+        If the load or resume fails the device is removed again, as libdm does. userdm's
+        additions: `shared` (claim no underlying device), `autoclear` (removed at its last
+        close), `max_opens` (refuse opens beyond N with EBUSY), `name=None` (pick a free
+        name), and `open_fd`: open the new device in the same step, under the registry lock,
+        and return the open as `info["fd"]`, an NBD client socket that the caller owns (seed
+        001: there is no moment at which the device exists without that open)."""
         with self._lock:
+            if name is None:
+                name = self._free_name()
             name = check_name(name)
             uuid = check_uuid(uuid)
             if name in self._devices:
                 raise DMError(errno.EBUSY, f"a device named {name!r} already exists")
             if uuid and any(md.uuid == uuid for md in self._devices.values()):
                 raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
+            if max_opens is not None and (not isinstance(max_opens, int) or max_opens < 1):
+                raise DMError(errno.EINVAL, f"--max-opens {max_opens!r}: the limit must be at least 1")
+            if open_fd and table is None:
+                raise DMError(errno.EINVAL, f"cannot open device {name} at creation without a table")
             minor = self._allocate_minor(minor)
-            md = MappedDevice(name, uuid, minor, self._resolve, shared=shared)
+            md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
+                              max_opens=max_opens)
             md._event_hook = self._table_event
             md.on_last_close(self._last_close)
             self._devices[name] = md
-            if table is not None:
-                try:
+            fd = None
+            try:
+                if table is not None:
                     md.load(table, readonly)
                     md.resume()
-                except BaseException:
+                if open_fd:
+                    fd = self._open_fd(md, write=not md.read_only, holder=holder)
+            except BaseException:
+                if self._devices.get(name) is md:
                     self._destroy(md)
-                    raise
+                raise
             self._changed("create", md)
-            return self._info(md)
+            info = self._info(md)
+            if fd is not None:
+                info["fd"] = fd
+            return info
+
+    def _free_name(self) -> str:
+        """A name for `create(None, ...)`: dm-N for the lowest N not taken (the kernel's disk name)."""
+        minor = 0
+        while f"dm-{minor}" in self._devices:
+            minor += 1
+        return f"dm-{minor}"
+
+    def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
+             holder: object | None = None) -> dict[str, Any]:
+        """Open a device and return the open as `info["fd"]`, an NBD client socket the caller
+        owns (`userdm open NAME -- CMD`). `exclusive` claims the device for a holder of its own,
+        as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest)."""
+        md = self._find(name)
+        if exclusive and holder is None:
+            holder = f"exclusive open #{next(self._exclusive_opens)}"
+        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder)
+        return {**self._info(md), "fd": fd}
+
+    def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None) -> int:
+        if md.live is None:
+            raise DMError(errno.ENXIO, f"device {md.name} has no live table to open")
+        handle = md.open(write=write, holder=holder)
+        from ..nbd.server import socket_for_open  # the export layer, imported only when used
+        return socket_for_open(handle, md.name, self.fd_server).detach()
 
     def _allocate_minor(self, minor: int | None) -> int:
         used = {md.minor for md in self._devices.values()}
@@ -225,8 +276,11 @@ class Mapper:
     # ---- remove ------------------------------------------------------------------------
 
     def remove(self, name: str, *, force: bool = False, deferred: bool = False,
-               retry: bool = False) -> dict[str, Any]:
-        """dmsetup remove. Busy devices give EBUSY, or with `deferred` are marked for removal."""
+               retry: bool = False, no_open: bool = False) -> dict[str, Any]:
+        """dmsetup remove. Busy devices give EBUSY, or with `deferred` are marked for removal;
+        `no_open` (seed 002) also refuses every new open until then (ENXIO)."""
+        if no_open and not deferred:
+            raise DMError(errno.EINVAL, f"remove {name}: --no-open needs --deferred")
         attempts = REMOVE_RETRIES if retry else 1
         for attempt in range(attempts):
             with self._lock:
@@ -234,7 +288,7 @@ class Mapper:
                 if force and attempt == 0:
                     self.wipe_table(name)
                 info = self._info(md)
-                if md.lock_for_deletion(mark_deferred=deferred):
+                if md.lock_for_deletion(mark_deferred=deferred, no_open=no_open):
                     self._remove(md)
                     info["deferred_remove"] = False
                     return info
@@ -275,8 +329,15 @@ class Mapper:
 
     def _last_close(self, device: BlockDevice) -> None:
         """The kernel's dm_blk_close: after the last close of a device marked for deferred
-        removal, remove every unopened device so marked (which cascades down stacks)."""
-        if isinstance(device, MappedDevice) and device.deferred_remove:
+        removal, remove every unopened device so marked (which cascades down stacks). An
+        autoclear device is removed at its last close (loop's `lo_release`)."""
+        if not isinstance(device, MappedDevice):
+            return
+        if device.autoclear:
+            with self._lock:
+                if self._devices.get(device.name) is device and device.lock_for_deletion():
+                    self._remove(device)
+        if device.deferred_remove:
             self._remove_unopened(only_deferred=True)
 
     def _remove_unopened(self, *, only_deferred: bool) -> None:
@@ -347,6 +408,9 @@ class Mapper:
             "size": md.size,
             "deferred_remove": md.deferred_remove,
             "shared": md.shared,
+            "autoclear": md.autoclear,
+            "no_open": md.no_open,
+            "max_opens": md.max_opens,
             "holder": md.holders_description(),
             "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links),
         }
@@ -436,7 +500,7 @@ class Mapper:
                 raise DMError(errno.EINVAL, "@cancel_deferred_remove takes no arguments")
             if md.deleting:
                 raise DMError(errno.EBUSY, f"device {md.name} is already being removed")
-            md.deferred_remove = False
+            md.deferred_remove = md.no_open = False
             self._changed("cancel_deferred_remove", md)
             return None
         raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
@@ -510,6 +574,7 @@ class Mapper:
         for md in sorted(self._devices.values(), key=lambda m: m.minor):
             devices.append({
                 "name": md.name, "uuid": md.uuid, "minor": md.minor, "shared": md.shared,
+                "autoclear": md.autoclear, "max_opens": md.max_opens, "no_open": md.no_open,
                 "live": _table_state(md.live), "inactive": _table_state(md.inactive),
                 "suspended": md.suspended, "deferred_remove": md.deferred_remove,
                 "event_nr": md.event_nr,
@@ -525,10 +590,12 @@ class Mapper:
             for entry in entries:
                 try:
                     self.create(entry["name"], uuid=entry.get("uuid") or None, minor=entry.get("minor"),
-                                shared=entry.get("shared", False))
+                                shared=entry.get("shared", False), autoclear=entry.get("autoclear", False),
+                                max_opens=entry.get("max_opens"))
                     md = self._devices[entry["name"]]
                     md.event_nr = entry.get("event_nr", 0)
                     md.deferred_remove = entry.get("deferred_remove", False)
+                    md.no_open = entry.get("no_open", False)
                     pending.append(entry)
                 except DMError as exc:
                     log.error("cannot restore device %s: %s", entry.get("name"), exc)
@@ -554,6 +621,10 @@ class Mapper:
                 if entry.get("suspended") and entry["name"] in self._devices:
                     self.suspend(entry["name"], noflush=True, nolockfs=True)
             self._remove_unopened(only_deferred=True)
+            # A restart closed every open, and for an autoclear device that is its last close.
+            for md in [md for md in self._devices.values() if md.autoclear]:
+                if self._devices.get(md.name) is md and md.lock_for_deletion():
+                    self._remove(md)
         finally:
             self.state_dir = state_dir
         if self.state_dir:

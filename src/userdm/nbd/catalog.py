@@ -5,6 +5,10 @@ device with `mapper.open_device`, so the connection counts in the device's open 
 it closes. A device whose table is read-only is opened read-only and exported with
 NBD_FLAG_READ_ONLY. `info` (NBD_OPT_INFO, metadata context queries) never opens the device:
 an open and close would fire a deferred or autoclear removal.
+
+A `BoundCatalog` serves a socket made for one open that already exists (`create(...,
+open_fd=True)`, `open`): the open was made before the socket existed, so the client's
+handshake can only select that device (by its name or the default name "").
 """
 
 from __future__ import annotations
@@ -95,3 +99,52 @@ class MapperCatalog:
         if self.handle is not None:
             handle, self.handle = self.handle, None
             handle.close()
+
+
+class BoundCatalog:
+    """The catalog of a socket that carries one existing open of device `name`."""
+
+    #: the holder of such a socket may keep it without speaking for as long as it likes
+    handshake_timeout = None
+    #: the open lasts until every copy of the client's socket is closed, even after NBD_CMD_DISC
+    open_until_eof = True
+
+    def __init__(self, handle: BlockOpen, name: str) -> None:
+        self.handle: BlockOpen | None = None
+        self._bound: BlockOpen | None = handle
+        self.name = name
+
+    def names(self) -> list[str]:
+        return [self.name]
+
+    def _check(self, name: str) -> BlockOpen:
+        if name not in ("", self.name):
+            raise Refused(C.REP_ERR_UNKNOWN, f"this connection carries an open of {self.name!r}, "
+                          f"not of {name!r}")
+        handle = self._bound or self.handle
+        if handle is None or handle.closed:
+            raise Refused(C.REP_ERR_SHUTDOWN, f"the open of {self.name!r} is closed")
+        return handle
+
+    def info(self, name: str) -> ExportInfo:
+        handle = self._check(name)
+        return ExportInfo(name=self.name, size=handle.size, read_only=handle.read_only,
+                          min_block=_logical_block_size(handle))
+
+    def select(self, name: str) -> ExportInfo:
+        if self.handle is not None:
+            raise Refused(C.REP_ERR_INVALID, "an export is already selected")
+        info = self.info(name)
+        self.handle, self._bound = self._bound, None
+        return info
+
+    def close(self) -> None:
+        handle = self.handle or self._bound
+        self.handle = self._bound = None
+        if handle is not None:
+            handle.close()
+
+
+def _logical_block_size(handle: BlockOpen) -> int:
+    lbs = getattr(handle.device, "logical_block_size", 512)
+    return lbs if lbs in (512, 4096) else 512

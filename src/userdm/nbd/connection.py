@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from ..errors import DMError
 from . import constants as C
-from .catalog import ExportSource, MapperCatalog
+from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .handshake import ServerHandshake
 from .protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
                        block_status_chunk, clip_extents, error_reply)
@@ -58,11 +58,11 @@ _WAITALL = socket.MSG_WAITALL
 class Connection:
     """Serves one accepted socket until it closes; `on_close` is called once at the end."""
 
-    def __init__(self, sock: socket.socket, mapper: ExportSource, *, threads: int = 8,
-                 inline_max: int = INLINE_MAX,
+    def __init__(self, sock: socket.socket, mapper: ExportSource | None, *, threads: int = 8,
+                 inline_max: int = INLINE_MAX, catalog: MapperCatalog | BoundCatalog | None = None,
                  on_close: Callable[["Connection"], None] = lambda c: None) -> None:
         self.sock = sock
-        self.catalog = MapperCatalog(mapper)
+        self.catalog = catalog if catalog is not None else MapperCatalog(mapper)
         self.max_threads = max(1, threads)
         self.inline_max = inline_max
         self.on_close = on_close
@@ -117,6 +117,8 @@ class Connection:
             log.exception("nbd: connection failed")
         finally:
             self._closing = True
+            if getattr(self.catalog, "open_until_eof", False):
+                self._wait_for_eof()
             self.catalog.close()
             try:
                 self.sock.close()
@@ -125,11 +127,22 @@ class Connection:
             self._closed = True
             self.on_close(self)
 
+    def _wait_for_eof(self) -> None:
+        """A socket that carries an open (BoundCatalog) keeps it after NBD_CMD_DISC until every
+        copy of the client's end is closed: one process may disconnect while another still
+        holds the descriptor. Whatever arrives meanwhile is discarded."""
+        try:
+            self.sock.settimeout(None)
+            while not self._aborted and self.sock.recv(65536):
+                pass
+        except OSError:
+            pass
+
     # ---- handshake ------------------------------------------------------------------
 
     def _handshake(self) -> bool:
         sock = self.sock
-        sock.settimeout(HANDSHAKE_TIMEOUT)
+        sock.settimeout(getattr(self.catalog, "handshake_timeout", HANDSHAKE_TIMEOUT))
         hs = ServerHandshake(self.catalog)
         sock.sendall(hs.greeting())
         while not hs.done and not self._closing:

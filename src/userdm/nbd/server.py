@@ -22,7 +22,8 @@ import threading
 from pathlib import Path
 
 from ..errors import DMError
-from .catalog import ExportSource
+from ..block.device import BlockOpen
+from .catalog import BoundCatalog, ExportSource
 from .connection import Connection
 
 log = logging.getLogger("userdm.nbd")
@@ -166,10 +167,11 @@ class NBDServer:
             if not self.serve_socket(sock):
                 return
 
-    def serve_socket(self, sock: socket.socket) -> bool:
+    def serve_socket(self, sock: socket.socket, catalog: BoundCatalog | None = None) -> bool:
         """Serve one connected socket, from a listener or handed in (the server end of a
         socketpair whose other end the control socket passes to a client). False if stopping."""
-        conn = Connection(sock, self.mapper, threads=self.threads_per_connection, on_close=self._forget)
+        conn = Connection(sock, self.mapper, threads=self.threads_per_connection, catalog=catalog,
+                          on_close=self._forget)
         with self._lock:
             if self._stopping:
                 sock.close()
@@ -181,3 +183,23 @@ class NBDServer:
     def _forget(self, conn: Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
+
+
+def socket_for_open(handle: BlockOpen, name: str, server: NBDServer | None = None) -> socket.socket:
+    """A new NBD client socket that carries `handle`, an open that already exists: the server
+    end is served by `server` (or by a connection of its own), the client end is returned.
+    The open ends when every copy of the client socket is closed and the connection with it;
+    if serving fails, the open is closed here."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    catalog = BoundCatalog(handle, name)
+    try:
+        if server is not None:
+            if not server.serve_socket(ours, catalog):
+                raise DMError(errno.ESHUTDOWN, "the NBD server is shutting down")
+        else:
+            Connection(ours, None, threads=DEFAULT_THREADS, catalog=catalog).start()
+    except BaseException:
+        theirs.close()
+        catalog.close()
+        raise
+    return theirs
