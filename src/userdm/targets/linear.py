@@ -1,7 +1,10 @@
 """linear: map a range onto a range of another device (`dm-linear.c`).
 
-Table: `<dev> <offset>`, offset in sectors. No INFO status; the table line prints the
-device as MAJOR:MINOR (or its path/URL when it has no device number) and the offset.
+Table: `<dev> <offset> [no_exclusive]`, offset in sectors. No INFO status; the table line
+prints the device as MAJOR:MINOR (or its path/URL when it has no device number) and the
+offset. userdm's `no_exclusive` (seed 000, never merged) opens the device without the
+device-mapper's claim, so it may be mapped while someone else holds it exclusively, as
+`create --shared` does for every device of a table.
 """
 
 from __future__ import annotations
@@ -14,14 +17,17 @@ from ..dm.target import Target, TargetContext, TargetError, parse_sector, regist
 class LinearTarget(Target):
     name = "linear"
     version = (1, 5, 0)
-    __slots__ = ("dev", "start", "_open", "_base")
+    __slots__ = ("dev", "start", "no_exclusive", "_open", "_base")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         super().__init__(ctx, begin, length, args)
-        if len(args) != 2:
+        if len(args) not in (2, 3):
             raise TargetError("Invalid argument count")
+        if len(args) == 3 and args[2] != "no_exclusive":
+            raise TargetError(f"Invalid optional argument {args[2]!r}: only no_exclusive is accepted")
+        self.no_exclusive = len(args) == 3
         self.start = parse_sector(args[1], "Invalid device sector")
-        self.dev = ctx.get_device(args[0], self.start, length)
+        self.dev = ctx.get_device(args[0], self.start, length, shared=self.no_exclusive)
         self._open = self.dev.open
         self._base = self.start * SECTOR
 
@@ -41,7 +47,10 @@ class LinearTarget(Target):
         return self._open.block_status(self._base + offset, length)
 
     def table(self) -> str:
-        return f"{self.dev.name} {self.start}"
+        return f"{self.dev.name} {self.start}" + (" no_exclusive" if self.no_exclusive else "")
 
     def devices(self):
         return [self.dev]
+
+    def direct_map(self):
+        return self.dev, self._base
