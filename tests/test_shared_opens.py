@@ -121,6 +121,13 @@ def test_claims_conflict_both_ways_without_shared(mapper, system):
     mapper.open_device("system", write=False, holder=object()).close()
 
 
+def test_linear_refuses_other_optional_arguments(mapper, system):
+    e = err(mapper.create, "lin", f"0 8 linear {system.data} 0 exclusive", readonly=True)
+    assert e.errno == errno.EINVAL and "linear: Invalid optional argument 'exclusive'" in e.message
+    e = err(mapper.create, "lin", f"0 8 linear {system.data} 0 no_exclusive extra", readonly=True)
+    assert e.errno == errno.EINVAL and "linear: Invalid argument count" in e.message
+
+
 def test_cli_shows_the_shared_edge(daemon, system):
     run = daemon.run
     run("create", "system", "--readonly", "--table", system.table())
