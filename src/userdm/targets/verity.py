@@ -104,9 +104,10 @@ class VerityTarget(Target):
         dbits = self.data_block_size.bit_length() - 1
         hbits = self.hash_block_size.bit_length() - 1
         self.data_blocks = _number(args[5], "Invalid data blocks", 1 << (64 - (dbits - 9)))
-        if length > self.data_blocks * self.data_block_size // SECTOR:
+        covered = self.data_blocks * self.data_block_size // SECTOR
+        if length > covered:
             raise TargetError(f"Data device is too small: the target has {length} sectors, "
-                              f"{self.data_blocks} data blocks cover {self.data_blocks * self.data_block_size // SECTOR}")
+                              f"{self.data_blocks} data blocks cover {covered}")
         if length * SECTOR % self.data_block_size:
             raise TargetError(f"target length {length} sectors is not a multiple of the data block size "
                               f"({self.data_block_size} bytes)")
@@ -155,7 +156,8 @@ class VerityTarget(Target):
             return
         count = _number(args[0], "Invalid number of feature args", OPTS_MAX + 1)
         if count > len(args) - 1:
-            raise TargetError(f"Insufficient arguments: {count} feature args announced, {len(args) - 1} given")
+            raise TargetError(f"Insufficient arguments: {count} feature args announced, "
+                              f"{len(args) - 1} given")
         rest = iter(args[1:count + 1])
         for arg in rest:
             name = arg.lower()
