@@ -47,10 +47,11 @@ class Daemon:
                     "USERDM_STATE_DIR": str(self.state)}
         self.proc: subprocess.Popen | None = None
 
-    def start(self, *extra: str) -> None:
+    def start(self, *extra: str, fuse: bool = False) -> None:
+        """Start it; with `fuse`, it also serves its FUSE directory (runtime/mapper)."""
         self.log = self.runtime.parent / "daemon.log"
         with open(self.log, "a") as log:
-            self.proc = subprocess.Popen(USERDM + ["daemon", "--no-fuse", *extra], env=self.env,
+            self.proc = subprocess.Popen(USERDM + ["daemon", *([] if fuse else ["--no-fuse"]), *extra], env=self.env,
                                          stdout=subprocess.PIPE, stderr=log, text=True)
         line = self.proc.stdout.readline()
         if "ready" not in line:

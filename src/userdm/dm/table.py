@@ -169,8 +169,22 @@ class Table:
         return merge_extents(out)
 
     def flush(self) -> None:
-        for dev in self.devices():
-            dev.open.flush()
+        """Targets that map flushes themselves (delay, flakey ...) get the flush; for the rest it
+        goes once to each of their devices (the kernel's `flush_bypasses_map`)."""
+        own = [t for t in self.targets if type(t).flush is not Target.flush]
+        if not own:
+            for dev in self.devices():
+                dev.open.flush()
+            return
+        for target in own:
+            target.flush()
+        seen: set[int] = set()
+        for target in self.targets:
+            if type(target).flush is Target.flush:
+                for dev in target.devices():
+                    if id(dev.open) not in seen:
+                        seen.add(id(dev.open))
+                        dev.open.flush()
 
     def devices(self) -> list[TableDevice]:
         """Underlying devices without duplicates, in table order (the `deps` list)."""

@@ -20,6 +20,7 @@ import threading
 import time
 
 from ..block.device import SECTOR
+from ..block.failure import clip, merge_ranges
 from ..dm.target import TableDevice, Target, TargetContext, TargetError, parse_sector, register
 
 UINT_MAX = (1 << 32) - 1
@@ -131,8 +132,19 @@ class DelayTarget(Target):
             ([self.flushes] if self.argc == 9 else [])
         return " ".join(str(g) for g in groups)
 
+    def failure(self, dev, offset: int, length: int) -> list[tuple[int, int]]:
+        """Data is read from the read group's device and written to the write group's."""
+        size = self.length * SECTOR
+        return merge_ranges(piece for group in {id(g): g for g in (self.reads, self.writes)}.values()
+                            if group.dev.device is dev for piece in clip(offset, length, group.base, size))
+
     def devices(self):
         unique: dict[int, TableDevice] = {}
         for group in (self.reads, self.writes, self.flushes):
             unique.setdefault(id(group.dev.open), group.dev)
         return list(unique.values())
+
+    def direct_map(self):
+        """One-to-one onto one device only when reads, writes and flushes all go to the same place."""
+        places = {(id(g.dev.open), g.base) for g in (self.reads, self.writes, self.flushes)}
+        return (self.reads.dev, self.reads.base) if len(places) == 1 else None
