@@ -119,8 +119,8 @@ class EraMetadata:
         self.data_block_size = data_block_size
         self.total = min(dev.size // BLOCK, 0xFFFFFFFF)  # block numbers are u32
         if self.total < 4:
-            raise DMError(errno.ENOSPC, f"the metadata device has {self.total} blocks of {BLOCK} "
-                          "bytes; era needs at least 4")
+            raise DMError(errno.ENOSPC, f"the metadata device {dev.device.ref} has {self.total} "
+                          f"blocks of {BLOCK} bytes; era needs at least 4")
         self._lock = threading.RLock()
         self._marking = threading.Condition(threading.Lock())
         self._committing = False
@@ -173,8 +173,9 @@ class EraMetadata:
         if dbs != self.data_block_size:
             raise DMError(errno.EINVAL, f"changing the data block size (from {dbs} to "
                           f"{self.data_block_size}) is not supported")
-        era_blocks, era_index, ws_blocks, ws_index = layout(nr_blocks)
-        if n_era_index != era_index or n_ws_index not in (0, ws_index):
+        _, era_index, _, ws_index = layout(nr_blocks)
+        if n_era_index + n_ws_index > MAX_POINTERS or n_era_index != era_index \
+                or n_ws_index not in (0, ws_index):
             return f"index sizes {n_era_index}/{n_ws_index} do not match {nr_blocks} blocks"
         pointers = list(struct.unpack_from(f"<{n_era_index + n_ws_index}I", buf, _HEADER.size))
         st = _State(generation, nr_blocks, era, snap, pointers[:n_era_index], [],
@@ -264,8 +265,8 @@ class EraMetadata:
         if block < 0:
             block = self._used.find(0, 2)
         if block < 0:
-            raise DMError(errno.ENOSPC, f"the era metadata device is full ({self.total} blocks "
-                          f"of {BLOCK} bytes)")
+            raise DMError(errno.ENOSPC, f"the era metadata device {self.dev.device.ref} is full "
+                          f"({self.total} blocks of {BLOCK} bytes); give it more room")
         self._used[block] = 1
         self._hint = block + 1
         return block
