@@ -16,7 +16,7 @@ from . import format as fmt
 
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
-         "wipe_table", "daemon", "help")
+         "wipe_table", "era", "daemon", "help")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
     p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
     p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
+    p.add_argument("--since", type=int, metavar="ERA", help="era changed: blocks written since this era")
+    p.add_argument("--xml", action="store_true", help="era changed: era_invalidate's XML (era blocks)")
+    p.add_argument("--metadata-snapshot", action="store_true",
+                   help="era changed: read the held metadata snapshot (take_metadata_snap)")
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
     # daemon options
@@ -263,6 +267,25 @@ class Commands:
         v = self.dm.version()
         print(f"Library version:   userdm {v['library']}")
         print("Driver version:    {}.{}.{}".format(*v["driver"]))
+
+    def era(self) -> None:
+        """`era changed NAME --since ERA [--xml] [--metadata-snapshot]`: the blocks written since
+        era ERA, as JSON `[{"begin": SECTOR, "length": SECTORS, "block_begin": B, "block_end": E}]`
+        (device sectors; era blocks, end exclusive), or with --xml as thin-provisioning-tools'
+        era_invalidate prints them: `<blocks>` of `<range begin= end=/>` and `<block block=/>`."""
+        if len(self.args) != 2 or self.args[0] != "changed" or self.o.since is None:
+            usage("usage: era changed NAME --since ERA [--xml] [--metadata-snapshot]")
+        runs = self.dm.era_changed(self.args[1], since=self.o.since,
+                                   metadata_snapshot=self.o.metadata_snapshot)
+        if not self.o.xml:
+            import json
+            print(json.dumps(runs))
+            return
+        print("<blocks>")
+        for run in runs:
+            begin, end = run["block_begin"], run["block_end"]
+            print(f'  <block block="{begin}"/>' if end == begin + 1 else f'  <range begin="{begin}" end="{end}"/>')
+        print("</blocks>")
 
 
 OPEN_FD = 3

@@ -505,6 +505,13 @@ class Mapper:
             return None
         raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
 
+    def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
+        """Runs of blocks of the device's era targets written since era `since`, in sectors and
+        era blocks (`userdm.targets.era.era_changed`; too bulky for a target message)."""
+        from ..targets.era import era_changed
+        with self._lock:
+            return era_changed(self._find(name), since, metadata_snapshot=metadata_snapshot)
+
     def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> dict[str, Any]:
         """dmsetup wait: block until the device's event number differs from `event_nr`."""
         deadline = None if timeout is None else time.monotonic() + timeout
