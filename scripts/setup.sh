@@ -10,7 +10,7 @@ PACKAGES=(
   python3 python3-venv python3-dev python3-libnbd python3-pyfuse3
   nbdkit libnbd-bin qemu-utils fio
   fuse3 libfuse3-dev pkg-config
-  e2fsprogs util-linux cryptsetup-bin
+  e2fsprogs util-linux fdisk cryptsetup-bin
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

@@ -50,6 +50,8 @@ class BlockDevice:
 
     #: what `table` prints for this device when a table references it
     ref: str
+    #: the whole disk, if this device is one of its partitions (see `_claim_for_partition`)
+    whole: "BlockDevice | None" = None
 
     def __init__(self, ref: str, size: int, logical_block_size: int = SECTOR,
                  read_only: bool = False) -> None:
@@ -125,6 +127,8 @@ class BlockDevice:
                 if self.holder is holder and holder_ops is not None and self.holder_ops is not None \
                         and holder_ops is not self.holder_ops:
                     raise DMError(errno.EBUSY, f"{self.ref} already has holder operations registered")
+                if self.whole is not None:
+                    self.whole._claim_for_partition(self)
                 self.holder = holder
                 self.holder_count += 1
                 if holder_ops is not None:
@@ -133,6 +137,23 @@ class BlockDevice:
             self.opens.append(handle)
         self.opened(handle)
         return handle
+
+    def _claim_for_partition(self, partition: "BlockDevice") -> None:
+        """bd_may_claim/bd_finish_claiming for a partition of this whole disk: refused while
+        anyone holds the whole disk; otherwise the whole disk is held by the PARTITION_CLAIM
+        sentinel, which no real holder is, so nobody can claim the whole disk meanwhile."""
+        with self._opens_lock:
+            if self.holder is not None and self.holder is not PARTITION_CLAIM:
+                raise DMError(errno.EBUSY, f"{partition.ref} cannot be claimed: its whole disk {self.ref} "
+                              f"is claimed exclusively by {describe_holder(self.holder)}")
+            self.holder = PARTITION_CLAIM
+            self.holder_count += 1
+
+    def _end_partition_claim(self) -> None:
+        with self._opens_lock:
+            self.holder_count -= 1
+            if self.holder_count == 0:
+                self.holder = None
 
     def opened(self, handle: "BlockOpen") -> None:
         """Hook: an open succeeded (mapped devices count it)."""
@@ -145,6 +166,8 @@ class BlockDevice:
                 if self.holder_count == 0:
                     self.holder = None
                     self.holder_ops = None
+                if self.whole is not None:
+                    self.whole._end_partition_claim()
             last = not self.opens
             hooks = list(self._last_close_hooks) if last else []
         self.closed(handle)
@@ -174,6 +197,19 @@ class BlockDevice:
                 self.holder_links.pop(user, None)
             else:
                 self.holder_links[user] = n
+
+
+class _PartitionClaim:
+    """The holder of a whole disk while partitions of it are claimed (the kernel's
+    `whole->bd_holder = bd_may_claim`)."""
+
+    holder_name = "the holder of one of its partitions"
+
+    def __repr__(self) -> str:
+        return self.holder_name
+
+
+PARTITION_CLAIM = _PartitionClaim()
 
 
 def describe_holder(holder: object) -> str:

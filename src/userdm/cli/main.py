@@ -16,7 +16,7 @@ from . import format as fmt
 
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
-         "wipe_table", "era", "daemon", "help")
+         "wipe_table", "partprobe", "era", "daemon", "help")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,6 +179,14 @@ class Commands:
     def wipe_table(self) -> None:
         for name in self.selected() or usage("wipe_table needs a device name"):
             self.dm.wipe_table(name)
+
+    def partprobe(self) -> None:
+        """`partprobe NAME...`: read the devices' partition tables again (BLKRRPART: EBUSY while
+        a partition is open); with -v, list the partitions found as `ls` does."""
+        for name in self.selected() or usage("partprobe needs a device name"):
+            for part in self.dm.partprobe(name):
+                if self.o.verbose:
+                    print(fmt.ls_line(part))
 
     def info(self) -> None:
         names = self.selected()

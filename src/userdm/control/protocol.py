@@ -24,7 +24,7 @@ _LEN = struct.Struct(">I")
 COMMANDS = frozenset({
     "version", "targets", "list", "tree", "info", "table", "status", "deps",
     "create", "load", "clear", "suspend", "resume", "remove", "remove_all", "rename",
-    "message", "wait", "wipe_table", "find_name", "open", "era_changed",
+    "message", "wait", "wipe_table", "partprobe", "find_name", "open", "era_changed",
 })
 
 #: commands the control server answers itself, with file descriptors beside the response

@@ -27,6 +27,7 @@ from ..errors import DMError
 from . import state as state_file
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
+from .partitioned import BLKEXT_MAJOR, MappedPartition, MappedPartitions
 from .table import Table, split_args
 from .target import registered
 
@@ -53,6 +54,8 @@ class Mapper:
         #: (set by the daemon; without one each such socket gets a connection of its own)
         self.fd_server: Any = None
         self._exclusive_opens = itertools.count(1)
+        #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
+        self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
         self._register_schemes()
         if self.state_dir:
             self._restore(state_file.load(self.state_dir))
@@ -71,6 +74,10 @@ class Mapper:
     def _find(self, name: str) -> MappedDevice:
         md = self._devices.get(name)
         if md is None:
+            part = self.partitions.get(name)
+            if part is not None:
+                raise DMError(errno.ENXIO, f"{name} is partition {part.number} of {part.whole.name}, "
+                              "not a mapped device")
             raise DMError(errno.ENXIO, f"device {name!r} does not exist")
         return md
 
@@ -89,11 +96,15 @@ class Mapper:
                     return md.name
                 if minor is not None and md.minor == minor and major in (None, DM_MAJOR):
                     return md.name
+            part = self.partitions.by_minor(minor) if major == BLKEXT_MAJOR and minor is not None else None
+            if part is not None:
+                return part.name
         what = f"uuid {uuid!r}" if uuid is not None else f"device number {major}:{minor}"
         raise DMError(errno.ENXIO, f"no device with {what}")
 
-    def _mapped_ref(self, ref: str) -> MappedDevice | None:
-        """The mapped device a table reference names, or None if it names something else."""
+    def _mapped_ref(self, ref: str) -> BlockDevice | None:
+        """The mapped device (or partition of one) a table reference names, or None if it
+        names something else."""
         name = None
         if ref.startswith("/dev/mapper/"):
             name = ref[len("/dev/mapper/"):]
@@ -106,10 +117,15 @@ class Mapper:
                 if md is None:
                     raise DMError(errno.ENXIO, f"no mapped device {ref}")
                 return md
+            if major.isdigit() and minor.isdigit() and int(major) == BLKEXT_MAJOR:
+                part = self.partitions.by_minor(int(minor))
+                if part is None:
+                    raise DMError(errno.ENXIO, f"no partition {ref}")
+                return part
             return None
         if name is None:
             return None
-        md = self._devices.get(name)
+        md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
             raise DMError(errno.ENXIO, f"{ref}: no mapped device named {name!r}")
         return md
@@ -118,7 +134,7 @@ class Mapper:
         """Open a table's device reference (the resolver given to every MappedDevice)."""
         md = self._mapped_ref(ref)
         if md is not None:
-            return md.open(write=write, holder=holder), f"{DM_MAJOR}:{md.minor}"
+            return md.open(write=write, holder=holder), "{}:{}".format(*md.devno)
         if ":" in ref and "/" not in ref:
             major, _, minor = ref.partition(":")
             if not (major.isdigit() and minor.isdigit()):
@@ -149,7 +165,7 @@ class Mapper:
                 name = self._free_name()
             name = check_name(name)
             uuid = check_uuid(uuid)
-            if name in self._devices:
+            if name in self._devices or self.partitions.get(name) is not None:
                 raise DMError(errno.EBUSY, f"a device named {name!r} already exists")
             if uuid and any(md.uuid == uuid for md in self._devices.values()):
                 raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
@@ -178,7 +194,9 @@ class Mapper:
             info = self._info(md)
             if fd is not None:
                 info["fd"] = fd
-            return info
+        if table is not None:
+            self.partitions.scan_after_resume(md)
+        return info
 
     def _free_name(self) -> str:
         """A name for `create(None, ...)`: dm-N for the lowest N not taken (the kernel's disk name)."""
@@ -247,7 +265,21 @@ class Mapper:
             return self._info(md)
 
     def resume(self, name: str) -> dict[str, Any]:
-        """Swap in the inactive table (suspending first if needed) and let I/O flow."""
+        """Swap in the inactive table (suspending first if needed) and let I/O flow; a new
+        table's partition table is read after the registry lock is released."""
+        md = self._find(name)
+        before = md.live
+        info = self._resume(name)
+        if md.live is not before and md.live is not None:
+            self.partitions.scan_after_resume(md)
+        return info
+
+    def partprobe(self, name: str) -> list[dict[str, Any]]:
+        """`userdm partprobe NAME` (BLKRRPART): read the device's partition table again and
+        return its partitions. EBUSY while one of them is open."""
+        return self.partitions.partprobe(self._find(name))
+
+    def _resume(self, name: str) -> dict[str, Any]:
         with self._lock:
             md = self._find(name)
             must_suspend = md.inactive is not None and not md.suspended
@@ -324,6 +356,7 @@ class Mapper:
 
     def _destroy(self, md: MappedDevice) -> None:
         self._devices.pop(md.name, None)
+        self.partitions.drop(md)
         md.deleting = True
         md.destroy()
 
@@ -373,12 +406,14 @@ class Mapper:
                 md.uuid = uuid
             else:
                 new_name = check_name(new_name)
-                if new_name in self._devices:
+                if new_name in self._devices or self.partitions.get(new_name) is not None:
                     raise DMError(errno.EBUSY, f"a device named {new_name!r} already exists")
+                self.partitions.check_rename(md, new_name)
                 del self._devices[name]
                 md.name = new_name
                 md.ref = f"/dev/mapper/{new_name}"
                 self._devices[new_name] = md
+                self.partitions.renamed(md)
             if md.live is not None:
                 md.table_event()
             self._changed("rename", md, old_name=name)
@@ -388,6 +423,9 @@ class Mapper:
 
     def info(self, name: str) -> dict[str, Any]:
         """The device's state. Lock-free (a snapshot), like `open_device`: see there why."""
+        part = self.partitions.get(name) if name not in self._devices else None
+        if part is not None:
+            return self.partitions.info(part)
         return self._info(self._find(name))
 
     def _info(self, md: MappedDevice) -> dict[str, Any]:
@@ -412,21 +450,29 @@ class Mapper:
             "no_open": md.no_open,
             "max_opens": md.max_opens,
             "holder": md.holders_description(),
-            "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links),
+            "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links
+                              if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
         }
 
     def list(self) -> list[dict[str, Any]]:
-        """Every device, sorted by name, with its info."""
+        """Every device (partitions included), sorted by name, with its info."""
         with self._lock:
-            return [self._info(md) for _, md in sorted(self._devices.items())]
+            infos = [self._info(md) for md in self._devices.values()] + self.partitions.infos()
+            return sorted(infos, key=lambda info: info["name"])
 
     def _table_of(self, md: MappedDevice, inactive: bool) -> Table | None:
         return md.inactive if inactive else md.live
 
+    def _find_table(self, name: str, inactive: bool) -> Table | None:
+        """The live or inactive table of device `name`; a partition has none."""
+        if name not in self._devices and self.partitions.get(name) is not None:
+            return None
+        return self._table_of(self._find(name), inactive)
+
     def table(self, name: str, *, inactive: bool = False, showkeys: bool = False) -> list[list[Any]]:
         """Table lines `[start, length, type, params]` in the kernel's table format."""
         with self._lock:
-            table = self._table_of(self._find(name), inactive)
+            table = self._find_table(name, inactive)
             if table is None:
                 return []
             out = []
@@ -438,7 +484,7 @@ class Mapper:
     def status(self, name: str, *, inactive: bool = False) -> list[list[Any]]:
         """Status lines `[start, length, type, status]` in the kernel's formats."""
         with self._lock:
-            table = self._table_of(self._find(name), inactive)
+            table = self._find_table(name, inactive)
             if table is None:
                 return []
             return [[t.begin, t.length, t.name, t.status()] for t in table.targets]
@@ -446,7 +492,7 @@ class Mapper:
     def deps(self, name: str, *, inactive: bool = False) -> list[dict[str, Any]]:
         """The devices a table uses: name (as `table` prints it), device number if any, shared."""
         with self._lock:
-            table = self._table_of(self._find(name), inactive)
+            table = self._find_table(name, inactive)
             if table is None:
                 return []
             return [_dep(dev) for dev in table.devices()]
@@ -562,17 +608,19 @@ class Mapper:
 
     def open_device(self, name: str, *, write: bool, holder: object | None = None) -> BlockOpen:
         """Open a mapped device for an export or a user: it counts in the device's open count."""
-        md = self._devices.get(name)
+        md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
             raise DMError(errno.ENXIO, f"device {name!r} does not exist")
         return md.open(write=write, holder=holder)
 
     def export_names(self) -> list[str]:
-        """Devices that have a live table and are not being removed."""
-        return sorted(name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting)
+        """Devices that have a live table and are not being removed, and their partitions."""
+        return sorted([name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting]
+                      + self.partitions.export_names())
 
-    def device(self, name: str) -> MappedDevice:
-        return self._find(name)  # lock-free, as `open_device`
+    def device(self, name: str) -> MappedDevice | MappedPartition:
+        part = self.partitions.get(name) if name not in self._devices else None
+        return part if part is not None else self._find(name)  # lock-free, as `open_device`
 
     # ---- persistence --------------------------------------------------------------------
 
@@ -642,6 +690,7 @@ class Mapper:
         with self._lock:
             state_dir, self.state_dir = self.state_dir, None
             try:
+                self.partitions.close()
                 for md in sorted(self._devices.values(), key=lambda m: -m.minor):
                     md.destroy()
                 self._devices.clear()
@@ -680,7 +729,7 @@ def _dep(dev: Any) -> dict[str, Any]:
     return {
         "name": dev.name,
         "devno": list(devno) if devno else None,
-        "device": device.name if isinstance(device, MappedDevice) else None,
+        "device": device.name if isinstance(device, (MappedDevice, MappedPartition)) else None,
         "shared": dev.shared,
         "size": device.size // SECTOR,
     }
