@@ -70,57 +70,47 @@ class EraTarget(Target):
         self._origin = self.origin_dev.open
         self._base = begin * SECTOR  # the origin sector is the device sector, as in the kernel
         self._block_bytes = self.sectors_per_block * SECTOR
-        # writes in flight hold the current era; an era change waits for them and holds new ones
+        # marking writes hold the current era; an era change waits for them and holds new ones
         self._cond = threading.Condition()
-        self._writes = 0
+        self._marking = 0
         self._rolling = False
 
     # ---- the data path -----------------------------------------------------------------------
 
-    def _enter_write(self, offset: int, length: int) -> None:
-        """Hold the era, and make the marks of the blocks of [offset, offset+length) durable."""
+    def _mark(self, offset: int, length: int) -> None:
+        """Make the marks of the blocks of [offset, offset+length) in the current era durable
+        (the kernel's era_map: the era of a write is the one in which it is mapped). Only the
+        marking holds the era: waiting for the origin under it could deadlock a checkpoint
+        with the resume of a suspended origin."""
+        if not length:
+            return
         with self._cond:
             while self._rolling:
                 self._cond.wait()
-            self._writes += 1
+            self._marking += 1
         try:
-            if length:
-                first = offset // self._block_bytes
-                last = (offset + length - 1) // self._block_bytes
-                self.md.mark(range(first, last + 1))
-        except BaseException:
-            self._leave_write()
-            raise
-
-    def _leave_write(self) -> None:
-        with self._cond:
-            self._writes -= 1
-            if not self._writes:
-                self._cond.notify_all()
+            first = offset // self._block_bytes
+            self.md.mark(range(first, (offset + length - 1) // self._block_bytes + 1))
+        finally:
+            with self._cond:
+                self._marking -= 1
+                if not self._marking:
+                    self._cond.notify_all()
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self._origin.readinto(self._base + offset, buf)
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
-        self._enter_write(offset, len(data))
-        try:
-            self._origin.write(self._base + offset, data, fua)
-        finally:
-            self._leave_write()
+        self._mark(offset, len(data))
+        self._origin.write(self._base + offset, data, fua)
 
     def discard(self, offset: int, length: int) -> None:
-        self._enter_write(offset, length)
-        try:
-            self._origin.discard(self._base + offset, length)
-        finally:
-            self._leave_write()
+        self._mark(offset, length)
+        self._origin.discard(self._base + offset, length)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool) -> None:
-        self._enter_write(offset, length)
-        try:
-            self._origin.write_zeroes(self._base + offset, length, may_unmap)
-        finally:
-            self._leave_write()
+        self._mark(offset, length)
+        self._origin.write_zeroes(self._base + offset, length, may_unmap)
 
     def flush(self) -> None:
         self._origin.flush()  # the metadata is flushed by every commit and every new mark
@@ -128,15 +118,18 @@ class EraTarget(Target):
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         return self._origin.block_status(self._base + offset, length)
 
+    def direct_map(self):  # noqa: ANN201 - (TableDevice, byte offset): failures map 1:1
+        return self.origin_dev, self._base
+
     # ---- eras ----------------------------------------------------------------------------------
 
     def _exclusive(self, change: Any) -> None:  # noqa: ANN401 - a metadata method
-        """Run an era change with no write in flight, so every write belongs to one era."""
+        """Run an era change while no write is being marked, so each write has one era."""
         with self._cond:
             while self._rolling:
                 self._cond.wait()
             self._rolling = True
-            while self._writes:
+            while self._marking:
                 self._cond.wait()
         try:
             change()
