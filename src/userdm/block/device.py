@@ -7,6 +7,16 @@ the open mode and the bounds. Exclusive claims follow the kernel's `bd_may_claim
 device has at most one holder; the same holder may claim again (nested, counted); any other
 holder gets EBUSY; non-exclusive opens are never blocked by claims.
 
+Holder ops and failures (DESIGN §6; the walk itself is in `userdm.block.failure`): an exclusive
+open may register `HolderOps`, one registration per device (another one is EBUSY).
+`notify_failure(offset, length, flags)` reports a failed byte range: the holder's
+`notify_failure` is called, then every device stacked on this one (the users in `holder_links`)
+translates the range with its `failure_below` and reports its own ranges, up to the top; EOPNOTSUPP
+if no holder took it. `mark_dead(surprise)` makes the device refuse opens (ENXIO) and fail I/O
+(EIO), calls the holder's `mark_dead`, and kills every stacked device whose `dies_with` says so.
+A device stacked on others (a mapped device, a partition) links itself with `link_holder` and
+overrides `failure_below` and `dies_with`; that is the whole contract.
+
 `block_status` extents use NBD's flag bits (1 = hole, 2 = reads as zeroes), so that the
 exports can pass them through unchanged.
 """
@@ -20,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import DMError
+from . import failure
 
 STATUS_HOLE = 1
 STATUS_ZERO = 2
@@ -69,6 +80,10 @@ class BlockDevice:
         #: sysfs-like holders/ graph: the mapped devices whose tables use this device -> count
         self.holder_links: dict[object, int] = {}
         self._last_close_hooks: list[Callable[[BlockDevice], None]] = []
+        #: set by `mark_dead`: opens fail with ENXIO and I/O with EIO from then on
+        self.dead = False
+        #: told about every `failure` and `dead` event record that reaches this device
+        self.event_observer: Callable[[dict[str, Any]], None] | None = None
 
     # ---- identity ------------------------------------------------------------------
 
@@ -119,7 +134,11 @@ class BlockDevice:
         """Open the device; with `holder`, claim it exclusively (kernel `bdev_open`)."""
         if write and self.read_only:
             raise DMError(errno.EACCES, f"{self.ref} is read-only and cannot be opened for writing")
+        if holder_ops is not None and holder is None:
+            raise DMError(errno.EINVAL, f"{self.ref}: holder operations need an exclusive open (a holder)")
         with self._opens_lock:
+            if self.dead:
+                raise DMError(errno.ENXIO, f"{self.ref} is dead (gone or marked dead) and cannot be opened")
             self.check_open(write)
             if holder is not None:
                 if self.holder is not None and self.holder is not holder:
@@ -184,6 +203,30 @@ class BlockDevice:
     def on_last_close(self, hook: Callable[["BlockDevice"], None]) -> None:
         self._last_close_hooks.append(hook)
 
+    # ---- failures and death (userdm.block.failure) ---------------------------------
+
+    def notify_failure(self, offset: int, length: int, flags: int = 0, *,
+                       path: tuple[str, ...] = ()) -> list[failure.Delivery]:
+        """Report the failed byte range [offset, offset+length) to the holder and up the stack.
+
+        Returns one `Delivery` per device reached; EOPNOTSUPP if no holder took it, ENXIO if
+        this device is dead, EINVAL if the range is not inside the device."""
+        return failure.notify(self, offset, length, flags, path)
+
+    def mark_dead(self, surprise: bool = True, *, path: tuple[str, ...] = ()) -> list[str]:
+        """The device is gone: refuse opens and I/O from now on, tell the holder and the devices
+        stacked on it. Returns the names of the devices that died (none if already dead)."""
+        return failure.mark_dead(self, surprise, path)
+
+    def failure_below(self, lower: "BlockDevice", offset: int, length: int) -> list[tuple[int, int]]:
+        """For a device stacked on `lower`: its own byte ranges `(offset, length)` that map onto the
+        failed range [offset, offset+length) of `lower`. A plain device maps nothing."""
+        return []
+
+    def dies_with(self, lower: "BlockDevice") -> bool:
+        """For a device stacked on `lower`: whether it dies when `lower` dies."""
+        return False
+
     # ---- holders/slaves graph ------------------------------------------------------
 
     def link_holder(self, user: object) -> None:
@@ -225,6 +268,8 @@ class BlockOpen:
     holder: object | None
     closed: bool = False
     info: dict[str, Any] = field(default_factory=dict)
+    #: a table's open of an underlying device: its read errors become failures (block/failure.py)
+    reports_failures: bool = False
 
     @property
     def size(self) -> int:
@@ -237,6 +282,8 @@ class BlockOpen:
     def _check(self, offset: int, length: int, write: bool) -> None:
         if self.closed:
             raise DMError(errno.EBADF, f"{self.device.ref}: I/O on a closed open")
+        if self.device.dead:
+            raise DMError(errno.EIO, f"{self.device.ref} is dead (gone or marked dead)")
         if write and not self.write_mode:
             raise DMError(errno.EPERM, f"{self.device.ref} is open read-only")
         if offset < 0 or length < 0 or offset + length > self.device.size:
@@ -247,7 +294,12 @@ class BlockOpen:
     def readinto(self, offset: int, buf: memoryview | bytearray) -> None:
         buf = memoryview(buf)
         self._check(offset, len(buf), False)
-        self.device.readinto(offset, buf)
+        try:
+            self.device.readinto(offset, buf)
+        except DMError as exc:
+            if self.reports_failures:
+                failure.read_failed(self.device, offset, len(buf), exc)
+            raise
 
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)

@@ -4,7 +4,7 @@ The data path is zero-copy: reads go straight into the caller's buffer with `os.
 writes leave from it with `os.pwritev`. Discard punches holes (`fallocate`) in regular files
 and issues BLKDISCARD on block nodes; `block_status` uses SEEK_DATA/SEEK_HOLE. With
 `direct=True` the file is opened with O_DIRECT and unaligned requests go through an aligned
-bounce buffer.
+bounce buffer. A regular file that is deleted while in use marks its disk dead (`watch.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import threading
 
 from ..errors import DMError
 from .device import STATUS_HOLE, STATUS_ZERO, BlockDevice
+from .watch import WATCH
 
 BLKGETSIZE64 = 0x80081272
 BLKSSZGET = 0x1268
@@ -80,6 +81,8 @@ class FileDisk(BlockDevice):
         self._bounce = threading.local()
         # A file's size is rounded down to whole sectors, as the loop driver does.
         super().__init__(path, size - size % 512, lbs if lbs in (512, 4096) else 512, read_only)
+        if not self.is_block:
+            WATCH.add(self)  # a deleted file is a gone disk: mark_dead (block/watch.py)
 
     @property
     def devno(self) -> tuple[int, int] | None:
@@ -166,6 +169,8 @@ class FileDisk(BlockDevice):
         return [(min(hole, end) - offset, 0)]
 
     def close_backing(self) -> None:
+        if not self.is_block:
+            WATCH.remove(self)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

@@ -16,7 +16,8 @@ from . import format as fmt
 
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
-         "wipe_table", "partprobe", "era", "daemon", "help")
+         "wipe_table", "partprobe", "era", "daemon", "help", "notify-failure",
+         "events")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xml", action="store_true", help="era changed: era_invalidate's XML (era blocks)")
     p.add_argument("--metadata-snapshot", action="store_true",
                    help="era changed: read the held metadata snapshot (take_metadata_snap)")
+    p.add_argument("--follow", action="store_true", help="events: keep printing events as they happen")
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
     # daemon options
@@ -295,6 +297,44 @@ class Commands:
             print(f'  <block block="{begin}"/>' if end == begin + 1 else f'  <range begin="{begin}" end="{end}"/>')
         print("</blocks>")
 
+    def notify_failure(self) -> None:
+        """`notify-failure DEV OFFSET LENGTH`: report a failed byte range (K/M/G/T suffixes) of a
+        mapped device or of a device a table uses; print every device the failure reached."""
+        if len(self.args) != 3:
+            usage("notify-failure needs a device, an offset and a length (bytes; K, M, G, T suffixes)")
+        dev, offset, length = self.args[0], parse_bytes(self.args[1]), parse_bytes(self.args[2])
+        for d in self.dm.notify_failure(dev, offset, length):
+            taken = "taken by its holder" if d["handled"] else \
+                f"refused by its holder: {d['holder_error']}" if d.get("holder_error") else "no holder ops"
+            print(f"{d['name']}: bytes {d['offset']}+{d['length']} (path {' -> '.join(d['path'])}): {taken}")
+
+    def events(self) -> None:
+        """`events [--follow] [NAME]`: the recent events as JSON lines; with --follow, then every
+        new one as it happens, until interrupted."""
+        import json
+        if len(self.args) > 1:
+            usage("events takes at most one device name")
+        name = self.args[0] if self.args else None
+        if not self.o.follow:
+            for record in self.dm.recent_events(name):
+                print(json.dumps(record))
+            return
+        try:
+            with self.dm.events(name=name, recent=True) as stream:
+                for record in stream:
+                    print(json.dumps(record), flush=True)
+        except KeyboardInterrupt:
+            pass
+
+
+def parse_bytes(text: str) -> int:
+    """A byte count: digits with an optional K, M, G or T (powers of 1024; `KiB`, `k` also)."""
+    import re
+    match = re.fullmatch(r"(\d+)(?:([KMGT])(?:i?B)?)?", text, re.IGNORECASE | re.ASCII)
+    if match is None:
+        usage(f"{text!r} is not a byte count (digits with an optional K, M, G or T suffix)")
+    return int(match[1]) << 10 * (" KMGT".index(match[2].upper()) if match[2] else 0)
+
 
 OPEN_FD = 3
 
@@ -348,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
             return run_daemon(opts)
         from ..control.client import connect
         with connect(opts.runtime_dir) as client:
-            getattr(Commands(client, opts, command), opts.verb)()
+            getattr(Commands(client, opts, command), opts.verb.replace("-", "_"))()
     except DMError as exc:
         print(f"{opts.verb}: {exc}", file=sys.stderr)
         return 1

@@ -7,10 +7,12 @@ import errno
 import os
 import socket
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from ..errors import DMError
 from . import paths, protocol
+from .event_stream import EventStream
 
 
 class Client:
@@ -77,6 +79,15 @@ class Client:
             raise
         return socket.socket(fileno=fds[0])
 
+    def events(self, callback: Callable[[dict[str, Any]], None] | None = None, *,
+               name: str | None = None, recent: bool = False) -> EventStream:
+        """A live stream of event records (failures, deaths, creates, removes, ...), on a
+        connection of its own: iterate it, or pass `callback` (called from a thread of the
+        stream). Only records concerning device `name` if given; with `recent`, first the
+        recent ones. `close()` the stream to end it."""
+        stream = EventStream(self.path, name=name, recent=recent)
+        return stream.start(callback) if callback is not None else stream
+
     def __getattr__(self, cmd: str) -> Any:
         if cmd not in protocol.COMMANDS:
             raise AttributeError(cmd)
@@ -96,6 +107,7 @@ class Client:
 _POSITIONAL = {
     "create": ("name", "table"), "load": ("name", "table"), "message": ("name", "sector", "message"),
     "rename": ("name", "new_name"), "wait": ("name", "event_nr"),
+    "notify_failure": ("dev", "offset", "length", "flags"),
 }
 
 

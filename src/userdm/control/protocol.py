@@ -25,10 +25,14 @@ COMMANDS = frozenset({
     "version", "targets", "list", "tree", "info", "table", "status", "deps",
     "create", "load", "clear", "suspend", "resume", "remove", "remove_all", "rename",
     "message", "wait", "wipe_table", "partprobe", "find_name", "open", "era_changed",
+    "notify_failure", "recent_events",
 })
 
 #: commands the control server answers itself, with file descriptors beside the response
 FD_COMMANDS = frozenset({"connect_nbd"})
+
+#: commands that turn the connection into a stream of messages (`control/event_stream.py`)
+STREAM_COMMANDS = frozenset({"events"})
 
 
 class ProtocolError(Exception):

@@ -18,6 +18,7 @@ from typing import Any
 
 from ..errors import DMError
 from . import protocol
+from .event_stream import serve_events
 
 log = logging.getLogger("userdm.control")
 
@@ -98,6 +99,9 @@ class ControlServer:
                 for message in decoder.feed(data):
                     if message.get("cmd") in protocol.FD_COMMANDS:
                         self._connect_nbd(conn)
+                    elif message.get("cmd") in protocol.STREAM_COMMANDS:
+                        serve_events(conn, self.target, message.get("args", {}))
+                        return  # the stream ends when the client closes the connection
                     else:
                         self._reply(conn, protocol.dispatch(self.target, message))
         except protocol.ProtocolError as exc:

@@ -13,7 +13,8 @@ import errno
 import threading
 from collections.abc import Callable
 
-from ..block.device import BlockDevice, BlockOpen, describe_holder
+from ..block.device import SECTOR, BlockDevice, BlockOpen, describe_holder
+from ..block.failure import merge_ranges
 from ..errors import DMError
 from .table import Table, build_table
 from .target import TableDevice, TargetContext
@@ -65,6 +66,8 @@ class MappedDevice(BlockDevice):
         #: (ref, write, shared) -> [device, refcount]; shared by live and inactive tables
         self._table_devices: dict[tuple[str, bool, bool], list] = {}
         self._event_hook: Callable[[MappedDevice], None] = lambda md: None
+        #: the holder was frozen by a suspend (the kernel's DMF_FROZEN)
+        self._frozen = False
 
     @property
     def devno(self) -> tuple[int, int]:
@@ -109,6 +112,7 @@ class MappedDevice(BlockDevice):
                 open_.close()
                 raise DMError(errno.EINVAL, f"device {self.name} cannot map onto itself")
             open_.device.link_holder(self)
+            open_.reports_failures = True
             entry = self._table_devices[key] = [TableDevice(ref, name, open_, shared), 0]
         entry[1] += 1
         return entry[0]
@@ -151,6 +155,7 @@ class MappedDevice(BlockDevice):
             return False
         if self.live is not None and not nolockfs and self.holder_ops and self.holder_ops.freeze:
             self.holder_ops.freeze()
+            self._frozen = True  # DMF_FROZEN: resume thaws only what suspend froze
         if self.live is not None:
             for target in self.live.targets:
                 target.presuspend()
@@ -201,7 +206,8 @@ class MappedDevice(BlockDevice):
         elif self.live is not None:
             for target in self.live.targets:
                 target.preresume()
-        thaw = self.holder_ops.thaw if self.holder_ops else None
+        thaw = self.holder_ops.thaw if self._frozen and self.holder_ops else None
+        self._frozen = False
         with self._cond:
             self._blocked = False
             self._cond.notify_all()
@@ -289,6 +295,22 @@ class MappedDevice(BlockDevice):
             return table.block_status(offset, length)
         finally:
             self._leave()
+
+    # ---- failures and death of underlying devices (userdm.block.failure) -------------
+
+    def failure_below(self, lower: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
+        """The byte ranges of this device that its live table maps onto the failed range of
+        `lower`, through each target's `failure` hook."""
+        table = self.live
+        if table is None:
+            return []
+        return merge_ranges((target.begin * SECTOR + off, n) for target in table.targets
+                            for off, n in target.failure(lower, offset, length))
+
+    def dies_with(self, lower: BlockDevice) -> bool:
+        """A mapped device dies with any device its live table uses."""
+        table = self.live
+        return table is not None and any(dev.device is lower for dev in table.devices())
 
     # ---- reporting ---------------------------------------------------------------------
 

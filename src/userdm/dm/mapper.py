@@ -22,9 +22,10 @@ from collections.abc import Callable
 from typing import Any
 
 from ..block.backing import BackingStores
-from ..block.device import SECTOR, BlockDevice, BlockOpen
+from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
 from . import state as state_file
+from .events import EventLog
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
 from .partitioned import BLKEXT_MAJOR, MappedPartition, MappedPartitions
@@ -49,7 +50,7 @@ class Mapper:
         self.backing = BackingStores(direct=direct_io)
         self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
         self.state_dir = os.fspath(state_dir) if state_dir else None
-        self._listeners: list[Callable[[dict[str, Any]], None]] = []
+        self._log = EventLog()
         #: the NBD server that serves the sockets of `create(open_fd=True)` and `open`
         #: (set by the daemon; without one each such socket gets a connection of its own)
         self.fd_server: Any = None
@@ -177,6 +178,7 @@ class Mapper:
             md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
                               max_opens=max_opens)
             md._event_hook = self._table_event
+            md.event_observer = self._emit
             md.on_last_close(self._last_close)
             self._devices[name] = md
             fd = None
@@ -190,7 +192,7 @@ class Mapper:
                 if self._devices.get(name) is md:
                     self._destroy(md)
                 raise
-            self._changed("create", md)
+            self._changed("create", md, size=md.size)
             info = self._info(md)
             if fd is not None:
                 info["fd"] = fd
@@ -261,7 +263,7 @@ class Mapper:
             md.drain()
         with self._lock:
             md.end_suspend(noflush=noflush)
-            self._changed("suspend", md)
+            self._changed("suspend", md, noflush=noflush, nolockfs=nolockfs)
             return self._info(md)
 
     def resume(self, name: str) -> dict[str, Any]:
@@ -292,6 +294,8 @@ class Mapper:
             if resized and old_size:
                 md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
             self._changed("resume", md, resized=resized, size=md.size)
+            if resized and old_size:
+                self._emit({"event": "resize", "name": md.name, "old_size": old_size, "size": md.size})
             return self._info(md)
 
     def wipe_table(self, name: str) -> dict[str, Any]:
@@ -449,6 +453,7 @@ class Mapper:
             "autoclear": md.autoclear,
             "no_open": md.no_open,
             "max_opens": md.max_opens,
+            "dead": md.dead,
             "holder": md.holders_description(),
             "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links
                               if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
@@ -575,25 +580,53 @@ class Mapper:
                 raise DMError(errno.ENXIO, f"device {name} was removed while waiting")
             return self._info(md)
 
+    def notify_failure(self, dev: str, offset: int, length: int, flags: int = 0) -> list[dict[str, Any]]:
+        """`userdm notify-failure`: a byte range of a device failed (a media error reported from
+        outside). `dev` names a mapped device (name, /dev/mapper path, MAJOR:MINOR) or a device
+        that a table uses (its path, URL or MAJOR:MINOR). The failure travels up to the holders
+        (DESIGN §6) and becomes a `failure` event at every mapped device it reaches; returns
+        those records. EOPNOTSUPP if no holder registered notify_failure, ENXIO if the device is
+        unknown or dead, EINVAL if the range is not inside it."""
+        for what, value in (("offset", offset), ("length", length), ("flags", flags)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise DMError(errno.EINVAL, f"notify_failure: {what} {value!r} is not a byte count")
+        device = self._failure_device(dev)
+        return [d.record() for d in device.notify_failure(offset, length, flags)]
+
+    def _failure_device(self, ref: str) -> BlockDevice:
+        with self._lock:
+            md = self._devices.get(ref) or self._mapped_ref(ref)
+            if md is not None:
+                return md
+            same = _file_identity(ref)
+            for md in self._devices.values():
+                for table in (md.live, md.inactive):
+                    for tdev in table.devices() if table is not None else ():
+                        device = tdev.open.device
+                        if ref in (tdev.ref, tdev.name, device.ref) or \
+                                (same is not None and same == _file_identity(device.ref)):
+                            return device
+        raise DMError(errno.ENXIO, f"{ref!r} is neither a mapped device nor a device that a table uses")
+
     def _table_event(self, md: MappedDevice) -> None:
         with self._events:
             self._events.notify_all()
         self._emit({"event": "table_event", "name": md.name, "event_nr": md.event_nr})
 
-    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
-        """Call `listener(record)` for every change (create, remove, resume, ...)."""
-        self._listeners.append(listener)
+    def subscribe(self, listener: Callable[[dict[str, Any]], None]) -> list[dict[str, Any]]:
+        """Call `listener(record)` for every event from now on (records: `userdm.dm.events`);
+        returns the recent records, none of which the listener gets again."""
+        return self._log.subscribe(listener)
 
     def unsubscribe(self, listener: Callable[[dict[str, Any]], None]) -> None:
-        if listener in self._listeners:
-            self._listeners.remove(listener)
+        self._log.unsubscribe(listener)
+
+    def recent_events(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The last events (a bounded ring), only those concerning device `name` if given."""
+        return self._log.recent(name)
 
     def _emit(self, record: dict[str, Any]) -> None:
-        for listener in list(self._listeners):
-            try:
-                listener(record)
-            except Exception:  # a listener must never break the device-mapper
-                log.exception("event listener failed")
+        self._log.emit(record)
 
     def _changed(self, event: str, md: MappedDevice, **extra: Any) -> None:
         if self.state_dir:
@@ -606,12 +639,14 @@ class Mapper:
     # connecting to this daemon's own NBD export, whose handshake calls these. An open races
     # safely with removal because `lock_for_deletion` and `open` share the device's lock.
 
-    def open_device(self, name: str, *, write: bool, holder: object | None = None) -> BlockOpen:
-        """Open a mapped device for an export or a user: it counts in the device's open count."""
+    def open_device(self, name: str, *, write: bool, holder: object | None = None,
+                    holder_ops: HolderOps | None = None) -> BlockOpen:
+        """Open a mapped device for an export or a user: it counts in the device's open count.
+        An exclusive open (`holder`) may register `holder_ops` (DESIGN §6)."""
         md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
             raise DMError(errno.ENXIO, f"device {name!r} does not exist")
-        return md.open(write=write, holder=holder)
+        return md.open(write=write, holder=holder, holder_ops=holder_ops)
 
     def export_names(self) -> list[str]:
         """Devices that have a live table and are not being removed, and their partitions."""
@@ -717,6 +752,17 @@ def block_node(major: int, minor: int) -> str:
         if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
             return path
     raise DMError(errno.ENXIO, f"no block device {major}:{minor} on this machine")
+
+
+def _file_identity(path: str) -> tuple[int, int] | None:
+    """(st_dev, st_ino) of an absolute path, so that two names of one file match."""
+    if not path.startswith("/"):
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _table_state(table: Table | None) -> dict[str, Any] | None:

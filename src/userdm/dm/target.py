@@ -15,7 +15,8 @@ import errno
 from collections.abc import Callable
 from typing import ClassVar
 
-from ..block.device import SECTOR, STATUS_HOLE, STATUS_ZERO, BlockOpen
+from ..block.device import SECTOR, STATUS_HOLE, STATUS_ZERO, BlockDevice, BlockOpen
+from ..block.failure import clip
 from ..errors import DMError
 
 
@@ -131,6 +132,35 @@ class Target:
     def devices(self) -> list[TableDevice]:
         """The underlying devices (the kernel's `iterate_devices`)."""
         return []
+
+    # ---- failure notification (DESIGN §6, userdm.block.failure) -------------------------
+    def failure(self, dev: BlockDevice, offset: int, length: int) -> list[tuple[int, int]]:
+        """The byte ranges `(offset, length)` of this target, relative to its start, that map
+        onto the failed byte range [offset, offset+length) of the underlying device `dev`
+        (compare with `table_device.device is dev`); [] if none of it is mapped here. The
+        mapped device reports the ranges to its own holder and to the devices above it.
+
+        The default serves targets that map their whole range one-to-one onto one device
+        (see `direct_map`). Others override it: striped cuts the range at chunk boundaries;
+        a snapshot reports the chunks whose exceptions live there; verity reports every data
+        block whose hash lies in it. A target that cannot say returns [] (the failure stops)."""
+        mapped = self.direct_map()
+        if mapped is None or mapped[0].device is not dev:
+            return []
+        return clip(offset, length, mapped[1], self.length * SECTOR)
+
+    def read_error(self, ranges: list[tuple[int, int]], message: str) -> DMError:
+        """The EIO for a read that failed on these byte ranges (relative to the target) for a
+        reason of the target's own (dust's bad blocks): the failure reported up the stack is
+        then exactly those ranges, not the whole read (`failure.read_failed`)."""
+        exc = DMError(errno.EIO, message)
+        exc.failed_ranges = [(self.begin * SECTOR + off, n) for off, n in ranges]  # type: ignore[attr-defined]
+        return exc
+
+    def direct_map(self) -> tuple[TableDevice, int] | None:
+        """`(device, byte offset)` if this target maps its range one-to-one onto that device
+        from that offset on (linear, dust, flakey); None otherwise. Used by `failure`."""
+        return None
 
     # ---- lifecycle hooks ----------------------------------------------------------------
     def presuspend(self) -> None: ...

@@ -18,7 +18,9 @@ data has the same effect, and a request that has not been answered is in flight,
 ordering promised against other in-flight requests. A retried FLUSH only covers writes the
 server still has; a server that restarted and lost its cache loses acknowledged but
 unflushed writes, as with any disk whose cache is lost. Errors the server reports are not
-retried: they become `DMError` with the server's errno and message.
+retried: they become `DMError` with the server's errno and message. When the retries are
+used up the export is gone: the device is marked dead (`BlockDevice.mark_dead`), the mapped
+devices above it and their holders are told, and its I/O fails with EIO from then on.
 """
 
 from __future__ import annotations
@@ -339,7 +341,10 @@ class RemoteDevice(BlockDevice):
             self._release(conn)
             return result
         name = C.CMD_NAMES.get(cmd, str(cmd))
-        raise DMError(errno.EIO, f"{self.url}: {name} at byte {offset} failed, the server is unreachable: {last}")
+        gone = DMError(errno.EIO, f"{self.url}: {name} at byte {offset} failed, the server is unreachable: {last}")
+        if not self._closed:
+            self.mark_dead(True)  # the export is gone: tell the holders up the stack (DESIGN §6)
+        raise gone
 
     # ---- BlockDevice I/O ------------------------------------------------------------
 

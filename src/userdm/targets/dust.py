@@ -83,9 +83,11 @@ class DustTarget(Target):
         if not self.fail_read_on_bb or not self.badblocks:
             return
         with self._lock:
-            for block, _pos, _n in self._pieces(offset, length):
-                if block in self.badblocks:
-                    raise DMError(errno.EIO, f"I/O error: read of bad block {block} "
+            bad = [(block, offset + pos, n) for block, pos, n in self._pieces(offset, length)
+                   if block in self.badblocks]
+        if bad:
+            raise self.read_error([(off, n) for _block, off, n in bad],
+                                  f"I/O error: read of bad block {bad[0][0]} "
                                   f"(sector {self.begin + offset // SECTOR} of the dust target)")
 
     def _writable_runs(self, offset: int, length: int) -> tuple[list[tuple[int, int]], int | None]:

@@ -10,6 +10,7 @@ INFO status: `<#stripes> <dev>... 1 <A|D per stripe>`; table: `<#stripes> <chunk
 from __future__ import annotations
 
 from ..block.device import SECTOR, merge_extents
+from ..block.failure import MAX_RANGES, clip, merge_ranges
 from ..dm.target import Target, TargetContext, TargetError, parse_sector, register
 from ..errors import DMError
 
@@ -101,6 +102,32 @@ class StripedTarget(Target):
             if ext_len < n:
                 break
         return merge_extents(out)
+
+    def failure(self, dev, offset: int, length: int) -> list[tuple[int, int]]:
+        """Each chunk of a stripe on `dev` inside the failed range is its own target range
+        (stripe `s`, row `r` is target chunk `r * stripes + s`), past MAX_RANGES pieces the
+        one range from the first to the last."""
+        width = self.length // self.stripes * SECTOR
+        out = []
+        for stripe, tdev in enumerate(self.devs):
+            if tdev.device is not dev:
+                continue
+            for pos, n in clip(offset, length, self.bases[stripe], width):
+                end = pos + n
+                if -(-end // self.chunk) - pos // self.chunk > MAX_RANGES:
+                    first = self._target_offset(stripe, pos)
+                    out.append((first, self._target_offset(stripe, end - 1) + 1 - first))
+                    continue
+                while pos < end:
+                    n = min(self.chunk - pos % self.chunk, end - pos)
+                    out.append((self._target_offset(stripe, pos), n))
+                    pos += n
+        return merge_ranges(out)
+
+    def _target_offset(self, stripe: int, pos: int) -> int:
+        """The target byte offset of byte `pos` of a stripe's area (the inverse of `_map`)."""
+        row, in_chunk = divmod(pos, self.chunk)
+        return (row * self.stripes + stripe) * self.chunk + in_chunk
 
     def status(self) -> str:
         names = " ".join(d.name for d in self.devs)
