@@ -634,11 +634,12 @@ def test_delayed_flush_goes_to_the_flush_device(mapper, images):
 
 def test_removing_a_delay_device_releases_held_requests(mapper, images):
     (img,) = images(1, 8 * MiB)
-    mapper.create("l", f"0 {SECTORS} delay {img} 0 600000")
-    dev = mapper.open_device("l", write=False)
-    reader, outcome = in_thread(dev.read, 0, 512)
-    assert wait_until(lambda: mapper.status("l")[0][3] == "1 0 0")
+    # writes held (reads are not: a resume's partition scan reads the device)
+    mapper.create("l", f"0 {SECTORS} delay {img} 0 0 {img} 0 600000")
+    dev = mapper.open_device("l", write=True)
+    writer, outcome = in_thread(dev.write, 0, b"w" * 512)
+    assert wait_until(lambda: mapper.status("l")[0][3] == "0 1 0")
     dev.close()
     mapper.remove("l")
-    reader.join(30)
-    assert not reader.is_alive() and len(outcome) == 1
+    writer.join(30)
+    assert not writer.is_alive() and len(outcome) == 1
