@@ -9,6 +9,10 @@ from __future__ import annotations
 import errno as _errno
 
 
+#: where Python's errorcode picks another name for the same number than the kernel uses
+_KERNEL_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP"}
+
+
 class DMError(Exception):
     """A refusal: `errno` is the kernel's error number, `message` says what was wrong."""
 
@@ -19,7 +23,7 @@ class DMError(Exception):
 
     @property
     def errno_name(self) -> str:
-        return _errno.errorcode.get(self.errno, f"E{self.errno}")
+        return _KERNEL_NAMES.get(self.errno) or _errno.errorcode.get(self.errno, f"E{self.errno}")
 
     def __str__(self) -> str:
         return f"{self.errno_name}: {self.message}"
