@@ -292,7 +292,8 @@ def clock(monkeypatch) -> FakeClock:
     ("{img} 0 1 -1", "Invalid down interval"),
     ("{img} 0 4294967296 1", "Invalid up interval"),
     ("{img} 0 0 0", "Total (up + down) interval is zero"),
-    ("{img} 0 4294967295 1", "Interval overflow"),
+    ("{img} 0 4294967295 1", "Total (up + down) interval is zero"),  # the sum wraps, as in C
+    ("{img} 0 4294967295 2", "Interval overflow"),
     ("{img} 0 1 1 12", "Invalid number of feature args"),
     ("{img} 0 1 1 2 drop_writes", "Invalid number of feature args"),
     ("{img} 0 1 1 x", "Invalid number of feature args"),

@@ -61,9 +61,10 @@ class FlakeyTarget(Target):
         self.start = parse_sector(args[1], "Invalid device sector")
         self.up_interval = read_arg(args[2], 0, UINT_MAX, "Invalid up interval")
         self.down_interval = read_arg(args[3], 0, UINT_MAX, "Invalid down interval")
-        if not self.up_interval + self.down_interval:
+        total = (self.up_interval + self.down_interval) & UINT_MAX  # unsigned int arithmetic
+        if not total:
             raise TargetError("Total (up + down) interval is zero")
-        if self.up_interval + self.down_interval > UINT_MAX:
+        if total < self.up_interval:
             raise TargetError("Interval overflow")
         self.error_reads = self.drop_writes = self.error_writes = False
         self.corrupt_bio_byte = 0
