@@ -36,6 +36,8 @@ def userdm_flags(info: dict[str, Any]) -> list[str]:
         flags.append(f"max-opens {info['max_opens']}")
     if info.get("interposing"):
         flags.append(f"interposing {info['interposing']}")
+    if info.get("interposed_by"):
+        flags.append(f"interposed by {', '.join(info['interposed_by'])}")
     return flags
 
 

@@ -17,7 +17,7 @@ from . import format as fmt
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
          "wipe_table", "partprobe", "era", "daemon", "help", "notify-failure",
-         "events")
+         "events", "backup")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-opens", type=int, metavar="N", help="create: at most N opens at once")
     p.add_argument("--exec", action="store_true", dest="exec_",
                    help="create: open the new device and run the command after '--' with it on fd 3")
+    p.add_argument("--interpose", action="store_true",
+                   help="create: the table may take over a device in use, named [interpose]DEV")
     p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
     p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
     p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
@@ -61,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--xml", action="store_true", help="era changed: era_invalidate's XML (era blocks)")
     p.add_argument("--metadata-snapshot", action="store_true",
                    help="era changed: read the held metadata snapshot (take_metadata_snap)")
+    p.add_argument("--store", metavar="DIR", help="backup start: where the COW store and era metadata go")
+    p.add_argument("--cow-size", metavar="SIZE", help="backup start: size of the COW store (K/M/G)")
+    p.add_argument("--all", action="store_true", dest="all_", help="backup drop: stop change tracking too")
     p.add_argument("--follow", action="store_true", help="events: keep printing events as they happen")
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
@@ -137,7 +142,8 @@ class Commands:
             usage(f"create: unexpected command {self.command[0]!r} after '--' without --exec")
         info = self.dm.create(name, table, uuid=self.o.uuid, readonly=self.o.readonly,
                               minor=self.o.minor, shared=self.o.shared, autoclear=self.o.autoclear,
-                              max_opens=self.o.max_opens, open_fd=self.o.exec_)
+                              max_opens=self.o.max_opens, open_fd=self.o.exec_,
+                              interpose=self.o.interpose)
         if self.o.exec_:
             run_with_open(info, self.command)
 
@@ -296,6 +302,29 @@ class Commands:
             begin, end = run["block_begin"], run["block_end"]
             print(f'  <block block="{begin}"/>' if end == begin + 1 else f'  <range begin="{begin}" end="{end}"/>')
         print("</blocks>")
+
+    def backup(self) -> None:
+        """`backup start DEV --store DIR`, `backup copy DEV DEST [--since ERA]`,
+        `backup drop DEV [--all]` (see `userdm.cli.backup`)."""
+        from . import backup
+        sub, rest = (self.args[0], self.args[1:]) if self.args else ("", [])
+        if sub == "start" and len(rest) == 1 and self.o.store:
+            cow_size = parse_bytes(self.o.cow_size) if self.o.cow_size else None
+            got = backup.start(self.dm, rest[0], self.o.store, cow_size=cow_size)
+            print(f"snapshot {got['snapshot']} taken at era {got['era']}; copy it with "
+                  f"`userdm backup copy {rest[0]} DEST`; next time copy only the changes with "
+                  f"`--since {got['era']}`")
+        elif sub == "copy" and len(rest) == 2:
+            from ..control import paths
+            sock = paths.nbd_socket(paths.runtime_dir(self.o.runtime_dir))
+            got = backup.copy(self.dm, str(sock), rest[0], rest[1], since=self.o.since)
+            print(f"copied {got['copied']} of {got['size']} bytes in {got['ranges']} ranges to {rest[1]}")
+        elif sub == "drop" and len(rest) == 1:
+            for name in backup.drop(self.dm, rest[0], everything=self.o.all_):
+                print(f"removed {name}")
+        else:
+            usage("usage: backup start DEV --store DIR [--cow-size SIZE] | "
+                  "backup copy DEV DEST [--since ERA] | backup drop DEV [--all]")
 
     def notify_failure(self) -> None:
         """`notify-failure DEV OFFSET LENGTH`: report a failed byte range (K/M/G/T suffixes) of a

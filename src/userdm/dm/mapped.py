@@ -16,6 +16,7 @@ from collections.abc import Callable
 from ..block.device import SECTOR, BlockDevice, BlockOpen, describe_holder
 from ..block.failure import merge_ranges
 from ..errors import DMError
+from . import interposer
 from .table import Table, build_table
 from .target import TableDevice, TargetContext
 
@@ -41,7 +42,8 @@ class MappedDevice(BlockDevice):
     """One device-mapper device."""
 
     def __init__(self, name: str, uuid: str, minor: int, resolver: Resolver, *,
-                 shared: bool = False, autoclear: bool = False, max_opens: int | None = None) -> None:
+                 shared: bool = False, autoclear: bool = False, max_opens: int | None = None,
+                 interpose: bool = False) -> None:
         super().__init__(f"/dev/mapper/{name}", 0)
         self.name = name
         self.uuid = uuid
@@ -53,6 +55,12 @@ class MappedDevice(BlockDevice):
         self.max_opens = max_opens
         #: no new opens: set with a deferred remove (DM_DEFERRED_REMOVE_NO_OPEN; seed 002)
         self.no_open = False
+        #: may name a device as `[interpose]DEV` in its table (`userdm.dm.interposer`)
+        self.interpose = interpose
+        #: the devices that took over this device's I/O, the last one in front
+        self.interposers: list[MappedDevice] = []
+        #: finds the mapped device that a reference names (set by the registry)
+        self.lookup_mapped: Callable[[str], MappedDevice | None] = lambda ref: None
         self.live: Table | None = None
         self.inactive: Table | None = None
         self.suspended = False
@@ -106,7 +114,10 @@ class MappedDevice(BlockDevice):
         shared = shared or self.shared
         key = (ref, write, shared)
         entry = self._table_devices.get(key)
-        if entry is None:
+        if entry is None and ref.startswith(interposer.PREFIX):
+            open_, name = self._open_interposed(ref[len(interposer.PREFIX):], write)
+            entry = self._table_devices[key] = [TableDevice(ref, name, open_, True), 0]
+        elif entry is None:
             open_, name = self._resolver(ref, write, None if shared else DM_HOLDER)
             if open_.device is self:
                 open_.close()
@@ -117,6 +128,18 @@ class MappedDevice(BlockDevice):
         entry[1] += 1
         return entry[0]
 
+    def _open_interposed(self, ref: str, write: bool) -> tuple[BlockOpen, str]:
+        if not self.interpose:
+            raise DMError(errno.EINVAL, f"{interposer.PREFIX}{ref}: device {self.name} was not created "
+                          "with --interpose")
+        dev = self.lookup_mapped(ref)
+        if dev is None:
+            raise DMError(errno.EINVAL, f"{interposer.PREFIX}{ref}: only a mapped device can be "
+                          "interposed (map the file or block device with linear first)")
+        open_ = interposer.open_view(dev, self, write)
+        dev.link_holder(self)
+        return open_, f"{interposer.PREFIX}{DM_MAJOR}:{dev.minor}"
+
     def _put_device(self, dev: TableDevice) -> None:
         key = (dev.ref, dev.open.write_mode, dev.shared)
         entry = self._table_devices.get(key)
@@ -125,7 +148,8 @@ class MappedDevice(BlockDevice):
         entry[1] -= 1
         if entry[1] == 0:
             del self._table_devices[key]
-            dev.open.device.unlink_holder(self)
+            below = dev.open.device
+            (below.dev if isinstance(below, interposer.InterposedView) else below).unlink_holder(self)
             dev.open.close()
 
     def load(self, text: str, read_only: bool) -> None:
@@ -206,6 +230,11 @@ class MappedDevice(BlockDevice):
         elif self.live is not None:
             for target in self.live.targets:
                 target.preresume()
+        self._release()
+        return resized
+
+    def _release(self) -> None:
+        """The end of every resume: let I/O flow, resume the targets, thaw what suspend froze."""
         thaw = self.holder_ops.thaw if self._frozen and self.holder_ops else None
         self._frozen = False
         with self._cond:
@@ -217,7 +246,6 @@ class MappedDevice(BlockDevice):
                 target.resume()
         if thaw:
             thaw()
-        return resized
 
     def destroy(self) -> None:
         """Release both tables (at removal). I/O that still arrives fails with EIO."""
@@ -242,17 +270,46 @@ class MappedDevice(BlockDevice):
         with self._cond:
             while self._blocked:
                 self._cond.wait()
-            table = self.live
+            table = self.interposers[-1] if self.interposers else self.live
             if table is None:
                 raise DMError(errno.EIO, f"device {self.name} has no live table (mapping table unavailable)")
             self._in_flight += 1
             return table
+
+    def enter_below(self, front: "MappedDevice"):  # noqa: ANN201 - Table or MappedDevice
+        """The I/O path just below interposer `front` (its view of this device). Never waits for
+        a suspend: the request is part of one that already entered (or of `front`'s own)."""
+        with self._cond:
+            at = self.interposers.index(front) if front in self.interposers else len(self.interposers)
+            below = self.interposers[at - 1] if at else self.live
+            if below is None:
+                raise DMError(errno.EIO, f"device {self.name} has no live table (mapping table unavailable)")
+            self._in_flight += 1
+            return below
+
+    def switch(self, change: Callable[[], object]) -> None:
+        """Change the I/O path with the device frozen and drained, without swapping tables:
+        freeze the holder, hold new I/O, drain, `change()`, then release and thaw. If the device
+        is already suspended, its I/O stays held until its own resume."""
+        started = self.begin_suspend()
+        if started:
+            self.drain()
+            self.end_suspend(noflush=True)
+        try:
+            change()
+        finally:
+            if started:
+                for target in self.live.targets if self.live is not None else ():
+                    target.preresume()
+                self._release()
 
     def _leave(self) -> None:
         with self._cond:
             self._in_flight -= 1
             if self._blocked and not self._in_flight:
                 self._cond.notify_all()
+
+    leave_below = _leave
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         table = self._enter()

@@ -26,6 +26,7 @@ from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
 from . import state as state_file
 from .events import EventLog
+from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
 from .partitioned import BLKEXT_MAJOR, MappedPartition, MappedPartitions
@@ -152,13 +153,14 @@ class Mapper:
     def create(self, name: str | None, table: str | None = None, *, uuid: str | None = None,
                readonly: bool = False, minor: int | None = None, shared: bool = False,
                autoclear: bool = False, max_opens: int | None = None, open_fd: bool = False,
-               holder: object | None = None) -> dict[str, Any]:
+               holder: object | None = None, interpose: bool = False) -> dict[str, Any]:
         """dmsetup create: make the device, and with `table` also load and resume it.
 
         If the load or resume fails the device is removed again, as libdm does. userdm's
         additions: `shared` (claim no underlying device), `autoclear` (removed at its last
         close), `max_opens` (refuse opens beyond N with EBUSY), `name=None` (pick a free
-        name), and `open_fd`: open the new device in the same step, under the registry lock,
+        name), `interpose`: its table may take over a device in use, `[interpose]DEV`
+        (`userdm.dm.interposer`), and `open_fd`: open the new device in the same step, under the registry lock,
         and return the open as `info["fd"]`, an NBD client socket that the caller owns (seed
         001: there is no moment at which the device exists without that open)."""
         with self._lock:
@@ -176,7 +178,8 @@ class Mapper:
                 raise DMError(errno.EINVAL, f"cannot open device {name} at creation without a table")
             minor = self._allocate_minor(minor)
             md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
-                              max_opens=max_opens)
+                              max_opens=max_opens, interpose=interpose)
+            md.lookup_mapped = self._mapped_ref
             md._event_hook = self._table_event
             md.event_observer = self._emit
             md.on_last_close(self._last_close)
@@ -184,8 +187,9 @@ class Mapper:
             fd = None
             try:
                 if table is not None:
-                    md.load(table, readonly)
+                    self._load(md, table, readonly)
                     md.resume()
+                    self._attach(md)
                 if open_fd:
                     fd = self._open_fd(md, write=not md.read_only, holder=holder)
             except BaseException:
@@ -242,9 +246,33 @@ class Mapper:
         """dmsetup load/reload: build `table` into the inactive slot."""
         with self._lock:
             md = self._find(name)
-            md.load(table, readonly)
+            self._load(md, table, readonly)
             self._changed("load", md)
             return self._info(md)
+
+    def _load(self, md: MappedDevice, table: str, readonly: bool) -> None:
+        """Load into the inactive slot; an interposer's table names exactly one `[interpose]`
+        device, and always the same one."""
+        md.load(table, readonly)
+        if not md.interpose:
+            return
+        views = [d.open.device for d in md.inactive.devices() if isinstance(d.open.device, InterposedView)]
+        current = interposed_device(md)
+        problem = None
+        if len(views) != 1:
+            problem = f"names {len(views)} devices as [interpose]DEV; an interposer names exactly one"
+        elif current is not None and views[0].dev is not current:
+            problem = f"interposes {views[0].dev.name}, but the device already interposes {current.name}"
+        if problem:
+            md.clear()
+            raise DMError(errno.EINVAL, f"table of {md.name} {problem}")
+
+    def _attach(self, md: MappedDevice) -> None:
+        """After an interposer's resume: put it in front of the device it names (once)."""
+        dev = interposed_device(md)
+        if dev is not None and md not in dev.interposers:
+            attach(dev, md)
+            self._changed("interpose", dev, interposer=md.name)
 
     def clear(self, name: str) -> dict[str, Any]:
         with self._lock:
@@ -291,6 +319,7 @@ class Mapper:
             md = self._find(name)
             old_size = md.size
             resized = md.resume()
+            self._attach(md)
             if resized and old_size:
                 md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
             self._changed("resume", md, resized=resized, size=md.size)
@@ -321,6 +350,7 @@ class Mapper:
         for attempt in range(attempts):
             with self._lock:
                 md = self._find(name)
+                self._check_interposer_removal(md)
                 if force and attempt == 0:
                     self.wipe_table(name)
                 info = self._info(md)
@@ -351,8 +381,22 @@ class Mapper:
                     self._changed("deferred_remove", md)
             return {"left_open": [md.name for md in left]}
 
+    def _check_interposer_removal(self, md: MappedDevice) -> None:
+        if md.interposers:
+            raise DMError(errno.EBUSY, f"device {md.name} is interposed by "
+                          f"{', '.join(f.name for f in md.interposers)}; remove that first")
+        dev = interposed_device(md)
+        if dev is not None and md in dev.interposers and dev.interposers[-1] is not md:
+            raise DMError(errno.EBUSY, f"device {md.name} interposes {dev.name} behind "
+                          f"{dev.interposers[-1].name}; remove that one first")
+
     def _remove(self, md: MappedDevice) -> None:
-        """Unhash and destroy a device that `lock_for_deletion` has marked."""
+        """Unhash and destroy a device that `lock_for_deletion` has marked (an interposer is
+        detached first: the device it interposed carries on with its own table)."""
+        dev = interposed_device(md)
+        if dev is not None and md in dev.interposers:
+            detach(dev, md)
+            self._changed("uninterpose", dev, interposer=md.name)
         if md.live is not None:
             md.table_event()
         self._destroy(md)
@@ -386,7 +430,7 @@ class Mapper:
                 progress = False
                 for md in list(self._devices.values()):
                     if self._devices.get(md.name) is md and (md.deferred_remove or not only_deferred) \
-                            and md.lock_for_deletion():
+                            and not md.interposers and md.lock_for_deletion():
                         self._remove(md)
                         progress = True
 
@@ -453,6 +497,8 @@ class Mapper:
             "autoclear": md.autoclear,
             "no_open": md.no_open,
             "max_opens": md.max_opens,
+            "interposing": getattr(interposed_device(md), "name", None),
+            "interposed_by": [front.name for front in md.interposers],
             "dead": md.dead,
             "holder": md.holders_description(),
             "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links
@@ -665,6 +711,7 @@ class Mapper:
             devices.append({
                 "name": md.name, "uuid": md.uuid, "minor": md.minor, "shared": md.shared,
                 "autoclear": md.autoclear, "max_opens": md.max_opens, "no_open": md.no_open,
+                "interpose": md.interpose,
                 "live": _table_state(md.live), "inactive": _table_state(md.inactive),
                 "suspended": md.suspended, "deferred_remove": md.deferred_remove,
                 "event_nr": md.event_nr,
@@ -681,7 +728,7 @@ class Mapper:
                 try:
                     self.create(entry["name"], uuid=entry.get("uuid") or None, minor=entry.get("minor"),
                                 shared=entry.get("shared", False), autoclear=entry.get("autoclear", False),
-                                max_opens=entry.get("max_opens"))
+                                max_opens=entry.get("max_opens"), interpose=entry.get("interpose", False))
                     md = self._devices[entry["name"]]
                     md.event_nr = entry.get("event_nr", 0)
                     md.deferred_remove = entry.get("deferred_remove", False)
