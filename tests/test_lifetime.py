@@ -448,3 +448,67 @@ def test_stress_opens_removes_cancels_and_autoclear(mapper, images):
     assert set(removals) == created and set(removals.values()) == {1}
     mapper.create("after", table(img))
     assert mapper.info("after")["open_count"] == 0
+
+
+def _process_worker(runtime: str, img: str, wid: int, rounds: int, queue) -> None:
+    """One process of the daemon stress test: its own control connection, its own devices."""
+    from userdm.control.client import connect
+    report = {"created": [], "violations": [], "error": None}
+    try:
+        with connect(runtime) as c:
+            for i in range(rounds):
+                name = f"p{wid}-{i}"
+                if i % 2:
+                    info = c.create(name, table(img), open_fd=True, autoclear=True)
+                    report["created"].append(name)
+                    try:
+                        extra = c.open(name, readonly=True)
+                        os.close(extra["fd"])
+                    except DMError as exc:
+                        assert exc.errno == errno.ENXIO
+                    os.close(info["fd"])
+                    continue
+                c.create(name, table(img), max_opens=2)
+                report["created"].append(name)
+                held = c.open(name)
+                c.remove(name, deferred=True, no_open=True)
+                try:
+                    late = c.open(name, readonly=True)
+                    os.close(late["fd"])
+                    report["violations"].append(f"{name}: opened after --no-open")
+                except DMError as exc:
+                    assert exc.errno == errno.ENXIO, exc
+                if i % 4 == 0:
+                    c.message(name, 0, "@cancel_deferred_remove")
+                    os.close(held["fd"])
+                    assert wait_until(lambda: c.info(name)["open_count"] == 0)
+                    c.remove(name)
+                else:
+                    os.close(held["fd"])
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        report["error"] = repr(exc)
+    queue.put(report)
+
+
+def test_stress_processes_through_the_daemon(daemon, images):
+    """Four processes create, open, remove with --no-open, cancel and autoclear at once through
+    the daemon; afterwards every device is gone exactly once and the daemon still answers."""
+    import multiprocessing
+    (img,) = images()
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_process_worker, args=(str(daemon.runtime), img, w, 24, queue))
+             for w in range(4)]
+    for p in procs:
+        p.start()
+    reports = [queue.get(timeout=300) for _ in procs]
+    for p in procs:
+        p.join(60)
+    assert all(r["error"] is None for r in reports), [r["error"] for r in reports]
+    assert not [v for r in reports for v in r["violations"]]
+    with daemon.connect() as c:
+        assert wait_until(lambda: c.list() == []), c.list()
+        removes = [e for e in c.recent_events() if e["event"] == "remove"]
+        created = sorted(n for r in reports for n in r["created"])
+        assert sorted(e["name"] for e in removes if e["name"] in set(created)) == created
+        assert c.version()["driver"]
