@@ -449,3 +449,15 @@ def test_read_only_disk_gives_read_only_partitions(mapper, images):
     assert mapper.info("ro1")["readonly"]
     assert err(mapper.open_device, "ro1", write=True).errno == errno.EACCES
     assert isinstance(mapper.device("ro1"), Partition)
+
+
+def test_fault_injection_stacks_are_read_only_by_partprobe(mapper, images):
+    image = images(1, 64 * MiB)[0]
+    sfdisk(image, GPT_LAYOUT)
+    sectors = 64 * MiB // SECTOR
+    mapper.create("dusty", f"0 {sectors} dust {image} 0 512")
+    mapper.create("above", f"0 {sectors} linear /dev/mapper/dusty 0")
+    assert mapper.export_names() == ["above", "dusty"]  # a resume reads neither
+    assert [i["name"] for i in mapper.partprobe("above")] == ["above1", "above2", "above3"]
+    mapper.create("plain", f"0 {sectors} linear {image} 0", shared=True)
+    assert "plain1" in mapper.export_names()

@@ -15,6 +15,11 @@ create) whose disk's I/O waits on a suspended device below it. If a partition of
 open at that moment the old partitions stay. `partprobe` (BLKRRPART) reads the table in the
 caller's thread and is EBUSY while a partition is open. Reads go straight to the device, not
 through an open, so that a scan never counts as an open (no autoclear, no deferred removal).
+A device with a fault-injection target in its stack (`NO_SCAN_TARGETS`) is not read after a
+resume, because there a read is not free: delay holds it and counts it in its status, dust and
+flakey fail it and report a failure to the holders; `partprobe` still reads it on request. (The
+kernel never scans device-mapper disks at all, GENHD_FL_NO_PART: kpartx maps partitions on
+request; udev probes them, and test suites for these targets keep udev away.)
 
 Device numbers: major 259 (blkext), the lowest free minor, as the kernel numbers partitions
 of disks that have no minors of their own (device-mapper disks have one). A partition name
@@ -45,6 +50,25 @@ log = logging.getLogger("userdm.dm.partitions")
 BLKEXT_MAJOR = 259
 #: how long a resume waits for the partition scan it started (see the module docstring)
 SCAN_WAIT = 2.0
+#: targets whose reads have effects that a partition scan after resume must not cause
+NO_SCAN_TARGETS = frozenset({"delay", "dust", "flakey"})
+
+
+def scan_is_harmless(md: MappedDevice, above: tuple[MappedDevice, ...] = ()) -> bool:
+    """False if a read of `md` may reach a target of NO_SCAN_TARGETS, in its table or in the
+    tables of the mapped devices (or their partitions) below it."""
+    table = md.live
+    if table is None:
+        return True
+    if any(target.name in NO_SCAN_TARGETS for target in table.targets):
+        return False
+    for dev in table.devices():
+        below = dev.open.device
+        below = below.whole if below.whole is not None else below
+        if isinstance(below, MappedDevice) and below not in above and below is not md \
+                and not scan_is_harmless(below, (*above, md)):
+            return False
+    return True
 
 
 class MappedPartition(Partition):
@@ -136,6 +160,10 @@ class MappedPartitions:
 
     def scan_after_resume(self, md: MappedDevice, wait: float = SCAN_WAIT) -> None:
         """Read `md`'s partition table on a worker thread; wait for it up to `wait` seconds."""
+        if not scan_is_harmless(md):
+            log.info("%s: a fault-injection target is in its stack; its partitions are read only "
+                     "by partprobe", md.name)
+            return
         generation = self._next_generation(md)
         done = threading.Event()
         threading.Thread(target=self._scan, args=(md, generation, done), daemon=True,
