@@ -461,3 +461,25 @@ def test_fault_injection_stacks_are_read_only_by_partprobe(mapper, images):
     assert [i["name"] for i in mapper.partprobe("above")] == ["above1", "above2", "above3"]
     mapper.create("plain", f"0 {sectors} linear {image} 0", shared=True)
     assert "plain1" in mapper.export_names()
+
+
+def test_partitions_and_tables_on_them_come_back_after_a_restart(images, tmp_path):
+    from userdm.dm.mapper import Mapper
+    image = images(1, 64 * MiB)[0]
+    sfdisk(image, GPT_LAYOUT)
+    state = tmp_path / "state"
+    m = Mapper(state)
+    try:
+        m.create("top", "0 8 zero")  # created first: restored before its partition exists
+        m.create("disk", f"0 {64 * MiB // SECTOR} linear {image} 0")
+        m.load("top", "0 8192 linear /dev/mapper/disk2 0")
+        m.resume("top")
+    finally:
+        m.close()
+    m = Mapper(state)
+    try:
+        assert m.export_names() == ["disk", "disk1", "disk2", "disk3", "top"]
+        assert m.info("disk2")["holders"] == ["top"] and m.info("disk2")["open_count"] == 1
+        assert m.table("top")[0][3] == f"{BLKEXT_MAJOR}:{m.info('disk2')['minor']} 0"
+    finally:
+        m.close()
