@@ -247,6 +247,3 @@ class FlakeyTarget(Target):
     def direct_map(self):
         """One-to-one onto the device from the offset on (failure notification)."""
         return self.dev, self._base
-
-    def direct_map(self):
-        return self.dev, self._base
