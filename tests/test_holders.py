@@ -345,6 +345,41 @@ def test_dust_bad_block_reads_reach_the_top_holder_through_striped_and_linear(ma
     top.close()
 
 
+def test_file_gpt_partition_dust_striped_linear_to_the_top_holder(mapper, images):
+    """The whole stack of issue 7: an image file with a GPT table -> its mapped disk -> partition
+    2 -> dust -> striped (with a plain file as the other stripe) -> linear, an exclusive holder
+    on top. A bad block read and a failure reported on the image file each reach the holder
+    at the offsets computed here layer by layer."""
+    if shutil.which("sfdisk") is None:
+        pytest.skip("sfdisk is not installed (apt: fdisk)")
+    image, a = images(1, 32 * MiB)[0], images(1, 16 * MiB)[0]
+    subprocess.run(["sfdisk", "-q", "--no-reread", "--no-tell-kernel", image], check=True, text=True,
+                   capture_output=True, input="label: gpt\nstart=2048, size=8192\nstart=10240, size=20480\n")
+    part_start, part_size = 10240 * 512, 20480 * 512
+    mapper.create("disk", f"0 {32 * MiB // 512} linear {image} 0")
+    assert mapper.info("disk2")["size"] == part_size
+    mapper.create("d", f"0 {part_size // 512} dust /dev/mapper/disk2 0 4096")
+    mapper.create("st", f"0 {2 * part_size // 512} striped 2 16 {a} 0 /dev/mapper/d 0")
+    mapper.create("top", f"0 {TOP_SIZE // 512} linear /dev/mapper/st {TOP_START // 512}")
+    holder = Holder()
+    top = holder.open(mapper, "top")
+    bad = 400                                        # dust block: bytes 400 * 4096 of disk2 and of d
+    t_offset = stripe_to_target(1, 2, bad * 4096) - TOP_START
+    assert 0 <= t_offset < TOP_SIZE - 4096
+    mapper.message("d", 0, f"addbadblock {bad}")
+    mapper.message("d", 0, "enable")
+    assert err(top.read, t_offset - 8192, 32 * KiB).errno == errno.EIO
+    assert holder.failures == [(t_offset, 4096, MF_ACTION_REQUIRED)]
+    holder.failures.clear()
+    records = mapper.notify_failure(image, part_start + bad * 4096 + 512, 1024)
+    assert holder.failures == [(t_offset + 512, 1024, 0)]
+    assert [r["path"] for r in records if r["name"] == "top"] == [[image, "disk", "disk2", "d", "st", "top"]]
+    holder.failures.clear()
+    e = err(mapper.notify_failure, image, part_start - 4096, 4096)  # partition 1's last block
+    assert e.errno == errno.EOPNOTSUPP and "disk1" in e.message and holder.failures == []
+    top.close()
+
+
 # ---- device death --------------------------------------------------------------------------------
 
 def test_a_deleted_backing_file_marks_the_stack_dead(mapper, stack):
