@@ -16,6 +16,7 @@ import pytest
 from userdm.block import FileDisk, MemoryDisk
 from userdm.block.device import HolderOps
 from userdm.block.partitions import Partition, partition_name, partitions_of, read_partition_table
+from userdm.dm.mapper import Mapper
 from userdm.dm.partitioned import BLKEXT_MAJOR
 from userdm.errors import DMError
 
@@ -481,5 +482,17 @@ def test_partitions_and_tables_on_them_come_back_after_a_restart(images, tmp_pat
         assert m.export_names() == ["disk", "disk1", "disk2", "disk3", "top"]
         assert m.info("disk2")["holders"] == ["top"] and m.info("disk2")["open_count"] == 1
         assert m.table("top")[0][3] == f"{BLKEXT_MAJOR}:{m.info('disk2')['minor']} 0"
+    finally:
+        m.close()
+
+
+def test_a_disk_cannot_map_onto_its_own_partition(images):
+    (image,) = images(1, 64 * MiB)
+    sfdisk(image, GPT_LAYOUT)
+    m = Mapper()
+    try:
+        m.create("disk", f"0 {64 * MiB // SECTOR} linear {image} 0")
+        e = err(m.load, "disk", "0 8 linear /dev/mapper/disk1 0")
+        assert e.errno == errno.EINVAL and "itself" in e.message and "disk1" in e.message
     finally:
         m.close()

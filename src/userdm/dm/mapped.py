@@ -119,9 +119,10 @@ class MappedDevice(BlockDevice):
             entry = self._table_devices[key] = [TableDevice(ref, name, open_, True), 0]
         elif entry is None:
             open_, name = self._resolver(ref, write, None if shared else DM_HOLDER)
-            if open_.device is self:
+            if open_.device is self or open_.device.whole is self:
                 open_.close()
-                raise DMError(errno.EINVAL, f"device {self.name} cannot map onto itself")
+                raise DMError(errno.EINVAL, f"device {self.name} cannot map onto itself "
+                              f"(or one of its partitions: {ref})")
             open_.device.link_holder(self)
             open_.reports_failures = True
             entry = self._table_devices[key] = [TableDevice(ref, name, open_, shared), 0]
