@@ -375,6 +375,9 @@ def test_file_gpt_partition_dust_striped_linear_to_the_top_holder(mapper, images
     assert holder.failures == [(t_offset + 512, 1024, 0)]
     assert [r["path"] for r in records if r["name"] == "top"] == [[image, "disk", "disk2", "d", "st", "top"]]
     holder.failures.clear()
+    mapper.notify_failure("disk2", bad * 4096, 512)           # the partition named by its name
+    assert holder.failures == [(t_offset, 512, 0)]
+    holder.failures.clear()
     e = err(mapper.notify_failure, image, part_start - 4096, 4096)  # partition 1's last block
     assert e.errno == errno.EOPNOTSUPP and "disk1" in e.message and holder.failures == []
     top.close()

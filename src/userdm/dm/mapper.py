@@ -641,7 +641,7 @@ class Mapper:
 
     def _failure_device(self, ref: str) -> BlockDevice:
         with self._lock:
-            md = self._devices.get(ref) or self._mapped_ref(ref)
+            md = self._devices.get(ref) or self.partitions.get(ref) or self._mapped_ref(ref)
             if md is not None:
                 return md
             same = _file_identity(ref)
