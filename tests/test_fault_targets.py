@@ -243,6 +243,10 @@ def test_dust_bad_blocks_give_eio_over_nbd(daemon, images):
     assert run("message", "dust1", "0", "addbadblock", "5").stdout == ""
     assert run("message", "dust1", "0", "queryblock", "5").stdout == \
         "dust_query_block: block 5 found in badblocklist\n"
+    run("message", "dust1", "0", "addbadblock", "9")
+    # a response that ends with a newline is printed as it is (dmsetup's _message)
+    assert run("message", "dust1", "0", "listbadblocks").stdout == "5\n9\n"
+    run("message", "dust1", "0", "removebadblock", "9")
     bad = run("message", "dust1", "0", "addbadblock", "5", check=False)
     assert bad.returncode != 0 and "EINVAL" in bad.stderr \
         and "dust_add_block: block 5 already in badblocklist" in bad.stderr

@@ -258,8 +258,8 @@ class Commands:
         if not rest[0].isdigit():
             usage(f"message sector {rest[0]!r} is not a number")
         out = self.dm.message(name, int(rest[0]), " ".join(rest[1:]))
-        if out:
-            print(out)
+        if out:  # as dmsetup: no second newline after a response that ends with one
+            print(out, end="" if out.endswith("\n") else "\n")
 
     def rename(self) -> None:
         if self.o.setuuid is not None:
