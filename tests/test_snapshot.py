@@ -654,3 +654,40 @@ def test_merge_goes_on_after_a_sigkill_of_the_daemon(daemon, disks):
     assert wait_until(merged, 60)
     assert run("table", "base").stdout == f"0 {ORIGIN_SECTORS} snapshot-merge {origin} {c} P {CHUNK}\n"
     assert contents(origin) == original
+
+
+def test_failures_travel_through_snapshots_to_the_chunks_they_hit(mapper, disks):
+    """A failed COW range hits the snapshot chunks whose copies live there; a failed origin
+    range hits the snapshot only where it has no copy (and the origin device one-to-one)."""
+    from userdm.block.device import HolderOps
+    origin, cow = disks
+    c = cow()
+    mapper.create("base", f"0 {ORIGIN_SECTORS} snapshot-origin {origin}")
+    mapper.create("snap", f"0 {ORIGIN_SECTORS} snapshot {origin} {c} P {CHUNK}")
+    write(mapper, "base", 5 * CB, b"\x01" * CB)       # exception 5 -> COW chunk 2
+    got: dict[str, list] = {"snap": [], "base": []}
+    holds = [mapper.open_device(name, write=False, holder=f"fs-{name}",
+                                holder_ops=HolderOps(notify_failure=lambda o, n, f, name=name: got[name].append((o, n))))
+             for name in ("snap", "base")]
+    try:
+        mapper.notify_failure(c, 2 * CB + 100, 10)
+        mapper.notify_failure(origin, 5 * CB, 2 * CB)
+    finally:
+        for h in holds:
+            h.close()
+    assert got == {"snap": [(5 * CB + 100, 10), (6 * CB, CB)], "base": [(5 * CB, 2 * CB)]}
+
+
+def test_a_read_only_snapshot_still_takes_the_origins_copies(mapper, disks):
+    origin, cow = disks
+    original = contents(origin)
+    mapper.create("base", f"0 {ORIGIN_SECTORS} snapshot-origin {origin}")
+    mapper.create("snap", f"0 {ORIGIN_SECTORS} snapshot {origin} {cow()} P {CHUNK}", readonly=True)
+    write(mapper, "base", 0, b"\x77" * MiB)
+    assert read_all(mapper, "snap") == original
+    with pytest.raises(DMError) as exc:
+        mapper.open_device("snap", write=True)
+    assert exc.value.errno == errno.EACCES
+    with pytest.raises(DMError) as exc:
+        mapper.create("merge", f"0 {ORIGIN_SECTORS} snapshot-merge {origin} {cow('m')} P {CHUNK}", readonly=True)
+    assert "cannot be read-only" in exc.value.message

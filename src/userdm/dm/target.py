@@ -62,10 +62,13 @@ class TargetContext:
         #: every device opened while building the table; the table releases them
         self.acquired: list[TableDevice] = []
 
-    def get_device(self, ref: str, start: int, length: int, *, shared: bool = False) -> TableDevice:
-        """Open `ref` for this table and check that sectors [start, start+length) exist on it."""
+    def get_device(self, ref: str, start: int, length: int, *, shared: bool = False,
+                   write: bool | None = None) -> TableDevice:
+        """Open `ref` for this table and check that sectors [start, start+length) exist on it.
+        The open follows the table's mode unless `write` says otherwise (a snapshot's COW
+        device takes copies even in a read-only table, as the kernel's kcopyd writes it)."""
         try:
-            dev = self._get_device(ref, not self.read_only, shared)
+            dev = self._get_device(ref, not self.read_only if write is None else write, shared)
         except DMError as exc:
             raise TargetError(f"Device lookup failed: {exc}", exc.errno) from None
         self.acquired.append(dev)

@@ -226,9 +226,10 @@ def _unregister(snap: SnapshotTarget) -> None:
             del _origins[_key(snap.origin.device)]
 
 
-def _get_device(ctx: TargetContext, ref: str, start: int, length: int, what: str) -> TableDevice:
+def _get_device(ctx: TargetContext, ref: str, start: int, length: int, what: str,
+                write: bool | None = None) -> TableDevice:
     try:
-        return ctx.get_device(ref, start, length)
+        return ctx.get_device(ref, start, length, write=write)
     except TargetError as exc:
         raise TargetError(f"{what}: {exc}", exc.errno) from None
 
@@ -312,7 +313,8 @@ class SnapshotTarget(Target):
         self.discard_zeroes_cow, self.discard_passdown_origin = _parse_features(args[4:])
         self._check_store_kind(args[2], ctx)
         self.origin = _get_device(ctx, args[0], 0, begin + length, "Cannot get origin device")
-        self.cow = _get_device(ctx, args[1], 0, 0, "Cannot get COW device")
+        # Read-write even in a read-only table: origin writes copy into it.
+        self.cow = _get_device(ctx, args[1], 0, 0, "Cannot get COW device", write=True)
         if self.cow.device is self.origin.device:
             raise TargetError(f"COW device cannot be the same as origin device ({args[1]})")
         try:
@@ -660,21 +662,29 @@ class SnapshotMergeTarget(SnapshotTarget):
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         """Chunks not merged yet are written in the COW device; the others in the origin, which
         first copies them to the other snapshots. A write to a chunk being merged waits for it."""
-        cb, origin = self._chunk, self.origin.open
         if not self.valid:
-            copy_on_write(origin.device, self._base + offset, len(data))
-            origin.write(self._base + offset, data, fua)
+            self._write_origin(self._base + offset, data, fua)
             return
+        cb = self._chunk
+        run_at = run_pos = -1
         for chunk, in_chunk, at, n in self._pieces(offset, len(data)):
             if chunk in self.exceptions:
                 with self.locks.hold((chunk,)):
                     new = self.exceptions.get(chunk)
                     if new is not None:
+                        if run_at >= 0:
+                            self._write_origin(run_pos, data[run_at:at], fua)
+                            run_at = -1
                         self.cow.open.write(new * cb + in_chunk, data[at:at + n], fua)
                         continue
-            pos = chunk * cb + in_chunk
-            copy_on_write(origin.device, pos, n)
-            origin.write(pos, data[at:at + n], fua)
+            if run_at < 0:
+                run_at, run_pos = at, chunk * cb + in_chunk
+        if run_at >= 0:
+            self._write_origin(run_pos, data[run_at:], fua)
+
+    def _write_origin(self, pos: int, data: memoryview, fua: bool) -> None:
+        copy_on_write(self.origin.device, pos, len(data))
+        self.origin.open.write(pos, data, fua)
 
     def discard(self, offset: int, length: int) -> None:
         """Once merging, discards no longer effect change (the kernel's words)."""
