@@ -3,9 +3,10 @@
 Tables (sizes in sectors):
 - `snapshot-origin <origin>`: reads pass through; before a write (or discard, write-zeroes)
   reaches a chunk of the origin, the old data of that chunk is copied to every active snapshot
-  of the origin that has no exception for it yet. An origin without snapshots passes every
-  request straight through, whole (the split of seed 003 never happens). INFO status is
-  empty; table: `<origin>`.
+  of the origin that has no exception for it yet; then the request goes down whole (the
+  kernel splits it at the smallest chunk size, userdm copies every chunk first). An origin
+  without snapshots passes every request straight through (the split that crashed in seed 003
+  never happens). INFO status is empty; table: `<origin>`.
 - `snapshot <origin> <COW device> <P|PO|N> <chunksize> [<#features> <feature>...]`, features
   `discard_zeroes_cow` and `discard_passdown_origin` (which needs the first): reads come from
   the COW device for chunks with an exception, else from the origin; writes allocate an
@@ -28,8 +29,9 @@ Tables (sizes in sectors):
 As in the kernel, snapshot and origin targets use the device's absolute sector numbers, and
 the constructor of a snapshot whose COW device an active snapshot already uses becomes the
 destination of an exception handover (a reload, or the snapshot-merge that follows a
-snapshot): it takes over the store at its resume, which needs the source suspended, and the
-source becomes invalid.
+snapshot): it takes over the store when it resumes, which needs the source suspended, and the
+source becomes invalid. A snapshot must name the same underlying device as its
+snapshot-origin (LVM's `-real` device), not the origin's mapped device.
 
 The origin registry (the kernel's `_origins` hash) maps an underlying `BlockDevice` (the
 object behind `TableDevice.device`) to its snapshots. It is all another module needs to act
