@@ -138,13 +138,13 @@ class ControlServer:
             conn.sendall(protocol.encode(protocol.error(
                 DMError(errno.EOPNOTSUPP, "this daemon runs without its NBD export (--no-nbd)"))))
             return
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if not self.nbd.serve_socket(ours):
-                raise DMError(errno.ESHUTDOWN, "the daemon is shutting down")
-            socket.send_fds(conn, [protocol.encode(protocol.ok(None, fds=1))], [theirs.fileno()])
+            theirs = self.nbd.client_socket()
         except DMError as exc:
             conn.sendall(protocol.encode(protocol.error(exc)))
+            return
+        try:
+            socket.send_fds(conn, [protocol.encode(protocol.ok(None, fds=1))], [theirs.fileno()])
         finally:
             theirs.close()
 

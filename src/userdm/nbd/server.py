@@ -180,6 +180,15 @@ class NBDServer:
         conn.start()
         return True
 
+    def client_socket(self, catalog: BoundCatalog | None = None) -> socket.socket:
+        """The client end of a new socketpair whose server end this server serves (for
+        `connect_nbd`, or with a BoundCatalog for a socket that carries an existing open)."""
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        if not self.serve_socket(ours, catalog):
+            theirs.close()
+            raise DMError(errno.ESHUTDOWN, "the NBD server is shutting down")
+        return theirs
+
     def _forget(self, conn: Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
@@ -190,16 +199,13 @@ def socket_for_open(handle: BlockOpen, name: str, server: NBDServer | None = Non
     end is served by `server` (or by a connection of its own), the client end is returned.
     The open ends when every copy of the client socket is closed and the connection with it;
     if serving fails, the open is closed here."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     catalog = BoundCatalog(handle, name)
     try:
         if server is not None:
-            if not server.serve_socket(ours, catalog):
-                raise DMError(errno.ESHUTDOWN, "the NBD server is shutting down")
-        else:
-            Connection(ours, None, threads=DEFAULT_THREADS, catalog=catalog).start()
+            return server.client_socket(catalog)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        Connection(ours, None, threads=DEFAULT_THREADS, catalog=catalog).start()
+        return theirs
     except BaseException:
-        theirs.close()
         catalog.close()
         raise
-    return theirs
