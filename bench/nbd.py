@@ -12,6 +12,11 @@ Jobs: 1 MiB sequential read and write at qd8, 4 KiB random read at qd1 and qd16,
 random write at qd16; one connection each. Usage:
 
     PYTHONPATH=src python3 bench/nbd.py [--mib 1024] [--runtime 3] [--rounds 3] [--dir DIR]
+        [--jobs write,qd16] [--servers userdm,nbdkit] [--baseline-src DIR]
+
+`--baseline-src` adds a second userdm server run from another source tree, for before/after
+figures taken in one run, e.g. with the last commit's code:
+`git archive HEAD src | tar -x -C /tmp/base && ... --baseline-src /tmp/base/src`.
 
 The file lives in /dev/shm by default: this machine runs DAMON proactive reclaim (kdamond),
 which evicts a file's page cache within seconds, so a file in /var/tmp is measured at the
@@ -112,6 +117,12 @@ def main() -> None:
     ap.add_argument("--runtime", type=float, default=3.0, help="seconds per fio job")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp")
+    ap.add_argument("--jobs", help="comma-separated substrings of the job labels to run (default: all)")
+    ap.add_argument("--servers", default=",".join(SERVERS),
+                    help=f"comma-separated servers to measure (default: {','.join(SERVERS)})")
+    ap.add_argument("--baseline-src", metavar="DIR",
+                    help="also measure a userdm server run from the source tree DIR (e.g. an older commit's "
+                         "src from `git archive`), as 'baseline', for before/after figures of one run")
     ap.add_argument("--serve", nargs=2, metavar=("SOCKET", "FILE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -120,28 +131,47 @@ def main() -> None:
     for tool in ("fio", "nbdkit", "qemu-nbd"):
         if shutil.which(tool) is None:
             sys.exit(f"bench/nbd.py needs {tool}")
+    jobs = JOBS
+    if args.jobs:
+        wanted = [w.strip() for w in args.jobs.split(",") if w.strip()]
+        jobs = [j for j in JOBS if any(w in j[0] for w in wanted)]
+        if not jobs:
+            sys.exit(f"no job matches {args.jobs!r}; jobs: {', '.join(j[0] for j in JOBS)}")
+    servers = [s.strip() for s in args.servers.split(",") if s.strip()]
+    unknown = set(servers) - set(SERVERS)
+    if unknown or "userdm" not in servers:
+        sys.exit(f"--servers takes userdm and any of {', '.join(SERVERS[1:])}")
+    if args.baseline_src:
+        servers.insert(1, "baseline")
     size = args.mib << 20
     with ExitStack() as stack:
         work = stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir, prefix="userdm-nbd-bench-"))
         path = os.path.join(work, "disk.img")
         fill(path, size)
-        socks = {s: os.path.join(work, f"{s}.sock") for s in SERVERS[:3]}
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"), os.environ.get("PYTHONPATH", "")])}
-        start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks["userdm"], path],
-              socks["userdm"], "userdm server", env)
-        start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], "file", path], socks["nbdkit"], "nbdkit")
-        start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k", socks["qemu-nbd"],
-                      path], socks["qemu-nbd"], "qemu-nbd")
-        targets = {"userdm": f"nbd+unix:///bench?socket={socks['userdm']}",
-                   "nbdkit": f"nbd+unix:///?socket={socks['nbdkit']}",
-                   "qemu-nbd": f"nbd+unix:///?socket={socks['qemu-nbd']}",
+        socks = {s: os.path.join(work, f"{s}.sock") for s in servers if s != "raw"}
+        here = os.path.dirname(os.path.abspath(__file__))
+        sources = {"userdm": os.path.join(here, "..", "src"), "baseline": args.baseline_src}
+        for name in ("userdm", "baseline"):
+            if name in servers:
+                env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+                    [os.path.abspath(sources[name]), os.environ.get("PYTHONPATH", "")])}
+                start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks[name], path],
+                      socks[name], f"{name} server", env)
+        if "nbdkit" in servers:
+            start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], "file", path], socks["nbdkit"], "nbdkit")
+        if "qemu-nbd" in servers:
+            start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k",
+                          socks["qemu-nbd"], path], socks["qemu-nbd"], "qemu-nbd")
+        targets = {"userdm": f"nbd+unix:///bench?socket={socks.get('userdm')}",
+                   "baseline": f"nbd+unix:///bench?socket={socks.get('baseline')}",
+                   "nbdkit": f"nbd+unix:///?socket={socks.get('nbdkit')}",
+                   "qemu-nbd": f"nbd+unix:///?socket={socks.get('qemu-nbd')}",
                    "raw": path}
         results: dict[tuple[str, str], list[float]] = {}
         out = os.path.join(work, "fio.json")
         for rnd in range(args.rounds):
-            for label, rw, bs, qd, unit in JOBS:
-                for server in SERVERS:
+            for label, rw, bs, qd, unit in jobs:
+                for server in servers:
                     if server == "raw" and qd > 1 and rw.startswith("rand"):
                         continue          # psync has no queue depth
                     r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out)
@@ -149,13 +179,14 @@ def main() -> None:
                     results.setdefault((label, server), []).append(value)
                     print(f"round {rnd + 1} {label:18} {server:8} {value:10.0f} {unit}", flush=True)
         print()
-        print(f"{'job':18} " + " ".join(f"{s:>10}" for s in SERVERS) + "  userdm/nbdkit  userdm/qemu-nbd")
-        for label, _rw, _bs, _qd, unit in JOBS:
-            med = {s: statistics.median(results[(label, s)]) for s in SERVERS if (label, s) in results}
-            cells = " ".join(f"{med[s]:10.0f}" if s in med else f"{'-':>10}" for s in SERVERS)
-            print(f"{label:18} {cells}  {med['userdm'] / med['nbdkit']:13.2f}  {med['userdm'] / med['qemu-nbd']:15.2f}"
-                  f"   ({unit}, median of {args.rounds})")
-
+        others = [s for s in ("nbdkit", "qemu-nbd", "baseline") if s in servers]
+        print(f"{'job':18} " + " ".join(f"{s:>10}" for s in servers)
+              + "".join(f"  {'userdm/' + s:>16}" for s in others))
+        for label, _rw, _bs, _qd, unit in jobs:
+            med = {s: statistics.median(results[(label, s)]) for s in servers if (label, s) in results}
+            cells = " ".join(f"{med[s]:10.0f}" if s in med else f"{'-':>10}" for s in servers)
+            ratios = "".join(f"  {med['userdm'] / med[s]:16.2f}" for s in others)
+            print(f"{label:18} {cells}{ratios}   ({unit}, median of {args.rounds})")
 
 if __name__ == "__main__":
     main()
