@@ -2,12 +2,13 @@
 # Installs everything userdm and its tests need on a fresh Debian 12 machine (run as root):
 # the third-party tools the interop tests drive, and a venv in .venv with userdm installed.
 # The venv is made from Debian's python3 with system site-packages, so that Debian's
-# python3-libnbd and python3-pyfuse3 are importable next to userdm.
+# python3-libnbd is importable next to userdm. The FUSE export uses libfuse3 (fuse3) through
+# mfusepy from PyPI (a dependency in pyproject.toml).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
-  python3 python3-venv python3-dev python3-libnbd python3-pyfuse3
+  python3 python3-venv python3-dev python3-libnbd
   nbdkit libnbd-bin qemu-utils fio
   fuse3 libfuse3-dev pkg-config
   e2fsprogs util-linux fdisk cryptsetup-bin

@@ -36,9 +36,9 @@ def _missing() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "needs /dev/fuse"
     try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        return "needs pyfuse3 (Debian: python3-pyfuse3)"
+        import userdm.fuse.libfuse  # noqa: F401  (mfusepy + libfuse3)
+    except (ImportError, OSError) as exc:
+        return f"needs mfusepy and libfuse3: {exc}"
     for tool in TOOLS:
         if shutil.which(tool) is None:
             return f"needs {tool}"

@@ -12,7 +12,8 @@ write opens fail with EACCES. Put a filesystem on a device with `losetup` on its
     ...
     export.stop()       # unmounted (lazily if a loop device still holds a file)
 
-Needs pyfuse3 (Debian: python3-pyfuse3, which brings python3-trio) and fuse3 (fusermount3).
+Needs mfusepy (PyPI; ctypes declarations of libfuse3's API) and libfuse3 with fusermount3
+(Debian: fuse3).
 """
 
 from .unmount import cleanup_stale
@@ -21,8 +22,8 @@ __all__ = ["FuseExport", "cleanup_stale"]
 
 
 def __getattr__(name: str) -> object:
-    # pyfuse3 is imported on first use, so that `cleanup_stale` works (and the daemon starts
-    # with --no-fuse) on machines without it.
+    # mfusepy (and libfuse) are loaded on first use, so that `cleanup_stale` works (and the
+    # daemon starts with --no-fuse) on machines without them.
     if name == "FuseExport":
         from .export import FuseExport
         return FuseExport

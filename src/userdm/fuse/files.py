@@ -23,7 +23,7 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from ..block.device import SECTOR, BlockOpen
+from ..block.device import SECTOR, STATUS_HOLE, BlockOpen
 from ..dm.mapped import MappedDevice
 from ..dm.mapper import Mapper
 from ..errors import DMError
@@ -203,6 +203,14 @@ class DeviceFiles:
             h.readinto(offset, memoryview(buf))
         return buf
 
+    def readinto(self, fh: int, offset: int, buf: memoryview) -> int:
+        """Read into `buf` from `offset`; returns the bytes read (short at the end, 0 past it)."""
+        h = self._handle(fh).open
+        n = max(0, min(len(buf), h.size - offset))
+        if n:
+            h.readinto(offset, buf if n == len(buf) else buf[:n])
+        return n
+
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         """Write what fits before the end of the device (a block device's short write); ENOSPC past it."""
         h = self._handle(fh).open
@@ -215,3 +223,38 @@ class DeviceFiles:
 
     def fsync(self, fh: int) -> None:
         self._handle(fh).open.flush()
+
+    def zero(self, fh: int, offset: int, length: int, may_unmap: bool) -> None:
+        """fallocate PUNCH_HOLE (`may_unmap`) or ZERO_RANGE: the range reads back as zeroes,
+        as on a file (a discard alone may leave old data on some targets)."""
+        h = self._handle(fh).open
+        if offset < 0 or length <= 0 or offset >= h.size:
+            raise DMError(errno.EINVAL, f"zeroing {length} bytes at byte {offset} is outside the device "
+                          f"({h.size} bytes)")
+        h.write_zeroes(offset, min(length, h.size - offset), may_unmap)
+
+    def seek(self, fh: int, offset: int, whence: int) -> int:
+        """lseek SEEK_DATA / SEEK_HOLE from the device's block status (ENXIO at or past the end)."""
+        if whence not in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise DMError(errno.EINVAL, f"lseek whence {whence} is not SEEK_DATA or SEEK_HOLE")
+        h = self._handle(fh).open
+        size = h.size
+        if offset < 0 or offset >= size:
+            raise DMError(errno.ENXIO, f"lseek to byte {offset}: outside the device ({size} bytes)")
+        pos = offset
+        while pos < size:
+            extents = h.block_status(pos, size - pos)
+            step = 0
+            for length, flags in extents:
+                if length <= 0 or pos + step >= size:
+                    break
+                hole = bool(flags & STATUS_HOLE)
+                if hole == (whence == os.SEEK_HOLE):
+                    return pos + step
+                step += length
+            if step <= 0:
+                break
+            pos += step
+        if whence == os.SEEK_HOLE:
+            return size          # the end of a file is a hole
+        raise DMError(errno.ENXIO, f"lseek SEEK_DATA from byte {offset}: no data up to the end of the device")
