@@ -59,7 +59,7 @@ class FuseExport:
             options = ["default_permissions", "fsname=userdm", "subtype=userdm", *LIB_OPTIONS]
             if self.allow_other:
                 options.append("allow_other")
-            session = Session(self._ops.struct, self.mountpoint, options)
+            session = Session(self._ops.struct, self.mountpoint, options, on_end=self._ended)
             session.mount()
             self._session = session
             self.mapper.subscribe(self._on_event)
@@ -83,6 +83,13 @@ class FuseExport:
         if closed:
             log.info("closed %d device opens held by FUSE files at %s", closed, self.mountpoint)
         log.info("FUSE export at %s unmounted", self.mountpoint)
+
+    def _ended(self) -> None:
+        """The mount went away from outside (fusermount -u, umount): its files' opens end with
+        it (the kernel sends no release for them), so that deferred removals can fire."""
+        closed = self.files.release_all()
+        log.warning("the FUSE export at %s was unmounted from outside; closed %d device opens",
+                    self.mountpoint, closed)
 
     def __enter__(self) -> FuseExport:
         self.start()

@@ -1,0 +1,171 @@
+"""The FUSE files' I/O paths beyond read/write: fallocate (punch hole, zero range), lseek
+SEEK_DATA/SEEK_HOLE, requests held by a suspended device while the mount serves others,
+several exports in one process, and a mount unmounted from outside."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_until
+from userdm.dm.mapper import Mapper
+
+pytestmark = [pytest.mark.fuse, pytest.mark.root]
+
+if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+    pytest.skip("needs root and /dev/fuse", allow_module_level=True)
+try:
+    from userdm.fuse import FuseExport
+    from userdm.fuse.libfuse import MIN_THREADS
+    from userdm.fuse.unmount import fuse_mounts
+except (ImportError, OSError) as _exc:
+    pytest.skip(f"needs mfusepy and libfuse3: {_exc}", allow_module_level=True)
+
+MiB = 1 << 20
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+
+
+@pytest.fixture
+def served(tmp_path):
+    """(mapper, export, backing file) with device `dev` (4 MiB linear over a sparse file)."""
+    backing = tmp_path / "disk.img"
+    with open(backing, "wb") as f:
+        f.truncate(4 * MiB)
+    m = Mapper()
+    m.create("dev", f"0 {4 * MiB // 512} linear {backing} 0")
+    export = FuseExport(m, tmp_path / "mapper")
+    export.start()
+    try:
+        yield m, export, backing
+    finally:
+        export.stop()
+        m.close()
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    if libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_punch_hole_and_zero_range_read_back_as_zeroes(served):
+    m, export, backing = served
+    fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"\xab" * (2 * MiB), 0)
+        _fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 4096, 8192)
+        _fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, MiB, 4096)
+        _fallocate(fd, 0, 0, 4 * MiB)                       # allocation: every byte exists
+        with pytest.raises(OSError) as exc:
+            _fallocate(fd, 0, 0, 8 * MiB)                   # a device cannot grow
+        assert exc.value.errno == errno.EFBIG
+        data = os.pread(fd, 2 * MiB, 0)
+        assert os.fstat(fd).st_size == 4 * MiB
+    finally:
+        os.close(fd)
+    want = bytearray(b"\xab" * (2 * MiB))
+    want[4096:12288] = bytes(8192)
+    want[MiB:MiB + 4096] = bytes(4096)
+    assert data == want
+    assert backing.read_bytes()[:2 * MiB] == want
+
+
+def test_seek_data_and_seek_hole_follow_the_backing_file(served):
+    m, export, backing = served
+    fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"d" * MiB, MiB)                      # data in [1 MiB, 2 MiB), holes around
+        assert os.lseek(fd, 0, os.SEEK_DATA) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_HOLE) == 2 * MiB
+        assert os.lseek(fd, 0, os.SEEK_HOLE) == 0
+        assert os.lseek(fd, 3 * MiB, os.SEEK_HOLE) == 3 * MiB
+        with pytest.raises(OSError) as exc:
+            os.lseek(fd, 3 * MiB, os.SEEK_DATA)             # only a hole up to the end
+        assert exc.value.errno == errno.ENXIO
+        with pytest.raises(OSError) as exc:
+            os.lseek(fd, 4 * MiB, os.SEEK_DATA)
+        assert exc.value.errno == errno.ENXIO
+    finally:
+        os.close(fd)
+
+
+def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_path):
+    """More readers than the export starts threads with wait on a suspended device; the
+    directory and another device are served meanwhile; all complete after resume."""
+    m, export, backing = served
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(MiB)
+    m.create("other", f"0 {MiB // 512} linear {other} 0")
+    fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"held", 0)
+        m.suspend("dev")
+        got: list[bytes] = []
+        readers = [threading.Thread(target=lambda: got.append(os.pread(fd, 4, 0)))
+                   for _ in range(MIN_THREADS + 3)]
+        for t in readers:
+            t.start()
+        session = export._session
+        assert wait_until(lambda: session._alive - session._waiting >= len(readers))  # all held inside
+        assert not got
+        with open(os.path.join(export.mountpoint, "other"), "r+b") as f:
+            f.write(b"served")
+            f.seek(0)
+            assert f.read(6) == b"served"
+        assert sorted(os.listdir(export.mountpoint)) == ["dev", "other"]
+        assert not got
+        m.resume("dev")
+        for t in readers:
+            t.join(30)
+        assert got == [b"held"] * len(readers)
+    finally:
+        os.close(fd)
+
+
+def test_two_exports_in_one_process(tmp_path):
+    backing = tmp_path / "disk.img"
+    with open(backing, "wb") as f:
+        f.truncate(MiB)
+    m = Mapper()
+    m.create("dev", f"0 {MiB // 512} linear {backing} 0")
+    first, second = FuseExport(m, tmp_path / "a"), FuseExport(m, tmp_path / "b")
+    first.start()
+    try:
+        second.start()
+        try:
+            Path(first.mountpoint, "dev").write_bytes(b"one mapper, two mounts")
+            assert Path(second.mountpoint, "dev").read_bytes()[:22] == b"one mapper, two mounts"
+        finally:
+            second.stop()
+        assert str(tmp_path / "b") not in fuse_mounts()
+        assert Path(first.mountpoint, "dev").read_bytes()[:3] == b"one"
+    finally:
+        first.stop()
+        m.close()
+    assert str(tmp_path / "a") not in fuse_mounts()
+
+
+def test_unmounted_from_outside(served):
+    """The export notices; the opens of its files end with the mount (a deferred removal fires)."""
+    m, export, backing = served
+    fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDONLY)
+    assert m.info("dev")["open_count"] == 1
+    m.remove("dev", deferred=True)
+    # close_fds=False: Python 3.11 forks with vfork and keeps the GIL until the child execs, so
+    # a child that closed its copy of `fd` before exec would wait for a FLUSH that this very
+    # process (the FUSE server) cannot answer; CLOEXEC closes it after exec instead.
+    subprocess.run(["umount", "-l", export.mountpoint], check=True, close_fds=False)
+    os.close(fd)   # the kernel's release of a lazily detached mount may come late or never
+    assert wait_until(lambda: not export.serving)
+    assert wait_until(lambda: "dev" not in m.export_names())
+    export.stop()
+    assert export.mountpoint not in fuse_mounts()
