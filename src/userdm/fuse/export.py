@@ -11,6 +11,11 @@ threads of our own (`libfuse.Session`): measured on this machine kind with `benc
 against pyfuse3 (one trio thread that receives, dispatches to worker threads and replies),
 it moves about twice the data per second through a loop device (see bench/fuse.py).
 Several exports may run in one process.
+
+A process that serves an export and also opens its files must not start subprocesses with
+`close_fds=True` while such a file is open: Python 3.11 forks with vfork and keeps the GIL
+until the child execs, and the child's close of its copy of the file waits for a FLUSH that
+only this process's serving threads could answer. The daemon never opens its own files.
 """
 
 from __future__ import annotations
