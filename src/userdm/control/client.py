@@ -34,6 +34,17 @@ class Client:
     def call(self, cmd: str, **args: Any) -> Any:
         """Run one command; a file descriptor sent beside the answer (`create(open_fd=True)`,
         `open`) becomes the result's `"fd"`, owned by the caller."""
+        result, fd = self._call_with_fd(cmd, args)
+        if fd is not None:
+            if isinstance(result, dict):
+                result["fd"] = fd
+            else:
+                os.close(fd)
+        return result
+
+    def _call_with_fd(self, cmd: str, args: dict[str, Any]) -> tuple[Any, int | None]:
+        """The result and the file descriptor that came beside it: exactly one if the response
+        says it carries one (`"fds"`), else none (stray ones are closed)."""
         message, fds = self._roundtrip(cmd, args)
         try:
             result = protocol.result_of(message)
@@ -43,12 +54,11 @@ class Client:
             for fd in fds:
                 os.close(fd)
             raise
-        if fds:
-            if isinstance(result, dict):
-                result["fd"] = fds[0]
-            else:
-                os.close(fds[0])
-        return result
+        if not message.get("fds"):
+            for fd in fds:
+                os.close(fd)
+            return result, None
+        return result, fds[0]
 
     def _roundtrip(self, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self._lock:
@@ -68,16 +78,10 @@ class Client:
     def connect_nbd(self) -> socket.socket:
         """A new socket connected to the daemon's NBD server, passed over the control socket
         (SCM_RIGHTS). Do the NBD handshake on it, e.g. libnbd's `connect_socket(sock.fileno())`."""
-        message, fds = self._roundtrip("connect_nbd", {})
-        try:
-            protocol.result_of(message)
-            if len(fds) != 1:
-                raise DMError(errno.EPROTO, f"expected one file descriptor from the daemon, got {len(fds)}")
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return socket.socket(fileno=fds[0])
+        _, fd = self._call_with_fd("connect_nbd", {})
+        if fd is None:
+            raise DMError(errno.EPROTO, "the daemon answered connect_nbd without a file descriptor")
+        return socket.socket(fileno=fd)
 
     def events(self, callback: Callable[[dict[str, Any]], None] | None = None, *,
                name: str | None = None, recent: bool = False) -> EventStream:
