@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
 
 from conftest import wait_until

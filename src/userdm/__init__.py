@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     # Imported lazily so that `import userdm` stays cheap for the CLI.
     if name == "Mapper":
-        from .dm.mapper import Mapper
+        from .inprocess import Mapper
         return Mapper
     if name == "connect":
         from .control.client import connect

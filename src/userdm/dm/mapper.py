@@ -52,9 +52,10 @@ class Mapper:
         self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
         self.state_dir = os.fspath(state_dir) if state_dir else None
         self._log = EventLog()
-        #: the NBD server that serves the sockets of `create(open_fd=True)` and `open`
-        #: (set by the daemon; without one each such socket gets a connection of its own)
-        self.fd_server: Any = None
+        #: hands out an open as an NBD client socket for `create(open_fd=True)` and `open`:
+        #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
+        #: layer above the core (the daemon's NBD server; `userdm.Mapper` brings its own)
+        self.open_sockets: Any = None
         self._exclusive_opens = itertools.count(1)
         #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
@@ -225,9 +226,11 @@ class Mapper:
     def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None) -> int:
         if md.live is None:
             raise DMError(errno.ENXIO, f"device {md.name} has no live table to open")
+        if self.open_sockets is None:
+            raise DMError(errno.EOPNOTSUPP, f"cannot hand out an open of {md.name} as a file descriptor: "
+                          "this Mapper has no NBD export (use userdm.Mapper, or a daemon)")
         handle = md.open(write=write, holder=holder)
-        from ..nbd.server import socket_for_open  # the export layer, imported only when used
-        return socket_for_open(handle, md.name, self.fd_server).detach()
+        return self.open_sockets.socket_for_open(handle, md.name).detach()  # closes it on failure
 
     def _allocate_minor(self, minor: int | None) -> int:
         used = {md.minor for md in self._devices.values()}
