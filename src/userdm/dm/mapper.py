@@ -24,6 +24,7 @@ from typing import Any
 from ..block.backing import BackingStores
 from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
+from ..version import __version__
 from . import state as state_file
 from .events import EventLog
 from .interposer import InterposedView, attach, detach, interposed_device
@@ -568,7 +569,6 @@ class Mapper:
         return [{"name": name, "version": list(cls.version)} for name, cls in registered().items()]
 
     def version(self) -> dict[str, Any]:
-        from .. import __version__
         return {"library": __version__, "driver": list(DRIVER_VERSION)}
 
     # ---- messages and events -------------------------------------------------------------
@@ -606,11 +606,18 @@ class Mapper:
         raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
-        """Runs of blocks of the device's era targets written since era `since`, in sectors and
-        era blocks (`userdm.targets.era.era_changed`; too bulky for a target message)."""
-        from ..targets.era import era_changed
+        """Runs of blocks of the device's era targets written since era `since`, each with
+        `begin`/`length` in sectors of the device and `block_begin`/`block_end` (exclusive)
+        in era blocks of its target (too bulky for a target message)."""
+        if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 32:
+            raise DMError(errno.EINVAL, f"era {since!r} is not an era number (0 to 2^32 - 1)")
         with self._lock:
-            return era_changed(self._find(name), since, metadata_snapshot=metadata_snapshot)
+            md = self._find(name)
+            table = md.live
+            trackers = [t for t in table.targets if t.tracks_changes] if table is not None else []
+            if not trackers:
+                raise DMError(errno.EINVAL, f"device {md.name} has no live era target")
+            return [run for t in trackers for run in t.changed(since, metadata_snapshot=metadata_snapshot)]
 
     def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> dict[str, Any]:
         """dmsetup wait: block until the device's event number differs from `event_nr`."""

@@ -12,6 +12,7 @@ never knows what a target does.
 from __future__ import annotations
 
 import errno
+import importlib
 from collections.abc import Callable
 from typing import ClassVar
 
@@ -91,6 +92,9 @@ class Target:
     singleton: ClassVar[bool] = False
     immutable: ClassVar[bool] = False
     wildcard: ClassVar[bool] = False
+    #: answers `changed(since, metadata_snapshot=...)`: runs of blocks written since an era
+    #: (era), for `Mapper.era_changed`
+    tracks_changes: ClassVar[bool] = False
     __slots__ = ("begin", "length")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -197,11 +201,17 @@ def registered() -> dict[str, type[Target]]:
 _loaded = False
 
 
+#: the package whose modules register the built-in targets, loaded by name on first lookup as
+#: the kernel's dm_get_target_type loads "dm-<name>" with request_module: the core knows
+#: targets only through the registry, never by importing them
+TARGETS_PACKAGE = "userdm.targets"
+
+
 def _load_builtin_targets() -> None:
     global _loaded
     if not _loaded:
         _loaded = True
-        from .. import targets  # noqa: F401  - importing registers every target module
+        importlib.import_module(TARGETS_PACKAGE)
 
 
 def parse_sector(text: str, what: str) -> int:
