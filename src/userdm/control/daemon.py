@@ -85,6 +85,8 @@ class Daemon:
         server.start()
         self._services.append(server)
         self.mapper.open_sockets = server
+        # tables over these are edges to the exported devices (`userdm.dm.cycles`)
+        self.mapper.nbd_addresses = [str(server.unix_path)] + ([server.tcp_address] if server.tcp_address else [])
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:

@@ -26,6 +26,7 @@ from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
 from ..version import __version__
 from . import state as state_file
+from .cycles import DependencyGraph
 from .events import EventLog
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
@@ -57,6 +58,13 @@ class Mapper:
         #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
         #: layer above the core (the daemon's NBD server; `userdm.Mapper` brings its own)
         self.open_sockets: Any = None
+        #: this daemon's own NBD listeners, Unix socket paths (str) and TCP (host, port): a
+        #: table over one of them is an edge to the device it exports (set by the daemon)
+        self.nbd_addresses: list[Any] = []
+        #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
+        self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
+                                     devices=lambda: list(self._devices.values()),
+                                     nbd_addresses=lambda: self.nbd_addresses)
         self._exclusive_opens = itertools.count(1)
         #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
@@ -182,6 +190,7 @@ class Mapper:
             md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
                               max_opens=max_opens, interpose=interpose)
             md.lookup_mapped = self._mapped_ref
+            md.graph = self.graph
             md._event_hook = self._table_event
             md.event_observer = self._emit
             md.on_last_close(self._last_close)
@@ -316,6 +325,7 @@ class Mapper:
     def _resume(self, name: str) -> dict[str, Any]:
         with self._lock:
             md = self._find(name)
+            md.check_resume()  # before suspending: a refused resume leaves the device as it was
             must_suspend = md.inactive is not None and not md.suspended
         if must_suspend:
             self.suspend(name, noflush=True, nolockfs=True)
@@ -708,6 +718,10 @@ class Mapper:
         """Devices that have a live table and are not being removed, and their partitions."""
         return sorted([name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting]
                       + self.partitions.export_names())
+
+    def _export_device(self, name: str) -> MappedDevice | MappedPartition | None:
+        """The device that the NBD export `name` serves, or None."""
+        return self._devices.get(name) or self.partitions.get(name)
 
     def device(self, name: str) -> MappedDevice | MappedPartition:
         part = self.partitions.get(name) if name not in self._devices else None
