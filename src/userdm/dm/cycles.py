@@ -118,8 +118,8 @@ class DependencyGraph:
         (the open itself may already recurse or hang, as an NBD connection to ourselves does)."""
         edge = self._ref_edge(md, ref)
         if edge is not None:
-            walk = _Walk(md, [t for t in (md.live, md.inactive) if t is not None])
-            self._check(walk, [edge])
+            # the table being built replaces the inactive one; the live one stays
+            self._check(_Walk(md, [md.live] if md.live is not None else []), [edge])
 
     def check_table(self, md: MappedDevice, table: Table, keep: Table | None = None) -> None:
         """Before `table` becomes one of `md`'s tables (with `keep`, the other slot that stays):
@@ -133,8 +133,10 @@ class DependencyGraph:
         """The edge a table reference makes, without opening it."""
         try:
             if ref.startswith(PREFIX):
-                dev = self._mapped_ref(ref[len(PREFIX):])
-                return (("view", dev, md), True, None) if isinstance(dev, MappedDevice) else None
+                # what the open refuses (not an interposer, not a mapped device, itself) it reports
+                dev = self._mapped_ref(ref[len(PREFIX):]) if md.interpose else None
+                usable = isinstance(dev, MappedDevice) and dev is not md
+                return (("view", dev, md), True, None) if usable else None
             device = self._mapped_ref(ref)
         except DMError:
             return None  # the open reports it
