@@ -158,6 +158,26 @@ def test_a_cycle_through_the_daemons_own_tcp_export_is_refused(tmp_path, images)
         d.stop()
 
 
+@pytest.mark.fuse
+def test_a_cycle_through_the_daemons_fuse_directory(tmp_path, images):
+    if not os.path.exists("/dev/fuse") or os.geteuid() != 0:
+        pytest.skip("needs /dev/fuse and root")
+    from conftest import Daemon
+    d = Daemon(tmp_path)
+    d.start(fuse=True)
+    try:
+        (img,) = images()
+        fuse_dir = d.runtime / "mapper"
+        d.run("create", "cyA", "--table", linear(img))
+        d.run("create", "cyB", "--table", linear(str(fuse_dir / "cyA")))     # used in process, not via FUSE
+        msg = refused(d, "load", "cyA", "--table", linear(str(fuse_dir / "cyB")))
+        assert "load: ELOOP: cyA -> cyB -> cyA: " in msg
+        with open(fuse_dir / "cyB", "rb") as f:                                # both still serve I/O
+            assert f.read(4096) == bytes(4096)
+    finally:
+        d.stop()
+
+
 def test_resume_checks_again_when_an_nbd_name_now_names_the_device(daemon, images):
     (img, img2) = images(2)
     daemon.run("create", "cyX", "--table", linear(img2))
