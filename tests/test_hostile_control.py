@@ -288,6 +288,29 @@ def test_huge_inputs_get_a_short_reply(tmp_path, images):
 
 # ---- resource limits -------------------------------------------------------------------------
 
+def test_the_decoder_never_buffers_beyond_its_limit_and_keeps_its_framing():
+    dec = protocol.Decoder(4096)
+    got = dec.feed_requests(struct.pack(">I", 1 << 30) + b"x" * (1 << 20))
+    assert len(got) == 1 and isinstance(got[0], DMError) and got[0].errno == errno.E2BIG
+    assert dec.buffered == 0 and dec.pending == (1 << 30) - (1 << 20)
+    for _ in range(1023):
+        assert dec.feed_requests(b"y" * (1 << 20)) == [] and dec.buffered == 0
+    good = protocol.encode(protocol.request("info", name="v"))
+    assert dec.feed_requests(good[:3]) == [] and dec.buffered == 3
+    assert dec.feed_requests(good[3:]) == [{"cmd": "info", "args": {"name": "v"}}]
+    assert dec.buffered == 0 and dec.pending == 0
+
+
+def test_a_million_line_table_fits_the_default_request_limit():
+    table = "".join(f"{i * 2048} 2048 linear /var/lib/userdm/disk{i % 8}.img {i * 2048}\n"
+                    for i in range(1_000_000))
+    data = protocol.encode(protocol.request("create", name="huge", table=table))
+    assert len(data) <= protocol.DEFAULT_MAX_REQUEST
+    got = protocol.Decoder(protocol.DEFAULT_MAX_REQUEST).feed_requests(data)
+    assert got[0]["args"]["table"] == table
+
+
+
 def test_oversize_requests_get_e2big_and_the_connection_carries_on(tmp_path, images):
     d = Daemon(tmp_path)
     d.start("--max-message-size", "1M")

@@ -22,7 +22,11 @@ VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remo
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="userdm", description="The Linux device-mapper in userspace "
-                                "(dmsetup-compatible).", allow_abbrev=False)
+                                "(dmsetup-compatible).", allow_abbrev=False,
+                                epilog="'--' ends the options: `userdm remove -- --help` removes the "
+                                "device named --help. For `open NAME -- CMD` and `create NAME --exec -- "
+                                "CMD` it introduces the command; with two, the first ends the options "
+                                "and the second introduces the command.")
     p.add_argument("verb", choices=VERBS, metavar="COMMAND", help=" ".join(VERBS))
     p.add_argument("args", nargs="*", help="device names and command arguments")
     p.add_argument("--runtime-dir", help="the daemon's runtime directory (env USERDM_RUNTIME_DIR)")

@@ -137,6 +137,11 @@ class Decoder:
         return out
 
     @property
+    def buffered(self) -> int:
+        """Bytes held in memory (never more than one partial message)."""
+        return len(self._buf)
+
+    @property
     def pending(self) -> int:
         """Bytes of an incomplete message held or still to be skipped."""
         return len(self._buf) + self._skip
