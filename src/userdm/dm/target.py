@@ -22,7 +22,7 @@ from typing import ClassVar
 from ..block.device import SECTOR, STATUS_HOLE, STATUS_ZERO, BlockDevice, BlockOpen
 from ..block.failure import clip
 from ..block.partitions import Partition
-from ..errors import DMError
+from ..errors import DMError, clipped
 
 
 class TargetError(Exception):
@@ -99,7 +99,7 @@ class TargetContext:
         except DMError as exc:
             if getattr(exc, "cycle", None):
                 raise  # a dependency cycle (`userdm.dm.cycles`) is reported as it is
-            raise TargetError(f"Device lookup failed: {exc}", exc.errno) from None
+            raise TargetError(f"Device lookup failed: {clipped(exc, 400)}", exc.errno) from None
         self.acquired.append(dev)
         size = dev.open.size // SECTOR
         if start + length > size:
