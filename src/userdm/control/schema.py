@@ -133,7 +133,6 @@ def SECONDS(value: object) -> float:
 def optional(kind: Kind) -> Kind:
     def check(value: object) -> Any:
         return None if value is None else kind(value)
-    check.optional = True  # type: ignore[attr-defined]
     return check
 
 

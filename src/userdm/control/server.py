@@ -223,13 +223,13 @@ class ControlServer:
                 if not decoder.pending:
                     started = time.monotonic()
                 items = decoder.feed_requests(data)
-                if items:
-                    started = time.monotonic()  # the next request starts now
                 for item in items:
                     if isinstance(item, DMError):
                         self._send(conn, protocol.error(item))
                     elif not self._handle(conn, item):
                         return
+                if items:
+                    started = time.monotonic()  # the rest of the next request may come from now
         except OSError as exc:
             log.debug("control connection closed: %s", exc)
         except Exception:  # never let one connection take the daemon down
