@@ -436,6 +436,10 @@ def test_connections_beyond_the_cap_get_eagain_and_a_freed_slot_is_reused(tmp_pa
                 with d.connect() as client:
                     client.info("good")
             assert exc.value.errno == errno.EAGAIN and "--max-control-connections" in exc.value.message
+        with d.connect() as client:  # an event stream is a connection like any other
+            with pytest.raises(DMError) as exc:
+                client.events()
+            assert exc.value.errno == errno.EAGAIN
         res = d.run("info", "good", check=False)
         assert res.returncode == 1 and "EAGAIN" in res.stderr, res
         assert ask(held[0], {"cmd": "info", "args": {"name": "good"}})["ok"]  # those served carry on
