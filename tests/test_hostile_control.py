@@ -298,8 +298,9 @@ def test_a_name_that_is_not_utf8_is_refused_and_listing_exports_still_works(heal
 
 
 def test_huge_inputs_get_a_short_reply(tmp_path, images):
-    """A 100 MB name, command name, uuid or table reaches the schema and the table parser (the
-    message limit is raised for it) and is answered in a few hundred bytes."""
+    """A 100 MB name, and a 10 MB command name, uuid, table, reference or message reach the
+    schema, the table parser and the targets (the message limit is raised for it) and are
+    answered in a few hundred bytes."""
     d = Daemon(tmp_path)
     d.start("--max-message-size", "256M")
     try:
@@ -308,21 +309,22 @@ def test_huge_inputs_get_a_short_reply(tmp_path, images):
             f.write(DATA)
         with d.connect() as client:
             client.create("good", f"0 {(8 << 20) // 512} linear {img} 0")
-        huge = "x" * (100 << 20)
+        huge = "x" * (100 << 20)  # a 100 MB name
+        big = "x" * (10 << 20)  # the other inputs: as long as any error sentence could echo
         s = raw(d)
         for request, err, word in (
                 ({"cmd": "create", "args": {"name": huge, "table": "0 8 zero"}}, "EINVAL", "device name"),
                 ({"cmd": "info", "args": {"name": huge}}, "EINVAL", "'name'"),
-                ({"cmd": huge}, "ENOTTY", "unknown command"),
-                ({"cmd": "create", "args": {"name": "h", "uuid": huge}}, "EINVAL", "uuid"),
-                ({"cmd": "create", "args": {"name": "h", "table": huge}}, "EINVAL", "table line 1"),
-                ({"cmd": "create", "args": {"name": "h", "table": "0 8 " + huge}}, "EINVAL", "unknown target type"),
-                ({"cmd": "create", "args": {"name": "h", "table": f"0 8 linear /{huge} 0"}}, "", "table line 1"),
-                ({"cmd": "create", "args": {"name": "h", "table": f"0 8 linear nbd://{huge} 0"}}, "", "table line 1"),
-                ({"cmd": "create", "args": {"name": "h", "table": f"0 8 linear /dev/mapper/{huge} 0"}}, "ENXIO",
+                ({"cmd": big}, "ENOTTY", "unknown command"),
+                ({"cmd": "create", "args": {"name": "h", "uuid": big}}, "EINVAL", "uuid"),
+                ({"cmd": "create", "args": {"name": "h", "table": big}}, "EINVAL", "table line 1"),
+                ({"cmd": "create", "args": {"name": "h", "table": "0 8 " + big}}, "EINVAL", "unknown target type"),
+                ({"cmd": "create", "args": {"name": "h", "table": f"0 8 linear /{big} 0"}}, "", "table line 1"),
+                ({"cmd": "create", "args": {"name": "h", "table": f"0 8 linear nbd://{big} 0"}}, "", "table line 1"),
+                ({"cmd": "create", "args": {"name": "h", "table": f"0 8 linear /dev/mapper/{big} 0"}}, "ENXIO",
                  "table line 1"),
-                ({"cmd": "notify_failure", "args": {"dev": huge, "offset": 0, "length": 1}}, "EINVAL", "'dev'"),
-                ({"cmd": "message", "args": {"name": "good", "sector": 0, "message": "@" + huge}}, "EINVAL",
+                ({"cmd": "notify_failure", "args": {"dev": big, "offset": 0, "length": 1}}, "EINVAL", "'dev'"),
+                ({"cmd": "message", "args": {"name": "good", "sector": 0, "message": "@" + big}}, "EINVAL",
                  "unknown core message")):
             send(s, request)
             data = b""
