@@ -113,6 +113,10 @@ class Table:
         self.starts = [t.begin * SECTOR for t in targets]
         self.ends = [(t.begin + t.length) * SECTOR for t in targets]
         self.size = self.ends[-1] if targets else 0
+        #: the device's logical block size: 4096 if a target encrypts in 4 KiB sectors (the
+        #: kernel's io_hints; `io_block_size` of a target), else 512
+        self.logical_block_size = 4096 if any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) \
+            else SECTOR
 
     @property
     def sectors(self) -> int:
