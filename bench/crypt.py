@@ -52,17 +52,17 @@ def serve(sock: str, path: str, keyfile: str, mode: str, profile: str | None) ->
 
     size = os.path.getsize(path)
     mapper = Mapper()
-    if mode == "linear":
-        table = f"0 {size // 512} linear {path} 0"
-    else:
-        with open(path, "rb") as f:
-            def read(offset: int, length: int) -> bytes:
-                f.seek(offset)
-                return f.read(length)
-            header = _luks.read_header(read, size)
-            with open(keyfile, "rb") as k:
-                key = _luks.unlock(header, read, k.read())
-        table = _luks.crypt_table(header, key, path, size)
+    with open(path, "rb") as f:
+        def read(offset: int, length: int) -> bytes:
+            f.seek(offset)
+            return f.read(length)
+        header = _luks.read_header(read, size)
+        with open(keyfile, "rb") as k:
+            key = _luks.unlock(header, read, k.read())
+    table = _luks.crypt_table(header, key, path, size)
+    if mode == "linear":   # the same data area, unencrypted (and the header left alone)
+        sectors, start = table.split()[1], header.segment.offset // 512
+        table = f"0 {sectors} linear {path} {start}"
     mapper.create("bench", table)
     srv = NBDServer(mapper, unix_path=sock)
     profiles: list = []
