@@ -107,10 +107,14 @@ def test_detached_header_second_keyslot_and_key_slot_option(daemon, tmp_path):
         "--header", str(hdr), str(img), str(tmp_path / "pw2"))
     assert "No key" in daemon.run("luks", "open", str(img), "d", "--header", str(hdr), "--key-file",
                                   str(tmp_path / "pw2"), "--key-slot", "0", check=False).stderr
-    daemon.run("luks", "open", str(img), "d", "--header", str(hdr), "--key-file", str(tmp_path / "pw2"))
+    daemon.run("luks", "open", str(img), "d", "--header", str(hdr), "--key-file", str(tmp_path / "pw2"),
+               "--readonly", "--allow-discards")
     assert shown_key(daemon, "d") == volume_key(hdr, tmp_path / "pw1")
     table = daemon.run("table", "d").stdout.split()
     assert table[1] == str(8 * MiB // 512) and table[6] == str(img) and table[7] == "0"   # data from 0
+    assert table[8:] == ["2", "allow_discards", "sector_size:4096"]
+    with daemon.connect() as c:
+        assert c.info("d")["readonly"]
     daemon.run("luks", "close", "d")
 
 

@@ -166,8 +166,9 @@ class Engine:
         if size not in AES_KEY_SIZES[spec.chainmode]:
             raise SpecError(f"a {spec.chainmode}(aes) key has {' or '.join(map(str, AES_KEY_SIZES[spec.chainmode]))} "
                             f"bytes, not {size}")
+        whole = memoryview(key)   # slices of a memoryview copy once, into the bytearrays we wipe
         for i in range(spec.keycount):
-            sub = bytearray(key[i * size:(i + 1) * size])
+            sub = bytearray(whole[i * size:(i + 1) * size])
             self._secrets.append(sub)
             self._subs.append(_Subkey(spec, sub, self._secrets))
 
@@ -184,11 +185,9 @@ class Engine:
         """Decrypt `buf` (whole sectors, the first at cc_sector) in place."""
         self._convert(buf, buf, cc_sector, encrypt=False)
 
-    def encrypt(self, data: memoryview, cc_sector: int) -> memoryview:
-        """The ciphertext of `data` (whole sectors, the first at cc_sector), in a new buffer."""
-        out = memoryview(bytearray(len(data) + BLOCK))[:len(data)]
+    def encrypt(self, data: memoryview, cc_sector: int, out: memoryview) -> None:
+        """Encrypt `data` (whole sectors, the first at cc_sector) into `out` (as long)."""
         self._convert(data, out, cc_sector, encrypt=True)
-        return out
 
     def _convert(self, src: memoryview, dst: memoryview, cc_sector: int, *, encrypt: bool) -> None:
         n = len(src) // self.sector_size
@@ -197,19 +196,17 @@ class Engine:
                 dst[:] = src
             return
         keycount = self.spec.keycount
+        # cc_sector is a multiple of the step, so the IV sectors are first + i * inc (mod 2^64)
+        inc = self._step >> self._iv_shift
         if keycount == 1:
-            self._subs[0].convert(src, dst, self._iv_sectors(cc_sector, n), self.sector_size, encrypt)
+            self._subs[0].convert(src, dst, (cc_sector & _MASK64) >> self._iv_shift, inc, n,
+                                  self.sector_size, encrypt)
             return
         for i in range(n):  # keycount > 1: every sector picks its subkey (rare: loop-AES era tables)
-            cc = cc_sector + i * self._step
+            cc = (cc_sector + i * self._step) & _MASK64
             piece = slice(i * self.sector_size, (i + 1) * self.sector_size)
-            self._subs[cc & (keycount - 1)].convert(src[piece], dst[piece], self._iv_sectors(cc, 1),
+            self._subs[cc & (keycount - 1)].convert(src[piece], dst[piece], cc >> self._iv_shift, inc, 1,
                                                     self.sector_size, encrypt)
-
-    def _iv_sectors(self, cc_sector: int, n: int) -> np.ndarray:
-        first = cc_sector & _MASK64
-        sectors = np.arange(n, dtype=U64) * U64(self._step) + U64(first)
-        return sectors >> U64(self._iv_shift) if self._iv_shift else sectors
 
 
 class _Subkey:
@@ -220,7 +217,7 @@ class _Subkey:
         mode = spec.chainmode
         if mode == "xts":
             half = len(key) // 2
-            k1, k2 = bytearray(key[:half]), bytearray(key[half:])
+            k1, k2 = bytearray(memoryview(key)[:half]), bytearray(memoryview(key)[half:])
             secrets += [k1, k2]
             self._ecb = algorithms.AES(k1)
             self._tweak_ecb = algorithms.AES(k2)
@@ -236,10 +233,11 @@ class _Subkey:
                 raise SpecError(f"ESSIV: a {spec.ivopts} digest ({len(salt)} bytes) is no AES key")
             self._essiv = algorithms.AES(salt)
 
-    def ivs(self, iv_sectors: np.ndarray) -> np.ndarray:
-        """The IVs of these sectors as (n, 2) little-endian 64-bit halves."""
+    def ivs(self, first: int, inc: int, n: int) -> np.ndarray:
+        """The IVs of sectors first, first + inc, ... as (n, 2) little-endian 64-bit halves."""
         ivmode = self.spec.ivmode
-        ivs = np.zeros((len(iv_sectors), 2), dtype=U64)
+        iv_sectors = np.arange(n, dtype=U64) * U64(inc) + U64(first)
+        ivs = np.zeros((n, 2), dtype=U64)
         if ivmode in ("plain64", "essiv"):
             ivs[:, 0] = iv_sectors
         elif ivmode == "plain":
@@ -252,23 +250,45 @@ class _Subkey:
             ivs = _ecb(self._essiv, ivs, encrypt=True)
         return ivs
 
-    def convert(self, src: memoryview, dst: memoryview, iv_sectors: np.ndarray, sector_size: int,
+    def iv_bytes(self, first: int, inc: int, n: int) -> bytes:
+        """The same IVs as bytes, computed without numpy (cheaper for a few sectors)."""
+        ivmode = self.spec.ivmode
+        out = bytearray(BLOCK * n)
+        for i in range(n):
+            sector = (first + i * inc) & _MASK64
+            at = i * BLOCK
+            if ivmode in ("plain64", "essiv"):
+                out[at:at + 8] = sector.to_bytes(8, "little")
+            elif ivmode == "plain":
+                out[at:at + 4] = (sector & 0xFFFFFFFF).to_bytes(4, "little")
+            elif ivmode == "plain64be":
+                out[at + 8:at + 16] = sector.to_bytes(8, "big")
+            elif ivmode == "benbi":
+                out[at + 8:at + 16] = (((sector << 5) + 1) & _MASK64).to_bytes(8, "big")
+        if self._essiv is not None:
+            return _encryptor(self._essiv, _ECB).update(bytes(out))
+        return bytes(out)
+
+    def convert(self, src: memoryview, dst: memoryview, first: int, inc: int, n: int, sector_size: int,
                 encrypt: bool) -> None:
+        """Sectors with IV sectors first, first + inc, ...: in bulk, or with a context each."""
         mode = self.spec.chainmode
         if mode == "ecb":
             _ecb_into(self._ecb, src, dst, encrypt)
             return
-        ivs = self.ivs(iv_sectors)
-        n = len(iv_sectors)
         if mode == "xts":
             if (n <= PER_SECTOR_MAX or sector_size >= PER_SECTOR_SIZE) and self._xts is not None:
-                _per_sector(self._xts, modes.XTS, src, dst, ivs, sector_size, encrypt)
+                _per_sector(self._xts, modes.XTS, src, dst, self._raw_ivs(first, inc, n), sector_size, encrypt)
             else:
-                _xts_bulk(self._ecb, self._tweak_ecb, src, dst, ivs, sector_size // BLOCK, encrypt)
+                _xts_bulk(self._ecb, self._tweak_ecb, src, dst, self.ivs(first, inc, n), sector_size // BLOCK,
+                          encrypt)
         elif encrypt or n <= PER_SECTOR_MAX:
-            _per_sector(self._aes, modes.CBC, src, dst, ivs, sector_size, encrypt)
+            _per_sector(self._aes, modes.CBC, src, dst, self._raw_ivs(first, inc, n), sector_size, encrypt)
         else:
-            _cbc_decrypt_bulk(self._ecb, src, dst, ivs, sector_size // BLOCK)
+            _cbc_decrypt_bulk(self._ecb, src, dst, self.ivs(first, inc, n), sector_size // BLOCK)
+
+    def _raw_ivs(self, first: int, inc: int, n: int) -> bytes:
+        return self.iv_bytes(first, inc, n) if n <= 2 * PER_SECTOR_MAX else self.ivs(first, inc, n).tobytes()
 
 
 # ---- the bulk primitives ---------------------------------------------------------------
@@ -288,12 +308,11 @@ def _ecb_into(aes: algorithms.AES, src: memoryview, dst: memoryview, encrypt: bo
     dst[:] = memoryview(out)[:len(src)]
 
 
-def _per_sector(alg: algorithms.AES, mode: type, src: memoryview, dst: memoryview, ivs: np.ndarray,
+def _per_sector(alg: algorithms.AES, mode: type, src: memoryview, dst: memoryview, raw: bytes,
                 sector_size: int, encrypt: bool) -> None:
     out = bytearray(sector_size + BLOCK)
     view = memoryview(out)[:sector_size]
-    raw = ivs.tobytes()
-    for i in range(len(ivs)):
+    for i in range(len(raw) // BLOCK):
         ctx = (_encryptor if encrypt else _decryptor)(alg, mode(raw[i * BLOCK:(i + 1) * BLOCK]))
         piece = slice(i * sector_size, (i + 1) * sector_size)
         ctx.update_into(src[piece], out)

@@ -26,6 +26,7 @@ resume (EAGAIN). I/O must be aligned to the encryption sector size (EIO otherwis
 from __future__ import annotations
 
 import errno
+import threading
 
 from ..block.device import SECTOR
 from ..dm.target import Target, TargetContext, TargetError, register
@@ -35,8 +36,22 @@ from ._crypt_cipher import CipherSpec, Engine, SpecError, parse_spec
 MAX_FEATURE_ARGS = 8
 #: the workqueue switches: kept and printed, in the kernel's order
 WORKQUEUE_FLAGS = ("same_cpu_crypt", "submit_from_crypt_cpus", "no_read_workqueue", "no_write_workqueue")
-#: a write is encrypted and written in pieces of at most this size (bounded memory per request)
-WRITE_CHUNK = 4 << 20
+#: a write is encrypted and written in pieces of at most this size, through one buffer per
+#: thread (I/O below a target completes before the call returns, so the buffer is free again)
+WRITE_CHUNK = 1 << 20
+
+
+class _Buffers(threading.local):
+    ciphertext: memoryview | None = None
+
+
+_buffers = _Buffers()
+
+
+def _ciphertext_buffer() -> memoryview:
+    if _buffers.ciphertext is None:
+        _buffers.ciphertext = memoryview(bytearray(WRITE_CHUNK))
+    return _buffers.ciphertext
 
 
 def _u64(text: str, error: str) -> int:
@@ -244,11 +259,13 @@ class CryptTarget(Target):
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         engine = self._check(offset, len(data))
+        scratch = _ciphertext_buffer()
         for pos in range(0, len(data), WRITE_CHUNK):
             piece = data[pos:pos + WRITE_CHUNK]
             last = pos + WRITE_CHUNK >= len(data)
-            cipher_text = engine.encrypt(piece, (offset + pos) // SECTOR + self.iv_offset)
-            self._open.write(self._base + offset + pos, cipher_text, fua and last)
+            out = scratch[:len(piece)]
+            engine.encrypt(piece, (offset + pos) // SECTOR + self.iv_offset, out)
+            self._open.write(self._base + offset + pos, out, fua and last)
 
     def discard(self, offset: int, length: int) -> None:
         if self.allow_discards:
