@@ -50,6 +50,7 @@ def serve(sock: str, path: str, keyfile: str, mode: str, profile: str | None) ->
     from userdm.export.nbd.server import NBDServer
     from userdm.targets import _luks
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})  # for sigwait, in every thread
     size = os.path.getsize(path)
     mapper = Mapper()
     with open(path, "rb") as f:
