@@ -6,16 +6,13 @@ seed 002's encrypted swap; qemu's own LUKS driver reading what userdm wrote."""
 
 from __future__ import annotations
 
-import base64
 import errno
 import hashlib
 import json
 import os
 import shutil
-import signal
 import struct
 import subprocess
-import time
 from pathlib import Path
 
 import pytest

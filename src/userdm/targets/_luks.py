@@ -465,7 +465,7 @@ def dump(header: Header, device: str) -> str:
     """`cryptsetup luksDump`, without any key material."""
     if header.version == 1:
         return _dump1(header, device)
-    out = ["LUKS header information", f"Version:       \t2", f"Epoch:         \t{header.epoch}",
+    out = ["LUKS header information", "Version:       \t2", f"Epoch:         \t{header.epoch}",
            f"Metadata area: \t{header.hdr_size} [bytes]", f"Keyslots area: \t{header.keyslots_size} [bytes]",
            f"UUID:          \t{header.uuid}", f"Label:         \t{header.label or '(no label)'}",
            f"Subsystem:     \t{header.subsystem or '(no subsystem)'}",
