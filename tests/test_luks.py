@@ -125,6 +125,16 @@ def test_device_may_be_a_mapped_device_or_an_nbd_export(daemon, tmp_path):
     assert daemon.run("table", "v").stdout.split()[6] == "253:0"
     daemon.run("luks", "close", "v")
     daemon.run("remove", "lin")
+    if os.geteuid() == 0 and shutil.which("losetup"):          # a kernel block device
+        loop = run("losetup", "--show", "-f", str(img)).strip()
+        try:
+            daemon.run("luks", "open", loop, "b", "--key-file", str(keyfile))
+            assert shown_key(daemon, "b") == volume_key(img, keyfile)
+            rdev = os.stat(loop).st_rdev
+            assert daemon.run("table", "b").stdout.split()[6] == f"{os.major(rdev)}:{os.minor(rdev)}"
+            daemon.run("luks", "close", "b")
+        finally:
+            run("losetup", "-d", loop)
     if shutil.which("nbdkit") is None:
         pytest.skip("nbdkit is not installed")
     sock = tmp_path / "nbdkit.sock"
