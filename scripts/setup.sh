@@ -11,7 +11,7 @@ PACKAGES=(
   python3 python3-venv python3-dev python3-libnbd
   nbdkit libnbd-bin qemu-utils fio
   fuse3 libfuse3-dev pkg-config
-  e2fsprogs util-linux fdisk cryptsetup-bin
+  e2fsprogs util-linux fdisk cryptsetup-bin   # cryptsetup: luksFormat/reencrypt oracles for crypt and LUKS
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

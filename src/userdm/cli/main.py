@@ -17,7 +17,7 @@ from . import format as fmt
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
          "wipe_table", "partprobe", "era", "daemon", "help", "notify-failure",
-         "events", "backup")
+         "events", "backup", "luks")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--control-message-timeout", type=float, metavar="SECONDS", default=60.0,
                    help="daemon: a control request must arrive in full, and a reply be taken, "
                    "within this time, else the connection closes (default 60)")
+    from . import luks
+    luks.add_options(p)
     return p
 
 
@@ -338,6 +340,11 @@ class Commands:
         else:
             usage("usage: backup start DEV --store DIR [--cow-size SIZE] | "
                   "backup copy DEV DEST [--since ERA] | backup drop DEV [--all]")
+
+    def luks(self) -> None:
+        """`luks open|close|dump` (see `userdm.cli.luks`)."""
+        from . import luks
+        luks.main(self.dm, self.o, self.args, self.o.runtime_dir)
 
     def notify_failure(self) -> None:
         """`notify-failure DEV OFFSET LENGTH`: report a failed byte range (K/M/G/T suffixes) of a

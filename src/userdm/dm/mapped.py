@@ -251,6 +251,7 @@ class MappedDevice(BlockDevice):
             self.live, self.inactive = new, None
             resized = old is None or old.size != new.size
             self.size = new.size
+            self.logical_block_size = new.logical_block_size
             self.read_only = new.read_only
             if old is not None:
                 old.destroy()

@@ -333,6 +333,7 @@ class Mapper:
             md = self._find(name)
             old_size = md.size
             resized = md.resume()
+            md.restore_error = None  # a table with its key is live again
             self._attach(md)
             if resized and old_size:
                 md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
@@ -517,6 +518,7 @@ class Mapper:
             "holder": md.holders_description(),
             "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links
                               if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
+            **({"restore_error": md.restore_error} if getattr(md, "restore_error", None) else {}),
         }
 
     def list(self) -> list[dict[str, Any]]:
@@ -594,12 +596,15 @@ class Mapper:
                 raise DMError(errno.EINVAL, "empty message")
             if args[0].startswith("@"):
                 return self._core_message(md, args)
-            if md.live is None:
+            table = md.live
+            if table is None and md.inactive is not None and md.inactive.needs_key:
+                table = md.inactive  # restored without its key: `key set` goes to the waiting table
+            if table is None:
                 return None  # the kernel does nothing (and reports success) without a live table
-            target = md.live.target_at(int(sector))
+            target = table.target_at(int(sector))
             if target is None:
                 raise DMError(errno.EINVAL, f"message sector {sector} is beyond the end of {name} "
-                              f"({md.live.sectors} sectors)")
+                              f"({table.sectors} sectors)")
             result = target.message(args)
             self._changed("message", md)
             return result
@@ -768,7 +773,9 @@ class Mapper:
                         table = entry[slot]
                         try:
                             self.load(entry["name"], table["text"], readonly=table["read_only"])
-                            if slot == "live":
+                            if table.get("needs_key"):
+                                self._await_key(entry["name"])
+                            elif slot == "live":
                                 self.resume(entry["name"])
                         except DMError as exc:
                             failed.append(entry)
@@ -790,6 +797,18 @@ class Mapper:
             self.state_dir = state_dir
         if self.state_dir:
             state_file.save(self.state_dir, self._state())
+
+    def _await_key(self, name: str) -> None:
+        """A table saved without its key (crypt) is loaded into the inactive slot with its key
+        wiped; `info` says so, and `message NAME 0 key set KEY` + `resume` (or `luks open`)
+        brings it back, as after cryptsetup's luksSuspend."""
+        md = self._devices[name]
+        for target in md.inactive.targets if md.inactive is not None else ():
+            if getattr(target, "has_keys", False):
+                target.forget_key()
+        kinds = sorted({t.name for t in md.inactive.targets if getattr(t, "has_keys", False)})
+        md.restore_error = f"ENOKEY: {'/'.join(kinds)} table needs its key again (keys are never saved)"
+        log.info("%s: %s", name, md.restore_error)
 
     def close(self) -> None:
         """Release every device's tables without forgetting the saved state (daemon exit)."""
@@ -837,7 +856,10 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 
 
 def _table_state(table: Table | None) -> dict[str, Any] | None:
-    return None if table is None else {"text": table.text, "read_only": table.read_only}
+    if table is None:
+        return None
+    saved = {"text": table.text, "read_only": table.read_only}
+    return {**saved, "needs_key": True} if table.needs_key else saved  # text without the key
 
 
 def _dep(dev: Any) -> dict[str, Any]:

@@ -109,10 +109,20 @@ class Table:
         self._ctx = ctx
         read_only = ctx.read_only
         self.read_only = read_only
-        self.text = text
+        #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
+        #: the key masked, as `table` prints it without --showkeys; the key lives only in its
+        #: target, so the state store never sees it (and restores such a table without it)
+        self.needs_key = any(getattr(t, "has_keys", False) and getattr(t, "key_size", 0) for t in targets)
+        self.text = "\n".join(f"{t.begin} {t.length} {t.name} "
+                              f"{t.table(False) if getattr(t, 'has_keys', False) else t.table()}"
+                              for t in targets) if self.needs_key else text
         self.starts = [t.begin * SECTOR for t in targets]
         self.ends = [(t.begin + t.length) * SECTOR for t in targets]
         self.size = self.ends[-1] if targets else 0
+        #: the device's logical block size: 4096 if a target encrypts in 4 KiB sectors (the
+        #: kernel's io_hints; `io_block_size` of a target), else 512
+        self.logical_block_size = 4096 if any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) \
+            else SECTOR
 
     @property
     def sectors(self) -> int:
