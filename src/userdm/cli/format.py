@@ -62,6 +62,8 @@ def info_long(info: dict[str, Any], *, opencount: bool = True) -> str:
     flags = userdm_flags(info)
     if flags:
         lines.append(f"userdm flags:      {', '.join(flags)}")
+    if info.get("restore_error"):
+        lines.append(f"Not restored:      {info['restore_error']}")
     return "\n".join(lines) + "\n"
 
 

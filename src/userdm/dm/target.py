@@ -200,8 +200,10 @@ _loaded = False
 def _load_builtin_targets() -> None:
     global _loaded
     if not _loaded:
-        _loaded = True
+        # marked loaded only once the import is complete: a concurrent first table build waits
+        # for it on the import lock instead of finding no targets
         from .. import targets  # noqa: F401  - importing registers every target module
+        _loaded = True
 
 
 def parse_sector(text: str, what: str) -> int:
