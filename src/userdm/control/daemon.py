@@ -7,12 +7,15 @@ can be restored, mount the FUSE directory `mapper/`, restore the saved devices
 every restored device is served over NBD and FUSE. It runs in the foreground until SIGTERM or
 SIGINT. On exit it unmounts and removes only what it created; the devices come back on the
 next start from the state directory. Stopping takes at most `STOP_TIMEOUT` seconds, even with
-devices whose I/O is stuck: what is not released by then is left to the process's exit
-(every change is already committed, so nothing is lost).
+devices whose I/O is stuck: after `STUCK_GRACE` seconds the devices are released, which fails
+the I/O they hold with EIO (a suspended device's held requests, say) so that their
+connections end; what is still not released by `STOP_TIMEOUT` is left to the process's exit
+(every change is already committed, so nothing saved is lost).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -29,6 +32,8 @@ log = logging.getLogger("userdm.daemon")
 
 #: seconds that stopping may take before the daemon exits anyway (stuck devices)
 STOP_TIMEOUT = 10.0
+#: seconds that exports may take to finish their requests before held I/O is failed
+STUCK_GRACE = 3.0
 
 EXAMPLE_NAME = "example"
 EXAMPLE_SIZE = 1 << 30
@@ -129,16 +134,29 @@ class Daemon:
         threading.Thread(target=work, name="daemon-stop", daemon=True).start()
         if done.wait(STOP_TIMEOUT):
             return True
-        log.error("stopping took more than %.0f seconds (a device's I/O is stuck); exiting anyway", STOP_TIMEOUT)
+        log.error("stopping took more than %.0f seconds (a device's I/O is stuck); exiting anyway; "
+                  "the threads that are still busy:", STOP_TIMEOUT)
+        faulthandler.dump_traceback(all_threads=True)
         return False
 
     def _stop(self) -> None:
-        for service in reversed(self._services):
-            try:
-                service.stop()
-            except Exception:
-                log.exception("stopping %s failed", type(service).__name__)
-        self._services.clear()
+        services, self._services = list(reversed(self._services)), []
+        done = threading.Event()
+
+        def stop_services() -> None:
+            for service in services:
+                try:
+                    service.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(service).__name__)
+            done.set()
+        threading.Thread(target=stop_services, name="stop-services", daemon=True).start()
+        if not done.wait(STUCK_GRACE) and self.mapper is not None:
+            # connections wait for I/O that a suspended (or otherwise stuck) device holds:
+            # releasing the devices fails that I/O with EIO, and the connections end
+            log.warning("I/O is still held after %.0f seconds; failing it to stop", STUCK_GRACE)
+            self.mapper.close()
+        done.wait()
         if self.mapper is not None:
             self.mapper.close()
         for path in (paths.nbd_socket(self.runtime_dir),):

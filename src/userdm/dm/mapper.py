@@ -1015,7 +1015,7 @@ class Mapper:
     def close(self) -> None:
         """Release every device's tables without forgetting the saved state (daemon exit).
         Takes no device's lock, so a device stuck in a suspend does not hold it up: its
-        waiting I/O fails with EIO."""
+        waiting I/O fails with EIO. Idempotent."""
         self._closing.set()
         self._restorer.stop()
         self.partitions.close()
