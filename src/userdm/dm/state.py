@@ -49,6 +49,7 @@ _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS tables ("
     " minor INTEGER NOT NULL, slot TEXT NOT NULL CHECK (slot IN ('live', 'inactive')),"
     " text TEXT NOT NULL, read_only INTEGER NOT NULL, PRIMARY KEY (minor, slot))",
+    "CREATE INDEX IF NOT EXISTS devices_by_seq ON devices (seq)",
     f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}')",
 )
 
