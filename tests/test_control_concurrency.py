@@ -51,6 +51,7 @@ def test_a_stuck_device_does_not_hold_up_requests_about_others(tmp_path, images)
     try:
         d.run("create", "lower", "--table", f"0 {SECTORS} linear {img} 0")
         d.run("create", "stuck", "--table", f"0 {SECTORS} delay /dev/mapper/lower 0 600000")
+        d.run("create", "flushy", "--table", f"0 {SECTORS} linear /dev/mapper/lower 0")
         d.run("create", "other", "--table", f"0 {SECTORS} linear {other_img} 0")
         stuck = Export(d, "stuck")
         exports.append(stuck)
@@ -62,6 +63,10 @@ def test_a_stuck_device_does_not_hold_up_requests_about_others(tmp_path, images)
             client.suspend("lower")
             suspended = threading.Event()
             threads.append(threading.Thread(target=lambda: (d.connect().suspend("stuck"), suspended.set())))
+            threads[-1].start()
+            # and a suspend whose flush waits for `lower`
+            flushed = threading.Event()
+            threads.append(threading.Thread(target=lambda: (d.connect().suspend("flushy"), flushed.set())))
             threads[-1].start()
             # the suspend released the delayed read into `lower`, which holds it: the drain is stuck
             assert wait_until(lambda: delay_status(client, "stuck")[0] == 0)
@@ -75,10 +80,12 @@ def test_a_stuck_device_does_not_hold_up_requests_about_others(tmp_path, images)
                 assert other.handle.read(0, 10) == b"other data"
             assert "stuck" in d.run("ls").stdout and not client.info("stuck")["suspended"]
             assert not suspended.is_set() and not read_done.is_set()  # still stuck after all that
+            assert not flushed.is_set()
             client.resume("lower")
-            assert suspended.wait(60) and read_done.wait(60)
-            assert client.info("stuck")["suspended"]
+            assert suspended.wait(60) and read_done.wait(60) and flushed.wait(60)
+            assert client.info("stuck")["suspended"] and client.info("flushy")["suspended"]
             client.resume("stuck")
+            client.resume("flushy")
     finally:
         for e in exports:
             e.close()
