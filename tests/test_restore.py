@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 
-from conftest import Daemon
+from conftest import Daemon, wait_until
 from userdm.dm.mapper import Mapper
 from userdm.errors import DMError
 from userdm.nbd.client import RemoteDevice
@@ -211,3 +213,59 @@ def test_sigkill_during_concurrent_creates_leaves_no_half_device_and_no_duplicat
     finally:
         stop.set()
         d.stop()
+
+
+def test_a_table_loaded_over_an_unrestored_one_replaces_it(tmp_path, images):
+    (img,) = images(1, 4 * MiB)
+    state = tmp_path / "state"
+    m = Mapper(state)
+    m.create("dev", f"0 {SECTORS} linear {img} 0")
+    m.close()
+    os.rename(img, img + ".away")
+    m = Mapper(state)
+    try:
+        assert m.info("dev")["restore_error"].startswith("ENOENT")
+        assert m.table("dev") == [[0, SECTORS, "linear", f"{img} 0"]]  # as saved
+        m.load("dev", "0 8 zero")  # the user's choice: the new table replaces the saved one
+        m.resume("dev")
+        assert m.info("dev")["live"] and m.info("dev")["restore_error"] is None
+    finally:
+        m.close()
+    m = Mapper(state)
+    try:
+        assert m.table("dev") == [[0, 8, "zero", ""]] and m.info("dev")["restore_error"] is None
+    finally:
+        m.close()
+
+
+@pytest.mark.skipif(shutil.which("nbdkit") is None, reason="needs nbdkit")
+def test_a_table_waiting_on_an_nbd_server_is_retried_until_it_is_up(tmp_path):
+    sock = tmp_path / "nbdkit.sock"
+
+    def nbdkit() -> subprocess.Popen:
+        proc = subprocess.Popen(["nbdkit", "--foreground", "--unix", str(sock), "--exit-with-parent",
+                                 "memory", "16M"], stderr=subprocess.DEVNULL)
+        assert wait_until(sock.exists)
+        return proc
+
+    def stop(proc: subprocess.Popen) -> None:
+        proc.terminate()
+        proc.wait(30)
+        sock.unlink(missing_ok=True)  # nbdkit leaves its socket behind
+
+    server = nbdkit()
+    state = tmp_path / "state"
+    m = Mapper(state)
+    m.create("remote", f"0 {16 * MiB // 512} linear nbd+unix:///?socket={sock} 0")
+    m.close()
+    stop(server)
+    m = Mapper(state)
+    try:
+        info = m.info("remote")
+        assert not info["live"] and info["restore_error"].startswith("ENXIO") and str(sock) in info["restore_error"]
+        server = nbdkit()
+        assert wait_until(lambda: m.info("remote")["live"], timeout=120)  # retried with back-off
+        assert m.info("remote")["restore_error"] is None and m.info("remote")["size"] == 16 * MiB
+    finally:
+        m.close()
+        stop(server)

@@ -446,6 +446,7 @@ class Mapper:
             md.set_inactive(new)
             md.saved_inactive = None
             md.loaded_since_restore = True
+            _settle_restore(md)
             self._emit({"event": "load", "name": md.name})
             return self._info(md)
 
@@ -476,6 +477,7 @@ class Mapper:
                 self._commit("clear", state_file.drop_table(md.minor, "inactive"))
             md.clear()
             md.saved_inactive = None
+            _settle_restore(md)
             self._emit({"event": "clear", "name": md.name})
             return self._info(md)
 
@@ -539,6 +541,7 @@ class Mapper:
                     log.error("cannot undo the failed resume of %s in the state store: %s", md.name, exc)
             raise
         self._attach(md)
+        _settle_restore(md)
         if resized and old_size:
             md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
         self._emit({"event": "resume", "name": md.name, "resized": resized, "size": md.size})
@@ -1081,6 +1084,13 @@ def _dep(dev: Any) -> dict[str, Any]:
         "shared": dev.shared,
         "size": device.size // SECTOR,
     }
+
+
+def _settle_restore(md: MappedDevice) -> None:
+    """A user's load, clear or resume replaced the saved tables that restore could not build:
+    there is no restore error left to report once none is pending."""
+    if md.saved_live is None and md.saved_inactive is None:
+        md.restore_error = None
 
 
 def _takes_showkeys(target: Any) -> bool:
