@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -56,7 +55,7 @@ def test_a_missing_backing_file_keeps_its_table_until_resume_brings_it_back(tmp_
                 assert not low["live"] and low["restore_error"].startswith("ENOENT: ") and img in low["restore_error"]
                 assert not top["live"] and top["restore_error"].startswith("EINVAL: ")  # low has no size yet
                 assert client.info("other")["live"] and client.info("other")["restore_error"] is None
-            assert f"Not restored:      ENOENT: " in d.run("info", "low").stdout
+            assert "Not restored:      ENOENT: " in d.run("info", "low").stdout
             assert d.run("table", "low").stdout == table_before  # the saved table, as saved
             res = d.run("resume", "low", check=False)
             assert res.returncode != 0 and "ENOENT" in res.stderr
@@ -119,7 +118,7 @@ def legacy_state(img: str) -> dict:
         dev("bare", 2, inactive={"text": "0 16 zero", "read_only": False}),
         dev("sus", 3, live={"text": "0 8 zero", "read_only": False},
             inactive={"text": "0 32 zero", "read_only": True}, suspended=True),
-        dev("front", 5, live={"text": f"0 16 linear [interpose]/dev/mapper/ro 0", "read_only": True},
+        dev("front", 5, live={"text": "0 16 linear [interpose]/dev/mapper/ro 0", "read_only": True},
             interpose=True),
         dev("empty", 6),
     ]}

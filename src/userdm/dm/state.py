@@ -149,7 +149,7 @@ def store_error(exc: BaseException, what: str, path: str) -> DMError:
         code = getattr(exc, "sqlite_errorcode", None)
         err = _ERRNO.get(code & 0xFF, errno.EIO) if isinstance(code, int) else errno.EIO
         text = str(exc)
-    return DMError(err, f"{what}: the change cannot be saved in {path} ({text}); nothing was changed")
+    return DMError(err, f"cannot save the {what} in {path} ({text}); nothing was changed")
 
 
 class StateStore:
@@ -265,7 +265,9 @@ class StateStore:
                         pass
                     raise
             except (sqlite3.Error, OSError) as exc:
-                raise store_error(exc, what, self.path) from None
+                error = store_error(exc, what, self.path)
+                log.warning("refused: %s", error)
+                raise error from None
             if self._pending:
                 self._pending = []
                 if self._legacy is not None:
