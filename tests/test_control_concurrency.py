@@ -79,6 +79,9 @@ def test_a_stuck_device_does_not_hold_up_requests_about_others(tmp_path, images)
                 client.remove(f"n{i}")
                 assert other.handle.read(0, 10) == b"other data"
             assert "stuck" in d.run("ls").stdout and not client.info("stuck")["suspended"]
+            client.create("spare", "0 8 zero")
+            left = client.remove_all()["left_open"]  # returns, leaving the busy and the open ones
+            assert sorted(left) == ["flushy", "lower", "other", "stuck"] and "spare" not in d.run("ls").stdout
             assert not suspended.is_set() and not read_done.is_set()  # still stuck after all that
             assert not flushed.is_set()
             client.resume("lower")

@@ -50,6 +50,7 @@ log = logging.getLogger("userdm.dm")
 DRIVER_VERSION = (4, 50, 0)
 REMOVE_RETRIES = 25          # dmsetup's DM_IOCTL_RETRIES
 REMOVE_RETRY_DELAY = 0.2     # dmsetup's DM_RETRY_USLEEP_DELAY
+REMOVE_ALL_WAIT = 1.0        # how long remove_all waits for a device that another operation holds
 
 
 class Mapper:
@@ -250,11 +251,11 @@ class Mapper:
         finally:
             self._unlock_device(md)
 
-    def _lock_device(self, md: MappedDevice, *, blocking: bool = True) -> bool:
+    def _lock_device(self, md: MappedDevice, *, blocking: bool = True, timeout: float = -1) -> bool:
         me = threading.get_ident()
         if md.op_owner == me:
             raise RuntimeError(f"device {md.name}: nested control operation in one thread")
-        if not md.op_lock.acquire(blocking):
+        if not md.op_lock.acquire(blocking, timeout if blocking else -1):
             return False
         md.op_owner = me
         return True
@@ -651,7 +652,10 @@ class Mapper:
         return {"left_open": [md.name for md in left]}
 
     def _try_remove(self, md: MappedDevice, what: str) -> bool:
-        self._lock_device(md)
+        """Remove `md` if it is unopened; a device whose lock stays busy for REMOVE_ALL_WAIT
+        seconds (a suspend stuck on its I/O) is left alone, as an open one is."""
+        if not self._lock_device(md, timeout=REMOVE_ALL_WAIT):
+            return False
         try:
             if self._devices.get(md.name) is not md or md.deleting or md.interposers:
                 return False
