@@ -40,8 +40,8 @@ SECTOR = 512
 
 def serve(mountpoint: str, path: str) -> None:
     """Helper mode: a Mapper with one linear device `bench` over `path`, exported at `mountpoint`."""
-    from userdm.dm.mapper import Mapper
-    from userdm.fuse import FuseExport
+    from userdm import Mapper
+    from userdm.export.fuse import FuseExport
 
     mapper = Mapper()
     mapper.create("bench", f"0 {os.path.getsize(path) // SECTOR} linear {path} 0")

@@ -20,7 +20,7 @@ import threading
 import time
 from pathlib import Path
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 
 MiB = 1 << 20
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 
 
 def per_read(fn, offsets) -> float:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 
 USERDM = [sys.executable, "-m", "userdm"]
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from userdm.block.file import FileDisk
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
 from userdm.targets._era_metadata import BLOCK, EraMetadata, layout
 

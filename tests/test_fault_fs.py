@@ -27,7 +27,7 @@ import pytest
 from test_fuse_export import Undo, check_tree, run, wait_for, write_tree
 
 from conftest import Daemon
-from userdm.fuse.unmount import fuse_mounts
+from userdm.export.fuse.unmount import fuse_mounts
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 

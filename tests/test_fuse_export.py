@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
@@ -36,7 +36,7 @@ def _missing() -> str | None:
     if not os.path.exists("/dev/fuse"):
         return "needs /dev/fuse"
     try:
-        import userdm.fuse.libfuse  # noqa: F401  (mfusepy + libfuse3)
+        import userdm.export.fuse.libfuse  # noqa: F401  (mfusepy + libfuse3)
     except (ImportError, OSError) as exc:
         return f"needs mfusepy and libfuse3: {exc}"
     for tool in TOOLS:
@@ -48,8 +48,8 @@ def _missing() -> str | None:
 if (_reason := _missing()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-from userdm.fuse import FuseExport, cleanup_stale  # noqa: E402
-from userdm.fuse.unmount import fuse_mounts  # noqa: E402
+from userdm.export.fuse import FuseExport, cleanup_stale  # noqa: E402
+from userdm.export.fuse.unmount import fuse_mounts  # noqa: E402
 
 MiB = 1 << 20
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -359,8 +359,8 @@ def test_cleanup_stale_mount_of_a_killed_daemon(base, request):
     script = textwrap.dedent(f"""
         import sys, time
         sys.path.insert(0, {SRC!r})
-        from userdm.dm.mapper import Mapper
-        from userdm.fuse import FuseExport
+        from userdm import Mapper
+        from userdm.export.fuse import FuseExport
         FuseExport(Mapper(), {str(mnt)!r}).start()
         print("ready", flush=True)
         time.sleep(600)

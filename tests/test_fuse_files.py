@@ -1,4 +1,4 @@
-"""Unit tests of the FUSE directory model (`userdm.fuse.files`): no FUSE, no root needed."""
+"""Unit tests of the FUSE directory model (`userdm.export.fuse.files`): no FUSE, no root needed."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import stat
 
 import pytest
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
-from userdm.fuse.files import ROOT_INODE, DeviceFiles
+from userdm.export.fuse.files import ROOT_INODE, DeviceFiles
 
 SECTORS = 2048  # 1 MiB
 

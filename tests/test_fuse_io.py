@@ -13,16 +13,16 @@ from pathlib import Path
 import pytest
 
 from conftest import wait_until
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
 if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 try:
-    from userdm.fuse import FuseExport
-    from userdm.fuse.libfuse import MIN_THREADS
-    from userdm.fuse.unmount import fuse_mounts
+    from userdm.export.fuse import FuseExport
+    from userdm.export.fuse.libfuse import MIN_THREADS
+    from userdm.export.fuse.unmount import fuse_mounts
 except (ImportError, OSError) as _exc:
     pytest.skip(f"needs mfusepy and libfuse3: {_exc}", allow_module_level=True)
 

@@ -150,7 +150,7 @@ def test_striped_failure_translation_inverts_the_mapping(stripes, chunk_sectors,
     """For every layout and failed range, the ranges striped reports are exactly the target
     sectors whose I/O the striped mapping sends into the failed range (checked sector by sector
     with the target's own forward mapping)."""
-    from userdm.dm.mapper import Mapper
+    from userdm import Mapper
     mapper = Mapper()
     try:
         disks = {f"mem://{i}": MemoryDisk(1 * MiB) for i in range(stripes)}

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import wait_until
 from userdm.block.device import HolderOps
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
 
 MiB = 1 << 20

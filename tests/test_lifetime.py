@@ -18,7 +18,7 @@ import threading
 import pytest
 
 from conftest import USERDM, wait_until
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
 
 SECTORS = 8192  # 4 MiB devices
@@ -345,7 +345,7 @@ def test_fuse_opens_obey_no_open_and_max_opens(tmp_path, images):
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("needs root and /dev/fuse")
     pytest.importorskip("mfusepy")
-    from userdm.fuse import FuseExport
+    from userdm.export.fuse import FuseExport
     (img,) = images()
     mnt = tmp_path / "mapper"
     mnt.mkdir()

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from userdm.dm.mapper import Mapper
-from userdm.nbd.server import NBDServer
+from userdm import Mapper
+from userdm.export.nbd.server import NBDServer
 
 pytestmark = pytest.mark.interop
 MiB = 1 << 20

@@ -12,11 +12,11 @@ import struct
 import pytest
 
 from conftest import wait_until
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.nbd import constants as C
 from userdm.nbd.handshake import encode_go
 from userdm.nbd.protocol import encode_request
-from userdm.nbd.server import NBDServer
+from userdm.export.nbd.server import NBDServer
 
 MiB = 1 << 20
 SIZE = 32 * MiB

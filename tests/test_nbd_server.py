@@ -10,13 +10,13 @@ import threading
 
 import pytest
 
-from userdm.dm.mapper import Mapper
+from userdm import Mapper
 from userdm.errors import DMError
 from userdm.nbd import constants as C
 from userdm.nbd.client import NBDConnection, RemoteDevice, parse_url
 from userdm.nbd.handshake import encode_go, encode_option
 from userdm.nbd.protocol import encode_request
-from userdm.nbd.server import NBDServer
+from userdm.export.nbd.server import NBDServer
 
 MiB = 1 << 20
 
@@ -374,7 +374,7 @@ def _wait(cond, timeout=20.0):
 def test_catalog_refusals():
     """UNKNOWN for a missing device, SHUTDOWN for one with a live table that is not exported
     any more (being removed)."""
-    from userdm.nbd.catalog import MapperCatalog
+    from userdm.export.nbd.catalog import MapperCatalog
     from userdm.nbd.handshake import Refused
 
     class Fake:
@@ -399,8 +399,8 @@ def test_catalog_refusals():
 def test_table_over_the_same_daemons_own_export(tmp_path, images):
     """Loading a table that connects to this daemon's own NBD export must not deadlock:
     opens, info and the export list do not wait for the registry lock held by the load."""
-    from userdm.dm.mapper import Mapper
-    from userdm.nbd.server import NBDServer
+    from userdm import Mapper
+    from userdm.export.nbd.server import NBDServer
     (img,) = images(1, 8 << 20)
     m = Mapper()
     sock = tmp_path / "own.sock"

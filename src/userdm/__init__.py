@@ -5,14 +5,13 @@ Public API: `Mapper` (in-process device-mapper), `connect()` (client of a runnin
 """
 
 from .errors import DMError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):
     # Imported lazily so that `import userdm` stays cheap for the CLI.
     if name == "Mapper":
-        from .dm.mapper import Mapper
+        from .inprocess import Mapper
         return Mapper
     if name == "connect":
         from .control.client import connect

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import DMError
 from . import paths, protocol
+from .dial import dial
 from .event_stream import EventStream
 
 
@@ -20,14 +21,7 @@ class Client:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.connect(path)
-        except OSError as exc:
-            self._sock.close()
-            raise DMError(errno.ENOENT if isinstance(exc, FileNotFoundError) else exc.errno or errno.EIO,
-                          f"cannot reach the userdm daemon at {path}: {exc.strerror}; "
-                          "is `userdm daemon` running?") from None
+        self._sock = dial(path)
         self._decoder = protocol.Decoder()
         self._lock = threading.Lock()
 

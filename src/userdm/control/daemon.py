@@ -91,20 +91,22 @@ class Daemon:
 
     def _start_nbd(self) -> Any:
         try:
-            from ..nbd.server import NBDServer
+            from ..export.nbd.server import NBDServer
         except ImportError as exc:
             log.warning("NBD export unavailable: %s", exc)
             return None
         server = NBDServer(self.mapper, unix_path=paths.nbd_socket(self.runtime_dir), tcp=self.nbd_listen)
         server.start()
         self._services.append(server)
-        self.mapper.fd_server = server
+        self.mapper.open_sockets = server
+        # tables over these are edges to the exported devices (`userdm.dm.cycles`)
+        self.mapper.nbd_addresses = [str(server.unix_path)] + ([server.tcp_address] if server.tcp_address else [])
         self.mapper.own_nbd_socket = str(paths.nbd_socket(self.runtime_dir))
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:
         try:
-            from ..fuse import FuseExport, cleanup_stale
+            from ..export.fuse import FuseExport, cleanup_stale
         except ImportError as exc:
             log.warning("FUSE export unavailable: %s", exc)
             return

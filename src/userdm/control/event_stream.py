@@ -26,6 +26,7 @@ from typing import Any
 from ..dm.events import matches
 from ..errors import DMError
 from . import protocol
+from .dial import dial
 
 #: records kept for a slow reader before the oldest are dropped
 MAX_PENDING = 10000
@@ -97,9 +98,7 @@ class EventStream:
     """A live stream of the daemon's event records on a control connection of its own."""
 
     def __init__(self, path: str, *, name: str | None = None, recent: bool = False) -> None:
-        from .client import Client  # the same connection rules as every client
-        self._client = Client(path)
-        self._sock = self._client._sock
+        self._sock = dial(path)  # a connection of its own, made as every client makes one
         self._decoder = protocol.Decoder()
         self._ready: deque[dict[str, Any]] = deque()
         self._thread: threading.Thread | None = None
@@ -107,7 +106,7 @@ class EventStream:
             self._sock.sendall(protocol.encode(protocol.request("events", name=name, recent=recent)))
             protocol.result_of(self._next_message())
         except BaseException:
-            self._client.close()
+            self._sock.close()
             raise
 
     def _next_message(self) -> dict[str, Any]:
@@ -150,7 +149,7 @@ class EventStream:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        self._client.close()
+        self._sock.close()
 
     def __enter__(self) -> EventStream:
         return self

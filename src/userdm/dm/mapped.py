@@ -14,6 +14,7 @@ of its state (`info`) take no lock. I/O takes only `_cond`, briefly.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from collections.abc import Callable
@@ -66,6 +67,9 @@ class MappedDevice(BlockDevice):
         self.interposers: list[MappedDevice] = []
         #: finds the mapped device that a reference names (set by the registry)
         self.lookup_mapped: Callable[[str], MappedDevice | None] = lambda ref: None
+        #: refuses tables that would make this device depend on itself (`userdm.dm.cycles`;
+        #: a `DependencyGraph`, set by the registry)
+        self.graph = None
         self.live: Table | None = None
         self.inactive: Table | None = None
         self.suspended = False
@@ -140,6 +144,8 @@ class MappedDevice(BlockDevice):
         shared = shared or self.shared
         key = (ref, write, shared)
         entry = self._table_devices.get(key)
+        if entry is None and self.graph is not None:
+            self.graph.check_ref(self, ref)  # before the open: an open of a cycle may hang
         if entry is None and ref.startswith(interposer.PREFIX):
             open_, name = self._open_interposed(ref[len(interposer.PREFIX):], write)
             entry = self._table_devices[key] = [TableDevice(ref, name, open_, True), 0]
@@ -186,10 +192,38 @@ class MappedDevice(BlockDevice):
         return build_table(text, ctx)
 
     def set_inactive(self, table: Table) -> None:
-        """Put a built table in the inactive slot, replacing any inactive table."""
-        old, self.inactive = self.inactive, table
+        """Put a built table in the inactive slot, replacing any inactive table; ELOOP (and
+        `table` destroyed) if it would close a dependency cycle, checked atomically with the
+        install so that two loads cannot each close half of a cycle."""
+        try:
+            with self._graph_lock():
+                if self.graph is not None:
+                    self.graph.check_table(self, table, keep=self.live)
+                old, self.inactive = self.inactive, table
+        except BaseException:
+            table.destroy()
+            raise
         if old is not None:
             old.destroy()
+
+    def check_table(self, table: Table, keep_inactive: bool = False) -> None:
+        """ELOOP if `table`, as this device's next inactive table (or, with `keep_inactive`, its
+        next live one beside the inactive one), would close a dependency cycle."""
+        if self.graph is not None:
+            with self.graph.lock:
+                self.graph.check_table(self, table, keep=self.inactive if keep_inactive else self.live)
+
+    def _graph_lock(self):  # noqa: ANN202 - a context manager
+        return self.graph.lock if self.graph is not None else contextlib.nullcontext()
+
+    def check_resume(self) -> None:
+        """Refuse (ELOOP) to resume an inactive table that would close a dependency cycle now:
+        a name that an NBD reference of another table resolves to may have changed since the
+        load. Called before the suspend that a resume starts with."""
+        table = self.inactive
+        if table is not None and self.graph is not None:
+            with self.graph.lock:
+                self.graph.check_table(self, table)
 
     def load(self, text: str, read_only: bool) -> None:
         """Build `text` into the inactive slot, replacing any inactive table."""
@@ -252,6 +286,7 @@ class MappedDevice(BlockDevice):
                 return False
         resized = False
         if self.inactive is not None:
+            self.check_resume()
             resized = self._swap_in(self.inactive, from_inactive=True)
         elif self.live is not None:
             for target in self.live.targets:

@@ -35,7 +35,9 @@ from typing import Any
 from ..block.backing import BackingStores
 from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
+from ..version import __version__
 from . import state as state_file
+from .cycles import DependencyGraph
 from .events import EventLog
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
@@ -82,9 +84,17 @@ class Mapper:
         #: the daemon's own NBD socket: a table naming an export on it depends on that device
         self.own_nbd_socket: str | None = None
         self._log = EventLog()
-        #: the NBD server that serves the sockets of `create(open_fd=True)` and `open`
-        #: (set by the daemon; without one each such socket gets a connection of its own)
-        self.fd_server: Any = None
+        #: hands out an open as an NBD client socket for `create(open_fd=True)` and `open`:
+        #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
+        #: layer above the core (the daemon's NBD server; `userdm.Mapper` brings its own)
+        self.open_sockets: Any = None
+        #: this daemon's own NBD listeners, Unix socket paths (str) and TCP (host, port): a
+        #: table over one of them is an edge to the device it exports (set by the daemon)
+        self.nbd_addresses: list[Any] = []
+        #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
+        self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
+                                     devices=lambda: list(self._devices.values()),
+                                     nbd_addresses=lambda: self.nbd_addresses)
         self._exclusive_opens = itertools.count(1)
         self._closing = threading.Event()
         #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
@@ -348,6 +358,7 @@ class Mapper:
     def _new_device(self, name: str, uuid: str, minor: int, **flags: Any) -> MappedDevice:
         md = MappedDevice(name, uuid, minor, self._resolve, **flags)
         md.lookup_mapped = self._mapped_ref
+        md.graph = self.graph
         md._event_hook = self._table_event
         md.event_observer = self._emit
         md.on_last_close(self._last_close)
@@ -429,9 +440,11 @@ class Mapper:
     def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None) -> int:
         if md.live is None:
             raise DMError(errno.ENXIO, f"device {md.name} has no live table to open")
+        if self.open_sockets is None:
+            raise DMError(errno.EOPNOTSUPP, f"cannot hand out an open of {md.name} as a file descriptor: "
+                          "this Mapper has no NBD export (use userdm.Mapper, or a daemon)")
         handle = md.open(write=write, holder=holder)
-        from ..nbd.server import socket_for_open  # the export layer, imported only when used
-        return socket_for_open(handle, md.name, self.fd_server).detach()
+        return self.open_sockets.socket_for_open(handle, md.name).detach()  # closes it on failure
 
     def load(self, name: str, table: str, *, readonly: bool = False) -> dict[str, Any]:
         """dmsetup load/reload: build `table` into the inactive slot. The live table is not
@@ -440,11 +453,23 @@ class Mapper:
             new = md.build(table, readonly)
             try:
                 self._check_interpose(md, new)
+                md.check_table(new)  # ELOOP before anything is committed
                 self._commit("load", state_file.put_table(md.minor, "inactive", new.text, new.read_only))
             except BaseException:
                 new.destroy()
                 raise
-            md.set_inactive(new)
+            try:
+                md.set_inactive(new)  # checks again, atomically with the install
+            except DMError:
+                # a concurrent load closed a cycle in between: the store gets the old slot back
+                old = md.inactive
+                undo = state_file.put_table(md.minor, "inactive", old.text, old.read_only) if old is not None \
+                    else state_file.drop_table(md.minor, "inactive")
+                try:
+                    self._commit("load", undo)
+                except DMError as exc:
+                    log.error("cannot undo the refused load of %s in the state store: %s", md.name, exc)
+                raise
             md.saved_inactive = None
             md.loaded_since_restore = True
             _settle_restore(md)
@@ -514,6 +539,7 @@ class Mapper:
         return self.partitions.partprobe(self._find(name))
 
     def _resume_locked(self, md: MappedDevice) -> dict[str, Any]:
+        md.check_resume()  # before committing or suspending: a refused resume leaves all as it was
         old_live = md.live
         swap = md.inactive is not None
         if swap:
@@ -879,7 +905,6 @@ class Mapper:
         return [{"name": name, "version": list(cls.version)} for name, cls in registered().items()]
 
     def version(self) -> dict[str, Any]:
-        from .. import __version__
         return {"library": __version__, "driver": list(DRIVER_VERSION)}
 
     # ---- messages and events -------------------------------------------------------------
@@ -919,11 +944,17 @@ class Mapper:
         raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
-        """Runs of blocks of the device's era targets written since era `since`, in sectors and
-        era blocks (`userdm.targets.era.era_changed`; too bulky for a target message)."""
-        from ..targets.era import era_changed
+        """Runs of blocks of the device's era targets written since era `since`, each with
+        `begin`/`length` in sectors of the device and `block_begin`/`block_end` (exclusive)
+        in era blocks of its target (too bulky for a target message)."""
+        if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 32:
+            raise DMError(errno.EINVAL, f"era {since!r} is not an era number (0 to 2^32 - 1)")
         with self._op(name) as md:
-            return era_changed(md, since, metadata_snapshot=metadata_snapshot)
+            table = md.live
+            trackers = [t for t in table.targets if t.tracks_changes] if table is not None else []
+            if not trackers:
+                raise DMError(errno.EINVAL, f"device {md.name} has no live era target")
+            return [run for t in trackers for run in t.changed(since, metadata_snapshot=metadata_snapshot)]
 
     def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> dict[str, Any]:
         """dmsetup wait: block until the device's event number differs from `event_nr`."""
@@ -1006,6 +1037,10 @@ class Mapper:
         """Devices that have a live table and are not being removed, and their partitions."""
         return sorted([name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting]
                       + self.partitions.export_names())
+
+    def _export_device(self, name: str) -> MappedDevice | MappedPartition | None:
+        """The device that the NBD export `name` serves, or None."""
+        return self._devices.get(name) or self.partitions.get(name)
 
     def device(self, name: str) -> MappedDevice | MappedPartition:
         part = self.partitions.get(name) if name not in self._devices else None

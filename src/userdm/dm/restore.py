@@ -206,6 +206,7 @@ class Restorer:
                 table = md.build(text, read_only)
                 try:
                     m._check_interpose(md, table)
+                    md.check_table(table, keep_inactive=True)
                     md.resume_with(table)
                 except BaseException:
                     if md.live is not table:
@@ -230,7 +231,7 @@ class Restorer:
                 except BaseException:
                     table.destroy()
                     raise
-                md.set_inactive(table)
+                md.set_inactive(table)  # checks for cycles (and destroys the table if refused)
                 md.saved_inactive = None
             except DMError as exc:
                 if first is None:

@@ -230,6 +230,7 @@ def build_table(text: str, ctx: TargetContext) -> Table:
                 raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
                               f"{line.type} cannot be mixed with other target types")
             try:
+                ctx.begin_target()
                 targets.append(cls(ctx, line.start, line.length, line.args))
             except TargetError as exc:
                 raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None

@@ -33,7 +33,7 @@ from collections.abc import Callable
 os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")  # mfusepy would take libfuse 2 if both are installed
 import mfusepy  # noqa: E402
 
-from ..errors import DMError  # noqa: E402
+from ...errors import DMError  # noqa: E402
 from .unmount import lazy_unmount  # noqa: E402
 
 log = logging.getLogger("userdm.fuse")

@@ -26,8 +26,8 @@ import os
 import threading
 from typing import Any
 
-from ..dm.mapper import Mapper
-from ..errors import DMError
+from ...errors import DMError
+from ..source import ExportSource
 from .files import DeviceFiles
 from .libfuse import Session
 from .ops import LIB_OPTIONS, DeviceOperations
@@ -39,7 +39,7 @@ log = logging.getLogger("userdm.fuse")
 class FuseExport:
     """One file per exported device of `mapper` in `mountpoint`, served until `stop()`."""
 
-    def __init__(self, mapper: Mapper, mountpoint: str | os.PathLike[str], *,
+    def __init__(self, mapper: ExportSource, mountpoint: str | os.PathLike[str], *,
                  allow_other: bool = False) -> None:
         self.mapper = mapper
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))

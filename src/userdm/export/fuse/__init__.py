@@ -6,7 +6,7 @@ device without any kernel page cache (`direct_io`), `fsync` flushes the device, 
 suspended device waits until it is resumed. A read-only table gives a file of mode 0444 whose
 write opens fail with EACCES. Put a filesystem on a device with `losetup` on its file.
 
-    from userdm.fuse import FuseExport
+    from userdm.export.fuse import FuseExport
     export = FuseExport(mapper, "/run/userdm/mapper")
     export.start()      # mounted and serving in a background thread
     ...

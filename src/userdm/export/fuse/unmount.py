@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 
-from ..errors import DMError
+from ...errors import DMError
 
 _STALE_ERRNOS = (errno.ENOTCONN, errno.ECONNABORTED)
 

@@ -23,10 +23,10 @@ import time
 import weakref
 from dataclasses import dataclass
 
-from ..block.device import SECTOR, STATUS_HOLE, BlockOpen
-from ..dm.mapped import MappedDevice
-from ..dm.mapper import Mapper
-from ..errors import DMError
+from ...block.device import SECTOR, STATUS_HOLE, BlockOpen
+from ...dm.mapped import MappedDevice
+from ...errors import DMError
+from ..source import ExportSource
 
 ROOT_INODE = 1
 
@@ -58,7 +58,7 @@ class _Handle:
 class DeviceFiles:
     """The mount directory of one `Mapper`: lookups, attributes, opens and I/O by file handle."""
 
-    def __init__(self, mapper: Mapper) -> None:
+    def __init__(self, mapper: ExportSource) -> None:
         self.mapper = mapper
         self._lock = threading.Lock()
         self._next_ino = itertools.count(ROOT_INODE + 1)

@@ -14,22 +14,12 @@ handshake can only select that device (by its name or the default name "").
 from __future__ import annotations
 
 import errno
-from typing import Any, Protocol
 
-from ..block.device import BlockOpen
-from ..errors import DMError
-from . import constants as C
-from .handshake import ExportInfo, Refused
-
-
-class ExportSource(Protocol):
-    """The part of `userdm.dm.mapper.Mapper` that the NBD server uses."""
-
-    def export_names(self) -> list[str]: ...
-
-    def info(self, name: str) -> dict[str, Any]: ...
-
-    def open_device(self, name: str, *, write: bool, holder: object | None = None) -> BlockOpen: ...
+from ...block.device import BlockOpen
+from ...errors import DMError
+from ...nbd import constants as C
+from ...nbd.handshake import ExportInfo, Refused
+from ..source import ExportSource
 
 
 class MapperCatalog:
@@ -66,9 +56,8 @@ class MapperCatalog:
     def _block_size(self, name: str, handle: BlockOpen | None = None) -> int:
         device = handle.device if handle is not None else None
         if device is None:
-            getter = getattr(self.mapper, "device", None)
             try:
-                device = getter(name) if getter else None
+                device = self.mapper.device(name)
             except DMError:
                 device = None
         lbs = getattr(device, "logical_block_size", 512)

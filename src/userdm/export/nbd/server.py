@@ -21,9 +21,10 @@ import stat
 import threading
 from pathlib import Path
 
-from ..errors import DMError
-from ..block.device import BlockOpen
-from .catalog import BoundCatalog, ExportSource
+from ...errors import DMError
+from ...block.device import BlockOpen
+from ..source import ExportSource
+from .catalog import BoundCatalog
 from .connection import Connection
 
 log = logging.getLogger("userdm.nbd")
@@ -189,6 +190,11 @@ class NBDServer:
             raise DMError(errno.ESHUTDOWN, "the NBD server is shutting down")
         return theirs
 
+    def socket_for_open(self, handle: BlockOpen, name: str) -> socket.socket:
+        """`Mapper.open_sockets`: an open of device `name` handed out as an NBD client socket
+        that this server serves (`create(open_fd=True)`, `open`)."""
+        return socket_for_open(handle, name, self)
+
     def _forget(self, conn: Connection) -> None:
         with self._lock:
             self._connections.discard(conn)
@@ -209,3 +215,11 @@ def socket_for_open(handle: BlockOpen, name: str, server: NBDServer | None = Non
     except BaseException:
         catalog.close()
         raise
+
+
+class OpenSockets:
+    """The `Mapper.open_sockets` of a process without an NBD server (in-process use of
+    `userdm.Mapper`): each open handed out as a socket gets a connection of its own."""
+
+    def socket_for_open(self, handle: BlockOpen, name: str) -> socket.socket:
+        return socket_for_open(handle, name)

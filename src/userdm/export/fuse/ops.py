@@ -24,7 +24,7 @@ from typing import Any
 
 import mfusepy
 
-from ..errors import DMError
+from ...errors import DMError
 from .files import Attr, DeviceFiles
 
 log = logging.getLogger("userdm.fuse")

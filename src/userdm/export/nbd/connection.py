@@ -34,11 +34,11 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..errors import DMError
-from . import constants as C
+from ...errors import DMError
+from ...nbd import constants as C
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
-from .handshake import ServerHandshake
-from .protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
+from ...nbd.handshake import ServerHandshake
+from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
                        block_status_chunk, clip_extents, error_reply)
 
 log = logging.getLogger("userdm.nbd")
