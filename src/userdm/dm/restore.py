@@ -23,16 +23,13 @@ import logging
 import re
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import DMError
 from . import state as state_file
 from .interposer import PREFIX as INTERPOSE_PREFIX
 from .mapped import DM_MAJOR, MappedDevice
-
-if TYPE_CHECKING:
-    from .mapper import Mapper
 
 log = logging.getLogger("userdm.dm.restore")
 
@@ -72,7 +69,8 @@ def saved_lines(text: str) -> list[list[object]]:
 class Restorer:
     """Restores the devices of one Mapper and retries the tables that could not be built."""
 
-    def __init__(self, mapper: "Mapper") -> None:
+    def __init__(self, mapper: Any) -> None:
+        #: the `userdm.dm.mapper.Mapper` whose devices this restores (not imported: it imports us)
         self.mapper = mapper
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
