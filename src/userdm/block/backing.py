@@ -5,6 +5,10 @@ must be one device object, so that claims and the holders graph see one device. 
 cached by inode (files), by device number (block nodes) or by URL (remote schemes, which the
 layers above register, e.g. `nbd://`). A device leaves the cache, and its file descriptor is
 closed, when its last open closes.
+
+The cache lock is never held while a device is being created (connecting to a slow NBD
+server takes seconds): a reference being opened is marked in `_opening`, and a second open of
+the same reference waits for that one, while opens of other references go ahead.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ class BackingStores:
     def __init__(self, *, direct: bool = False) -> None:
         self._lock = threading.Lock()
         self._devices: dict[object, BlockDevice] = {}
+        #: keys whose device is being created outside the lock -> set when that is done
+        self._opening: dict[object, threading.Event] = {}
         self._schemes: dict[str, SchemeFactory] = {}
         self.direct = direct
 
@@ -40,18 +46,40 @@ class BackingStores:
     def open(self, ref: str, *, write: bool, holder: object | None = None,
              holder_ops: HolderOps | None = None) -> BlockOpen:
         """Open the device named by `ref` (absolute path or registered URL)."""
+        while True:
+            with self._lock:
+                key, device = self._lookup(ref)
+                if device is not None:
+                    try:
+                        return device.open(write=write, holder=holder, holder_ops=holder_ops)
+                    except DMError:
+                        if not device.opens:
+                            self._evict_locked(key, device)
+                        raise
+                busy = self._opening.get(key)
+                if busy is None:
+                    done = self._opening[key] = threading.Event()
+                    break
+            busy.wait()  # someone else is creating this device: use theirs
+        try:
+            device = self._create(ref)
+        except BaseException:
+            with self._lock:
+                del self._opening[key]
+            done.set()
+            raise
         with self._lock:
-            key, device = self._lookup(ref)
-            if device is None:
-                device = self._create(ref)
-                device.on_last_close(lambda dev, key=key: self._evict(key, dev))
-                self._devices[key] = device
+            del self._opening[key]
+            device.on_last_close(lambda dev, key=key: self._evict(key, dev))
+            self._devices[key] = device
             try:
                 return device.open(write=write, holder=holder, holder_ops=holder_ops)
             except DMError:
                 if not device.opens:
                     self._evict_locked(key, device)
                 raise
+            finally:
+                done.set()
 
     def _lookup(self, ref: str) -> tuple[object, BlockDevice | None]:
         if "://" in ref:
@@ -81,7 +109,11 @@ class BackingStores:
 
     def _evict(self, key: object, device: BlockDevice) -> None:
         with self._lock:
-            self._evict_locked(key, device)
+            if not device.opens and self._devices.get(key) is device:
+                del self._devices[key]
+            else:
+                return
+        device.close_backing()  # outside the lock: closing a remote export may take a while
 
     def _evict_locked(self, key: object, device: BlockDevice) -> None:
         if not device.opens and self._devices.get(key) is device:

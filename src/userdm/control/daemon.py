@@ -1,13 +1,21 @@
 """`userdm daemon`: one process that owns every mapped device and serves it.
 
-It restores the saved devices, listens on the control socket, exports every device over NBD
-(`nbd.sock`, TCP only with `--nbd-listen`) and as a file in the FUSE directory `mapper/`,
-and runs in the foreground until SIGTERM or SIGINT. On exit it unmounts and removes only
-what it created; the devices come back on the next start from the state directory.
+Startup order: open the state store (migrating an old `devices.json`), start the NBD server
+(`nbd.sock`, TCP only with `--nbd-listen`) so that saved tables over the daemon's own exports
+can be restored, mount the FUSE directory `mapper/`, restore the saved devices
+(`userdm.dm.restore`), and only then listen on the control socket: when `control` appears,
+every restored device is served over NBD and FUSE. It runs in the foreground until SIGTERM or
+SIGINT. On exit it unmounts and removes only what it created; the devices come back on the
+next start from the state directory. Stopping takes at most `STOP_TIMEOUT` seconds, even with
+devices whose I/O is stuck: after `STUCK_GRACE` seconds the devices are released, which fails
+the I/O they hold with EIO (a suspended device's held requests, say) so that their
+connections end; what is still not released by `STOP_TIMEOUT` is left to the process's exit
+(every change is already committed, so nothing saved is lost).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import signal
@@ -21,6 +29,11 @@ from . import paths
 from .server import ControlLimits, ControlServer, claim_socket_path
 
 log = logging.getLogger("userdm.daemon")
+
+#: seconds that stopping may take before the daemon exits anyway (stuck devices)
+STOP_TIMEOUT = 10.0
+#: seconds that exports may take to finish their requests before held I/O is failed
+STUCK_GRACE = 3.0
 
 EXAMPLE_NAME = "example"
 EXAMPLE_SIZE = 1 << 30
@@ -65,16 +78,17 @@ class Daemon:
         fuse_dir = paths.fuse_dir(self.runtime_dir)
         control = ControlServer(None, paths.control_socket(self.runtime_dir), limits=self.control_limits)
         claim_socket_path(control.path)  # refuse before restoring devices if another daemon runs here
-        self.mapper = Mapper(self.state_dir, fuse_dir=fuse_dir if self.want_fuse else None)
-        if self.example:
-            ensure_example(self.mapper, self.state_dir)
+        self.mapper = Mapper(self.state_dir, fuse_dir=fuse_dir if self.want_fuse else None, restore=False)
         control.target = self.mapper
         if self.want_nbd:
             control.nbd = self._start_nbd()
-        control.start()
-        self._services.append(control)
         if self.want_fuse:
             self._start_fuse(fuse_dir)
+        self.mapper.restore()
+        if self.example:
+            ensure_example(self.mapper, self.state_dir)
+        control.start()  # last: every restored device is served by now
+        self._services.append(control)
 
     def _start_nbd(self) -> Any:
         try:
@@ -88,6 +102,7 @@ class Daemon:
         self.mapper.open_sockets = server
         # tables over these are edges to the exported devices (`userdm.dm.cycles`)
         self.mapper.nbd_addresses = [str(server.unix_path)] + ([server.tcp_address] if server.tcp_address else [])
+        self.mapper.own_nbd_socket = str(paths.nbd_socket(self.runtime_dir))
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:
@@ -110,12 +125,41 @@ class Daemon:
         self._services.append(export)
 
     def stop(self) -> None:
-        for service in reversed(self._services):
+        """Stop serving and release the devices, within `STOP_TIMEOUT` seconds (see the module
+        docstring); returns False if that time ran out."""
+        done = threading.Event()
+
+        def work() -> None:
             try:
-                service.stop()
-            except Exception:
-                log.exception("stopping %s failed", type(service).__name__)
-        self._services.clear()
+                self._stop()
+            finally:
+                done.set()
+        threading.Thread(target=work, name="daemon-stop", daemon=True).start()
+        if done.wait(STOP_TIMEOUT):
+            return True
+        log.error("stopping took more than %.0f seconds (a device's I/O is stuck); exiting anyway; "
+                  "the threads that are still busy:", STOP_TIMEOUT)
+        faulthandler.dump_traceback(all_threads=True)
+        return False
+
+    def _stop(self) -> None:
+        services, self._services = list(reversed(self._services)), []
+        done = threading.Event()
+
+        def stop_services() -> None:
+            for service in services:
+                try:
+                    service.stop()
+                except Exception:
+                    log.exception("stopping %s failed", type(service).__name__)
+            done.set()
+        threading.Thread(target=stop_services, name="stop-services", daemon=True).start()
+        if not done.wait(STUCK_GRACE) and self.mapper is not None:
+            # connections wait for I/O that a suspended (or otherwise stuck) device holds:
+            # releasing the devices fails that I/O with EIO, and the connections end
+            log.warning("I/O is still held after %.0f seconds; failing it to stop", STUCK_GRACE)
+            self.mapper.close()
+        done.wait()
         if self.mapper is not None:
             self.mapper.close()
         for path in (paths.nbd_socket(self.runtime_dir),):
@@ -128,7 +172,11 @@ class Daemon:
         """Start, announce readiness on stdout, serve until a signal, stop."""
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self.stopping.set())
-        self.start()
+        try:
+            self.start()
+        except BaseException:
+            self.stop()  # unmount and close what was started
+            raise
         try:
             assert self.mapper is not None
             names = ", ".join(self.mapper.export_names()) or "none"
@@ -137,4 +185,6 @@ class Daemon:
             while not self.stopping.wait(3600):
                 pass
         finally:
-            self.stop()
+            if not self.stop():
+                logging.shutdown()
+                os._exit(1)  # threads stuck in device I/O must not keep the process alive

@@ -5,6 +5,11 @@ already opens and claims the underlying devices), `resume` swaps it in (suspendi
 `suspend` blocks new I/O and drains what is in flight (nothing fails: new I/O waits for the
 resume), and the open count decides whether it can be removed. The registry of devices, names
 and deferred removal live in `userdm.dm.mapper`.
+
+Locking: `op_lock` serializes the control operations on this one device (load, suspend, resume,
+remove ...), as the kernel's per-device `suspend_lock` does; it is held while a table is built
+and while a suspend drains, so a slow or stuck device delays only operations on itself. Reads
+of its state (`info`) take no lock. I/O takes only `_cond`, briefly.
 """
 
 from __future__ import annotations
@@ -80,6 +85,21 @@ class MappedDevice(BlockDevice):
         self._event_hook: Callable[[MappedDevice], None] = lambda md: None
         #: the holder was frozen by a suspend (the kernel's DMF_FROZEN)
         self._frozen = False
+        #: serializes control operations on this device (see the module docstring)
+        self.op_lock = threading.Lock()
+        #: the thread that holds `op_lock` (None when free)
+        self.op_owner: int | None = None
+        #: saved tables not built yet: restore could not open them (`Mapper.restore`)
+        self.saved_live: tuple[str, bool] | None = None
+        self.saved_inactive: tuple[str, bool] | None = None
+        #: the saved state said suspended: a late restore of the live table suspends it again
+        self.saved_suspended = False
+        #: a table was loaded since the restore: `resume` swaps it in rather than retrying the saved one
+        self.loaded_since_restore = False
+        #: why a saved table is not built ("ENOENT: ..."), shown by `info`
+        self.restore_error: str | None = None
+        #: a removal from a last close could not take `op_lock`; the holder of the lock does it
+        self.reap_pending = False
 
     @property
     def devno(self) -> tuple[int, int]:
@@ -97,6 +117,12 @@ class MappedDevice(BlockDevice):
         if self.max_opens is not None and len(self.opens) >= self.max_opens:
             raise DMError(errno.EBUSY, f"device {self.name} already has {len(self.opens)} opens, "
                           f"its limit (--max-opens {self.max_opens})")
+
+    def undo_deletion(self) -> None:
+        """The removal that `lock_for_deletion` began was refused after all (its state commit
+        failed): the device accepts opens again."""
+        with self._opens_lock:
+            self.deleting = False
 
     def lock_for_deletion(self, *, mark_deferred: bool = False, no_open: bool = False) -> bool:
         """The kernel's dm_lock_for_deletion: atomically with respect to opens, either mark the
@@ -159,10 +185,16 @@ class MappedDevice(BlockDevice):
             (below.dev if isinstance(below, interposer.InterposedView) else below).unlink_holder(self)
             dev.open.close()
 
-    def load(self, text: str, read_only: bool) -> None:
-        """Build `text` into the inactive slot, replacing any inactive table."""
+    def build(self, text: str, read_only: bool) -> Table:
+        """Build `text` into a table of this device without installing it (it already opens and
+        claims its devices; `Table.destroy` releases them)."""
         ctx = TargetContext(self._get_device, self._put_device, read_only, self.name, self.table_event)
-        table = build_table(text, ctx)
+        return build_table(text, ctx)
+
+    def set_inactive(self, table: Table) -> None:
+        """Put a built table in the inactive slot, replacing any inactive table; ELOOP (and
+        `table` destroyed) if it would close a dependency cycle, checked atomically with the
+        install so that two loads cannot each close half of a cycle."""
         try:
             with self._graph_lock():
                 if self.graph is not None:
@@ -173,6 +205,13 @@ class MappedDevice(BlockDevice):
             raise
         if old is not None:
             old.destroy()
+
+    def check_table(self, table: Table, keep_inactive: bool = False) -> None:
+        """ELOOP if `table`, as this device's next inactive table (or, with `keep_inactive`, its
+        next live one beside the inactive one), would close a dependency cycle."""
+        if self.graph is not None:
+            with self.graph.lock:
+                self.graph.check_table(self, table, keep=self.inactive if keep_inactive else self.live)
 
     def _graph_lock(self):  # noqa: ANN202 - a context manager
         return self.graph.lock if self.graph is not None else contextlib.nullcontext()
@@ -185,6 +224,10 @@ class MappedDevice(BlockDevice):
         if table is not None and self.graph is not None:
             with self.graph.lock:
                 self.graph.check_table(self, table)
+
+    def load(self, text: str, read_only: bool) -> None:
+        """Build `text` into the inactive slot, replacing any inactive table."""
+        self.set_inactive(self.build(text, read_only))
 
     def clear(self) -> None:
         old, self.inactive = self.inactive, None
@@ -244,22 +287,32 @@ class MappedDevice(BlockDevice):
         resized = False
         if self.inactive is not None:
             self.check_resume()
-            self.suspend(noflush=True, nolockfs=True)
-            new, old = self.inactive, self.live
-            for target in new.targets:
-                target.preresume()
-            self.live, self.inactive = new, None
-            resized = old is None or old.size != new.size
-            self.size = new.size
-            self.logical_block_size = new.logical_block_size
-            self.read_only = new.read_only
-            if old is not None:
-                old.destroy()
+            resized = self._swap_in(self.inactive, from_inactive=True)
         elif self.live is not None:
             for target in self.live.targets:
                 target.preresume()
         self._release()
         return resized
+
+    def resume_with(self, table: Table) -> bool:
+        """Resume with `table` as the live table, leaving the inactive slot alone (a saved
+        live table that restore builds late). Returns True if the size changed."""
+        resized = self._swap_in(table)
+        self._release()
+        return resized
+
+    def _swap_in(self, new: Table, *, from_inactive: bool = False) -> bool:
+        self.suspend(noflush=True, nolockfs=True)
+        old = self.live
+        for target in new.targets:
+            target.preresume()
+        self.live, self.inactive = new, None if from_inactive else self.inactive
+        self.size = new.size
+        self.logical_block_size = new.logical_block_size
+        self.read_only = new.read_only
+        if old is not None:
+            old.destroy()
+        return old is None or old.size != new.size
 
     def _release(self) -> None:
         """The end of every resume: let I/O flow, resume the targets, thaw what suspend froze."""

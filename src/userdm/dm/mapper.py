@@ -6,7 +6,17 @@ dmsetup verbs (`create`, `load`, `resume`, `suspend`, `remove`, `rename`, `info`
 daemon can send them over the control socket unchanged and `userdm.connect()` returns the
 same shapes. It keeps the kernel's rules: unique names and uuids, minors, EBUSY while open,
 deferred removal that fires after the last close and cascades down stacks, cancellation by
-`@cancel_deferred_remove`. With a `state_dir` every change is saved and restored on start.
+`@cancel_deferred_remove`. With a `state_dir` every change is committed to the state store
+(`userdm.dm.state`) before it takes effect, and the devices come back on start
+(`userdm.dm.restore`).
+
+Locking: the registry lock `_lock` covers only the bookkeeping of names, uuids and minors (and
+partitions' names); it is never held across I/O, table building or a state commit. Every other
+operation on a device holds that device's `op_lock` (`MappedDevice`), so a slow create (a huge
+table, a slow NBD server) or a stuck suspend delays only operations on that device. Queries
+(`info`, `list`, `table`, `status`) take no device lock. `remove_all` removes devices one at a
+time. A removal that a last close triggers (deferred, autoclear) while another thread holds
+the device's lock is done by that thread when it releases the lock (`_reap`).
 """
 
 from __future__ import annotations
@@ -18,7 +28,8 @@ import os
 import stat
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from ..block.backing import BackingStores
@@ -32,6 +43,7 @@ from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
 from .partitioned import BLKEXT_MAJOR, MappedPartition, MappedPartitions
+from .restore import Restorer, saved_lines
 from .table import Table, split_args
 from .target import registered
 
@@ -40,19 +52,37 @@ log = logging.getLogger("userdm.dm")
 DRIVER_VERSION = (4, 50, 0)
 REMOVE_RETRIES = 25          # dmsetup's DM_IOCTL_RETRIES
 REMOVE_RETRY_DELAY = 0.2     # dmsetup's DM_RETRY_USLEEP_DELAY
+REMOVE_ALL_WAIT = 1.0        # how long remove_all waits for a device that another operation holds
 
 
 class Mapper:
-    """All mapped devices of one daemon (or of one test, in process)."""
+    """All mapped devices of one daemon (or of one test, in process).
+
+    With `restore=False` the saved devices are not restored by the constructor: the daemon
+    calls `restore()` once its NBD server listens (a table may name the daemon's own export)."""
 
     def __init__(self, state_dir: str | os.PathLike[str] | None = None, *,
-                 fuse_dir: str | os.PathLike[str] | None = None, direct_io: bool = False) -> None:
+                 fuse_dir: str | os.PathLike[str] | None = None, direct_io: bool = False,
+                 restore: bool = True) -> None:
+        #: the registry lock: names, uuids and minors only (see "Locking" in the module docstring)
         self._lock = threading.RLock()
         self._devices: dict[str, MappedDevice] = {}
+        self._by_uuid: dict[str, MappedDevice] = {}
+        self._minors: dict[int, MappedDevice] = {}
+        #: names promised to a rename whose state commit is under way
+        self._reserved: set[str] = set()
+        #: every `dm-N` below this is taken (a hint that makes `_free_name` O(1) amortized)
+        self._name_hint = 0
+        #: every minor below this is taken
+        self._minor_hint = 0
+        #: devices marked for deferred removal
+        self._deferred: set[MappedDevice] = set()
         self._events = threading.Condition()
         self.backing = BackingStores(direct=direct_io)
         self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
         self.state_dir = os.fspath(state_dir) if state_dir else None
+        #: the daemon's own NBD socket: a table naming an export on it depends on that device
+        self.own_nbd_socket: str | None = None
         self._log = EventLog()
         #: hands out an open as an NBD client socket for `create(open_fd=True)` and `open`:
         #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
@@ -66,11 +96,14 @@ class Mapper:
                                      devices=lambda: list(self._devices.values()),
                                      nbd_addresses=lambda: self.nbd_addresses)
         self._exclusive_opens = itertools.count(1)
+        self._closing = threading.Event()
         #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
         self._register_schemes()
-        if self.state_dir:
-            self._restore(state_file.load(self.state_dir))
+        self._store = state_file.StateStore(self.state_dir) if self.state_dir else None
+        self._restorer = Restorer(self)
+        if restore:
+            self.restore()
 
     def _register_schemes(self) -> None:
         try:
@@ -94,20 +127,19 @@ class Mapper:
         return md
 
     def _by_minor(self, minor: int) -> MappedDevice | None:
-        for md in self._devices.values():
-            if md.minor == minor:
-                return md
-        return None
+        return self._minors.get(minor)
 
     def find_name(self, *, uuid: str | None = None, major: int | None = None,
                   minor: int | None = None) -> str:
         """The name of the device with this uuid or device number (dmsetup's `-u`, `-j/-m`)."""
         with self._lock:
-            for md in self._devices.values():
-                if uuid is not None and md.uuid == uuid:
-                    return md.name
-                if minor is not None and md.minor == minor and major in (None, DM_MAJOR):
-                    return md.name
+            md = None
+            if uuid is not None:
+                md = self._by_uuid.get(uuid)
+            elif minor is not None and major in (None, DM_MAJOR):
+                md = self._minors.get(minor)
+            if md is not None and self._devices.get(md.name) is md:
+                return md.name
             part = self.partitions.by_minor(minor) if major == BLKEXT_MAJOR and minor is not None else None
             if part is not None:
                 return part.name
@@ -126,7 +158,7 @@ class Mapper:
             major, _, minor = ref.partition(":")
             if major.isdigit() and minor.isdigit() and int(major) == DM_MAJOR:
                 md = self._by_minor(int(minor))
-                if md is None:
+                if md is None or md.deleting:
                     raise DMError(errno.ENXIO, f"no mapped device {ref}")
                 return md
             if major.isdigit() and minor.isdigit() and int(major) == BLKEXT_MAJOR:
@@ -158,6 +190,125 @@ class Mapper:
         devno = opened.device.devno
         return opened, f"{devno[0]}:{devno[1]}" if devno else ref
 
+    # ---- the registry: names, uuids, minors (under `_lock`, never across slow work) ----------
+
+    def _name_taken(self, name: str) -> bool:
+        return name in self._devices or name in self._reserved or self.partitions.get(name) is not None
+
+    def _free_name(self) -> str:
+        """A name for `create(None, ...)`: dm-N for the lowest N not taken (the kernel's disk name)."""
+        n = self._name_hint
+        while self._name_taken(f"dm-{n}"):
+            n += 1
+        self._name_hint = n
+        return f"dm-{n}"
+
+    def _name_freed(self, name: str) -> None:
+        if name.startswith("dm-") and name[3:].isdigit() and name[3:] == str(int(name[3:])):
+            self._name_hint = min(self._name_hint, int(name[3:]))
+
+    def _allocate_minor(self, minor: int | None) -> int:
+        if minor is not None:
+            if not isinstance(minor, int) or isinstance(minor, bool) or not 0 <= minor < MINOR_LIMIT:
+                raise DMError(errno.ENXIO, f"minor {minor!r} is out of range (0 to {MINOR_LIMIT - 1})")
+            if minor in self._minors:
+                raise DMError(errno.ENXIO, f"minor {minor} is already in use")
+            return minor
+        minor = self._minor_hint
+        while minor in self._minors:
+            minor += 1
+        if minor >= MINOR_LIMIT:
+            raise DMError(errno.ENXIO, f"no free minor: all {MINOR_LIMIT} are in use")
+        self._minor_hint = minor
+        return minor
+
+    def _register(self, md: MappedDevice) -> None:
+        self._devices[md.name] = md
+        self._minors[md.minor] = md
+        if md.uuid:
+            self._by_uuid[md.uuid] = md
+
+    def _unhash(self, md: MappedDevice) -> None:
+        """Forget the device's name and uuid (the kernel's dm_hash_remove); its minor stays
+        taken until it is destroyed."""
+        with self._lock:
+            if self._devices.get(md.name) is md:
+                del self._devices[md.name]
+                self._name_freed(md.name)
+            if md.uuid and self._by_uuid.get(md.uuid) is md:
+                del self._by_uuid[md.uuid]
+            self._deferred.discard(md)
+            self.partitions.drop(md)
+
+    def _release_minor(self, md: MappedDevice) -> None:
+        with self._lock:
+            if self._minors.get(md.minor) is md:
+                del self._minors[md.minor]
+                self._minor_hint = min(self._minor_hint, md.minor)
+
+    # ---- per-device operations ------------------------------------------------------------
+
+    @contextmanager
+    def _op(self, name: str) -> Iterator[MappedDevice]:
+        """Find device `name` and hold its `op_lock` for one control operation; ENXIO if it
+        was removed (or renamed) while we waited for the lock."""
+        md = self._find(name)
+        self._lock_device(md)
+        try:
+            if self._devices.get(name) is not md or md.deleting:
+                raise DMError(errno.ENXIO, f"device {name!r} does not exist (it was removed or renamed)")
+            yield md
+        finally:
+            self._unlock_device(md)
+
+    def _lock_device(self, md: MappedDevice, *, blocking: bool = True, timeout: float = -1) -> bool:
+        me = threading.get_ident()
+        if md.op_owner == me:
+            raise RuntimeError(f"device {md.name}: nested control operation in one thread")
+        if not md.op_lock.acquire(blocking, timeout if blocking else -1):
+            return False
+        md.op_owner = me
+        return True
+
+    def _unlock_device(self, md: MappedDevice, *, reap: bool = True) -> None:
+        md.op_owner = None
+        md.op_lock.release()
+        if md.deleting:
+            return
+        if md.reap_pending or (reap and md.deferred_remove and not md.opens):
+            self._reap(md)
+
+    def _reap(self, md: MappedDevice) -> None:
+        """Remove `md` if it is unopened and due to go (deferred removal, autoclear after its
+        last close). If another operation holds its lock, that one does it when it ends."""
+        md.reap_pending = True
+        if md.op_owner == threading.get_ident() or not self._lock_device(md, blocking=False):
+            return
+        md.reap_pending = False
+        try:
+            if self._devices.get(md.name) is md and not md.deleting and (md.deferred_remove or md.autoclear) \
+                    and not md.interposers and md.lock_for_deletion():
+                try:
+                    self._commit("remove", state_file.drop_device(md.minor))
+                except DMError as exc:
+                    md.undo_deletion()
+                    log.error("%s stays: %s", md.name, exc)
+                    return
+                self._remove_locked(md)
+        finally:
+            self._unlock_device(md, reap=False)
+
+    def _commit(self, what: str, *changes: list) -> None:
+        """Make a change durable before it takes effect (DMError with the errno if not)."""
+        if self._store is not None:
+            self._store.commit(what, *changes)
+
+    def _saved(self, md: MappedDevice, live: Table | None = None) -> state_file.SavedDevice:
+        return state_file.SavedDevice(
+            md.name, md.minor, md.uuid, md.shared, md.autoclear, md.max_opens, md.no_open, md.interpose,
+            md.suspended, md.deferred_remove, md.event_nr,
+            state_file.SavedTable(live.text, live.read_only) if live is not None else None)
+
     # ---- create / load / resume / suspend --------------------------------------------
 
     def create(self, name: str | None, table: str | None = None, *, uuid: str | None = None,
@@ -166,61 +317,114 @@ class Mapper:
                holder: object | None = None, interpose: bool = False) -> dict[str, Any]:
         """dmsetup create: make the device, and with `table` also load and resume it.
 
-        If the load or resume fails the device is removed again, as libdm does. userdm's
+        The name, uuid and minor are taken at once (a second create of the name gets EBUSY);
+        the table is built under the device's own lock, then the device and its table are
+        committed to the state store, then it is resumed. If anything fails the device is
+        removed again, as libdm does. userdm's
         additions: `shared` (claim no underlying device), `autoclear` (removed at its last
         close), `max_opens` (refuse opens beyond N with EBUSY), `name=None` (pick a free
         name), `interpose`: its table may take over a device in use, `[interpose]DEV`
-        (`userdm.dm.interposer`), and `open_fd`: open the new device in the same step, under the registry lock,
+        (`userdm.dm.interposer`), and `open_fd`: open the new device in the same step, under its lock,
         and return the open as `info["fd"]`, an NBD client socket that the caller owns (seed
         001: there is no moment at which the device exists without that open)."""
+        if max_opens is not None and (not isinstance(max_opens, int) or isinstance(max_opens, bool)
+                                      or max_opens < 1):
+            raise DMError(errno.EINVAL, f"--max-opens {max_opens!r}: the limit must be at least 1")
+        if open_fd and table is None:
+            raise DMError(errno.EINVAL, f"cannot open device {name} at creation without a table")
+        uuid = check_uuid(uuid)
+        if name is not None:
+            name = check_name(name)
         with self._lock:
             if name is None:
                 name = self._free_name()
-            name = check_name(name)
-            uuid = check_uuid(uuid)
-            if name in self._devices or self.partitions.get(name) is not None:
+            if self._name_taken(name):
                 raise DMError(errno.EBUSY, f"a device named {name!r} already exists")
-            if uuid and any(md.uuid == uuid for md in self._devices.values()):
+            if uuid and uuid in self._by_uuid:
                 raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
-            if max_opens is not None and (not isinstance(max_opens, int) or max_opens < 1):
-                raise DMError(errno.EINVAL, f"--max-opens {max_opens!r}: the limit must be at least 1")
-            if open_fd and table is None:
-                raise DMError(errno.EINVAL, f"cannot open device {name} at creation without a table")
             minor = self._allocate_minor(minor)
-            md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
-                              max_opens=max_opens, interpose=interpose)
-            md.lookup_mapped = self._mapped_ref
-            md.graph = self.graph
-            md._event_hook = self._table_event
-            md.event_observer = self._emit
-            md.on_last_close(self._last_close)
-            self._devices[name] = md
-            fd = None
-            try:
-                if table is not None:
-                    self._load(md, table, readonly)
-                    md.resume()
-                    self._attach(md)
-                if open_fd:
-                    fd = self._open_fd(md, write=not md.read_only, holder=holder)
-            except BaseException:
-                if self._devices.get(name) is md:
-                    self._destroy(md)
-                raise
-            self._changed("create", md, size=md.size)
-            info = self._info(md)
-            if fd is not None:
-                info["fd"] = fd
+            md = self._new_device(name, uuid, minor, shared=shared, autoclear=autoclear,
+                                  max_opens=max_opens, interpose=interpose)
+            self._lock_device(md)  # a new lock: never waits
+            self._register(md)
+        try:
+            info = self._create_locked(md, table, readonly, open_fd, holder)
+        finally:
+            self._unlock_device(md)
         if table is not None:
             self.partitions.scan_after_resume(md)
         return info
 
-    def _free_name(self) -> str:
-        """A name for `create(None, ...)`: dm-N for the lowest N not taken (the kernel's disk name)."""
-        minor = 0
-        while f"dm-{minor}" in self._devices:
-            minor += 1
-        return f"dm-{minor}"
+    def _new_device(self, name: str, uuid: str, minor: int, **flags: Any) -> MappedDevice:
+        md = MappedDevice(name, uuid, minor, self._resolve, **flags)
+        md.lookup_mapped = self._mapped_ref
+        md.graph = self.graph
+        md._event_hook = self._table_event
+        md.event_observer = self._emit
+        md.on_last_close(self._last_close)
+        return md
+
+    def _restore_shell(self, saved: state_file.SavedDevice) -> MappedDevice:
+        """A saved device without its tables yet (`userdm.dm.restore`); nothing is committed."""
+        with self._lock:
+            if self._name_taken(saved.name) or saved.minor in self._minors or \
+                    (saved.uuid and saved.uuid in self._by_uuid):
+                raise DMError(errno.EEXIST, f"the name, uuid or minor of {saved.name!r} is taken twice")
+            md = self._new_device(saved.name, saved.uuid, saved.minor, shared=saved.shared,
+                                  autoclear=saved.autoclear, max_opens=saved.max_opens, interpose=saved.interpose)
+            md.event_nr = saved.event_nr
+            md.deferred_remove = saved.deferred_remove
+            md.no_open = saved.no_open
+            md.saved_suspended = saved.suspended
+            for slot in ("live", "inactive"):
+                table = getattr(saved, slot)
+                if table is not None:
+                    setattr(md, f"saved_{slot}", (table.text, table.read_only))
+            self._register(md)
+            if md.deferred_remove:
+                self._deferred.add(md)
+            return md
+
+    def _create_locked(self, md: MappedDevice, text: str | None, readonly: bool, open_fd: bool,
+                       holder: object | None) -> dict[str, Any]:
+        committed = False
+        fd = None
+        try:
+            new = None
+            if text is not None:
+                new = md.build(text, readonly)
+                try:
+                    self._check_interpose(md, new)
+                except BaseException:
+                    new.destroy()
+                    raise
+                md.set_inactive(new)
+            self._commit("create", state_file.device(self._saved(md, new)))
+            committed = True
+            if new is not None:
+                md.resume()
+                self._attach(md)
+            if open_fd:
+                fd = self._open_fd(md, write=not md.read_only, holder=holder)
+        except BaseException:
+            self._undo_create(md, committed)
+            raise
+        self._emit({"event": "create", "name": md.name, "size": md.size})
+        info = self._info(md)
+        if fd is not None:
+            info["fd"] = fd
+        return info
+
+    def _undo_create(self, md: MappedDevice, committed: bool) -> None:
+        md.deleting = True
+        if committed:
+            try:
+                self._commit("create", state_file.drop_device(md.minor))
+            except DMError as exc:  # it comes back at the next start, with its restore error
+                log.error("cannot forget the failed create of %s: %s", md.name, exc)
+        self._unhash(md)
+        md.destroy()
+        self._release_minor(md)
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
              holder: object | None = None) -> dict[str, Any]:
@@ -242,34 +446,41 @@ class Mapper:
         handle = md.open(write=write, holder=holder)
         return self.open_sockets.socket_for_open(handle, md.name).detach()  # closes it on failure
 
-    def _allocate_minor(self, minor: int | None) -> int:
-        used = {md.minor for md in self._devices.values()}
-        if minor is not None:
-            if not 0 <= minor < MINOR_LIMIT:
-                raise DMError(errno.ENXIO, f"minor {minor} is out of range (0 to {MINOR_LIMIT - 1})")
-            if minor in used:
-                raise DMError(errno.ENXIO, f"minor {minor} is already in use")
-            return minor
-        minor = 0
-        while minor in used:
-            minor += 1
-        return minor
-
     def load(self, name: str, table: str, *, readonly: bool = False) -> dict[str, Any]:
-        """dmsetup load/reload: build `table` into the inactive slot."""
-        with self._lock:
-            md = self._find(name)
-            self._load(md, table, readonly)
-            self._changed("load", md)
+        """dmsetup load/reload: build `table` into the inactive slot. The live table is not
+        touched; the new table is committed before it is installed."""
+        with self._op(name) as md:
+            new = md.build(table, readonly)
+            try:
+                self._check_interpose(md, new)
+                md.check_table(new)  # ELOOP before anything is committed
+                self._commit("load", state_file.put_table(md.minor, "inactive", new.text, new.read_only))
+            except BaseException:
+                new.destroy()
+                raise
+            try:
+                md.set_inactive(new)  # checks again, atomically with the install
+            except DMError:
+                # a concurrent load closed a cycle in between: the store gets the old slot back
+                old = md.inactive
+                undo = state_file.put_table(md.minor, "inactive", old.text, old.read_only) if old is not None \
+                    else state_file.drop_table(md.minor, "inactive")
+                try:
+                    self._commit("load", undo)
+                except DMError as exc:
+                    log.error("cannot undo the refused load of %s in the state store: %s", md.name, exc)
+                raise
+            md.saved_inactive = None
+            md.loaded_since_restore = True
+            _settle_restore(md)
+            self._emit({"event": "load", "name": md.name})
             return self._info(md)
 
-    def _load(self, md: MappedDevice, table: str, readonly: bool) -> None:
-        """Load into the inactive slot; an interposer's table names exactly one `[interpose]`
-        device, and always the same one."""
-        md.load(table, readonly)
+    def _check_interpose(self, md: MappedDevice, table: Table) -> None:
+        """An interposer's table names exactly one `[interpose]` device, and always the same one."""
         if not md.interpose:
             return
-        views = [d.open.device for d in md.inactive.devices() if isinstance(d.open.device, InterposedView)]
+        views = [d.open.device for d in table.devices() if isinstance(d.open.device, InterposedView)]
         current = interposed_device(md)
         problem = None
         if len(views) != 1:
@@ -277,7 +488,6 @@ class Mapper:
         elif current is not None and views[0].dev is not current:
             problem = f"interposes {views[0].dev.name}, but the device already interposes {current.name}"
         if problem:
-            md.clear()
             raise DMError(errno.EINVAL, f"table of {md.name} {problem}")
 
     def _attach(self, md: MappedDevice) -> None:
@@ -285,34 +495,40 @@ class Mapper:
         dev = interposed_device(md)
         if dev is not None and md not in dev.interposers:
             attach(dev, md)
-            self._changed("interpose", dev, interposer=md.name)
+            self._emit({"event": "interpose", "name": dev.name, "interposer": md.name})
 
     def clear(self, name: str) -> dict[str, Any]:
-        with self._lock:
-            md = self._find(name)
+        with self._op(name) as md:
+            if md.inactive is not None or md.saved_inactive is not None:
+                self._commit("clear", state_file.drop_table(md.minor, "inactive"))
             md.clear()
-            self._changed("clear", md)
+            md.saved_inactive = None
+            _settle_restore(md)
+            self._emit({"event": "clear", "name": md.name})
             return self._info(md)
 
     def suspend(self, name: str, *, noflush: bool = False, nolockfs: bool = False) -> dict[str, Any]:
-        """Hold new I/O and drain in-flight I/O. The drain happens outside the registry lock,
-        so that a device whose I/O waits on another suspended device never blocks its resume."""
-        with self._lock:
-            md = self._find(name)
-            started = md.begin_suspend(nolockfs=nolockfs)
-        if started:
-            md.drain()
-        with self._lock:
-            md.end_suspend(noflush=noflush)
-            self._changed("suspend", md, noflush=noflush, nolockfs=nolockfs)
+        """Hold new I/O and drain in-flight I/O, under the device's own lock only: a device whose
+        I/O is stuck delays operations on itself, never on other devices."""
+        with self._op(name) as md:
+            if not md.suspended:
+                self._commit("suspend", state_file.flags(md.minor, suspended=True, event_nr=md.event_nr))
+            md.suspend(noflush=noflush, nolockfs=nolockfs)
+            self._emit({"event": "suspend", "name": md.name, "noflush": noflush, "nolockfs": nolockfs})
             return self._info(md)
 
     def resume(self, name: str) -> dict[str, Any]:
         """Swap in the inactive table (suspending first if needed) and let I/O flow; a new
-        table's partition table is read after the registry lock is released."""
-        md = self._find(name)
-        before = md.live
-        info = self._resume(name)
+        table's partition table is read after the device's lock is released. On a device
+        whose saved live table could not be restored (`info["restore_error"]`) and that has
+        not been loaded since, resume tries that table again instead."""
+        with self._op(name) as md:
+            before = md.live
+            if md.saved_live is not None and not md.loaded_since_restore:
+                self._restorer.retry(md, resumed=True)
+                info = self._info(md)
+            else:
+                info = self._resume_locked(md)
         if md.live is not before and md.live is not None:
             self.partitions.scan_after_resume(md)
         return info
@@ -322,59 +538,96 @@ class Mapper:
         return its partitions. EBUSY while one of them is open."""
         return self.partitions.partprobe(self._find(name))
 
-    def _resume(self, name: str) -> dict[str, Any]:
-        with self._lock:
-            md = self._find(name)
-            md.check_resume()  # before suspending: a refused resume leaves the device as it was
-            must_suspend = md.inactive is not None and not md.suspended
-        if must_suspend:
-            self.suspend(name, noflush=True, nolockfs=True)
-        with self._lock:
-            md = self._find(name)
-            old_size = md.size
+    def _resume_locked(self, md: MappedDevice) -> dict[str, Any]:
+        md.check_resume()  # before committing or suspending: a refused resume leaves all as it was
+        old_live = md.live
+        swap = md.inactive is not None
+        if swap:
+            self._commit("resume", state_file.promote(md.minor),
+                         state_file.flags(md.minor, suspended=False, event_nr=md.event_nr))
+            md.saved_live = None
+        elif md.suspended:
+            self._commit("resume", state_file.flags(md.minor, suspended=False, event_nr=md.event_nr))
+        old_size = md.size
+        new = md.inactive
+        if swap and not md.suspended:
+            md.suspend(noflush=True, nolockfs=True)  # the kernel's resume suspends first
+            self._emit({"event": "suspend", "name": md.name, "noflush": True, "nolockfs": True})
+        try:
             resized = md.resume()
-            md.restore_error = None  # a table with its key is live again
-            self._attach(md)
-            if resized and old_size:
-                md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
-            self._changed("resume", md, resized=resized, size=md.size)
-            if resized and old_size:
-                self._emit({"event": "resize", "name": md.name, "old_size": old_size, "size": md.size})
-            return self._info(md)
+        except BaseException:
+            if swap and md.inactive is new:  # not swapped: the store must say so again
+                undo = state_file.put_table(md.minor, "inactive", new.text, new.read_only)
+                if old_live is not None:
+                    undo += state_file.put_table(md.minor, "live", old_live.text, old_live.read_only)
+                else:
+                    undo += state_file.drop_table(md.minor, "live")
+                try:
+                    self._commit("resume", undo, state_file.flags(md.minor, suspended=md.suspended))
+                except DMError as exc:
+                    log.error("cannot undo the failed resume of %s in the state store: %s", md.name, exc)
+            raise
+        self._attach(md)
+        _settle_restore(md)
+        if resized and old_size:
+            md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
+        self._emit({"event": "resume", "name": md.name, "resized": resized, "size": md.size})
+        if resized and old_size:
+            self._emit({"event": "resize", "name": md.name, "old_size": old_size, "size": md.size})
+        return self._info(md)
 
     def wipe_table(self, name: str) -> dict[str, Any]:
         """Replace the table by one `error` target of the same size and resume (noflush, nolockfs)."""
-        with self._lock:
-            md = self._find(name)
-            if md.live is not None:
-                md.load(f"0 {md.live.sectors} error", md.live.read_only)
-                md.suspend(noflush=True, nolockfs=True)
-                md.resume()
-                self._changed("load", md)
+        with self._op(name) as md:
+            self._wipe_locked(md)
             return self._info(md)
+
+    def _wipe_locked(self, md: MappedDevice) -> None:
+        if md.live is None:
+            return
+        new = md.build(f"0 {md.live.sectors} error", md.live.read_only)
+        try:
+            self._commit("wipe_table", state_file.drop_table(md.minor, "inactive"),
+                         state_file.put_table(md.minor, "live", new.text, new.read_only),
+                         state_file.flags(md.minor, suspended=False))
+        except BaseException:
+            new.destroy()
+            raise
+        md.set_inactive(new)
+        md.saved_inactive = None
+        md.suspend(noflush=True, nolockfs=True)
+        md.resume()
+        self._emit({"event": "load", "name": md.name})
 
     # ---- remove ------------------------------------------------------------------------
 
     def remove(self, name: str, *, force: bool = False, deferred: bool = False,
                retry: bool = False, no_open: bool = False) -> dict[str, Any]:
         """dmsetup remove. Busy devices give EBUSY, or with `deferred` are marked for removal;
-        `no_open` (seed 002) also refuses every new open until then (ENXIO)."""
+        `no_open` (seed 002) also refuses every new open until then (ENXIO). The removal is
+        committed to the state store first; if that fails, nothing is removed."""
         if no_open and not deferred:
             raise DMError(errno.EINVAL, f"remove {name}: --no-open needs --deferred")
         attempts = REMOVE_RETRIES if retry else 1
         for attempt in range(attempts):
-            with self._lock:
-                md = self._find(name)
+            with self._op(name) as md:
                 self._check_interposer_removal(md)
                 if force and attempt == 0:
-                    self.wipe_table(name)
+                    self._wipe_locked(md)
                 info = self._info(md)
-                if md.lock_for_deletion(mark_deferred=deferred, no_open=no_open):
-                    self._remove(md)
+                if self._remove_if_unopened(md, "remove"):
                     info["deferred_remove"] = False
                     return info
                 if deferred:
-                    self._changed("deferred_remove", md)
+                    self._commit("remove --deferred", state_file.flags(
+                        md.minor, deferred_remove=True, no_open=md.no_open or no_open, event_nr=md.event_nr))
+                    if md.lock_for_deletion(mark_deferred=True, no_open=no_open):
+                        self._remove_committed(md, "remove --deferred")  # closed meanwhile
+                        info["deferred_remove"] = False
+                        return info
+                    with self._lock:
+                        self._deferred.add(md)
+                    self._emit({"event": "deferred_remove", "name": md.name})
                     return self._info(md)
                 busy = DMError(errno.EBUSY, f"device {name} is open (open count {md.open_count}); "
                                "close it first or use --deferred")
@@ -382,19 +635,66 @@ class Mapper:
                 time.sleep(REMOVE_RETRY_DELAY)
         raise busy
 
+    def _remove_if_unopened(self, md: MappedDevice, what: str) -> bool:
+        """With the device's lock held: if it is not open, commit its removal and remove it."""
+        if not md.lock_for_deletion():
+            return False
+        self._remove_committed(md, what)
+        return True
+
+    def _remove_committed(self, md: MappedDevice, what: str) -> None:
+        """`md` is marked by `lock_for_deletion`: commit its removal (or undo the mark and
+        raise), then remove it."""
+        try:
+            self._commit(what, state_file.drop_device(md.minor))
+        except BaseException:
+            md.undo_deletion()
+            raise
+        self._remove_locked(md)
+
     def remove_all(self, *, force: bool = False, deferred: bool = False) -> dict[str, Any]:
-        """Remove every unopened device, repeating while stacks come apart; mark or report the rest."""
-        with self._lock:
-            self._remove_unopened(only_deferred=False)
-            if force:
-                for md in list(self._devices.values()):
+        """Remove every unopened device, one at a time (other requests go in between), repeating
+        while stacks come apart; mark or report the rest."""
+        progress = True
+        while progress:
+            progress = False
+            for md in self._snapshot():
+                if self._try_remove(md, "remove_all"):
+                    progress = True
+        if force:
+            for md in self._snapshot():
+                try:
                     self.wipe_table(md.name)
-            left = list(self._devices.values())
-            if deferred:
-                for md in left:
-                    md.deferred_remove = True
-                    self._changed("deferred_remove", md)
-            return {"left_open": [md.name for md in left]}
+                except DMError:
+                    pass
+        left = self._snapshot()
+        if deferred:
+            for md in left:
+                try:
+                    self.remove(md.name, deferred=True)
+                except DMError:
+                    pass
+            left = self._snapshot()
+        return {"left_open": [md.name for md in left]}
+
+    def _try_remove(self, md: MappedDevice, what: str) -> bool:
+        """Remove `md` if it is unopened; a device whose lock stays busy for REMOVE_ALL_WAIT
+        seconds (a suspend stuck on its I/O) is left alone, as an open one is."""
+        if not self._lock_device(md, timeout=REMOVE_ALL_WAIT):
+            return False
+        try:
+            if self._devices.get(md.name) is not md or md.deleting or md.interposers:
+                return False
+            dev = interposed_device(md)
+            if dev is not None and md in dev.interposers and dev.interposers[-1] is not md:
+                return False
+            return self._remove_if_unopened(md, what)
+        finally:
+            self._unlock_device(md)
+
+    def _snapshot(self) -> list[MappedDevice]:
+        with self._lock:
+            return list(self._devices.values())
 
     def _check_interposer_removal(self, md: MappedDevice) -> None:
         if md.interposers:
@@ -405,82 +705,106 @@ class Mapper:
             raise DMError(errno.EBUSY, f"device {md.name} interposes {dev.name} behind "
                           f"{dev.interposers[-1].name}; remove that one first")
 
-    def _remove(self, md: MappedDevice) -> None:
-        """Unhash and destroy a device that `lock_for_deletion` has marked (an interposer is
-        detached first: the device it interposed carries on with its own table)."""
+    def _remove_locked(self, md: MappedDevice) -> None:
+        """Unhash and destroy a device that `lock_for_deletion` has marked and whose removal is
+        committed (an interposer is detached first: the device it interposed carries on with
+        its own table). The device's lock is held; the registry lock only for the bookkeeping."""
         dev = interposed_device(md)
         if dev is not None and md in dev.interposers:
             detach(dev, md)
-            self._changed("uninterpose", dev, interposer=md.name)
+            self._emit({"event": "uninterpose", "name": dev.name, "interposer": md.name})
         if md.live is not None:
             md.table_event()
-        self._destroy(md)
-        self._changed("remove", md)
-
-    def _destroy(self, md: MappedDevice) -> None:
-        self._devices.pop(md.name, None)
-        self.partitions.drop(md)
-        md.deleting = True
+        self._unhash(md)
         md.destroy()
+        self._release_minor(md)
+        self._emit({"event": "remove", "name": md.name})
 
     def _last_close(self, device: BlockDevice) -> None:
         """The kernel's dm_blk_close: after the last close of a device marked for deferred
-        removal, remove every unopened device so marked (which cascades down stacks). An
-        autoclear device is removed at its last close (loop's `lo_release`)."""
-        if not isinstance(device, MappedDevice):
+        removal, remove every unopened device so marked (which cascades down stacks: their
+        own last closes follow). An autoclear device is removed at its last close (loop's
+        `lo_release`)."""
+        if not isinstance(device, MappedDevice) or device.deleting:
             return
-        if device.autoclear:
-            with self._lock:
-                if self._devices.get(device.name) is device and device.lock_for_deletion():
-                    self._remove(device)
+        if device.autoclear or device.deferred_remove:
+            self._reap(device)
         if device.deferred_remove:
             self._remove_unopened(only_deferred=True)
 
     def _remove_unopened(self, *, only_deferred: bool) -> None:
         """The kernel's dm_hash_remove_all: remove every unopened device (only those marked
         for deferred removal, if asked), rescanning after each one so that stacks come apart."""
-        with self._lock:
-            progress = True
-            while progress:
-                progress = False
-                for md in list(self._devices.values()):
-                    if self._devices.get(md.name) is md and (md.deferred_remove or not only_deferred) \
-                            and not md.interposers and md.lock_for_deletion():
-                        self._remove(md)
-                        progress = True
+        progress = True
+        while progress:
+            progress = False
+            with self._lock:
+                candidates = list(self._deferred) if only_deferred else list(self._devices.values())
+            for md in candidates:
+                if not md.deleting and not md.opens and (md.deferred_remove or not only_deferred):
+                    self._reap(md) if only_deferred else self._try_remove(md, "remove")
+                    progress = progress or md.deleting
 
     # ---- rename ------------------------------------------------------------------------
 
     def rename(self, name: str, new_name: str | None = None, *, uuid: str | None = None) -> dict[str, Any]:
-        """dmsetup rename NAME NEW, or `--setuuid UUID` (only while the device has none)."""
-        with self._lock:
-            if (new_name is None) == (uuid is None):
-                raise DMError(errno.EINVAL, "rename needs exactly one of a new name or a uuid")
-            md = self._find(name)
+        """dmsetup rename NAME NEW, or `--setuuid UUID` (only while the device has none). The
+        new name (or uuid) is reserved, committed, then applied."""
+        if (new_name is None) == (uuid is None):
+            raise DMError(errno.EINVAL, "rename needs exactly one of a new name or a uuid")
+        if uuid is not None:
+            if not uuid:
+                raise DMError(errno.EINVAL, "the new uuid is empty")
+            uuid = check_uuid(uuid)
+        else:
+            new_name = check_name(new_name)
+        with self._op(name) as md:
             if uuid is not None:
-                if not uuid:
-                    raise DMError(errno.EINVAL, "the new uuid is empty")
-                uuid = check_uuid(uuid)
-                if md.uuid:
-                    raise DMError(errno.EINVAL, f"device {name} already has uuid {md.uuid!r}; "
-                                  "a uuid cannot be changed")
-                if any(other.uuid == uuid for other in self._devices.values()):
-                    raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
-                md.uuid = uuid
+                self._set_uuid(md, uuid)
             else:
-                new_name = check_name(new_name)
-                if new_name in self._devices or self.partitions.get(new_name) is not None:
-                    raise DMError(errno.EBUSY, f"a device named {new_name!r} already exists")
-                self.partitions.check_rename(md, new_name)
-                del self._devices[name]
-                md.name = new_name
-                md.ref = f"/dev/mapper/{new_name}"
-                self._devices[new_name] = md
-                self.partitions.renamed(md)
+                self._rename(md, new_name)
             if md.live is not None:
                 md.table_event()
-            self._changed("rename", md, old_name=name)
+            self._emit({"event": "rename", "name": md.name, "old_name": name})
             return self._info(md)
+
+    def _set_uuid(self, md: MappedDevice, uuid: str) -> None:
+        with self._lock:
+            if md.uuid:
+                raise DMError(errno.EINVAL, f"device {md.name} already has uuid {md.uuid!r}; "
+                              "a uuid cannot be changed")
+            if uuid in self._by_uuid:
+                raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
+            self._by_uuid[uuid] = md  # reserved
+        try:
+            self._commit("rename --setuuid", state_file.flags(md.minor, uuid=uuid, event_nr=md.event_nr))
+        except BaseException:
+            with self._lock:
+                del self._by_uuid[uuid]
+            raise
+        md.uuid = uuid
+
+    def _rename(self, md: MappedDevice, new_name: str) -> None:
+        old = md.name
+        with self._lock:
+            if self._name_taken(new_name):
+                raise DMError(errno.EBUSY, f"a device named {new_name!r} already exists")
+            self.partitions.check_rename(md, new_name)
+            self._reserved.add(new_name)
+        try:
+            self._commit("rename", state_file.flags(md.minor, name=new_name, event_nr=md.event_nr))
+        except BaseException:
+            with self._lock:
+                self._reserved.discard(new_name)
+            raise
+        with self._lock:
+            self._reserved.discard(new_name)
+            del self._devices[old]
+            self._name_freed(old)
+            md.name = new_name
+            md.ref = f"/dev/mapper/{new_name}"
+            self._devices[new_name] = md
+            self.partitions.renamed(md)
 
     # ---- queries -----------------------------------------------------------------------
 
@@ -492,20 +816,21 @@ class Mapper:
         return self._info(self._find(name))
 
     def _info(self, md: MappedDevice) -> dict[str, Any]:
+        live, inactive = md.live, md.inactive
         return {
             "name": md.name,
             "uuid": md.uuid,
             "major": DM_MAJOR,
             "minor": md.minor,
-            "live": md.live is not None,
-            "inactive": md.inactive is not None,
+            "live": live is not None,
+            "inactive": inactive is not None,
             "suspended": md.suspended,
-            "readonly": md.live.read_only if md.live is not None else False,
-            "inactive_readonly": md.inactive.read_only if md.inactive is not None else False,
+            "readonly": live.read_only if live is not None else False,
+            "inactive_readonly": inactive.read_only if inactive is not None else False,
             "open_count": md.open_count,
             "event_nr": md.event_nr,
-            "target_count": len(md.live.targets) if md.live is not None else 0,
-            "inactive_target_count": len(md.inactive.targets) if md.inactive is not None else 0,
+            "target_count": len(live.targets) if live is not None else 0,
+            "inactive_target_count": len(inactive.targets) if inactive is not None else 0,
             "size": md.size,
             "deferred_remove": md.deferred_remove,
             "shared": md.shared,
@@ -513,19 +838,19 @@ class Mapper:
             "no_open": md.no_open,
             "max_opens": md.max_opens,
             "interposing": getattr(interposed_device(md), "name", None),
-            "interposed_by": [front.name for front in md.interposers],
+            "interposed_by": [front.name for front in list(md.interposers)],
             "dead": md.dead,
             "holder": md.holders_description(),
-            "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links
+            "holders": sorted(getattr(user, "name", str(user)) for user in list(md.holder_links)
                               if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
-            **({"restore_error": md.restore_error} if getattr(md, "restore_error", None) else {}),
+            #: why a saved table is not live (or not loaded) after a restart; None when all is restored
+            "restore_error": md.restore_error,
         }
 
     def list(self) -> list[dict[str, Any]]:
         """Every device (partitions included), sorted by name, with its info."""
-        with self._lock:
-            infos = [self._info(md) for md in self._devices.values()] + self.partitions.infos()
-            return sorted(infos, key=lambda info: info["name"])
+        infos = [self._info(md) for md in self._snapshot()] + self.partitions.infos()
+        return sorted(infos, key=lambda info: info["name"])
 
     def _table_of(self, md: MappedDevice, inactive: bool) -> Table | None:
         return md.inactive if inactive else md.live
@@ -537,45 +862,44 @@ class Mapper:
         return self._table_of(self._find(name), inactive)
 
     def table(self, name: str, *, inactive: bool = False, showkeys: bool = False) -> list[list[Any]]:
-        """Table lines `[start, length, type, params]` in the kernel's table format."""
-        with self._lock:
-            table = self._find_table(name, inactive)
-            if table is None:
-                return []
-            out = []
-            for t in table.targets:
-                params = t.table(showkeys) if _takes_showkeys(t) else t.table()
-                out.append([t.begin, t.length, t.name, params])
-            return out
+        """Table lines `[start, length, type, params]` in the kernel's table format. A saved
+        table that restore could not build is shown as it was saved."""
+        table = self._find_table(name, inactive)
+        if table is None:
+            md = self._devices.get(name)
+            saved = None if md is None else md.saved_inactive if inactive else md.saved_live
+            return saved_lines(saved[0]) if saved is not None else []
+        out = []
+        for t in table.targets:
+            params = t.table(showkeys) if _takes_showkeys(t) else t.table()
+            out.append([t.begin, t.length, t.name, params])
+        return out
 
     def status(self, name: str, *, inactive: bool = False) -> list[list[Any]]:
         """Status lines `[start, length, type, status]` in the kernel's formats."""
-        with self._lock:
-            table = self._find_table(name, inactive)
-            if table is None:
-                return []
-            return [[t.begin, t.length, t.name, t.status()] for t in table.targets]
+        table = self._find_table(name, inactive)
+        if table is None:
+            return []
+        return [[t.begin, t.length, t.name, t.status()] for t in table.targets]
 
     def deps(self, name: str, *, inactive: bool = False) -> list[dict[str, Any]]:
         """The devices a table uses: name (as `table` prints it), device number if any, shared."""
-        with self._lock:
-            table = self._find_table(name, inactive)
-            if table is None:
-                return []
-            return [_dep(dev) for dev in table.devices()]
+        table = self._find_table(name, inactive)
+        if table is None:
+            return []
+        return [_dep(dev) for dev in table.devices()]
 
     def tree(self) -> list[dict[str, Any]]:
         """Devices with their dependencies, for `ls --tree` (each dep carries 'device' if mapped)."""
-        with self._lock:
-            out = []
-            for _, md in sorted(self._devices.items()):
-                tables = [t for t in (md.live, md.inactive) if t is not None]
-                seen: dict[int, dict[str, Any]] = {}
-                for table in tables:
-                    for dev in table.devices():
-                        seen.setdefault(id(dev.open.device), _dep(dev))
-                out.append({**self._info(md), "deps": list(seen.values())})
-            return out
+        out = []
+        for md in sorted(self._snapshot(), key=lambda m: m.name):
+            tables = [t for t in (md.live, md.inactive) if t is not None]
+            seen: dict[int, dict[str, Any]] = {}
+            for table in tables:
+                for dev in table.devices():
+                    seen.setdefault(id(dev.open.device), _dep(dev))
+            out.append({**self._info(md), "deps": list(seen.values())})
+        return out
 
     def targets(self) -> list[dict[str, Any]]:
         return [{"name": name, "version": list(cls.version)} for name, cls in registered().items()]
@@ -586,11 +910,9 @@ class Mapper:
     # ---- messages and events -------------------------------------------------------------
 
     def message(self, name: str, sector: int, message: str) -> str | None:
-        """dmsetup message: `@cancel_deferred_remove` for the core, anything else to a target."""
-        with self._lock:
-            md = self._find(name)
-            if md.deleting:
-                raise DMError(errno.ENXIO, f"device {name} is being removed")
+        """dmsetup message: `@cancel_deferred_remove` for the core, anything else to a target
+        (under the device's lock: a message never waits for another device's operation)."""
+        with self._op(name) as md:
             args = split_args(message)
             if not args:
                 raise DMError(errno.EINVAL, "empty message")
@@ -606,7 +928,7 @@ class Mapper:
                 raise DMError(errno.EINVAL, f"message sector {sector} is beyond the end of {name} "
                               f"({table.sectors} sectors)")
             result = target.message(args)
-            self._changed("message", md)
+            self._emit({"event": "message", "name": md.name})
             return result
 
     def _core_message(self, md: MappedDevice, args: list[str]) -> str | None:
@@ -615,8 +937,12 @@ class Mapper:
                 raise DMError(errno.EINVAL, "@cancel_deferred_remove takes no arguments")
             if md.deleting:
                 raise DMError(errno.EBUSY, f"device {md.name} is already being removed")
+            self._commit("@cancel_deferred_remove", state_file.flags(
+                md.minor, deferred_remove=False, no_open=False, event_nr=md.event_nr))
             md.deferred_remove = md.no_open = False
-            self._changed("cancel_deferred_remove", md)
+            with self._lock:
+                self._deferred.discard(md)
+            self._emit({"event": "cancel_deferred_remove", "name": md.name})
             return None
         raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
 
@@ -626,8 +952,7 @@ class Mapper:
         in era blocks of its target (too bulky for a target message)."""
         if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 32:
             raise DMError(errno.EINVAL, f"era {since!r} is not an era number (0 to 2^32 - 1)")
-        with self._lock:
-            md = self._find(name)
+        with self._op(name) as md:
             table = md.live
             trackers = [t for t in table.targets if t.tracks_changes] if table is not None else []
             if not trackers:
@@ -637,8 +962,7 @@ class Mapper:
     def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> dict[str, Any]:
         """dmsetup wait: block until the device's event number differs from `event_nr`."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        with self._lock:
-            md = self._find(name)
+        md = self._find(name)
         with self._events:
             while md.event_nr == event_nr and not md.deleting:
                 remaining = None if deadline is None else deadline - time.monotonic()
@@ -646,10 +970,9 @@ class Mapper:
                     raise DMError(errno.ETIMEDOUT, f"no event on {name} after event {event_nr} "
                                   f"within {timeout} seconds")
                 self._events.wait(remaining)
-        with self._lock:
-            if md.deleting:
-                raise DMError(errno.ENXIO, f"device {name} was removed while waiting")
-            return self._info(md)
+        if md.deleting:
+            raise DMError(errno.ENXIO, f"device {name} was removed while waiting")
+        return self._info(md)
 
     def notify_failure(self, dev: str, offset: int, length: int, flags: int = 0) -> list[dict[str, Any]]:
         """`userdm notify-failure`: a byte range of a device failed (a media error reported from
@@ -665,18 +988,17 @@ class Mapper:
         return [d.record() for d in device.notify_failure(offset, length, flags)]
 
     def _failure_device(self, ref: str) -> BlockDevice:
-        with self._lock:
-            md = self._devices.get(ref) or self.partitions.get(ref) or self._mapped_ref(ref)
-            if md is not None:
-                return md
-            same = _file_identity(ref)
-            for md in self._devices.values():
-                for table in (md.live, md.inactive):
-                    for tdev in table.devices() if table is not None else ():
-                        device = tdev.open.device
-                        if ref in (tdev.ref, tdev.name, device.ref) or \
-                                (same is not None and same == _file_identity(device.ref)):
-                            return device
+        md = self._devices.get(ref) or self.partitions.get(ref) or self._mapped_ref(ref)
+        if md is not None:
+            return md
+        same = _file_identity(ref)
+        for md in self._snapshot():
+            for table in (md.live, md.inactive):
+                for tdev in table.devices() if table is not None else ():
+                    device = tdev.open.device
+                    if ref in (tdev.ref, tdev.name, device.ref) or \
+                            (same is not None and same == _file_identity(device.ref)):
+                        return device
         raise DMError(errno.ENXIO, f"{ref!r} is neither a mapped device nor a device that a table uses")
 
     def _table_event(self, md: MappedDevice) -> None:
@@ -698,11 +1020,6 @@ class Mapper:
 
     def _emit(self, record: dict[str, Any]) -> None:
         self._log.emit(record)
-
-    def _changed(self, event: str, md: MappedDevice, **extra: Any) -> None:
-        if self.state_dir:
-            state_file.save(self.state_dir, self._state())
-        self._emit({"event": event, "name": md.name, **extra})
 
     # ---- exports -------------------------------------------------------------------------
 
@@ -734,93 +1051,33 @@ class Mapper:
 
     # ---- persistence --------------------------------------------------------------------
 
-    def _state(self) -> dict[str, Any]:
-        devices = []
-        for md in sorted(self._devices.values(), key=lambda m: m.minor):
-            devices.append({
-                "name": md.name, "uuid": md.uuid, "minor": md.minor, "shared": md.shared,
-                "autoclear": md.autoclear, "max_opens": md.max_opens, "no_open": md.no_open,
-                "interpose": md.interpose,
-                "live": _table_state(md.live), "inactive": _table_state(md.inactive),
-                "suspended": md.suspended, "deferred_remove": md.deferred_remove,
-                "event_nr": md.event_nr,
-            })
-        return {"version": 1, "devices": devices}
-
-    def _restore(self, saved: dict[str, Any]) -> None:
-        """Recreate saved devices; tables load in rounds so stacked devices find their parts."""
-        entries = saved.get("devices", [])
-        state_dir, self.state_dir = self.state_dir, None  # do not rewrite the file while restoring
-        try:
-            pending = []
-            for entry in entries:
-                try:
-                    self.create(entry["name"], uuid=entry.get("uuid") or None, minor=entry.get("minor"),
-                                shared=entry.get("shared", False), autoclear=entry.get("autoclear", False),
-                                max_opens=entry.get("max_opens"), interpose=entry.get("interpose", False))
-                    md = self._devices[entry["name"]]
-                    md.event_nr = entry.get("event_nr", 0)
-                    md.deferred_remove = entry.get("deferred_remove", False)
-                    md.no_open = entry.get("no_open", False)
-                    pending.append(entry)
-                except DMError as exc:
-                    log.error("cannot restore device %s: %s", entry.get("name"), exc)
-            for slot in ("live", "inactive"):
-                todo = [e for e in pending if e.get(slot)]
-                while todo:
-                    failed, errors = [], {}
-                    for entry in todo:
-                        table = entry[slot]
-                        try:
-                            self.load(entry["name"], table["text"], readonly=table["read_only"])
-                            if table.get("needs_key"):
-                                self._await_key(entry["name"])
-                            elif slot == "live":
-                                self.resume(entry["name"])
-                        except DMError as exc:
-                            failed.append(entry)
-                            errors[entry["name"]] = exc
-                    if len(failed) == len(todo):
-                        for name, exc in errors.items():
-                            log.error("cannot restore the %s table of %s: %s", slot, name, exc)
-                        break
-                    todo = failed
-            for entry in pending:
-                if entry.get("suspended") and entry["name"] in self._devices:
-                    self.suspend(entry["name"], noflush=True, nolockfs=True)
-            self._remove_unopened(only_deferred=True)
-            # A restart closed every open, and for an autoclear device that is its last close.
-            for md in [md for md in self._devices.values() if md.autoclear]:
-                if self._devices.get(md.name) is md and md.lock_for_deletion():
-                    self._remove(md)
-        finally:
-            self.state_dir = state_dir
-        if self.state_dir:
-            state_file.save(self.state_dir, self._state())
-
-    def _await_key(self, name: str) -> None:
-        """A table saved without its key (crypt) is loaded into the inactive slot with its key
-        wiped; `info` says so, and `message NAME 0 key set KEY` + `resume` (or `luks open`)
-        brings it back, as after cryptsetup's luksSuspend."""
-        md = self._devices[name]
-        for target in md.inactive.targets if md.inactive is not None else ():
-            if getattr(target, "has_keys", False):
-                target.forget_key()
-        kinds = sorted({t.name for t in md.inactive.targets if getattr(t, "has_keys", False)})
-        md.restore_error = f"ENOKEY: {'/'.join(kinds)} table needs its key again (keys are never saved)"
-        log.info("%s: %s", name, md.restore_error)
+    def restore(self) -> None:
+        """Bring back the saved devices (`userdm.dm.restore`): every one of them, with its
+        tables, in dependency order; a table that cannot be built stays saved and visible."""
+        if self._store is not None:
+            self._restorer.restore(self._store.load())
 
     def close(self) -> None:
-        """Release every device's tables without forgetting the saved state (daemon exit)."""
+        """Release every device's tables without forgetting the saved state (daemon exit).
+        Takes no device's lock, so a device stuck in a suspend does not hold it up: its
+        waiting I/O fails with EIO. Idempotent."""
+        self._closing.set()
+        self._restorer.stop()
+        self.partitions.close()
         with self._lock:
-            state_dir, self.state_dir = self.state_dir, None
+            devices = sorted(self._devices.values(), key=lambda m: -m.minor)
+            self._devices.clear()
+            self._by_uuid.clear()
+            self._minors.clear()
+            self._deferred.clear()
+        for md in devices:
+            md.deleting = True
             try:
-                self.partitions.close()
-                for md in sorted(self._devices.values(), key=lambda m: -m.minor):
-                    md.destroy()
-                self._devices.clear()
-            finally:
-                self.state_dir = state_dir
+                md.destroy()
+            except Exception:
+                log.exception("closing %s failed", md.name)
+        if self._store is not None:
+            self._store.close()
 
 
 def block_node(major: int, minor: int) -> str:
@@ -855,13 +1112,6 @@ def _file_identity(path: str) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
-def _table_state(table: Table | None) -> dict[str, Any] | None:
-    if table is None:
-        return None
-    saved = {"text": table.text, "read_only": table.read_only}
-    return {**saved, "needs_key": True} if table.needs_key else saved  # text without the key
-
-
 def _dep(dev: Any) -> dict[str, Any]:
     device = dev.open.device
     devno = device.devno
@@ -874,5 +1124,12 @@ def _dep(dev: Any) -> dict[str, Any]:
     }
 
 
+def _settle_restore(md: MappedDevice) -> None:
+    """A user's load, clear or resume replaced the saved tables that restore could not build:
+    there is no restore error left to report once none is pending."""
+    if md.saved_live is None and md.saved_inactive is None:
+        md.restore_error = None
+
+
 def _takes_showkeys(target: Any) -> bool:
-    return getattr(target, "has_keys", False)
+    return target.has_keys

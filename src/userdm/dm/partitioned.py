@@ -110,6 +110,9 @@ class MappedPartitions:
         self._emit = emit
         self._observer = observer
         self._by_name: dict[str, MappedPartition] = {}
+        self._by_minor: dict[int, MappedPartition] = {}
+        #: every minor below this is taken (makes `_free_minor` O(1) amortized)
+        self._minor_hint = 0
         self._of: dict[MappedDevice, list[MappedPartition]] = {}
         #: scan generation per device: a scan installs its result only if none started after it
         self._generation: dict[MappedDevice, int] = {}
@@ -122,10 +125,7 @@ class MappedPartitions:
         return self._by_name.get(name)
 
     def by_minor(self, minor: int) -> MappedPartition | None:
-        for part in list(self._by_name.values()):
-            if part.devno == (BLKEXT_MAJOR, minor):
-                return part
-        return None
+        return self._by_minor.get(minor)
 
     def of(self, md: MappedDevice) -> list[MappedPartition]:
         return list(self._of.get(md, ()))
@@ -252,19 +252,24 @@ class MappedPartitions:
         part.event_observer = self._observer
         md.link_holder(part)
         self._by_name[name] = part
+        self._by_minor[part.devno[1]] = part
         return part
 
     def _free_minor(self) -> int:
-        used = {part.devno[1] for part in self._by_name.values() if part.devno}
-        minor = 0
-        while minor in used:
+        minor = self._minor_hint
+        while minor in self._by_minor:
             minor += 1
+        self._minor_hint = minor
         return minor
 
     def _forget(self, part: MappedPartition) -> None:
         part.removed = True
         if self._by_name.get(part.name) is part:
             del self._by_name[part.name]
+        minor = part.devno[1] if part.devno else None
+        if minor is not None and self._by_minor.get(minor) is part:
+            del self._by_minor[minor]
+            self._minor_hint = min(self._minor_hint, minor)
         part.whole.unlink_holder(part)
 
     # ---- the disk's lifecycle ------------------------------------------------------------------

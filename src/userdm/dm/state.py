@@ -1,42 +1,345 @@
-"""The state file: devices and tables that must survive a daemon restart, written atomically."""
+"""The state store: the devices, flags and tables that survive a daemon restart, in SQLite.
+
+One database, `STATE_DIR/state.db`, in WAL mode with `synchronous=FULL` (a commit is on disk
+when it returns) and `locking_mode=EXCLUSIVE` (one daemon owns it; the WAL index lives in the
+daemon's memory, so no `-shm` file is mapped, which matters on a full filesystem). Each change
+is one transaction built from the small steps below (`device`, `flags`, `put_table`,
+`drop_table`, `promote`, `drop_device`), so its cost is that of the change: a device is one row
+keyed by its minor, each table text is one row written once, when it is loaded, and never
+rewritten when other devices change (a resume moves the inactive row to the live slot).
+
+`StateStore.commit` raises `DMError` with the errno of the failure (ENOSPC for a full disk,
+EIO, EROFS ...) and a sentence; the caller then applies nothing. A store that cannot be written
+(full disk at start, say) still loads: the daemon serves its devices and every change is
+refused until the disk has room again.
+
+Migration: a `devices.json` written by earlier versions (a `{"version": 1, "devices": [...]}`
+document, rewritten whole on every change) is copied into the database in one transaction at
+the first start, and removed once that commit is durable; its leftover `devices.json.tmp.PID`
+files are removed too. If that commit fails the devices are served from the JSON file and the
+copy is retried with the next change.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import sqlite3
+import threading
+from dataclasses import dataclass, field
 from typing import Any
+
+from ..errors import DMError
 
 log = logging.getLogger("userdm.state")
 
-STATE_FILE = "devices.json"
+DB_FILE = "state.db"
+LEGACY_FILE = "devices.json"
+SCHEMA_VERSION = 1
+
+_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS devices ("
+    " minor INTEGER PRIMARY KEY, seq INTEGER NOT NULL, name TEXT NOT NULL UNIQUE, uuid TEXT NOT NULL,"
+    " shared INTEGER NOT NULL, autoclear INTEGER NOT NULL, max_opens INTEGER, no_open INTEGER NOT NULL,"
+    " interpose INTEGER NOT NULL, suspended INTEGER NOT NULL, deferred_remove INTEGER NOT NULL,"
+    " event_nr INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS tables ("
+    " minor INTEGER NOT NULL, slot TEXT NOT NULL CHECK (slot IN ('live', 'inactive')),"
+    " text TEXT NOT NULL, read_only INTEGER NOT NULL, PRIMARY KEY (minor, slot))",
+    "CREATE INDEX IF NOT EXISTS devices_by_seq ON devices (seq)",
+    f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}')",
+)
+
+#: device columns that `flags` may change
+FLAG_COLUMNS = frozenset({"name", "uuid", "no_open", "suspended", "deferred_remove", "event_nr"})
+
+#: SQLite primary result codes -> errno
+_ERRNO = {13: errno.ENOSPC, 10: errno.EIO, 8: errno.EROFS, 14: errno.EACCES, 3: errno.EPERM,
+          5: errno.EBUSY, 6: errno.EBUSY, 11: errno.EIO, 26: errno.EIO, 7: errno.ENOMEM}
+
+Step = tuple[str, tuple[Any, ...]]
 
 
-def load(state_dir: str) -> dict[str, Any]:
-    path = os.path.join(state_dir, STATE_FILE)
+@dataclass
+class SavedTable:
+    text: str
+    read_only: bool
+
+
+@dataclass
+class SavedDevice:
+    """One device as the store keeps it."""
+
+    name: str
+    minor: int
+    uuid: str = ""
+    shared: bool = False
+    autoclear: bool = False
+    max_opens: int | None = None
+    no_open: bool = False
+    interpose: bool = False
+    suspended: bool = False
+    deferred_remove: bool = False
+    event_nr: int = 0
+    live: SavedTable | None = None
+    inactive: SavedTable | None = None
+    seq: int = field(default=0, compare=False)
+
+
+# ---- the steps of a change ------------------------------------------------------------------
+
+def device(d: SavedDevice) -> list[Step]:
+    """A new device row, with its tables."""
+    steps: list[Step] = [(
+        "INSERT INTO devices (minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose,"
+        " suspended, deferred_remove, event_nr) VALUES (?, COALESCE((SELECT MAX(seq) FROM devices), 0) + 1,"
+        " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (d.minor, d.name, d.uuid, int(d.shared), int(d.autoclear), d.max_opens, int(d.no_open),
+         int(d.interpose), int(d.suspended), int(d.deferred_remove), d.event_nr))]
+    for slot in ("live", "inactive"):
+        table = getattr(d, slot)
+        if table is not None:
+            steps += put_table(d.minor, slot, table.text, table.read_only)
+    return steps
+
+
+def flags(minor: int, **values: Any) -> list[Step]:
+    """Change some of a device's columns (`FLAG_COLUMNS`)."""
+    unknown = set(values) - FLAG_COLUMNS
+    if unknown:
+        raise ValueError(f"not a device flag: {sorted(unknown)}")
+    if not values:
+        return []
+    cols = ", ".join(f"{name} = ?" for name in values)
+    params = tuple(int(v) if isinstance(v, bool) else v for v in values.values())
+    return [(f"UPDATE devices SET {cols} WHERE minor = ?", (*params, minor))]
+
+
+def put_table(minor: int, slot: str, text: str, read_only: bool) -> list[Step]:
+    return [("INSERT OR REPLACE INTO tables (minor, slot, text, read_only) VALUES (?, ?, ?, ?)",
+             (minor, slot, text, int(read_only)))]
+
+
+def drop_table(minor: int, slot: str) -> list[Step]:
+    return [("DELETE FROM tables WHERE minor = ? AND slot = ?", (minor, slot))]
+
+
+def promote(minor: int) -> list[Step]:
+    """The inactive table becomes the live one (resume), without copying its text."""
+    return [("DELETE FROM tables WHERE minor = ? AND slot = 'live'"
+             " AND EXISTS (SELECT 1 FROM tables WHERE minor = ? AND slot = 'inactive')", (minor, minor)),
+            ("UPDATE tables SET slot = 'live' WHERE minor = ? AND slot = 'inactive'", (minor,))]
+
+
+def drop_device(minor: int) -> list[Step]:
+    return [("DELETE FROM tables WHERE minor = ?", (minor,)), ("DELETE FROM devices WHERE minor = ?", (minor,))]
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+def store_error(exc: BaseException, what: str, path: str) -> DMError:
+    """The DMError for a failed commit: the errno of the SQLite or OS failure and a sentence."""
+    if isinstance(exc, OSError):
+        err = exc.errno or errno.EIO
+        text = exc.strerror or str(exc)
+    else:
+        code = getattr(exc, "sqlite_errorcode", None)
+        err = _ERRNO.get(code & 0xFF, errno.EIO) if isinstance(code, int) else errno.EIO
+        text = str(exc)
+    return DMError(err, f"cannot save the {what} in {path} ({text}); nothing was changed")
+
+
+class StateStore:
+    """The daemon's saved devices (see the module docstring). Thread-safe: commits are serialized."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.path = os.path.join(state_dir, DB_FILE)
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        #: steps that must precede the next change: the schema, a JSON migration not yet committed
+        self._pending: list[Step] = []
+        self._legacy: list[SavedDevice] | None = None
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        self._remove_stale_temporaries()
+        try:
+            self._open()
+        except (sqlite3.Error, OSError) as exc:
+            log.error("cannot open the state store %s: %s; changes are refused until it opens", self.path, exc)
+        self._prepare()
+
+    def _open(self) -> sqlite3.Connection:
+        if self._db is None:
+            db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            try:
+                db.execute("PRAGMA locking_mode = EXCLUSIVE")
+                mode = db.execute("PRAGMA journal_mode").fetchone()[0]
+                if mode.lower() != "wal":
+                    db.execute("PRAGMA journal_mode = WAL")
+                db.execute("PRAGMA synchronous = FULL")
+            except BaseException:
+                db.close()
+                raise
+            self._db = db
+        return self._db
+
+    def _has_schema(self) -> bool:
+        if self._db is None:
+            return False
+        try:
+            row = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'devices'").fetchone()
+        except sqlite3.Error as exc:
+            log.error("cannot read the state store %s: %s", self.path, exc)
+            return False
+        return row is not None
+
+    def _prepare(self) -> None:
+        """Schema and migration from devices.json, committed now if the disk lets us."""
+        has_schema = self._has_schema()
+        if not has_schema:
+            self._pending += [(sql, ()) for sql in _SCHEMA]
+        legacy_path = os.path.join(self.state_dir, LEGACY_FILE)
+        if os.path.exists(legacy_path):
+            if has_schema and self._meta("migrated") is not None:
+                self._unlink_legacy()  # the migration was committed; a crash kept the old file
+            else:
+                self._legacy = read_legacy(legacy_path)
+                if self._legacy is not None:
+                    for d in self._legacy:
+                        self._pending += device(d)
+                    self._pending.append(("INSERT OR REPLACE INTO meta (key, value) VALUES ('migrated', ?)",
+                                          (LEGACY_FILE,)))
+        if self._pending:
+            try:
+                self.commit("start")
+            except DMError as exc:
+                log.error("%s", exc)
+
+    def _meta(self, key: str) -> str | None:
+        assert self._db is not None
+        row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def load(self) -> list[SavedDevice]:
+        """Every saved device with its tables, in creation order."""
+        if self._legacy is not None and self._pending:
+            return list(self._legacy)  # the migration is not committed yet: serve from the JSON file
+        if not self._has_schema():
+            return []
+        assert self._db is not None
+        with self._lock:
+            tables: dict[tuple[int, str], SavedTable] = {
+                (minor, slot): SavedTable(text, bool(ro))
+                for minor, slot, text, ro in self._db.execute("SELECT minor, slot, text, read_only FROM tables")}
+            out = []
+            for row in self._db.execute(
+                    "SELECT minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended,"
+                    " deferred_remove, event_nr FROM devices ORDER BY seq"):
+                minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended, deferred, nr = row
+                out.append(SavedDevice(name, minor, uuid, bool(shared), bool(autoclear), max_opens, bool(no_open),
+                                       bool(interpose), bool(suspended), bool(deferred), nr,
+                                       tables.get((minor, "live")), tables.get((minor, "inactive")), seq))
+            return out
+
+    def commit(self, what: str, *changes: list[Step]) -> None:
+        """Apply the steps of one change in one durable transaction, or raise DMError and
+        change nothing. `what` names the change in the error sentence."""
+        with self._lock:
+            steps = self._pending + [step for change in changes for step in change]
+            if not steps:
+                return
+            try:
+                db = self._open()
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    for sql, params in steps:
+                        db.execute(sql, params)
+                    db.execute("COMMIT")
+                except BaseException:
+                    try:
+                        db.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        pass
+                    raise
+            except (sqlite3.Error, OSError) as exc:
+                error = store_error(exc, what, self.path)
+                log.warning("refused: %s", error)
+                raise error from None
+            if self._pending:
+                self._pending = []
+                if self._legacy is not None:
+                    self._legacy = None
+                    self._unlink_legacy()
+                    log.info("migrated %s into %s", LEGACY_FILE, self.path)
+
+    def close(self) -> None:
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None:
+            try:
+                db.close()
+            except sqlite3.Error as exc:
+                log.warning("closing the state store %s: %s", self.path, exc)
+
+    # ---- files of earlier versions ----------------------------------------------------------
+
+    def _unlink_legacy(self) -> None:
+        try:
+            os.unlink(os.path.join(self.state_dir, LEGACY_FILE))
+        except FileNotFoundError:
+            pass
+        _fsync_dir(self.state_dir)
+
+    def _remove_stale_temporaries(self) -> None:
+        """`devices.json.tmp.PID` files that a killed daemon of an earlier version left behind."""
+        for entry in os.listdir(self.state_dir):
+            if entry.startswith(LEGACY_FILE + ".tmp."):
+                try:
+                    os.unlink(os.path.join(self.state_dir, entry))
+                except OSError as exc:
+                    log.warning("cannot remove %s: %s", entry, exc)
+
+
+def read_legacy(path: str) -> list[SavedDevice] | None:
+    """The devices of a `devices.json` (version 1), or None if it cannot be read (it is kept)."""
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as exc:
-        log.error("ignoring unreadable state file %s: %s", path, exc)
-        return {}
-    return data if isinstance(data, dict) else {}
+        if not isinstance(data, dict) or not isinstance(data.get("devices", []), list):
+            raise ValueError("not a {'version': 1, 'devices': [...]} document")
+        out = []
+        taken: set[int] = set()
+        for entry in data.get("devices", []):
+            minor = entry.get("minor")
+            if not isinstance(minor, int) or minor in taken:
+                minor = max(taken, default=-1) + 1
+            taken.add(minor)
+            tables = {}
+            for slot in ("live", "inactive"):
+                t = entry.get(slot)
+                tables[slot] = SavedTable(str(t["text"]), bool(t.get("read_only"))) if isinstance(t, dict) else None
+            out.append(SavedDevice(
+                str(entry["name"]), minor, entry.get("uuid") or "", bool(entry.get("shared")),
+                bool(entry.get("autoclear")), entry.get("max_opens"), bool(entry.get("no_open")),
+                bool(entry.get("interpose")), bool(entry.get("suspended")), bool(entry.get("deferred_remove")),
+                int(entry.get("event_nr") or 0), tables["live"], tables["inactive"]))
+        return out
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.error("cannot migrate %s (kept as it is): %s", path, exc)
+        return None
 
 
-def save(state_dir: str, state: dict[str, Any]) -> None:
-    """Write to a temporary file, fsync it, rename it over the old one, fsync the directory."""
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    path = os.path.join(state_dir, STATE_FILE)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(state, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY)
+def _fsync_dir(path: str) -> None:
     try:
-        os.fsync(dfd)
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
     finally:
-        os.close(dfd)
+        os.close(fd)

@@ -112,9 +112,9 @@ class Table:
         #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
         #: the key masked, as `table` prints it without --showkeys; the key lives only in its
         #: target, so the state store never sees it (and restores such a table without it)
-        self.needs_key = any(getattr(t, "has_keys", False) and getattr(t, "key_size", 0) for t in targets)
+        self.needs_key = any(t.has_keys and getattr(t, "key_size", 0) for t in targets)
         self.text = "\n".join(f"{t.begin} {t.length} {t.name} "
-                              f"{t.table(False) if getattr(t, 'has_keys', False) else t.table()}"
+                              f"{t.table(False) if t.has_keys else t.table()}"
                               for t in targets) if self.needs_key else text
         self.starts = [t.begin * SECTOR for t in targets]
         self.ends = [(t.begin + t.length) * SECTOR for t in targets]

@@ -146,6 +146,9 @@ class Target:
     #: answers `changed(since, metadata_snapshot=...)`: runs of blocks written since an era
     #: (era), for `Mapper.era_changed`
     tracks_changes: ClassVar[bool] = False
+    #: its arguments hold a key (crypt): `table(showkeys)` masks it unless asked, the saved
+    #: text never has it, and `forget_key()` wipes it
+    has_keys: ClassVar[bool] = False
     __slots__ = ("begin", "length")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -266,8 +269,10 @@ TARGETS_PACKAGE = "userdm.targets"
 def _load_builtin_targets() -> None:
     global _loaded
     if not _loaded:
-        _loaded = True
+        # marked loaded only once the import is complete: a concurrent first table build waits
+        # for it on the import lock instead of finding no targets
         importlib.import_module(TARGETS_PACKAGE)
+        _loaded = True
 
 
 def parse_sector(text: str, what: str) -> int:

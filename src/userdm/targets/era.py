@@ -76,6 +76,8 @@ class EraTarget(Target):
         self._cond = threading.Condition()
         self._marking = 0
         self._rolling = False
+        #: writes waiting for an era change to end: the next era change lets them in first
+        self._waiting = 0
 
     # ---- the data path -----------------------------------------------------------------------
 
@@ -87,8 +89,13 @@ class EraTarget(Target):
         if not length:
             return
         with self._cond:
-            while self._rolling:
-                self._cond.wait()
+            if self._rolling:
+                self._waiting += 1
+                while self._rolling:
+                    self._cond.wait()
+                self._waiting -= 1
+                if not self._waiting:
+                    self._cond.notify_all()
             self._marking += 1
         try:
             first = offset // self._block_bytes
@@ -126,9 +133,11 @@ class EraTarget(Target):
     # ---- eras ----------------------------------------------------------------------------------
 
     def _exclusive(self, change: Any) -> None:  # noqa: ANN401 - a metadata method
-        """Run an era change while no write is being marked, so each write has one era."""
+        """Run an era change while no write is being marked, so each write has one era. Writes
+        that waited for the previous era change go first, so back-to-back checkpoints never
+        starve them."""
         with self._cond:
-            while self._rolling:
+            while self._rolling or self._waiting:
                 self._cond.wait()
             self._rolling = True
             while self._marking:
