@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
     p.add_argument("--example", action="store_true",
                    help="daemon: create the device 'example' (linear over a sparse file)")
+    from ..export.nbd import limits as nbd_limits   # daemon: what NBD clients may cost
+    nbd_limits.add_arguments(p)
     return p
 
 
@@ -393,11 +395,13 @@ def run_daemon(opts: argparse.Namespace) -> int:
 
     from ..control import paths
     from ..control.daemon import Daemon
+    from ..export.nbd import limits as nbd_limits
+    limits = nbd_limits.from_options(opts)
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format="userdm: %(name)s: %(message)s")
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
-           example=opts.example).run()
+           example=opts.example, nbd_limits=limits).run()
     return 0
 
 
