@@ -27,7 +27,8 @@ connection ends, so a closed connection's memory is returned at once, not at the
 garbage collection (the pool and the connection drop their references to each other).
 
 The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
-a protocol error or a reply that cannot be sent (hard disconnect), or when the server stops
+a protocol error or a reply that cannot be sent, also for want of room for `reply_timeout`
+(hard disconnect), or when the server stops
 (like EOF). Then the device
 open and the socket are closed and `on_close` is called.
 """
@@ -39,6 +40,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -89,6 +91,7 @@ class Connection:
                                                         limits.handshake_deadline)
         #: payload bytes this connection's requests hold, and all connections' (or None)
         self.budget = Budget(limits.connection_bytes)
+        self.reply_timeout = limits.reply_timeout
         self.total = total
         #: counted in the server's max_connections (it came from a listener)
         self.counted = False
@@ -221,9 +224,17 @@ class Connection:
             for p in parts:
                 total += len(p)
             sent = self.sock.sendmsg(parts)
-            while sent < total:   # rare: a signal or a full socket buffer on a huge reply
-                rest = b"".join(bytes(p) for p in parts)[sent:]
-                parts, total = [rest], len(rest)
+            while sent < total:   # a signal, or a slow reader and a huge reply: no copies
+                rest = []
+                for p in parts:
+                    n = len(p)
+                    if sent >= n:
+                        sent -= n
+                        continue
+                    rest.append(memoryview(p)[sent:] if sent else p)
+                    sent = 0
+                parts = rest
+                total = sum(len(p) for p in parts)
                 sent = self.sock.sendmsg(parts)
 
     def _recv_more(self, rview: memoryview, end: int, need: int) -> int:
@@ -248,6 +259,11 @@ class Connection:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:
             pass
+        # a send that makes no progress for reply_timeout fails (EAGAIN): the client reads
+        # nothing, and the connection is closed, which frees what its requests hold
+        secs = self.reply_timeout
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(secs), int((secs % 1) * 1_000_000)))
         inline_max = min(self.inline_max, RECV_BUFFER - REQUEST_SIZE)
         rbuf = bytearray(RECV_BUFFER)
         rview = memoryview(rbuf)

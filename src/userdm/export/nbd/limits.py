@@ -13,6 +13,9 @@ the byte budgets that hold requests back.
   and of all connections together, may hold. A request over the budget waits (its connection
   stops reading from its socket until bytes are freed); it is never refused for that. Both
   must hold at least one request of the maximum payload (32 MiB).
+- `reply_timeout`: seconds a reply may wait for the client to make room for it in the
+  socket (the client reads nothing); then the connection is closed. This is what frees the
+  budget held by a client that sends requests and never reads the replies.
 
 `Budget` counts bytes against one limit; each connection has its own, and every connection
 of a server shares the server's total. Buffers that a connection keeps for reuse still
@@ -45,12 +48,16 @@ class NBDLimits:
     handshake_deadline: float = 10.0
     connection_bytes: int = 128 * MiB
     total_bytes: int = 1 * GiB
+    reply_timeout: float = 60.0
 
     def __post_init__(self) -> None:
         if self.max_connections < 1:
             raise DMError(errno.EINVAL, f"--nbd-max-connections {self.max_connections}: must be at least 1")
         if not self.handshake_deadline > 0:
             raise DMError(errno.EINVAL, f"--nbd-handshake-deadline {self.handshake_deadline}: "
+                          "must be a positive number of seconds")
+        if not self.reply_timeout > 0:
+            raise DMError(errno.EINVAL, f"--nbd-reply-timeout {self.reply_timeout}: "
                           "must be a positive number of seconds")
         if self.connection_bytes < C.MAX_PAYLOAD:
             raise DMError(errno.EINVAL, f"--nbd-connection-bytes {self.connection_bytes}: must hold one "
@@ -86,12 +93,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--nbd-total-bytes", type=parse_size, default=d.total_bytes, metavar="SIZE",
                         help="daemon: request buffer bytes all NBD connections together may hold; "
                         f"further requests wait (default {d.total_bytes // GiB}G)")
+    parser.add_argument("--nbd-reply-timeout", type=float, default=d.reply_timeout, metavar="SEC",
+                        help="daemon: seconds an NBD reply may wait for a client that reads nothing, "
+                        f"then the connection is closed (default {d.reply_timeout:g})")
 
 
 def from_options(opts: argparse.Namespace) -> NBDLimits:
     return NBDLimits(max_connections=opts.nbd_max_connections,
                      handshake_deadline=opts.nbd_handshake_deadline,
-                     connection_bytes=opts.nbd_connection_bytes, total_bytes=opts.nbd_total_bytes)
+                     connection_bytes=opts.nbd_connection_bytes, total_bytes=opts.nbd_total_bytes,
+                     reply_timeout=opts.nbd_reply_timeout)
 
 
 class Budget:
