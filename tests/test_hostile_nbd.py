@@ -374,6 +374,80 @@ def test_pipelined_large_reads_never_read_back(hostile_daemon):
     honest_check(d, d.sock, b"after")
 
 
+def test_closed_connection_gives_its_buffers_back_at_once(hostile_daemon):
+    """Connections that read 32 MiB at a time keep their buffers for reuse while they live;
+    once they close, the daemon's RSS drops back without waiting for a garbage collection
+    (the connection and its worker pool no longer keep each other alive)."""
+    d = hostile_daemon(size=128 * MiB)
+    pid = d.proc.pid
+    honest_check(d, d.sock, b"warm")
+    before = rss_kib(pid) * 1024
+    conns = [nbd_connect(d.sock) for _ in range(3)]
+    try:
+        for s in conns:
+            for cookie in range(4):        # four at once: four buffers of 32 MiB each
+                s.sendall(encode_request(C.CMD_READ, cookie, cookie * 32 * MiB, 32 * MiB))
+            for _ in range(4):
+                magic, err, _cookie = struct.unpack(">IIQ", recv_exact(s, 16))
+                assert magic == C.SIMPLE_REPLY_MAGIC and err == 0
+                assert len(recv_exact(s, 32 * MiB)) == 32 * MiB
+        held = rss_kib(pid) * 1024
+        print(f"RSS before {before / MiB:.0f} MiB, with 3 idle connections after 32 MiB reads "
+              f"{held / MiB:.0f} MiB")
+        assert held > before + 64 * MiB, "no buffers kept: the test proves nothing"
+    finally:
+        for s in conns:
+            s.close()
+    assert wait_until(lambda: rss_kib(pid) * 1024 <= before + 16 * MiB, 30), (before, rss_kib(pid))
+    print(f"RSS after they closed {rss_kib(pid) * 1024 / MiB:.0f} MiB")
+    honest_check(d, d.sock, b"after")
+
+
+def test_stop_with_clients_held_by_the_budget(tmp_path, images):
+    """Stopping the server while one never-reading client holds the whole budget and another
+    waits for it ends both connections and returns; the device's opens are all closed."""
+    import threading
+    from userdm.export.nbd.limits import NBDLimits
+    m = Mapper()
+    m.create("vol", f"0 {64 * MiB // 512} linear {images(1, 64 * MiB)[0]} 0")
+    srv = NBDServer(m, unix_path=tmp_path / "nbd.sock",
+                    limits=NBDLimits(connection_bytes=32 * MiB, total_bytes=32 * MiB))
+    srv.start()
+    socks = []
+    stopper = threading.Thread(target=srv.stop)
+    try:
+        for _ in range(2):
+            s = nbd_connect(tmp_path / "nbd.sock")
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for cookie in range(3):
+                s.sendall(encode_request(C.CMD_READ, cookie, 0, 32 * MiB))
+            socks.append(s)
+        assert wait_until(lambda: srv.budget.waiting == 1)   # the second waits for the first
+        assert m.info("vol")["open_count"] == 2
+        stopper.start()
+        stopper.join(120)   # a bound on the test, not a measured duration
+        assert not stopper.is_alive(), "stop() hangs on connections held by the budget"
+        assert srv.connection_count() == 0 and m.info("vol")["open_count"] == 0
+        assert srv.budget.used == 0
+    finally:
+        for s in socks:
+            s.close()
+        if not stopper.is_alive():
+            srv.stop()
+        m.close()
+
+
+def test_limits_that_cannot_work_are_refused(tmp_path):
+    """A budget smaller than one maximum request could never let it run: the daemon refuses
+    to start with EINVAL and names the option."""
+    d = Daemon(tmp_path)
+    for option, value in (("--nbd-connection-bytes", "1M"), ("--nbd-total-bytes", "64M"),
+                          ("--nbd-handshake-deadline", "0"), ("--nbd-max-connections", "0")):
+        res = d.run("daemon", "--no-fuse", option, value, check=False)
+        assert res.returncode == 1 and "EINVAL" in res.stderr and option in res.stderr, res.stderr
+    assert not (tmp_path / "run" / "nbd.sock").exists()
+
+
 def test_200_simultaneous_connects(hostile_daemon):
     """200 non-blocking connects at once all succeed on the first try (the listen backlog
     is SOMAXCONN), then each completes a handshake and a read."""

@@ -144,8 +144,10 @@ class Connection:
         return self._closing
 
     def join(self, timeout: float | None = None) -> bool:
+        """Wait for the reader and the workers, `timeout` seconds in all; True once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in list(self._workers):
-            t.join(timeout)
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._closed
 
     def _serve(self) -> None:
