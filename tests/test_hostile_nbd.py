@@ -154,6 +154,7 @@ def test_emfile_on_the_nbd_socket(hostile_daemon):
     pid = d.proc.pid
     honest = nbd_connect(d.sock)
     control = d.connect()              # a control connection opened before the exhaustion
+    assert control.info("vol")["live"]  # ... and accepted (a round trip) before it
     old = resource.prlimit(pid, resource.RLIMIT_NOFILE)
     extra: list[socket.socket] = []
     try:
