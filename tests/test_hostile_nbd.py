@@ -482,6 +482,34 @@ def test_200_simultaneous_connects(hostile_daemon):
             s.close()
 
 
+def test_200_simultaneous_tcp_connects_on_loopback(tmp_path, images):
+    """The TCP listener has the same backlog: 200 non-blocking connects to 127.0.0.1 at once
+    are all accepted and each completes a handshake."""
+    m = Mapper()
+    m.create("vol", f"0 {8 * MiB // 512} linear {images(1, 8 * MiB)[0]} 0")
+    srv = NBDServer(m, tcp=("127.0.0.1", 0))
+    srv.start()
+    socks = []
+    try:
+        for _ in range(200):
+            s = socket.socket(socket.AF_INET)
+            s.setblocking(False)
+            socks.append(s)
+            assert s.connect_ex(srv.tcp_address) in (0, errno.EINPROGRESS)
+        for i, s in enumerate(socks):
+            s.setblocking(True)
+            s.settimeout(60)
+            greet(s)      # a connect that the backlog dropped would get no greeting
+            go(s, "vol")
+            s.sendall(encode_request(C.CMD_READ, i, 0, 512))
+            assert simple_reply(s, i) == 0 and len(recv_exact(s, 512)) == 512
+    finally:
+        for s in socks:
+            s.close()
+        srv.stop()
+        m.close()
+
+
 @pytest.mark.slow
 def test_list_and_info_with_many_devices(tmp_path):
     """With 2,000 devices (and partitions of none), LIST names each exactly once, and INFO of
