@@ -54,7 +54,10 @@ SERVERS = ["userdm", "nbdkit", "qemu-nbd", "raw"]
 def serve(sock: str, path: str) -> None:
     """Helper mode: a Mapper with one linear device over `path`, served on `sock`."""
     from userdm import Mapper
-    from userdm.export.nbd.server import NBDServer
+    try:
+        from userdm.export.nbd.server import NBDServer
+    except ImportError:  # a --baseline-src tree from before the exports moved above the core
+        from userdm.nbd.server import NBDServer
 
     size = os.path.getsize(path) // 512
     mapper = Mapper()

@@ -5,8 +5,7 @@ Public API: `Mapper` (in-process device-mapper), `connect()` (client of a runnin
 """
 
 from .errors import DMError
-
-__version__ = "0.1.0"
+from .version import __version__
 
 
 def __getattr__(name: str):

@@ -27,12 +27,25 @@ import errno
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import DMError
 
-if TYPE_CHECKING:
-    from .device import BlockDevice
+
+class Stacked(Protocol):
+    """What failures and deaths need of a device (every `BlockDevice` is one): its name and
+    size, its holder's ops, the devices stacked on it and how each maps a range of it."""
+
+    ref: str
+    size: int
+    dead: bool
+    holder_ops: Any
+    holder_links: Any
+    event_observer: Any
+
+    def failure_below(self, lower: Stacked, offset: int, length: int) -> list[tuple[int, int]]: ...
+
+    def dies_with(self, lower: Stacked) -> bool: ...
 
 log = logging.getLogger("userdm.block.failure")
 
@@ -72,12 +85,12 @@ class Delivery:
         return out
 
 
-def device_name(device: BlockDevice) -> str:
+def device_name(device: Stacked) -> str:
     """How a path names a device: a mapped device by its name, anything else by its reference."""
     return getattr(device, "name", None) or device.ref
 
 
-def notify(device: BlockDevice, offset: int, length: int, flags: int = 0,
+def notify(device: Stacked, offset: int, length: int, flags: int = 0,
            path: Sequence[str] = ()) -> list[Delivery]:
     """Report the failed byte range [offset, offset+length) of `device` up the stack."""
     if device.dead:
@@ -95,7 +108,7 @@ def notify(device: BlockDevice, offset: int, length: int, flags: int = 0,
 class NotHandled(DMError):
     """EOPNOTSUPP: the failure reached no holder that registered `notify_failure`."""
 
-    def __init__(self, device: BlockDevice, offset: int, length: int, deliveries: list[Delivery]) -> None:
+    def __init__(self, device: Stacked, offset: int, length: int, deliveries: list[Delivery]) -> None:
         counts: dict[str, int] = {}
         for d in deliveries:
             counts[d.device] = counts.get(d.device, 0) + 1
@@ -108,7 +121,7 @@ class NotHandled(DMError):
         self.deliveries = deliveries
 
 
-def _deliver(device: BlockDevice, offset: int, length: int, flags: int, path: tuple[str, ...],
+def _deliver(device: Stacked, offset: int, length: int, flags: int, path: tuple[str, ...],
              out: list[Delivery]) -> None:
     here = device_name(device)
     if here in path:  # a cycle of mapped devices: the failure has been here already
@@ -135,14 +148,14 @@ def _deliver(device: BlockDevice, offset: int, length: int, flags: int, path: tu
             _deliver(upper, off, n, flags, path, out)
 
 
-def mark_dead(device: BlockDevice, surprise: bool = True, path: Sequence[str] = ()) -> list[str]:
+def mark_dead(device: Stacked, surprise: bool = True, path: Sequence[str] = ()) -> list[str]:
     """Mark `device` dead and everything stacked on it that dies with it; the names that died."""
     died: list[str] = []
     _kill(device, surprise, tuple(path), died)
     return died
 
 
-def _kill(device: BlockDevice, surprise: bool, path: tuple[str, ...], died: list[str]) -> None:
+def _kill(device: Stacked, surprise: bool, path: tuple[str, ...], died: list[str]) -> None:
     with device._opens_lock:
         if device.dead:
             return
@@ -162,7 +175,7 @@ def _kill(device: BlockDevice, surprise: bool, path: tuple[str, ...], died: list
             _kill(upper, surprise, path, died)
 
 
-def read_failed(device: BlockDevice, offset: int, length: int, exc: DMError) -> None:
+def read_failed(device: Stacked, offset: int, length: int, exc: DMError) -> None:
     """A read of [offset, offset+length) from `device` by a table raised `exc`: an EIO becomes a
     failure of that range (flag MF_ACTION_REQUIRED), or of the ranges a target named with
     `Target.read_error`; a vanished device (ENODEV, ESTALE) is marked dead. Each error is
@@ -188,7 +201,7 @@ def read_failed(device: BlockDevice, offset: int, length: int, exc: DMError) -> 
             pass  # nobody holds it with notify_failure: the EIO itself still reaches the reader
 
 
-def _observe(device: BlockDevice, record: dict[str, Any]) -> None:
+def _observe(device: Stacked, record: dict[str, Any]) -> None:
     observer = device.event_observer
     if observer is not None:
         try:

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..errors import DMError
 from . import paths, protocol
+from .dial import dial, refusal
 from .event_stream import EventStream
 
 
@@ -20,14 +21,7 @@ class Client:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            self._sock.connect(path)
-        except OSError as exc:
-            self._sock.close()
-            raise DMError(errno.ENOENT if isinstance(exc, FileNotFoundError) else exc.errno or errno.EIO,
-                          f"cannot reach the userdm daemon at {path}: {exc.strerror}; "
-                          "is `userdm daemon` running?") from None
+        self._sock = dial(path)
         self._decoder = protocol.Decoder()
         self._lock = threading.Lock()
 
@@ -62,7 +56,11 @@ class Client:
 
     def _roundtrip(self, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self._lock:
-            self._sock.sendall(protocol.encode(protocol.request(cmd, **args)))
+            try:
+                self._sock.sendall(protocol.encode(protocol.request(cmd, **args)))
+            except OSError as exc:
+                # the daemon may have answered and closed (EAGAIN: too many connections)
+                raise refusal(self._sock, exc) from None
             fds: list[int] = []
             while True:
                 data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, 4, socket.MSG_CMSG_CLOEXEC)

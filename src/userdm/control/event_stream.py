@@ -26,6 +26,7 @@ from typing import Any
 from ..dm.events import matches
 from ..errors import DMError
 from . import protocol
+from .dial import dial, refusal
 
 #: records kept for a slow reader before the oldest are dropped
 MAX_PENDING = 10000
@@ -41,7 +42,11 @@ def serve_events(conn: socket.socket, mapper: Any, args: Any) -> None:
     pending: deque[dict[str, Any]] = deque()
     lost = 0
     lock = threading.Lock()
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # e.g. EMFILE: say so, the connection carries on
+        conn.sendall(protocol.encode(protocol.error(DMError.from_os(exc, "events: cannot start a stream"))))
+        return
 
     def listener(record: dict[str, Any]) -> None:
         nonlocal lost
@@ -97,17 +102,18 @@ class EventStream:
     """A live stream of the daemon's event records on a control connection of its own."""
 
     def __init__(self, path: str, *, name: str | None = None, recent: bool = False) -> None:
-        from .client import Client  # the same connection rules as every client
-        self._client = Client(path)
-        self._sock = self._client._sock
+        self._sock = dial(path)  # a connection of its own, made as every client makes one
         self._decoder = protocol.Decoder()
         self._ready: deque[dict[str, Any]] = deque()
         self._thread: threading.Thread | None = None
         try:
-            self._sock.sendall(protocol.encode(protocol.request("events", name=name, recent=recent)))
+            try:
+                self._sock.sendall(protocol.encode(protocol.request("events", name=name, recent=recent)))
+            except OSError as exc:
+                raise refusal(self._sock, exc) from None
             protocol.result_of(self._next_message())
         except BaseException:
-            self._client.close()
+            self._sock.close()
             raise
 
     def _next_message(self) -> dict[str, Any]:
@@ -150,7 +156,7 @@ class EventStream:
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join()
-        self._client.close()
+        self._sock.close()
 
     def __enter__(self) -> EventStream:
         return self

@@ -14,13 +14,29 @@ during the switch wait and then take the new path.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..block.device import BlockDevice, BlockOpen
 from ..errors import DMError
 
-if TYPE_CHECKING:
-    from .mapped import MappedDevice
+
+class MappedDevice(Protocol):
+    """What the interposer needs of a mapped device (`userdm.dm.mapped.MappedDevice`)."""
+
+    name: str
+    ref: str
+    size: int
+    logical_block_size: int
+    read_only: bool
+    live: Any
+    interposers: list[MappedDevice]
+
+    def enter_below(self, front: MappedDevice) -> Any: ...
+
+    def leave_below(self) -> None: ...
+
+    def switch(self, change: Callable[[], object]) -> None: ...
 
 PREFIX = "[interpose]"
 
@@ -28,7 +44,7 @@ PREFIX = "[interpose]"
 class InterposedView(BlockDevice):
     """DEV as its interposer `front` sees it: the path below `front` in DEV's stack."""
 
-    def __init__(self, dev: "MappedDevice", front: "MappedDevice") -> None:
+    def __init__(self, dev: MappedDevice, front: MappedDevice) -> None:
         super().__init__(f"{PREFIX}{dev.ref}", dev.size, dev.logical_block_size, dev.read_only)
         self.dev = dev
         self.front = front
@@ -61,7 +77,7 @@ class InterposedView(BlockDevice):
         return self._io("block_status", offset, length)
 
 
-def open_view(dev: "MappedDevice", front: "MappedDevice", write: bool) -> BlockOpen:
+def open_view(dev: MappedDevice, front: MappedDevice, write: bool) -> BlockOpen:
     """The open that `front`'s table holds on `[interpose]DEV`."""
     if dev is front:
         raise DMError(errno.EINVAL, f"device {front.name} cannot interpose itself")
@@ -72,7 +88,7 @@ def open_view(dev: "MappedDevice", front: "MappedDevice", write: bool) -> BlockO
     return InterposedView(dev, front).open(write=write)
 
 
-def attach(dev: "MappedDevice", front: "MappedDevice") -> None:
+def attach(dev: MappedDevice, front: MappedDevice) -> None:
     """Put `front` in front of `dev`: freeze, hold and drain `dev`, switch, release, thaw."""
     if front.size != dev.size:
         raise DMError(errno.EINVAL, f"device {front.name} has {front.size} bytes but the device it "
@@ -80,7 +96,7 @@ def attach(dev: "MappedDevice", front: "MappedDevice") -> None:
     dev.switch(lambda: dev.interposers.append(front))
 
 
-def detach(dev: "MappedDevice", front: "MappedDevice") -> None:
+def detach(dev: MappedDevice, front: MappedDevice) -> None:
     """Take `front` out of `dev`'s path again, the same way."""
     if not dev.interposers or dev.interposers[-1] is not front:
         above = dev.interposers[-1].name if dev.interposers else "nothing"
@@ -89,7 +105,7 @@ def detach(dev: "MappedDevice", front: "MappedDevice") -> None:
     dev.switch(dev.interposers.pop)
 
 
-def interposed_device(front: "MappedDevice") -> "MappedDevice | None":
+def interposed_device(front: MappedDevice) -> MappedDevice | None:
     """The device that `front`'s live table interposes, if any."""
     table = front.live
     if table is None:

@@ -24,7 +24,9 @@ from typing import Any
 from ..block.backing import BackingStores
 from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
+from ..version import __version__
 from . import state as state_file
+from .cycles import DependencyGraph
 from .events import EventLog
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
@@ -56,6 +58,13 @@ class Mapper:
         #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
         #: layer above the core (the daemon's NBD server; `userdm.Mapper` brings its own)
         self.open_sockets: Any = None
+        #: this daemon's own NBD listeners, Unix socket paths (str) and TCP (host, port): a
+        #: table over one of them is an edge to the device it exports (set by the daemon)
+        self.nbd_addresses: list[Any] = []
+        #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
+        self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
+                                     devices=lambda: list(self._devices.values()),
+                                     nbd_addresses=lambda: self.nbd_addresses)
         self._exclusive_opens = itertools.count(1)
         #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
@@ -181,6 +190,7 @@ class Mapper:
             md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
                               max_opens=max_opens, interpose=interpose)
             md.lookup_mapped = self._mapped_ref
+            md.graph = self.graph
             md._event_hook = self._table_event
             md.event_observer = self._emit
             md.on_last_close(self._last_close)
@@ -315,6 +325,7 @@ class Mapper:
     def _resume(self, name: str) -> dict[str, Any]:
         with self._lock:
             md = self._find(name)
+            md.check_resume()  # before suspending: a refused resume leaves the device as it was
             must_suspend = md.inactive is not None and not md.suspended
         if must_suspend:
             self.suspend(name, noflush=True, nolockfs=True)
@@ -568,7 +579,6 @@ class Mapper:
         return [{"name": name, "version": list(cls.version)} for name, cls in registered().items()]
 
     def version(self) -> dict[str, Any]:
-        from .. import __version__
         return {"library": __version__, "driver": list(DRIVER_VERSION)}
 
     # ---- messages and events -------------------------------------------------------------
@@ -606,11 +616,18 @@ class Mapper:
         raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
-        """Runs of blocks of the device's era targets written since era `since`, in sectors and
-        era blocks (`userdm.targets.era.era_changed`; too bulky for a target message)."""
-        from ..targets.era import era_changed
+        """Runs of blocks of the device's era targets written since era `since`, each with
+        `begin`/`length` in sectors of the device and `block_begin`/`block_end` (exclusive)
+        in era blocks of its target (too bulky for a target message)."""
+        if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 32:
+            raise DMError(errno.EINVAL, f"era {since!r} is not an era number (0 to 2^32 - 1)")
         with self._lock:
-            return era_changed(self._find(name), since, metadata_snapshot=metadata_snapshot)
+            md = self._find(name)
+            table = md.live
+            trackers = [t for t in table.targets if t.tracks_changes] if table is not None else []
+            if not trackers:
+                raise DMError(errno.EINVAL, f"device {md.name} has no live era target")
+            return [run for t in trackers for run in t.changed(since, metadata_snapshot=metadata_snapshot)]
 
     def wait(self, name: str, event_nr: int = 0, *, timeout: float | None = None) -> dict[str, Any]:
         """dmsetup wait: block until the device's event number differs from `event_nr`."""
@@ -701,6 +718,10 @@ class Mapper:
         """Devices that have a live table and are not being removed, and their partitions."""
         return sorted([name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting]
                       + self.partitions.export_names())
+
+    def _export_device(self, name: str) -> MappedDevice | MappedPartition | None:
+        """The device that the NBD export `name` serves, or None."""
+        return self._devices.get(name) or self.partitions.get(name)
 
     def exported(self, name: str) -> MappedDevice | MappedPartition | None:
         """The device `name` if `export_names()` would list it, else None: one dict lookup,

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..block.device import SECTOR, merge_extents
-from ..errors import DMError
+from ..errors import DMError, quoted
 from .target import TableDevice, Target, TargetContext, TargetError, lookup
 
 MAX_SECTORS = (1 << 63) - 1 >> 9  # the kernel's "too large device" limit
@@ -57,7 +57,7 @@ def split_args(text: str) -> list[str]:
 
 def _number(text: str, lineno: int, what: str) -> int:
     if not (text.isascii() and text.isdigit()):
-        raise DMError(errno.EINVAL, f"table line {lineno}: invalid {what} {text!r}: not a decimal number of sectors")
+        raise DMError(errno.EINVAL, f"table line {lineno}: invalid {what} {quoted(text)}: not a decimal number of sectors")
     return int(text)
 
 
@@ -70,7 +70,7 @@ def parse_table(text: str) -> list[TableLine]:
             continue
         words = stripped.split(None, 3)
         if len(words) < 3:
-            raise DMError(errno.EINVAL, f"table line {lineno}: {stripped!r} needs at least "
+            raise DMError(errno.EINVAL, f"table line {lineno}: {quoted(stripped)} needs at least "
                           "'<start> <length> <target type>'")
         start = _number(words[0], lineno, "start sector")
         length = _number(words[1], lineno, "length")
@@ -222,7 +222,7 @@ def build_table(text: str, ctx: TargetContext) -> Table:
         for line in lines:
             cls = lookup(line.type)
             if cls is None:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {line.type!r}")
+                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {quoted(line.type)}")
             if cls.singleton and len(lines) > 1:
                 raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
                               "must appear alone in table")
@@ -230,6 +230,7 @@ def build_table(text: str, ctx: TargetContext) -> Table:
                 raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
                               f"{line.type} cannot be mixed with other target types")
             try:
+                ctx.begin_target()
                 targets.append(cls(ctx, line.start, line.length, line.args))
             except TargetError as exc:
                 raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None

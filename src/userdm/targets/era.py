@@ -16,7 +16,7 @@ held), `drop_metadata_snap` (EINVAL if none). INFO status: `<metadata block size
 metadata blocks>/<#total metadata blocks> <current era> <held metadata root | ->`, or
 `Error`. Table: `<metadata dev> <origin dev> <block size>`.
 
-`era_changed` answers "which blocks were written since era E" (era >= E in the era array,
+`changed` (`Mapper.era_changed`) answers "which blocks were written since era E" (era >= E in the era array,
 plus the current writeset when the current era >= E; E = 0 means every block), as runs of
 era blocks and of device sectors: the data for incremental backups (`userdm era changed`).
 """
@@ -28,7 +28,7 @@ import threading
 from typing import Any
 
 from ..block.device import SECTOR
-from ..dm.target import Target, TargetContext, TargetError, register
+from ..dm.target import RolesOverlap, Target, TargetContext, TargetError, register
 from ..errors import DMError
 from ._era_metadata import BLOCK_SECTORS, EraMetadata
 
@@ -48,11 +48,13 @@ class EraTarget(Target):
             raise TargetError("Error opening metadata device: era writes its metadata, "
                               "so its table cannot be read-only")
         try:
-            self.metadata_dev = ctx.get_device(args[0], 0, 0)
+            self.metadata_dev = ctx.get_device(args[0], 0, 0, role="metadata device")
         except TargetError as exc:
             raise TargetError(f"Error opening metadata device: {exc}") from None
         try:
-            self.origin_dev = ctx.get_device(args[1], begin, length)
+            self.origin_dev = ctx.get_device(args[1], begin, length, role="origin device")
+        except RolesOverlap:
+            raise
         except TargetError as exc:
             raise TargetError(f"Error opening data device: {exc}") from None
         text = args[2]
@@ -178,6 +180,8 @@ class EraTarget(Target):
     def devices(self):
         return [self.metadata_dev, self.origin_dev]
 
+    tracks_changes = True
+
     def changed(self, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, int]]:
         """Runs of blocks written in era `since` or later (see the module docstring)."""
         out = []
@@ -187,19 +191,3 @@ class EraTarget(Target):
             out.append({"begin": self.begin + begin, "length": stop - begin,
                         "block_begin": first, "block_end": end})
         return out
-
-
-def era_changed(md: Any, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, int]]:
-    """`Mapper.era_changed`: the changed runs of every era target of mapped device `md`'s live
-    table. Each run: `begin` and `length` in 512-byte sectors of the device, `block_begin` and
-    `block_end` (exclusive) in era blocks of its target."""
-    if isinstance(since, bool) or not isinstance(since, int) or not 0 <= since < 1 << 32:
-        raise DMError(errno.EINVAL, f"era {since!r} is not an era number (0 to 2^32 - 1)")
-    table = md.live
-    targets = [t for t in table.targets if isinstance(t, EraTarget)] if table is not None else []
-    if not targets:
-        raise DMError(errno.EINVAL, f"device {md.name} has no live era target")
-    out: list[dict[str, int]] = []
-    for target in targets:
-        out += target.changed(since, metadata_snapshot=metadata_snapshot)
-    return out
