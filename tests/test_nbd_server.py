@@ -381,6 +381,9 @@ def test_catalog_refusals():
         def export_names(self):
             return []
 
+        def exported(self, name):
+            return None
+
         def info(self, name):
             if name == "dying":
                 return {"live": True, "size": 512, "readonly": False}

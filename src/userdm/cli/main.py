@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "within this time, else the connection closes (default 60)")
     from . import luks
     luks.add_options(p)
+    from ..export.nbd import limits as nbd_limits   # daemon: what NBD clients may cost
+    nbd_limits.add_arguments(p)
     return p
 
 
@@ -413,6 +415,8 @@ def run_daemon(opts: argparse.Namespace) -> int:
 
     from ..control import paths
     from ..control.daemon import Daemon
+    from ..export.nbd import limits as nbd_limits
+    nbd_limits_ = nbd_limits.from_options(opts)
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format="userdm: %(name)s: %(message)s")
     from ..control.server import ControlLimits
@@ -421,7 +425,7 @@ def run_daemon(opts: argparse.Namespace) -> int:
                            message_timeout=opts.control_message_timeout)
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
-           example=opts.example, control_limits=limits).run()
+           example=opts.example, control_limits=limits, nbd_limits=nbd_limits_).run()
     return 0
 
 

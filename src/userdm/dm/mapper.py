@@ -1045,6 +1045,15 @@ class Mapper:
         """The device that the NBD export `name` serves, or None."""
         return self._devices.get(name) or self.partitions.get(name)
 
+    def exported(self, name: str) -> MappedDevice | MappedPartition | None:
+        """The device `name` if `export_names()` would list it, else None: one dict lookup,
+        lock-free like `open_device` (the NBD server asks this on every INFO and GO)."""
+        md = self._devices.get(name)
+        if md is not None:
+            return md if md.live is not None and not md.deleting else None
+        part = self.partitions.get(name)
+        return part if part is not None and part.live is not None else None
+
     def device(self, name: str) -> MappedDevice | MappedPartition:
         part = self.partitions.get(name) if name not in self._devices else None
         return part if part is not None else self._find(name)  # lock-free, as `open_device`

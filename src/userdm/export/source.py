@@ -17,7 +17,14 @@ class ExportSource(Protocol):
     """The devices to export, their state, and opens of them."""
 
     def export_names(self) -> list[str]:
-        """Devices that have a live table and are not being removed, partitions included."""
+        """Devices that have a live table and are not being removed, partitions included
+        (built and sorted on each call: for listing, never for looking up one name)."""
+        ...
+
+    def exported(self, name: str) -> BlockDevice | None:
+        """The device `name` if `export_names()` lists it, else None: a lookup of one name,
+        lock-free, whose cost does not grow with the number of devices (the NBD server asks
+        it on every INFO, GO and metadata-context query)."""
         ...
 
     def info(self, name: str) -> dict[str, Any]:

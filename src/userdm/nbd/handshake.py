@@ -2,7 +2,8 @@
 
 `ServerHandshake` takes bytes from the client and returns the bytes to send back. It asks an
 `ExportCatalog` (a plain object with three methods, no sockets) which exports exist and, on
-`NBD_OPT_GO`/`NBD_OPT_EXPORT_NAME`, to select one. Supported options: EXPORT_NAME, ABORT,
+`NBD_OPT_GO`/`NBD_OPT_EXPORT_NAME`, to select one (LIST leaves out names that are not
+valid UTF-8 or longer than the protocol allows). Supported options: EXPORT_NAME, ABORT,
 LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`);
 every other option is answered with NBD_REP_ERR_UNSUP and negotiation goes on. INFO/GO always
 answer NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE, and NAME/DESCRIPTION when asked.
@@ -74,6 +75,17 @@ def transmission_flags(info: ExportInfo, structured: bool) -> int:
 
 def option_reply(opt: int, rtype: int, data: bytes = b"") -> bytes:
     return OPTION_REPLY.pack(C.OPT_REPLY_MAGIC, opt, rtype, len(data)) + data
+
+
+def wire_name(name: str) -> bytes | None:
+    """An export name as the protocol carries it (UTF-8, at most MAX_STRING bytes), or None
+    for a name that cannot be sent: LIST leaves such a name out instead of failing for every
+    client (a Python str may hold lone surrogates that no UTF-8 encodes)."""
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return raw if len(raw) <= C.MAX_STRING else None
 
 
 def _string(data: bytes, at: int, length: int) -> str:
@@ -157,9 +169,13 @@ class ServerHandshake:
         if opt == C.OPT_LIST:
             if data:
                 return self._error(opt, C.REP_ERR_INVALID, "LIST takes no data")
-            names = self.catalog.names()
-            return b"".join(option_reply(opt, C.REP_SERVER, _U32.pack(len(n.encode())) + n.encode())
-                            for n in names) + option_reply(opt, C.REP_ACK)
+            out = []
+            for name in self.catalog.names():   # one pass over the names, each encoded once
+                raw = wire_name(name)
+                if raw is not None:
+                    out.append(option_reply(opt, C.REP_SERVER, _U32.pack(len(raw)) + raw))
+            out.append(option_reply(opt, C.REP_ACK))
+            return b"".join(out)
         if opt in (C.OPT_INFO, C.OPT_GO):
             return self._info_go(opt, data)
         if opt == C.OPT_STRUCTURED_REPLY:
@@ -207,8 +223,9 @@ class ServerHandshake:
             return self._error(opt, exc.reply, exc.message)
         tflags = transmission_flags(info, self.structured)
         out = [option_reply(opt, C.REP_INFO, struct.pack(">HQH", C.INFO_EXPORT, info.size, tflags))]
-        if C.INFO_NAME in requests:
-            out.append(option_reply(opt, C.REP_INFO, struct.pack(">H", C.INFO_NAME) + info.name.encode()))
+        raw_name = wire_name(info.name) if C.INFO_NAME in requests else None
+        if raw_name is not None:
+            out.append(option_reply(opt, C.REP_INFO, struct.pack(">H", C.INFO_NAME) + raw_name))
         if C.INFO_DESCRIPTION in requests and info.description:
             out.append(option_reply(opt, C.REP_INFO, struct.pack(">H", C.INFO_DESCRIPTION)
                                     + info.description.encode()))

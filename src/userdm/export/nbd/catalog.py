@@ -4,7 +4,9 @@ One `MapperCatalog` per connection: `select` (NBD_OPT_GO or NBD_OPT_EXPORT_NAME)
 device with `mapper.open_device`, so the connection counts in the device's open count until
 it closes. A device whose table is read-only is opened read-only and exported with
 NBD_FLAG_READ_ONLY. `info` (NBD_OPT_INFO, metadata context queries) never opens the device:
-an open and close would fire a deferred or autoclear removal.
+an open and close would fire a deferred or autoclear removal. Both look the name up with
+`mapper.exported(name)`, whose cost does not depend on the number of devices; `names`
+(NBD_OPT_LIST) builds the list once per LIST.
 
 A `BoundCatalog` serves a socket made for one open that already exists (`create(...,
 open_fd=True)`, `open`): the open was made before the socket existed, so the client's
@@ -30,7 +32,7 @@ class MapperCatalog:
         self.handle: BlockOpen | None = None
 
     def names(self) -> list[str]:
-        return list(self.mapper.export_names())
+        return self.mapper.export_names()
 
     def _refuse(self, name: str) -> Refused:
         """UNKNOWN for a device that does not exist or has no live table; SHUTDOWN for one
@@ -44,29 +46,20 @@ class MapperCatalog:
         return Refused(C.REP_ERR_UNKNOWN, f"no export named {name!r} (no such device, or it has no live table)")
 
     def info(self, name: str) -> ExportInfo:
-        if name not in self.mapper.export_names():
+        device = self.mapper.exported(name)
+        if device is None:
             raise self._refuse(name)
         try:
             d = self.mapper.info(name)
-        except DMError as exc:
+        except DMError:
             raise self._refuse(name) from None
         return ExportInfo(name=name, size=int(d.get("size", 0)), read_only=bool(d.get("readonly")),
-                          min_block=self._block_size(name))
-
-    def _block_size(self, name: str, handle: BlockOpen | None = None) -> int:
-        device = handle.device if handle is not None else None
-        if device is None:
-            try:
-                device = self.mapper.device(name)
-            except DMError:
-                device = None
-        lbs = getattr(device, "logical_block_size", 512)
-        return lbs if lbs in (512, 4096) else 512
+                          min_block=_block_size(device))
 
     def select(self, name: str) -> ExportInfo:
         if self.handle is not None:
             raise Refused(C.REP_ERR_INVALID, "an export is already selected")
-        if name not in self.mapper.export_names():
+        if self.mapper.exported(name) is None:
             raise self._refuse(name)
         try:
             readonly = bool(self.mapper.info(name).get("readonly"))
@@ -82,7 +75,7 @@ class MapperCatalog:
             raise Refused(C.REP_ERR_POLICY, str(exc)) from None
         self.handle = handle
         return ExportInfo(name=name, size=handle.size, read_only=handle.read_only,
-                          min_block=self._block_size(name, handle))
+                          min_block=_logical_block_size(handle))
 
     def close(self) -> None:
         if self.handle is not None:
@@ -135,5 +128,9 @@ class BoundCatalog:
 
 
 def _logical_block_size(handle: BlockOpen) -> int:
-    lbs = getattr(handle.device, "logical_block_size", 512)
+    return _block_size(handle.device)
+
+
+def _block_size(device: object) -> int:
+    lbs = getattr(device, "logical_block_size", 512)
     return lbs if lbs in (512, 4096) else 512

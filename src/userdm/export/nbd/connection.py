@@ -18,8 +18,18 @@ The transmission phase has one reader thread and a small worker pool:
 Nothing is allocated per request beyond small Python objects. Workers and buffers are reused
 most-recent-first (see `_WorkerPool`).
 
+What a connection may cost is bounded (`limits.py`): the handshake has an overall deadline
+(not for a socket that carries an existing open), and the payload buffers of dispatched
+requests count against the connection's byte budget and the server's total: a request that
+does not fit waits, and the reader does not read from the socket meanwhile. Buffers kept for
+reuse count too, and are given back (MADV_DONTNEED) when anyone waits for bytes and when the
+connection ends, so a closed connection's memory is returned at once, not at the next
+garbage collection (the pool and the connection drop their references to each other).
+
 The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
-a protocol error (hard disconnect), or when the server stops (like EOF). Then the device
+a protocol error or a reply that cannot be sent, also for want of room for `reply_timeout`
+(hard disconnect), or when the server stops
+(like EOF). Then the device
 open and the socket are closed and `on_close` is called.
 """
 
@@ -30,6 +40,7 @@ import logging
 import mmap
 import os
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -37,13 +48,14 @@ from collections.abc import Callable
 from ...errors import DMError
 from ...nbd import constants as C
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
+from .limits import Budget, NBDLimits
 from ...nbd.handshake import ServerHandshake
 from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
                        block_status_chunk, clip_extents, error_reply)
 
 log = logging.getLogger("userdm.nbd")
 
-HANDSHAKE_TIMEOUT = 30.0
+_PAGE = mmap.PAGESIZE
 MAX_EXTENTS = 1024
 RECV_BUFFER = 80 * 1024  # batch receive buffer
 ARENA = 1024 * 1024           # inline READ data of one reply batch
@@ -70,8 +82,19 @@ class Connection:
 
     def __init__(self, sock: socket.socket, mapper: ExportSource | None, *, threads: int = 8,
                  inline_max: int = INLINE_MAX, catalog: MapperCatalog | BoundCatalog | None = None,
-                 on_close: Callable[["Connection"], None] = lambda c: None) -> None:
+                 on_close: Callable[["Connection"], None] = lambda c: None,
+                 limits: NBDLimits | None = None, total: Budget | None = None) -> None:
+        limits = limits or NBDLimits()
         self.sock = sock
+        #: seconds the whole handshake may take (None: a socket that carries an open)
+        self.handshake_deadline: float | None = getattr(catalog, "handshake_timeout",
+                                                        limits.handshake_deadline)
+        #: payload bytes this connection's requests hold, and all connections' (or None)
+        self.budget = Budget(limits.connection_bytes)
+        self.reply_timeout = limits.reply_timeout
+        self.total = total
+        #: counted in the server's max_connections (it came from a listener)
+        self.counted = False
         self.catalog = catalog if catalog is not None else MapperCatalog(mapper)
         self.max_threads = max(1, threads)
         self.inline_max = inline_max
@@ -99,6 +122,7 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RD)
         except OSError:
             pass
+        self._wake_waiters()
 
     def abort(self) -> None:
         """Hard disconnect: nothing more is read or sent."""
@@ -108,10 +132,22 @@ class Connection:
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self._wake_waiters()
+
+    def _wake_waiters(self) -> None:
+        """A reader waiting for budget looks at `_closing` now."""
+        self.budget.wake()
+        if self.total is not None:
+            self.total.wake()
+
+    def _is_closing(self) -> bool:
+        return self._closing
 
     def join(self, timeout: float | None = None) -> bool:
+        """Wait for the reader and the workers, `timeout` seconds in all; True once closed."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         for t in list(self._workers):
-            t.join(timeout)
+            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
         return self._closed
 
     def _serve(self) -> None:
@@ -151,16 +187,28 @@ class Connection:
     # ---- handshake ------------------------------------------------------------------
 
     def _handshake(self) -> bool:
+        """The handshake, within `handshake_deadline` in all (each receive and send may take
+        only what is left of it): a client that sends a byte now and then is closed too."""
         sock = self.sock
-        sock.settimeout(getattr(self.catalog, "handshake_timeout", HANDSHAKE_TIMEOUT))
+        limit = self.handshake_deadline
+        deadline = None if limit is None else time.monotonic() + limit
+        sock.settimeout(limit)
         hs = ServerHandshake(self.catalog)
         sock.sendall(hs.greeting())
         while not hs.done and not self._closing:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.debug("nbd: handshake not finished within %gs, closing", limit)
+                    return False
+                sock.settimeout(left)
             data = sock.recv(65536)
             if not data:
                 return False
             out = hs.receive_data(data)
             if out:
+                if deadline is not None:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
                 sock.sendall(out)
         if hs.state != "transmission" or self._closing:
             return False
@@ -178,9 +226,17 @@ class Connection:
             for p in parts:
                 total += len(p)
             sent = self.sock.sendmsg(parts)
-            while sent < total:   # rare: a signal or a full socket buffer on a huge reply
-                rest = b"".join(bytes(p) for p in parts)[sent:]
-                parts, total = [rest], len(rest)
+            while sent < total:   # a signal, or a slow reader and a huge reply: no copies
+                rest = []
+                for p in parts:
+                    n = len(p)
+                    if sent >= n:
+                        sent -= n
+                        continue
+                    rest.append(memoryview(p)[sent:] if sent else p)
+                    sent = 0
+                parts = rest
+                total = sum(len(p) for p in parts)
                 sent = self.sock.sendmsg(parts)
 
     def _recv_more(self, rview: memoryview, end: int, need: int) -> int:
@@ -200,11 +256,16 @@ class Connection:
         assert export is not None and handle is not None
         sock = self.sock
         pool = self._pool = _WorkerPool(self, handle, export)
+        max_payload = export.max_payload
         try:   # room for a whole big reply: its sendmsg then copies once and does not block
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:
             pass
-        max_payload = export.max_payload
+        # a send that makes no progress for reply_timeout fails (EAGAIN): the client reads
+        # nothing, and the connection is closed, which frees what its requests hold
+        secs = self.reply_timeout
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
+                        struct.pack("ll", int(secs), int((secs % 1) * 1_000_000)))
         inline_max = min(self.inline_max, RECV_BUFFER - REQUEST_SIZE)
         rbuf = bytearray(RECV_BUFFER)
         rview = memoryview(rbuf)
@@ -274,13 +335,15 @@ class Connection:
                             self._send(out)
                             out = []
                             apos = 0
-                        buf = pool.buffer()
+                        buf = pool.buffer(length)   # may wait for budget: nothing is read meanwhile
+                        if buf is None:
+                            break
                         have = min(end - start - REQUEST_SIZE, length)
                         if have:
-                            buf[:have] = rview[start + REQUEST_SIZE:start + REQUEST_SIZE + have]
+                            buf.view[:have] = rview[start + REQUEST_SIZE:start + REQUEST_SIZE + have]
                         start += REQUEST_SIZE + have
                         if have < length:
-                            if not self._recv_exact(buf[have:length]):
+                            if not self._recv_exact(buf.view[have:length]):
                                 pool.release(buf)
                                 break
                         pool.submit(flags, cmd, cookie, offset, length, buf)
@@ -295,8 +358,12 @@ class Connection:
                             self._send(out)
                             out = []
                             apos = 0
-                        pool.submit(flags, cmd, cookie, offset, length,
-                                    pool.buffer() if cmd == _READ else None)
+                        buf = None
+                        if cmd == _READ:   # a READ over the maximum is refused unread: no bigger buffer
+                            buf = pool.buffer(min(length, max_payload))
+                            if buf is None:
+                                break
+                        pool.submit(flags, cmd, cookie, offset, length, buf)
                         continue
                     if cmd == _READ:
                         if apos + length > ARENA:
@@ -329,6 +396,13 @@ class Connection:
         finally:
             self._closing = True
             pool.finish()
+            self._pool = None   # no cycle between the connection and its pool
+            out = data = None
+            try:
+                aview.release()
+                arena.close()
+            except BufferError:   # a view still alive somewhere: the GC unmaps it later
+                pass
 
     def _recv_exact(self, view: memoryview) -> bool:
         want = len(view)
@@ -391,6 +465,19 @@ class _Idle:
         self.task: tuple | None = None
 
 
+class _Buffer:
+    """A task's payload buffer: an anonymous mapping of the maximum payload, of which only
+    touched pages cost memory; `held` bytes of it count in the budgets (the most any request
+    used since it was last given back, so at least what is resident)."""
+
+    __slots__ = ("mm", "view", "held")
+
+    def __init__(self, size: int) -> None:
+        self.mm = mmap.mmap(-1, size)
+        self.view = memoryview(self.mm)
+        self.held = 0
+
+
 class _WorkerPool:
     """Threads that run dispatched requests, each task with its own payload buffer.
 
@@ -398,22 +485,31 @@ class _WorkerPool:
     buffers are reused LIFO: under a steady stream of big requests one or two warm threads do
     the work (each task costs one wake-up and few GIL hand-offs, and its buffer is still in
     the CPU cache), while more threads, up to `size`, start only when every one is busy (a
-    slow, remote or suspended device). `buffer()` blocks while `size` tasks are in flight
-    (backpressure on the reader); `finish()` waits for every task to be answered, then ends
-    the threads.
+    slow, remote or suspended device). `buffer()` blocks while `size` tasks are in flight,
+    and while the request's bytes do not fit in the connection's budget or the server's
+    total (backpressure on the reader); `finish()` waits for every task to be answered, then
+    ends the threads and gives every buffer back.
 
     While the device keeps up, at most FAST_IN_FLIGHT tasks (the CPU count, at least 2) are
     in flight: a task is a copy bound by CPU and memory, and more of them than CPUs (next to
     the reader and the client) only adds preemption; on this 2-CPU machine kind 1 MiB writes
     ran ~15% faster so. When the reader has waited SLOW_WAIT for a free slot, the device is
     slow (remote, delayed, suspended) and up to `size` tasks may wait in it at once, for the
-    next SLOW_BACKOFF submissions."""
+    next SLOW_BACKOFF submissions.
+
+    Budgets: a buffer holds `held` bytes in both budgets while it is in flight and while it
+    is kept for reuse; a request that needs more takes the difference first. Kept buffers are
+    given back (`reclaim`: MADV_DONTNEED, bytes returned) when anyone waits for either budget
+    and when the pool finishes."""
 
     def __init__(self, conn: Connection, handle, export: Export) -> None:
-        self.conn = conn
+        self.conn: Connection | None = conn
         self.handle = handle
         self.export = export
         self.size = conn.max_threads
+        self.budget = conn.budget
+        self.total = conn.total
+        self._cancelled = conn._is_closing
         self._fast_limit = min(self.size, FAST_IN_FLIGHT)
         self._limit = self._fast_limit   # tasks allowed in flight now
         self._slow_left = 0              # submissions left before going back to the fast limit
@@ -421,11 +517,14 @@ class _WorkerPool:
         self._room = threading.Condition(self._lock)   # in_flight dropped below size / to 0
         self._waiting = 0
         self._in_flight = 0
-        self._free: list[memoryview] = []
+        self._free: list[_Buffer] = []
         self._idle: list[_Idle] = []
         self._queued: collections.deque[tuple] = collections.deque()
         self._stopping = False
         self.threads: list[threading.Thread] = []
+        self.budget.register(self)
+        if self.total is not None:
+            self.total.register(self)
 
     def _reserve(self) -> None:
         with self._lock:
@@ -449,22 +548,58 @@ class _WorkerPool:
             if self._waiting:
                 self._room.notify_all()
 
-    def buffer(self) -> memoryview:
-        """A payload buffer of the export's maximum size for one task (counts as in flight)."""
+    def buffer(self, length: int) -> _Buffer | None:
+        """A payload buffer for one task of `length` bytes (counts as in flight), once they
+        fit in the budgets; None if the connection started closing while waiting."""
         self._reserve()
-        try:
-            return self._free.pop()
-        except IndexError:
-            return memoryview(mmap.mmap(-1, self.export.max_payload))
+        with self._lock:
+            buf = self._free.pop() if self._free else None
+        if buf is None:
+            buf = _Buffer(self.export.max_payload)
+        extra = length - buf.held
+        if extra > 0:
+            if not self.budget.take(extra, self._cancelled):
+                self.release(buf)
+                return None
+            if self.total is not None and not self.total.take(extra, self._cancelled):
+                self.budget.give(extra)
+                self.release(buf)
+                return None
+            buf.held = length
+        return buf
 
-    def release(self, buf: memoryview | None) -> None:
+    def release(self, buf: _Buffer) -> None:
         """Give back a buffer from `buffer()` that was not submitted."""
-        if buf is not None:
-            self._free.append(buf)
+        self._recycle(buf)
         self._done()
 
+    def _recycle(self, buf: _Buffer) -> None:
+        """Keep a buffer for reuse, or give its bytes back if someone waits for them."""
+        with self._lock:
+            if self._stopping or self.budget.waiting or (self.total is not None and self.total.waiting):
+                self._trim(buf)
+            self._free.append(buf)
+
+    def _trim(self, buf: _Buffer) -> None:
+        """Drop a kept buffer's pages and give its bytes back (with `_lock` held)."""
+        held, buf.held = buf.held, 0
+        if held:
+            try:
+                buf.mm.madvise(mmap.MADV_DONTNEED, 0, min(len(buf.mm), -(-held // _PAGE) * _PAGE))
+            except (OSError, ValueError):
+                pass
+            self.budget.give(held)
+            if self.total is not None:
+                self.total.give(held)
+
+    def reclaim(self) -> None:
+        """Give back the bytes of every buffer kept for reuse (someone waits for bytes)."""
+        with self._lock:
+            for buf in self._free:
+                self._trim(buf)
+
     def submit(self, flags: int, cmd: int, cookie: int, offset: int, length: int,
-               buf: memoryview | None) -> None:
+               buf: _Buffer | None) -> None:
         if buf is None:
             self._reserve()
         task = (flags, cmd, cookie, offset, length, buf)
@@ -489,18 +624,27 @@ class _WorkerPool:
         me = _Idle()
         while task is not None:
             flags, cmd, cookie, offset, length, buf = task
+            data = None
             try:
-                data = buf[:length] if buf is not None else None
+                data = buf.view[:length] if buf is not None else None
                 parts = execute(handle, export, check, flags, cmd, cookie, offset, length, data)
                 if not conn._aborted:
                     conn._send(parts)
-            except OSError as exc:
-                log.debug("nbd: reply not sent: %s", exc)
+                parts = None
+            except OSError as exc:   # the client is gone or broke the socket: hang up
+                log.debug("nbd: reply not sent, disconnecting: %s", exc)
+                conn.abort()
             except Exception:
                 log.exception("nbd: worker failed")
             finally:
+                if data is not None:
+                    try:
+                        data.release()
+                    except BufferError:
+                        pass
+                    data = None
                 if buf is not None:
-                    self._free.append(buf)
+                    self._recycle(buf)
                 self._done()
             with self._lock:
                 if self._queued:
@@ -513,7 +657,7 @@ class _WorkerPool:
             task, me.task = me.task, None
 
     def finish(self) -> None:
-        """Wait until every task is answered, then end the workers."""
+        """Wait until every task is answered, end the workers, give every buffer back."""
         with self._lock:
             while self._in_flight:
                 self._waiting += 1
@@ -526,6 +670,18 @@ class _WorkerPool:
             worker.wake.release()
         for t in self.threads:
             t.join()
+        with self._lock:
+            free, self._free = self._free, []
+            for buf in free:
+                self._trim(buf)
+        for buf in free:
+            try:
+                buf.view.release()
+                buf.mm.close()
+            except BufferError:   # still viewed somewhere: unmapped when that view goes
+                pass
+        self.conn = None
+        self.threads = []
 
 
 def _block_status(handle, offset: int, length: int, one: bool) -> list[tuple[int, int]]:

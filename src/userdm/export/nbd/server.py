@@ -9,6 +9,14 @@ Each connection holds one open of its device (see `catalog.py`) and is served by
 thread pool (see `connection.py`). CAN_MULTI_CONN is advertised: every connection to a
 device goes to the same in-process device object, so a flush on one covers writes that
 completed on all of them.
+
+What clients may cost is bounded by `NBDLimits` (see `limits.py`): connections from the
+listeners beyond `max_connections` are closed at once, handshakes have a deadline, and the
+request buffers of all connections share one byte budget (`total_bytes`). The listeners
+have the kernel's maximum backlog (SOMAXCONN), so that hundreds of simultaneous connects
+succeed at once. An accept that fails for lack of descriptors or memory (EMFILE, ENFILE,
+ENOBUFS, ENOMEM) is retried with a growing back-off: the loop never exits for it. Both
+refusals are logged once per burst, with the count when the burst ends.
 """
 
 from __future__ import annotations
@@ -26,11 +34,13 @@ from ...block.device import BlockOpen
 from ..source import ExportSource
 from .catalog import BoundCatalog
 from .connection import Connection
+from .limits import Budget, NBDLimits
 
 log = logging.getLogger("userdm.nbd")
 
 DEFAULT_THREADS = 8
 STOP_GRACE = 5.0
+ACCEPT_BACKOFF = (0.01, 0.5)   # first and longest wait after an accept failed for lack of resources
 
 
 class NBDServer:
@@ -38,7 +48,7 @@ class NBDServer:
 
     def __init__(self, mapper: ExportSource, unix_path: str | os.PathLike[str] | None = None,
                  tcp: tuple[str, int] | None = None, *, threads_per_connection: int = DEFAULT_THREADS,
-                 unix_mode: int = 0o600) -> None:
+                 unix_mode: int = 0o600, limits: NBDLimits | None = None) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NBDServer needs a unix_path or a tcp address")
         self.mapper = mapper
@@ -46,6 +56,12 @@ class NBDServer:
         self.tcp = tcp
         self.threads_per_connection = threads_per_connection
         self.unix_mode = unix_mode
+        self.limits = limits or NBDLimits()
+        #: request buffer bytes of every connection together
+        self.budget = Budget(self.limits.total_bytes)
+        self._accepted = 0              # connections from the listeners (counted in max_connections)
+        self._refused_over_cap = 0      # in the current burst
+        self._accept_failures = 0       # in the current burst
         self._listeners: list[socket.socket] = []
         self._accept_threads: list[threading.Thread] = []
         self._connections: set[Connection] = set()
@@ -61,7 +77,7 @@ class NBDServer:
             if self.unix_path is not None:
                 self._listeners.append(self._listen_unix(self.unix_path))
             if self.tcp is not None:
-                sock = socket.create_server(self.tcp, reuse_port=False, backlog=64)
+                sock = socket.create_server(self.tcp, reuse_port=False, backlog=socket.SOMAXCONN)
                 self.tcp_address = sock.getsockname()[:2]
                 self._listeners.append(sock)
         except BaseException:
@@ -103,7 +119,7 @@ class NBDServer:
             finally:
                 os.umask(old)
             os.chmod(path, self.unix_mode)
-            sock.listen(64)
+            sock.listen(socket.SOMAXCONN)
         except OSError as exc:
             sock.close()
             raise DMError.from_os(exc, f"cannot listen on {path}") from None
@@ -153,6 +169,8 @@ class NBDServer:
             return len(self._connections)
 
     def _accept_loop(self, listener: socket.socket) -> None:
+        backoff = ACCEPT_BACKOFF[0]
+        pause = threading.Event()   # never set: a sleep that is not a busy loop
         while True:
             try:
                 sock, _ = listener.accept()
@@ -160,21 +178,63 @@ class NBDServer:
                 if self._stopping or exc.errno in (errno.EBADF, errno.EINVAL):
                     return
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("nbd accept: %s", exc)
-                    threading.Event().wait(0.1)
+                    if not self._accept_failures:
+                        log.warning("nbd: cannot accept connections (%s); retrying, and saying "
+                                    "nothing more until one is accepted", exc.strerror or exc)
+                    self._accept_failures += 1
+                    pause.wait(backoff)
+                    backoff = min(backoff * 2, ACCEPT_BACKOFF[1])
                 continue
+            backoff = ACCEPT_BACKOFF[0]
+            if self._accept_failures:
+                log.warning("nbd: accepting connections again after %d failed accepts",
+                            self._accept_failures)
+                self._accept_failures = 0
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if not self.serve_socket(sock):
+            if not self._admit(sock):
+                continue
+            if not self.serve_socket(sock, counted=True):
                 return
 
-    def serve_socket(self, sock: socket.socket, catalog: BoundCatalog | None = None) -> bool:
-        """Serve one connected socket, from a listener or handed in (the server end of a
-        socketpair whose other end the control socket passes to a client). False if stopping."""
+    def _admit(self, sock: socket.socket) -> bool:
+        """Below `max_connections`: count the connection in. Otherwise close it at once."""
+        cap = self.limits.max_connections
+        with self._lock:
+            if self._accepted < cap:
+                self._accepted += 1
+                refused, self._refused_over_cap = self._refused_over_cap, 0
+                admitted = True
+            else:
+                refused = self._refused_over_cap
+                self._refused_over_cap += 1
+                admitted = False
+        if admitted:
+            if refused:
+                log.warning("nbd: below the connection limit again; %d connections were refused", refused)
+            return True
+        if not refused:
+            log.warning("nbd: %d connections are open (--nbd-max-connections): closing new ones "
+                        "until one ends", cap)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+        return False
+
+    def serve_socket(self, sock: socket.socket, catalog: BoundCatalog | None = None, *,
+                     counted: bool = False) -> bool:
+        """Serve one connected socket, from a listener (`counted` in max_connections) or
+        handed in (the server end of a socketpair whose other end the control socket passes
+        to a client). False if stopping."""
         conn = Connection(sock, self.mapper, threads=self.threads_per_connection, catalog=catalog,
-                          on_close=self._forget)
+                          on_close=self._forget, limits=self.limits, total=self.budget)
+        conn.counted = counted
         with self._lock:
             if self._stopping:
+                if counted:
+                    self._accepted -= 1
                 sock.close()
                 return False
             self._connections.add(conn)
@@ -197,7 +257,10 @@ class NBDServer:
 
     def _forget(self, conn: Connection) -> None:
         with self._lock:
-            self._connections.discard(conn)
+            if conn in self._connections:
+                self._connections.discard(conn)
+                if conn.counted:
+                    self._accepted -= 1
 
 
 def socket_for_open(handle: BlockOpen, name: str, server: NBDServer | None = None) -> socket.socket:
