@@ -20,8 +20,9 @@ def test_dmsetup_session(daemon, images):
         f"0 3072 striped 3 128 {a} 4096 {b} 0 {c} 0")
     cols = run("info", "-c").stdout.splitlines()
     assert cols[0].split() == ["Name", "Maj", "Min", "Stat", "Open", "Targ", "Event", "UUID"]
-    assert re.fullmatch(r"stripes\s+253\s+1 L--w\s+0\s+1\s+0 UUID-S", cols[1])
-    assert re.fullmatch(r"vol0\s+253\s+0 L--w\s+0\s+1\s+0", cols[2])
+    # libdm pads every column to its width, the last one too
+    assert re.fullmatch(r"stripes\s+253\s+1 L--w\s+0\s+1\s+0 UUID-S {26}", cols[1])
+    assert re.fullmatch(r"vol0\s+253\s+0 L--w\s+0\s+1\s+0 {33}", cols[2])
     assert run("ls").stdout == "stripes\t(253:1)\nvol0\t(253:0)\n"
     assert run("table", "vol0").stdout == f"0 2048 linear {a} 0\n"
     assert run("status", "vol0").stdout == "0 2048 linear \n"
@@ -42,7 +43,7 @@ def test_dmsetup_session(daemon, images):
     # suspend / resume
     run("suspend", "vol0")
     assert "State:             SUSPENDED" in run("info", "vol0").stdout
-    assert run("info", "-c", "--noheadings", "-o", "name,attr", "vol0").stdout == "vol0             L-sw\n"
+    assert run("info", "-c", "--noheadings", "-o", "name,attr", "vol0").stdout == "vol0:L-sw\n"
     run("resume", "vol0")
     # rename and setuuid
     run("rename", "stripes", "raid0")

@@ -72,53 +72,6 @@ def attr(info: dict[str, Any]) -> str:
         ("s" if info["suspended"] else "-") + ("r" if info["readonly"] else "w")
 
 
-#: `info -c` fields: name -> (heading, minimum width, right-aligned, value)
-FIELDS: dict[str, tuple[str, int, bool, Any]] = {
-    "name": ("Name", 16, False, lambda i: i["name"]),
-    "major": ("Maj", 3, True, lambda i: i["major"]),
-    "minor": ("Min", 3, True, lambda i: i["minor"]),
-    "attr": ("Stat", 4, False, attr),
-    "open": ("Open", 4, True, lambda i: i["open_count"]),
-    "segments": ("Targ", 4, True, lambda i: i["target_count"]),
-    "events": ("Event", 6, True, lambda i: i["event_nr"]),
-    "uuid": ("UUID", 32, False, lambda i: i["uuid"]),
-    "devno": ("DevNo", 5, False, lambda i: f"{i['major']}:{i['minor']}"),
-    "blkdevname": ("BlkDevName", 10, False, lambda i: f"dm-{i['minor']}"),
-    "flags": ("Flags", 5, False, lambda i: ",".join(userdm_flags(i)) or "-"),
-}
-DEFAULT_FIELDS = ["name", "major", "minor", "attr", "open", "segments", "events", "uuid"]
-
-
-def parse_fields(spec: str | None) -> list[str]:
-    """`-o` option: a comma list, `+f` appends to the defaults."""
-    if not spec:
-        return list(DEFAULT_FIELDS)
-    fields = list(DEFAULT_FIELDS) if spec.startswith("+") else []
-    for name in spec.lstrip("+").split(","):
-        name = name.strip()
-        if name not in FIELDS:
-            raise ValueError(f"unrecognised field {name!r}; choose from {', '.join(FIELDS)}")
-        fields.append(name)
-    return fields
-
-
-def info_columns(infos: list[dict[str, Any]], fields: list[str], *, headings: bool = True,
-                 separator: str = " ") -> str:
-    """`dmsetup info -c`: aligned columns (numbers right, text left)."""
-    rows = [[str(FIELDS[f][3](i)) for f in fields] for i in infos]
-    widths = [max([FIELDS[f][1], len(FIELDS[f][0])] + [len(r[n]) for r in rows]) for n, f in enumerate(fields)]
-    out = []
-
-    def line(cells: list[str], align: bool = True) -> str:
-        parts = [c.rjust(w) if align and FIELDS[f][2] else c.ljust(w) for c, w, f in zip(cells, widths, fields)]
-        return separator.join(parts).rstrip()
-
-    if headings:  # libdm left-aligns every heading
-        out.append(line([FIELDS[f][0] for f in fields], align=False))
-    out += [line(r) for r in rows]
-    return "\n".join(out) + "\n" if out else ""
-
-
 def dep_label(dep: dict[str, Any]) -> str:
     if dep["devno"]:
         return f"({dep['devno'][0]}, {dep['devno'][1]})"

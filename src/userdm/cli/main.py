@@ -16,8 +16,10 @@ from . import format as fmt
 
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
-         "wipe_table", "partprobe", "era", "daemon", "help", "notify-failure",
+         "wipe_table", "splitname", "partprobe", "era", "daemon", "help", "notify-failure",
          "events", "backup", "luks")
+#: verbs that need no daemon
+LOCAL_VERBS = ("splitname",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +41,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--readonly", action="store_true", help="load the table read-only")
     p.add_argument("-c", "-C", "--columns", action="store_true", help="info: one line per device")
     p.add_argument("-o", "--options", help="info -c fields; ls/deps device name format")
-    p.add_argument("--noheadings", action="store_true")
-    p.add_argument("--separator", default=" ")
+    p.add_argument("--noheadings", action="store_true",
+                   help="report: no headings, no alignment, fields separated by ':'")
+    p.add_argument("--separator", help="report: fields separated by this string (no alignment)")
+    p.add_argument("-O", "--sort", help="report: sort by these fields (-FIELD: descending)")
+    p.add_argument("-S", "--select", help="report: only the objects that match this selection")
+    p.add_argument("--nameprefixes", action="store_true", help="report: DM_FIELD='value' pairs")
+    p.add_argument("--unquoted", action="store_true", help="report: no quotes with --nameprefixes")
+    p.add_argument("--rows", action="store_true", help="report: one line per field")
+    p.add_argument("--headings", metavar="none|abbrev", help="report: headings or none")
     p.add_argument("--noopencount", action="store_true")
     p.add_argument("--noflush", action="store_true")
     p.add_argument("--nolockfs", action="store_true")
@@ -213,24 +222,67 @@ class Commands:
                 if self.o.verbose:
                     print(fmt.ls_line(part))
 
+    def report_options(self) -> "report.Options":
+        from . import report
+        return report.Options.from_args(noheadings=self.o.noheadings, separator=self.o.separator,
+                                        nameprefixes=self.o.nameprefixes, unquoted=self.o.unquoted,
+                                        rows=self.o.rows, headings=self.o.headings)
+
+    def print_report(self, rows: list[Any], default: str) -> None:
+        """dmsetup's report (`info -c`, `splitname`): fields, sort and selection checked first."""
+        from . import report
+        try:
+            fields = report.parse_fields(self.o.options, default)
+        except report.HelpShown:
+            return
+        sort = report.parse_sort(self.o.sort)
+        selection = report.Selection(self.o.select) if self.o.select else None
+        sys.stdout.write(report.render(rows, fields, self.report_options(), sort=sort,
+                                       selection=selection))
+
     def info(self) -> None:
+        from . import report
         names = self.selected()
         infos = [self.dm.info(n) for n in names] if names else self.dm.list()
         if self.o.columns:
-            try:
-                fields = fmt.parse_fields(self.o.options)
-            except ValueError as exc:
-                usage(str(exc))
             if not infos:
                 print("No devices found")
                 return
-            sys.stdout.write(fmt.info_columns(infos, fields, headings=not self.o.noheadings,
-                                              separator=self.o.separator))
+            tree: list[dict[str, Any]] | None = None
+
+            def whole_tree() -> list[dict[str, Any]]:
+                nonlocal tree
+                if tree is None:
+                    tree = self.dm.tree()
+                return tree
+
+            def deps_of(name: str) -> Any:
+                return lambda: next((d["deps"] for d in whole_tree() if d["name"] == name), [])
+
+            def users_of(name: str) -> Any:
+                return lambda: [d for d in whole_tree() if any(dep.get("device") == name for dep in d["deps"])]
+
+            rows = [report.Row(i, report.device_split(i), deps_of(i["name"]), users_of(i["name"]))
+                    for i in infos]
+            self.print_report(rows, report.DEFAULT_FIELDS)
             return
+        for opt in ("sort", "select", "separator", "headings"):
+            if getattr(self.o, opt) is not None:
+                usage(f"--{opt} is a report option: use it with info -c")
         if not infos:
             print("No devices found")
             return
         sys.stdout.write("\n".join(fmt.info_long(i, opencount=not self.o.noopencount) for i in infos))
+
+    def splitname(self) -> None:
+        """`splitname NAME [SUBSYSTEM]`: the name's LVM components (VG, LV, layer) as a report;
+        a subsystem other than LVM (the default) is not split."""
+        from . import report
+        if not 1 <= len(self.args) <= 2:
+            usage("splitname needs a device name and optionally a subsystem")
+        subsystem = self.args[1] if len(self.args) == 2 else "LVM"
+        self.print_report([report.Row(None, report.split_name(self.args[0], subsystem))],
+                          report.SPLITNAME_FIELDS)
 
     def ls(self) -> None:
         if self.o.tree:
@@ -446,6 +498,24 @@ def split_dashes(argv: list[str]) -> tuple[list[str], list[str] | None, list[str
     return head, None, tail
 
 
+#: report options whose value may begin with '-' (`-O -name`, `--separator -`), as getopt takes it
+GLUED = {"-O": "--sort", "--sort": "--sort", "-S": "--select", "--select": "--select",
+         "-o": "--options", "--options": "--options", "--separator": "--separator"}
+
+
+def glue_values(argv: list[str]) -> list[str]:
+    """`-O -name` -> `--sort=-name`: argparse would take `-name` for an option."""
+    out, n = [], 0
+    while n < len(argv):
+        if argv[n] in GLUED and n + 1 < len(argv):
+            out.append(f"{GLUED[argv[n]]}={argv[n + 1]}")
+            n += 2
+        else:
+            out.append(argv[n])
+            n += 1
+    return out
+
+
 def takes_command(opts: argparse.Namespace) -> bool:
     """Whether the verb runs a command after '--' (`open`, `create --exec`)."""
     return opts.verb == "open" or (opts.verb == "create" and opts.exec_)
@@ -455,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, names, command = split_dashes(argv)
+    argv = glue_values(argv)
     opts = parser.parse_intermixed_args(argv)
     if names is not None or command:
         if takes_command(opts):
@@ -468,6 +539,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if opts.verb == "daemon":
             return run_daemon(opts)
+        if opts.verb in LOCAL_VERBS:  # no daemon needed
+            getattr(Commands(None, opts, command), opts.verb.replace("-", "_"))()
+            return 0
         from ..control.client import connect
         with connect(opts.runtime_dir) as client:
             getattr(Commands(client, opts, command), opts.verb.replace("-", "_"))()
