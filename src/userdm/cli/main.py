@@ -13,11 +13,10 @@ from typing import Any, NoReturn
 
 from ..errors import DMError
 from . import format as fmt
+from . import verbs
 
-VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
-         "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
-         "wipe_table", "splitname", "partprobe", "era", "daemon", "help", "notify-failure",
-         "events", "backup", "luks")
+#: the verbs, with their synopses and options in `verbs.VERBS`
+VERBS = tuple(verbs.VERBS)
 #: verbs that need no daemon
 LOCAL_VERBS = ("splitname",)
 
@@ -28,8 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="'--' ends the options: `userdm remove -- --help` removes the "
                                 "device named --help. For `open NAME -- CMD` and `create NAME --exec -- "
                                 "CMD` it introduces the command; with two, the first ends the options "
-                                "and the second introduces the command.")
-    p.add_argument("verb", choices=VERBS, metavar="COMMAND", help=" ".join(VERBS))
+                                "and the second introduces the command.", add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="help on the command (userdm help VERB)")
+    p.add_argument("verb", metavar="COMMAND", help=" ".join(VERBS))
     p.add_argument("args", nargs="*", help="device names and command arguments")
     p.add_argument("--runtime-dir", help="the daemon's runtime directory (env USERDM_RUNTIME_DIR)")
     p.add_argument("--state-dir", help="daemon: where devices are saved (env USERDM_STATE_DIR)")
@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cow-size", metavar="SIZE", help="backup start: size of the COW store (K/M/G)")
     p.add_argument("--all", action="store_true", dest="all_", help="backup drop: stop change tracking too")
     p.add_argument("--follow", action="store_true", help="events: keep printing events as they happen")
+    p.add_argument("--json", action="store_true",
+                   help="info, ls, table, status, deps, targets, version: print JSON for programs")
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
     # daemon options
@@ -161,6 +163,8 @@ class Commands:
         if not self.args:
             usage("create needs a device name")
         name, rest = self.args[0], self.args[1:]
+        if self.o.notable and (self.o.table is not None or rest):
+            usage("--notable and a table (--table or a table file) exclude each other")
         table = None if self.o.notable else read_table(self.o, rest)
         if self.o.exec_ and not self.command:
             usage("create --exec needs a command after '--'")
@@ -244,6 +248,9 @@ class Commands:
         from . import report
         names = self.selected()
         infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        if self.o.json:
+            self.print_json(infos)
+            return
         if self.o.columns:
             if not infos:
                 print("No devices found")
@@ -284,24 +291,47 @@ class Commands:
         self.print_report([report.Row(None, report.split_name(self.args[0], subsystem))],
                           report.SPLITNAME_FIELDS)
 
+    def print_json(self, value: Any) -> None:
+        """`--json`: one JSON document on stdout (an empty list when there are no devices)."""
+        import json
+        print(json.dumps(value, indent=2))
+
     def ls(self) -> None:
+        if self.args:
+            usage(f"ls takes no device name ({self.args[0]!r}): use info or --target")
+        if self.o.tree and self.o.options is not None:
+            usage(f"ls --tree -o {self.o.options}: userdm draws one tree style and takes no tree options")
+        if self.o.options not in (None, "devno", "devname", "blkdevname"):
+            usage(f"ls -o {self.o.options!r}: choose devno, devname or blkdevname")
+        if self.o.json and self.o.tree:
+            self.print_json(self.dm.tree())
+            return
         if self.o.tree:
             sys.stdout.write(fmt.tree(self.dm.tree()) or "No devices found\n")
             return
         infos = self.dm.list()
         if self.o.target:
             infos = [i for i in infos if any(line[2] == self.o.target for line in self.dm.table(i["name"]))]
+        if self.o.json:
+            self.print_json([{k: i[k] for k in ("name", "uuid", "major", "minor")} for i in infos])
+            return
         if not infos:
             print("No devices found")
             return
         for info in infos:
             if self.o.options == "blkdevname":
                 print(f"{info['name']}\t(dm-{info['minor']})")
+            elif self.o.options == "devname":
+                print(f"{info['name']}\t({info['name']})")
             else:
                 print(fmt.ls_line(info))
 
-    def _per_device(self, fetch: Any, show: Any) -> None:
+    def _per_device(self, fetch: Any, show: Any, key: str = "", to_json: Any = None) -> None:
         names = self.selected()
+        if self.o.json:
+            self.print_json([{"name": name, key: to_json(fetch(name))}
+                             for name in names or [d["name"] for d in self.dm.list()]])
+            return
         prefix = names is None or len(names) > 1
         for name in names or [d["name"] for d in self.dm.list()]:
             for text in show(fetch(name)):
@@ -310,15 +340,26 @@ class Commands:
     def table(self) -> None:
         def show(lines: list[list[Any]]) -> list[str]:
             return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
-        self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show)
+        self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show,
+                         "table", self._lines_json("params"))
+
+    def _lines_json(self, what: str) -> Any:
+        def convert(lines: list[list[Any]]) -> list[dict[str, Any]]:
+            return [{"start": start, "length": length, "type": ttype, what: text}
+                    for start, length, ttype, text in lines if not self.o.target or ttype == self.o.target]
+        return convert
 
     def status(self) -> None:
         def show(lines: list[list[Any]]) -> list[str]:
             return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
-        self._per_device(lambda n: self.dm.status(n, inactive=self.o.inactive), show)
+        self._per_device(lambda n: self.dm.status(n, inactive=self.o.inactive), show,
+                         "status", self._lines_json("status"))
 
     def deps(self) -> None:
-        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive), lambda d: [fmt.deps_line(d)])
+        if self.o.options not in (None, "devno"):
+            usage(f"deps -o {self.o.options!r}: userdm prints device numbers (devno) only")
+        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive), lambda d: [fmt.deps_line(d)],
+                         "deps", lambda d: d)
 
     def message(self) -> None:
         name, rest = self.one()
@@ -344,12 +385,18 @@ class Commands:
         self.dm.wait(name, event_nr)
 
     def targets(self) -> None:
+        if self.o.json:
+            self.print_json(self.dm.targets())
+            return
         for t in self.dm.targets():
             major, minor, patch = t["version"]
             print(f"{t['name']:<16} v{major}.{minor}.{patch}")
 
     def version(self) -> None:
         v = self.dm.version()
+        if self.o.json:
+            self.print_json(v)
+            return
         print(f"Library version:   userdm {v['library']}")
         print("Driver version:    {}.{}.{}".format(*v["driver"]))
 
@@ -481,6 +528,19 @@ def run_daemon(opts: argparse.Namespace) -> int:
     return 0
 
 
+def show_help(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> int:
+    """`help [VERB]`; `help -c` lists the report fields, as dmsetup's does."""
+    if opts.columns:
+        from . import report
+        sys.stdout.write(report.field_help())
+    elif opts.args:
+        verbs.check_verb(opts.args[0])
+        sys.stdout.write(verbs.verb_help(parser, opts.args[0]))
+    else:
+        sys.stdout.write(verbs.all_help())
+    return 0
+
+
 def split_dashes(argv: list[str]) -> tuple[list[str], list[str] | None, list[str]]:
     """Options, names after a first '--' (None if there is none before the command), command.
 
@@ -526,6 +586,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, names, command = split_dashes(argv)
     argv = glue_values(argv)
+    if "-h" in argv or "--help" in argv:  # `userdm VERB --help`, `userdm --help`
+        verb = next((a for a in argv if a in verbs.VERBS), None)
+        sys.stdout.write(verbs.verb_help(parser, verb) if verb else verbs.all_help())
+        return 0
     opts = parser.parse_intermixed_args(argv)
     if names is not None or command:
         if takes_command(opts):
@@ -533,10 +597,15 @@ def main(argv: list[str] | None = None) -> int:
         else:  # `remove -- --help`: everything after the one '--' is names and arguments
             names, command = (names or []) + command, []
         opts.args = list(opts.args) + names
-    if opts.verb == "help":
-        parser.print_help()
-        return 0
     try:
+        verbs.check_verb(opts.verb)
+    except DMError as exc:
+        print(f"userdm: {exc}", file=sys.stderr)
+        return 1
+    try:
+        verbs.check_options(parser, opts)
+        if opts.verb == "help":
+            return show_help(parser, opts)
         if opts.verb == "daemon":
             return run_daemon(opts)
         if opts.verb in LOCAL_VERBS:  # no daemon needed

@@ -1,0 +1,87 @@
+"""The command line for newcomers and programs: help for every verb, "did you mean", options a
+verb does not take refused with a sentence, and `--json` output that parses."""
+
+import json
+
+from userdm.cli import verbs
+
+
+def test_every_verb_has_help(daemon):
+    for verb, spec in verbs.VERBS.items():
+        for args in (["help", verb], [verb, "--help"], [verb, "-h"]):
+            res = daemon.run(*args)
+            assert res.stdout.startswith(f"Usage: userdm {spec.synopsis}\n\n{spec.summary}\n"), args
+        assert spec.summary.endswith(".") and verb in spec.synopsis
+    overview = daemon.run("help").stdout
+    assert all(f"  {spec.synopsis}\n" in overview for spec in verbs.VERBS.values())
+    assert daemon.run("--help").stdout == overview
+    # each option a verb takes is described in its help
+    assert "  --showkeys" in daemon.run("help", "table").stdout
+    assert "--showkeys" not in daemon.run("help", "ls").stdout
+    assert daemon.run("help", "-c").stdout.startswith("Mapped Device Name Fields\n")
+
+
+def test_mistyped_verbs_and_refused_options(daemon, images):
+    (a,) = images(1, 1 << 20)
+    for args, says in [
+        (["crate", "x"], "userdm: EINVAL: unknown command 'crate'; did you mean 'create'?"),
+        (["help", "stauts"], "help: EINVAL: unknown command 'stauts'; did you mean 'status'?"),
+        (["frobnicate"], "userdm: EINVAL: unknown command 'frobnicate' (`userdm help`"),
+        (["info", "--tree"], "info: EINVAL: option --tree does not apply to info"),
+        (["info", "--inactive"], "info: EINVAL: option --inactive does not apply to info"),
+        (["status", "--showkeys"], "status: EINVAL: option --showkeys does not apply to status"),
+        (["ls", "--sort", "name"], "ls: EINVAL: option --sort does not apply to ls"),
+        (["version", "-c"], "version: EINVAL: option --columns does not apply to version"),
+        (["info", "--sort", "name"], "info: EINVAL: --sort is a report option: use it with info -c"),
+        (["create", "x", "--notable", "--table", "0 8 zero"],
+         "create: EINVAL: --notable and a table (--table or a table file) exclude each other"),
+        (["ls", "vol"], "ls: EINVAL: ls takes no device name ('vol')"),
+        (["ls", "--tree", "-o", "ascii"], "ls: EINVAL: ls --tree -o ascii: userdm draws one tree style"),
+        (["ls", "-o", "bogus"], "ls: EINVAL: ls -o 'bogus': choose devno, devname or blkdevname"),
+        (["deps", "-o", "devname"], "deps: EINVAL: deps -o 'devname': userdm prints device numbers"),
+    ]:
+        res = daemon.run(*args, check=False)
+        assert res.returncode == 1 and res.stdout == "", (args, res)
+        assert says in res.stderr, (args, res.stderr)
+    assert daemon.run("ls").stdout == "No devices found\n"   # nothing was created by a refusal
+    daemon.run("create", "vol", "--table", f"0 8 linear {a} 0")
+    assert daemon.run("ls", "-o", "devname").stdout == "vol\t(vol)\n"
+    assert daemon.run("ls", "-o", "blkdevname").stdout == "vol\t(dm-0)\n"
+    assert daemon.run("ls", "-o", "devno").stdout == "vol\t(253:0)\n"
+
+
+def test_every_json_output_parses(daemon, images):
+    a, b = images(2, 1 << 20)
+    run = daemon.run
+    empty = {verb: json.loads(run(verb, "--json").stdout) for verb in ("info", "ls", "table", "status", "deps")}
+    assert empty == {"info": [], "ls": [], "table": [], "status": [], "deps": []}
+    run("create", "lin", "-u", "U-1", "--table", f"0 8 linear {a} 0")
+    run("create", "str", "--table", f"0 16 striped 2 8 {a} 8 {b} 0")
+    run("create", "top", "--table", "0 8 linear /dev/mapper/lin 0")
+    run("create", "none", "--notable")
+    info = json.loads(run("info", "--json", "lin").stdout)
+    assert [(i["name"], i["uuid"], i["minor"], i["live"]) for i in info] == [("lin", "U-1", 0, True)]
+    assert [i["name"] for i in json.loads(run("info", "--json").stdout)] == ["lin", "none", "str", "top"]
+    assert json.loads(run("ls", "--json").stdout) == [
+        {"name": "lin", "uuid": "U-1", "major": 253, "minor": 0},
+        {"name": "none", "uuid": "", "major": 253, "minor": 3},
+        {"name": "str", "uuid": "", "major": 253, "minor": 1},
+        {"name": "top", "uuid": "", "major": 253, "minor": 2}]
+    tree = json.loads(run("ls", "--tree", "--json").stdout)
+    assert [d["device"] for t in tree if t["name"] == "top" for d in t["deps"]] == ["lin"]
+    assert json.loads(run("table", "--json", "top").stdout) == [
+        {"name": "top", "table": [{"start": 0, "length": 8, "type": "linear", "params": "253:0 0"}]}]
+    assert json.loads(run("table", "--json", "none").stdout) == [{"name": "none", "table": []}]
+    status = json.loads(run("status", "--json", "--target", "striped").stdout)
+    assert [(s["name"], [t["status"] for t in s["status"]]) for s in status] == [
+        ("lin", []), ("none", []), ("str", [f"2 {a} {b} 1 AA"]), ("top", [])]
+    deps = json.loads(run("deps", "--json", "top").stdout)
+    assert [(d["name"], [x["devno"] for x in d["deps"]]) for d in deps] == [("top", [[253, 0]])]
+    targets = json.loads(run("targets", "--json").stdout)
+    assert {"linear", "striped", "zero", "error"} <= {t["name"] for t in targets}
+    assert all(len(t["version"]) == 3 for t in targets)
+    version = json.loads(run("version", "--json").stdout)
+    assert set(version) == {"library", "driver"}
+    for verb in ("create", "remove", "message", "rename", "splitname"):
+        res = run(verb, "--json", "x", check=False)
+        assert res.returncode == 1 and f"option --json does not apply to {verb}" in res.stderr
