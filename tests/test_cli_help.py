@@ -85,3 +85,28 @@ def test_every_json_output_parses(daemon, images):
     for verb in ("create", "remove", "message", "rename", "splitname"):
         res = run(verb, "--json", "x", check=False)
         assert res.returncode == 1 and f"option --json does not apply to {verb}" in res.stderr
+
+
+def test_udev_options_are_no_ops_and_the_extra_verbs(daemon, images):
+    (a,) = images(1, 1 << 20)
+    run = daemon.run
+    # dmsetup scripts pass udev and node options: accepted, and the device is as without them
+    run("create", "vol", "--noudevsync", "--noudevrules", "--verifyudev", "--udevcookie", "0x0d4d",
+        "--addnodeoncreate", "--readahead", "auto", "--manglename", "none", "--checks",
+        "-U", "0", "-G", "0", "-M", "0600", "--table", f"0 8 linear {a} 0")
+    run("create", "plain", "-u", "CRYPT-x", "--table", "0 8 zero", "--addnodeonresume")
+    assert run("table", "vol").stdout == f"0 8 linear {a} 0\n"
+    assert run("target-version", "linear", "zero").stdout.splitlines() == \
+        [f"{t['name']:<16} v{'.'.join(map(str, t['version']))}"
+         for t in json.loads(run("targets", "--json").stdout) if t["name"] in ("linear", "zero")]
+    bad = run("target-version", "linear", "nosuch", check=False)
+    assert bad.returncode == 1 and bad.stdout == "" and "target type 'nosuch' is not registered" in bad.stderr
+    assert run("mangle").stdout == ("plain: CRYPT-x: name and UUID already in correct form\n"
+                                    "vol: [no UUID]: name already in correct form\n")
+    assert run("mknodes", "vol").stdout == ""
+    missing = run("mknodes", "nosuch", check=False)
+    assert missing.returncode == 1 and "mknodes: ENXIO: device 'nosuch' does not exist" in missing.stderr
+    assert run("udevcookies").stdout == "userdm runs without udev: there are no udev cookies\n"
+    assert "cookie 77" in run("udevcomplete", "77").stdout
+    assert run("--version").stdout == run("version").stdout
+    assert run("--version").stdout.startswith("Library version:   userdm ")

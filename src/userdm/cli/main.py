@@ -18,7 +18,7 @@ from . import verbs
 #: the verbs, with their synopses and options in `verbs.VERBS`
 VERBS = tuple(verbs.VERBS)
 #: verbs that need no daemon
-LOCAL_VERBS = ("splitname",)
+LOCAL_VERBS = ("splitname", "udevcookies", "udevcomplete", "udevcomplete_all")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--follow", action="store_true", help="events: keep printing events as they happen")
     p.add_argument("--json", action="store_true",
                    help="info, ls, table, status, deps, targets, version: print JSON for programs")
+    # dmsetup's udev and node options: userdm has no udev and no /dev nodes (its nodes are the
+    # FUSE files in RUNTIME/mapper), so they are accepted and do nothing (userdm(8) says so)
+    p.add_argument("--noudevsync", action="store_true", help="no-op: userdm has no udev")
+    p.add_argument("--noudevrules", action="store_true", help="no-op: userdm has no udev")
+    p.add_argument("--verifyudev", action="store_true", help="no-op: userdm has no udev")
+    p.add_argument("--udevcookie", metavar="COOKIE", help="no-op: userdm has no udev")
+    p.add_argument("--addnodeoncreate", action="store_true", help="no-op: nodes are FUSE files")
+    p.add_argument("--addnodeonresume", action="store_true", help="no-op: nodes are FUSE files")
+    p.add_argument("--readahead", metavar="SECTORS", help="no-op: userdm has no page cache read-ahead")
+    p.add_argument("--manglename", choices=("none", "hex", "auto"), help="no-op: names are not mangled")
+    p.add_argument("--checks", action="store_true", help="no-op: tables are always checked")
+    p.add_argument("-U", "--uid", help="no-op: nodes are FUSE files owned by the daemon")
+    p.add_argument("-G", "--gid", help="no-op: nodes are FUSE files owned by the daemon")
+    p.add_argument("-M", "--mode", help="no-op: nodes are FUSE files owned by the daemon")
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
     # daemon options
@@ -384,6 +398,42 @@ class Commands:
         event_nr = int(rest[0]) if rest else 0
         self.dm.wait(name, event_nr)
 
+    def target_version(self) -> None:
+        """`target-version TARGET...`: each target type's version, as `targets` prints it."""
+        if not self.args:
+            usage("target-version needs one or more target types")
+        known = {t["name"]: t for t in self.dm.targets()}
+        for name in self.args:
+            if name not in known:
+                raise DMError(22, f"target type {name!r} is not registered (`userdm targets` lists them)")
+        for name in self.args:
+            print("{:<16} v{}.{}.{}".format(name, *known[name]["version"]))
+
+    def mangle(self) -> None:
+        """`mangle [DEVICE...]`: userdm never mangles names, so each is in its correct form."""
+        names = self.selected()
+        infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        for i in infos:
+            uuid = i["uuid"] or "[no UUID]"
+            print(f"{i['name']}: {uuid}: name {'and UUID ' if i['uuid'] else ''}already in correct form")
+
+    def mknodes(self) -> None:
+        """`mknodes [DEVICE...]`: the nodes are the daemon's FUSE files, always present; this
+        checks that the devices exist."""
+        for name in self.selected() or []:
+            self.dm.info(name)
+
+    def udevcookies(self) -> None:
+        print("userdm runs without udev: there are no udev cookies")
+
+    def udevcomplete(self) -> None:
+        if len(self.args) != 1:
+            usage("udevcomplete needs a cookie")
+        print(f"userdm runs without udev: there is nothing to complete for cookie {self.args[0]}")
+
+    def udevcomplete_all(self) -> None:
+        print("userdm runs without udev: there are no udev cookies")
+
     def targets(self) -> None:
         if self.o.json:
             self.print_json(self.dm.targets())
@@ -586,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, names, command = split_dashes(argv)
     argv = glue_values(argv)
+    if argv == ["--version"]:  # dmsetup --version: the versions, as `version` prints them
+        argv = ["version"]
     if "-h" in argv or "--help" in argv:  # `userdm VERB --help`, `userdm --help`
         verb = next((a for a in argv if a in verbs.VERBS), None)
         sys.stdout.write(verbs.verb_help(parser, verb) if verb else verbs.all_help())

@@ -90,6 +90,14 @@ VERBS: dict[str, Verb] = {
                     "max_message_size", "control_message_timeout", "nbd_max_connections",
                     "nbd_handshake_deadline", "nbd_connection_bytes", "nbd_total_bytes",
                     "nbd_reply_timeout")),
+    "target-version": Verb("target-version TARGET...", "The versions of these target types."),
+    "mangle": Verb("mangle [DEVICE...]", "Report that names and uuids are in their correct form "
+                   "(userdm never mangles them).", DEV),
+    "mknodes": Verb("mknodes [DEVICE...]", "Nothing to make: the nodes are the daemon's FUSE files "
+                    "in RUNTIME/mapper (checks that the devices exist).", DEV),
+    "udevcookies": Verb("udevcookies", "Report that there is no udev (and so no cookie)."),
+    "udevcomplete": Verb("udevcomplete COOKIE", "Report that there is no udev: nothing to complete."),
+    "udevcomplete_all": Verb("udevcomplete_all [AGE]", "Report that there is no udev: nothing to complete."),
     "help": Verb("help [VERB]", "Help on every verb, or on one.", ("columns",)),
     "notify-failure": Verb("notify-failure DEVICE OFFSET LENGTH",
                            "Report a failed byte range (K/M/G/T suffixes); print where it reached."),
