@@ -28,4 +28,7 @@ if [ ! -x .venv/bin/python ]; then
   /usr/bin/python3 -m venv --system-site-packages .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'
-echo "userdm is set up: .venv/bin/userdm"
+# the manual page and bash completion (the completion calls `userdm`: put .venv/bin on PATH)
+install -D -m 0644 docs/userdm.8 /usr/local/share/man/man8/userdm.8
+install -D -m 0644 scripts/userdm.bash-completion /usr/share/bash-completion/completions/userdm
+echo "userdm is set up: .venv/bin/userdm (man userdm; completion after a new shell)"

@@ -2,6 +2,11 @@
 verb does not take refused with a sentence, and `--json` output that parses."""
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 from userdm.cli import verbs
 
@@ -110,3 +115,40 @@ def test_udev_options_are_no_ops_and_the_extra_verbs(daemon, images):
     assert "cookie 77" in run("udevcomplete", "77").stdout
     assert run("--version").stdout == run("version").stdout
     assert run("--version").stdout.startswith("Library version:   userdm ")
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_man_page_names_every_verb_and_renders():
+    page = (ROOT / "docs" / "userdm.8").read_text()
+    for verb, spec in verbs.VERBS.items():
+        assert f".B {spec.synopsis.replace('-', chr(92) + '-')}\n" in page, verb
+    if shutil.which("man"):
+        shown = subprocess.run(["man", "-l", str(ROOT / "docs" / "userdm.8")], capture_output=True,
+                               text=True, env={**os.environ, "MANWIDTH": "100", "MAN_KEEP_FORMATTING": ""})
+        assert shown.returncode == 0 and "splitname NAME [SUBSYSTEM]" in shown.stdout, shown.stderr
+        assert "warning" not in shown.stderr
+
+
+def complete(daemon, line: str) -> list[str]:
+    """What bash offers for the last word of `line` with userdm's completion loaded."""
+    script = (f"source {ROOT / 'scripts' / 'userdm.bash-completion'}\n"
+              f"COMP_WORDS=({line}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1))\n"
+              "_userdm; printf '%s\\n' \"${COMPREPLY[@]}\"\n")
+    bindir = Path(sys.executable).parent
+    env = {**daemon.env, "PATH": f"{bindir}:{os.environ['PATH']}"}
+    res = subprocess.run(["bash", "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return sorted(w for w in res.stdout.splitlines() if w)
+
+
+def test_bash_completion(daemon):
+    daemon.run("create", "alpha", "--table", "0 8 zero")
+    daemon.run("create", "alps", "--table", "0 8 zero")
+    assert complete(daemon, "userdm cre") == ["create"]
+    assert complete(daemon, "userdm help sta") == ["status"]
+    assert complete(daemon, "userdm table --sh") == ["--showkeys"]
+    assert complete(daemon, "userdm info -c --nameprefix") == ["--nameprefixes"]
+    assert complete(daemon, "userdm remove al") == ["alpha", "alps"]
+    assert complete(daemon, "userdm remove alph") == ["alpha"]
