@@ -13,12 +13,16 @@ import errno as _errno
 _KERNEL_NAMES = {_errno.EOPNOTSUPP: "EOPNOTSUPP"}
 
 
-class DMError(Exception):
-    """A refusal: `errno` is the kernel's error number, `message` says what was wrong."""
+class DMError(OSError):
+    """A refusal: `errno` is the kernel's error number, `message` (also `strerror`) says what
+    was wrong. An `OSError`, so `except OSError` and `exc.errno` work as for the kernel's
+    device-mapper; inside userdm, `except OSError` that is meant for the system's errors only
+    comes after an `except DMError` (or the body cannot raise one)."""
+
+    errno: int
 
     def __init__(self, err: int, message: str) -> None:
-        super().__init__(message)
-        self.errno = err
+        super().__init__(err, message)
         self.message = message
 
     @property

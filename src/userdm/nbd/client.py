@@ -247,9 +247,16 @@ class NBDConnection:
                           + (f": {msg}" if msg else ""))
         return extents
 
-    def close(self) -> None:
+    def close(self, wait: bool = False) -> None:
+        """Disconnect; with `wait`, return only once the server has closed its end (it has
+        released its open of the export by then)."""
         try:
             self.sock.sendall(encode_request(C.CMD_DISC, 0))
+            if wait:
+                self.sock.shutdown(socket.SHUT_WR)
+                self.sock.settimeout(None)
+                while self.sock.recv(65536):
+                    pass
         except OSError:
             pass
         self.sock.close()
@@ -447,13 +454,13 @@ class RemoteDevice(BlockDevice):
             skip = 0
         return out or [(min(length, 1 << 30), 0)]
 
-    def close_backing(self) -> None:
+    def close_backing(self, wait: bool = False) -> None:
         with self._cond:
             self._closed = True
             idle, self._idle = self._idle, []
             self._cond.notify_all()
         for conn in idle:
-            conn.close()
+            conn.close(wait)
 
 
 def open_url(url: str) -> RemoteDevice:
