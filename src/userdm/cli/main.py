@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", help="daemon: where devices are saved (env USERDM_STATE_DIR)")
     p.add_argument("--table", help="the table, one target per line")
     p.add_argument("-n", "--notable", action="store_true", help="create without a table")
+    p.add_argument("--concise", action="store_true",
+                   help="create/table: dmsetup's concise format (name,uuid,minor,flags,table;...)")
     p.add_argument("-u", "--uuid", help="the uuid (create) or the device to act on")
     p.add_argument("-j", "--major", type=int, help="device major number")
     p.add_argument("-m", "--minor", type=int, help="device minor number")
@@ -124,6 +126,11 @@ def usage(message: str) -> NoReturn:
     raise DMError(22, message)
 
 
+def has_lines(table: str) -> bool:
+    """Whether a table has a line that is not blank or a `#` comment."""
+    return any(line.strip() and not line.strip().startswith("#") for line in table.splitlines())
+
+
 def read_table(opts: argparse.Namespace, rest: list[str]) -> str:
     if opts.table is not None:
         if rest:
@@ -174,12 +181,16 @@ class Commands:
     # ---- verbs ------------------------------------------------------------------------------
 
     def create(self) -> None:
+        if self.o.concise:
+            return self.create_concise()
         if not self.args:
             usage("create needs a device name")
         name, rest = self.args[0], self.args[1:]
         if self.o.notable and (self.o.table is not None or rest):
             usage("--notable and a table (--table or a table file) exclude each other")
         table = None if self.o.notable else read_table(self.o, rest)
+        if table is not None and self.o.table is None and not has_lines(table):
+            table = None   # as dmsetup: empty input (or only comments) makes a device without a table
         if self.o.exec_ and not self.command:
             usage("create --exec needs a command after '--'")
         if self.command and not self.o.exec_:
@@ -190,6 +201,23 @@ class Commands:
                               interpose=self.o.interpose)
         if self.o.exec_:
             run_with_open(info, self.command)
+
+    def create_concise(self) -> None:
+        """`create --concise [SPEC]` (SPEC from stdin if absent): every device in order; the
+        first refusal stops, naming the device (those before it stay created, as with dmsetup)."""
+        from . import concise
+        for opt in ("table", "uuid", "minor", "notable", "exec_"):
+            if getattr(self.o, opt) not in (None, False):
+                usage(f"create --concise takes no --{opt.rstrip('_')}: the specification carries it")
+        if len(self.args) > 1:
+            usage("create --concise takes one specification (quote it)")
+        devices = concise.parse(self.args[0] if self.args else sys.stdin.read())
+        for dev in devices:
+            try:
+                self.dm.create(dev.name, dev.table, uuid=dev.uuid, minor=dev.minor,
+                               readonly=dev.readonly or self.o.readonly)
+            except DMError as exc:
+                raise DMError(exc.errno, f"device {dev.name}: {exc.message}") from None
 
     def open(self) -> None:
         """`userdm open NAME [--exclusive [--holder ID]] [--readonly] -- CMD ARGS`."""
@@ -352,6 +380,21 @@ class Commands:
                 print(f"{name}: {text}" if prefix else text)
 
     def table(self) -> None:
+        if self.o.concise:
+            from . import concise
+            for opt in ("inactive", "target", "json"):
+                if getattr(self.o, opt):
+                    usage(f"table --concise prints live tables only: --{opt} does not go with it")
+            names = self.selected()
+            order = concise.dependency_order(self.dm.tree())
+            infos = [self.dm.info(n) for n in (names if names else order)]
+            parts = [concise.format_device(i, [fmt.table_line(line) for line in self.dm.table(
+                i["name"], showkeys=self.o.showkeys)]) for i in infos]
+            if parts:
+                print(";".join(parts))
+            else:
+                print("No devices found")
+            return
         def show(lines: list[list[Any]]) -> list[str]:
             return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
         self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show,

@@ -31,9 +31,9 @@ class Verb:
 VERBS: dict[str, Verb] = {
     "create": Verb("create NAME [-u UUID] [-j MAJOR -m MINOR] [-r] [--shared] [--autoclear] "
                    "[--max-opens N] [--interpose] [-n|--notable|--table TABLE|TABLE_FILE] "
-                   "[--exec -- CMD ARGS]",
+                   "[--exec -- CMD ARGS] | create --concise [SPEC]",
                    "Create a device and, with a table (--table, a file or stdin), load and resume it.",
-                   ("table", "notable", *DEV, "readonly", "shared", "autoclear", "max_opens",
+                   ("table", "notable", "concise", *DEV, "readonly", "shared", "autoclear", "max_opens",
                     "exec_", "interpose")),
     "open": Verb("open DEVICE [--exclusive [--holder ID]] [-r] -- CMD ARGS",
                  "Run CMD holding an open of the device on fd 3 (USERDM_FD=3).",
@@ -61,8 +61,8 @@ VERBS: dict[str, Verb] = {
     "ls": Verb("ls [--target TYPE] [-o devno|devname|blkdevname] [--tree] [--json]",
                "List the devices (with --tree, what they are built on).",
                ("target", "tree", "options", "json")),
-    "table": Verb("table [--target TYPE] [--showkeys] [--inactive] [--json] [DEVICE...]",
-                  "Print the tables.", (*DEV, "target", "showkeys", "inactive", "json")),
+    "table": Verb("table [--target TYPE] [--showkeys] [--inactive] [--concise] [--json] [DEVICE...]",
+                  "Print the tables.", (*DEV, "target", "showkeys", "inactive", "concise", "json")),
     "status": Verb("status [--target TYPE] [--inactive] [--json] [DEVICE...]",
                    "Print the targets' status lines.", (*DEV, "target", "inactive", "json")),
     "deps": Verb("deps [-o devno] [--inactive] [--json] [DEVICE...]",
