@@ -2,6 +2,8 @@
 verb does not take refused with a sentence, and `--json` output that parses."""
 
 import json
+
+import userdm
 import os
 import shutil
 import subprocess
@@ -114,7 +116,7 @@ def test_udev_options_are_no_ops_and_the_extra_verbs(daemon, images):
     assert run("udevcookies").stdout == "userdm runs without udev: there are no udev cookies\n"
     assert "cookie 77" in run("udevcomplete", "77").stdout
     assert run("--version").stdout == run("version").stdout
-    assert run("--version").stdout.startswith("Library version:   userdm ")
+    assert run("--version").stdout.startswith(f"Library version:   {userdm.__version__} (userdm)\n")
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,3 +154,21 @@ def test_bash_completion(daemon):
     assert complete(daemon, "userdm info -c --nameprefix") == ["--nameprefixes"]
     assert complete(daemon, "userdm remove al") == ["alpha", "alps"]
     assert complete(daemon, "userdm remove alph") == ["alpha"]
+
+
+def test_output_shapes_as_dmsetup(daemon, images):
+    (a,) = images(1, 1 << 20)
+    run = daemon.run
+    for verb in ("table", "status", "deps", "info", "ls"):
+        assert run(verb).stdout == "No devices found\n", verb
+    run("create", "x", "--table", f"0 8 linear {a} 0")
+    run("create", "y", "--notable")
+    # a blank line after each info block
+    blocks = run("info").stdout
+    assert blocks.endswith("\n\n") and blocks.count("\n\n") == 2 and blocks.startswith("Name:              x\n")
+    # -v: the info block after a change
+    shown = run("-v", "suspend", "x").stdout
+    assert shown.startswith("Name:              x\nState:             SUSPENDED\n") and shown.endswith("\n\n")
+    assert run("-v", "rename", "x", "z").stdout.startswith("Name:              z\n")
+    assert run("-v", "create", "w", "--table", "0 8 zero").stdout.startswith("Name:              w\n")
+    assert run("resume", "z").stdout == ""                      # without -v: nothing

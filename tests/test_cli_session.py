@@ -15,7 +15,7 @@ def test_dmsetup_session(daemon, images):
     info = run("info", "vol0").stdout
     assert info == ("Name:              vol0\nState:             ACTIVE\nRead Ahead:        256\n"
                     "Tables present:    LIVE\nOpen count:        0\nEvent number:      0\n"
-                    "Major, minor:      253, 0\nNumber of targets: 1\n")
+                    "Major, minor:      253, 0\nNumber of targets: 1\n\n")   # dmsetup: a blank line after
     run("create", "stripes", "-u", "UUID-S", "--table",
         f"0 3072 striped 3 128 {a} 4096 {b} 0 {c} 0")
     cols = run("info", "-c").stdout.splitlines()

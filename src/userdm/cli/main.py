@@ -17,6 +17,8 @@ from . import verbs
 
 #: the verbs, with their synopses and options in `verbs.VERBS`
 VERBS = tuple(verbs.VERBS)
+#: verbs after which -v prints the info block of the devices they changed
+VERBOSE_INFO = ("create", "load", "reload", "clear", "suspend", "resume", "rename", "wipe_table")
 #: verbs that need no daemon
 LOCAL_VERBS = ("splitname", "udevcookies", "udevcomplete", "udevcomplete_all")
 
@@ -178,6 +180,18 @@ class Commands:
             names = [d["name"] for d in self.dm.list()]
         return names
 
+    def verbose_info(self) -> None:
+        """`-v` after a change: the devices' info blocks, as dmsetup -v prints them."""
+        if self.o.verb == "create" and self.o.concise:
+            return
+        if self.o.verb == "rename" and self.o.setuuid is None:
+            names = [self.args[1]]
+        elif self.o.verb == "create":
+            names = [self.args[0]]
+        else:
+            names = self.selected() or []
+        sys.stdout.write("".join(fmt.info_long(self.dm.info(n)) + "\n" for n in names))
+
     # ---- verbs ------------------------------------------------------------------------------
 
     def create(self) -> None:
@@ -321,7 +335,8 @@ class Commands:
         if not infos:
             print("No devices found")
             return
-        sys.stdout.write("\n".join(fmt.info_long(i, opencount=not self.o.noopencount) for i in infos))
+        # as dmsetup: a blank line after each block
+        sys.stdout.write("".join(fmt.info_long(i, opencount=not self.o.noopencount) + "\n" for i in infos))
 
     def splitname(self) -> None:
         """`splitname NAME [SUBSYSTEM]`: the name's LVM components (VG, LV, layer) as a report;
@@ -373,6 +388,9 @@ class Commands:
         if self.o.json:
             self.print_json([{"name": name, key: to_json(fetch(name))}
                              for name in names or [d["name"] for d in self.dm.list()]])
+            return
+        if names is None and not self.dm.list():
+            print("No devices found")
             return
         prefix = names is None or len(names) > 1
         for name in names or [d["name"] for d in self.dm.list()]:
@@ -490,7 +508,7 @@ class Commands:
         if self.o.json:
             self.print_json(v)
             return
-        print(f"Library version:   userdm {v['library']}")
+        print(f"Library version:   {v['library']} (userdm)")   # numeric first, as scripts parse it
         print("Driver version:    {}.{}.{}".format(*v["driver"]))
 
     def era(self) -> None:
@@ -708,7 +726,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from ..control.client import connect
         with connect(opts.runtime_dir) as client:
-            getattr(Commands(client, opts, command), opts.verb.replace("-", "_"))()
+            commands = Commands(client, opts, command)
+            getattr(commands, opts.verb.replace("-", "_"))()
+            if opts.verbose and opts.verb in VERBOSE_INFO:
+                commands.verbose_info()
     except DMError as exc:
         print(f"{opts.verb}: {exc}", file=sys.stderr)
         return 1
