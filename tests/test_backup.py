@@ -111,7 +111,7 @@ def test_three_command_backup_with_incremental_copy_across_a_daemon_kill(daemon,
         user.wait()
         daemon.start()
         user = subprocess.Popen(USERDM + ["open", "vm", "--", "sleep", "600"], env=daemon.env)
-        res = daemon.run("backup", "copy", "vm", str(full))
+        res = daemon.run("backup", "copy", "vm", str(full), "--progress")   # a bar, though not a terminal
         assert sha(full) == expected_first
         assert f"copied {SIZE} of {SIZE} bytes" in res.stdout and "100%" in res.stderr
         daemon.run("backup", "drop", "vm")
@@ -122,6 +122,7 @@ def test_three_command_backup_with_incremental_copy_across_a_daemon_kill(daemon,
         assert era2 > era1
         res = daemon.run("backup", "copy", "vm", str(full), "--since", str(era1))
         copied = int(re.search(r"copied (\d+) of", res.stdout).group(1))
+        assert "%" not in res.stderr                          # no bar off a terminal
         assert sha(full) == sha(img)                          # the device as of the second snapshot
         assert copied < SIZE // 16
         print(f"\nincremental backup copied {copied} bytes for 192 KiB written: "

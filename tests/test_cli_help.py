@@ -172,3 +172,23 @@ def test_output_shapes_as_dmsetup(daemon, images):
     assert run("-v", "rename", "x", "z").stdout.startswith("Name:              z\n")
     assert run("-v", "create", "w", "--table", "0 8 zero").stdout.startswith("Name:              w\n")
     assert run("resume", "z").stdout == ""                      # without -v: nothing
+
+
+def test_mistyped_device_names_and_repeated_reports(daemon):
+    run = daemon.run
+    run("create", "volume0", "--table", "0 8 zero")
+    res = run("info", "volumeO", check=False)
+    assert res.returncode == 1
+    assert res.stderr == "info: ENXIO: device 'volumeO' does not exist; did you mean 'volume0'?\n"
+    res = run("remove", "zzz", check=False)
+    assert res.stderr == "remove: ENXIO: device 'zzz' does not exist\n"
+    # --count N --interval 0: the report N times
+    assert run("info", "-c", "--noheadings", "-o", "name", "--count", "3", "--interval", "0").stdout == \
+        "volume0\n" * 3
+    assert run("splitname", "--noheadings", "--count", "2", "--interval", "0", "a-b").stdout == "a:b:\n" * 2
+    bad = run("info", "-c", "--count", "0", check=False)
+    assert bad.returncode == 1 and "--count must be at least 1" in bad.stderr
+    bad = run("backup", "copy", "volume0", "/nonexistent", "-p", "-q", check=False)
+    assert bad.returncode == 1 and "--progress and --quiet exclude each other" in bad.stderr
+    bad = run("ls", "--exec", check=False)
+    assert bad.returncode == 1 and "option --exec does not apply to ls" in bad.stderr

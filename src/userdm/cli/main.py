@@ -54,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--unquoted", action="store_true", help="report: no quotes with --nameprefixes")
     p.add_argument("--rows", action="store_true", help="report: one line per field")
     p.add_argument("--headings", metavar="none|abbrev", help="report: headings or none")
+    p.add_argument("--count", type=int, metavar="N", help="report: print the report N times")
+    p.add_argument("--interval", type=float, metavar="SECONDS",
+                   help="report: wait this long between reports (with no --count: until interrupted)")
+    p.add_argument("-p", "--progress", action="store_true", help="backup copy: a progress bar even off a terminal")
+    p.add_argument("-q", "--quiet", action="store_true", help="backup copy: no progress bar")
     p.add_argument("--noopencount", action="store_true")
     p.add_argument("--noflush", action="store_true")
     p.add_argument("--nolockfs", action="store_true")
@@ -297,8 +302,31 @@ class Commands:
             return
         sort = report.parse_sort(self.o.sort)
         selection = report.Selection(self.o.select) if self.o.select else None
-        sys.stdout.write(report.render(rows, fields, self.report_options(), sort=sort,
-                                       selection=selection))
+        count, interval = self.o.count, self.o.interval
+        if count is not None and count < 1 or interval is not None and interval < 0:
+            usage("--count must be at least 1 and --interval not negative")
+        if count is None:
+            count = 1 if interval is None else 0   # 0: until interrupted
+        n = 0
+        try:
+            while True:
+                sys.stdout.write(report.render(rows, fields, self.report_options(), sort=sort,
+                                               selection=selection))
+                sys.stdout.flush()
+                n += 1
+                if count and n >= count:
+                    return
+                import time
+                time.sleep(1.0 if interval is None else interval)
+                rows = self.refresh_rows(rows)
+        except KeyboardInterrupt:
+            pass
+
+    def refresh_rows(self, rows: list[Any]) -> list[Any]:
+        """The report's objects again, for the next --count/--interval round."""
+        if self.o.verb == "splitname":
+            return rows
+        return self.device_rows()
 
     def info(self) -> None:
         from . import report
@@ -311,23 +339,7 @@ class Commands:
             if not infos:
                 print("No devices found")
                 return
-            tree: list[dict[str, Any]] | None = None
-
-            def whole_tree() -> list[dict[str, Any]]:
-                nonlocal tree
-                if tree is None:
-                    tree = self.dm.tree()
-                return tree
-
-            def deps_of(name: str) -> Any:
-                return lambda: next((d["deps"] for d in whole_tree() if d["name"] == name), [])
-
-            def users_of(name: str) -> Any:
-                return lambda: [d for d in whole_tree() if any(dep.get("device") == name for dep in d["deps"])]
-
-            rows = [report.Row(i, report.device_split(i), deps_of(i["name"]), users_of(i["name"]))
-                    for i in infos]
-            self.print_report(rows, report.DEFAULT_FIELDS)
+            self.print_report(self.device_rows(infos), report.DEFAULT_FIELDS)
             return
         for opt in ("sort", "select", "separator", "headings"):
             if getattr(self.o, opt) is not None:
@@ -337,6 +349,29 @@ class Commands:
             return
         # as dmsetup: a blank line after each block
         sys.stdout.write("".join(fmt.info_long(i, opencount=not self.o.noopencount) + "\n" for i in infos))
+
+    def device_rows(self, infos: list[dict[str, Any]] | None = None) -> list[Any]:
+        """`info -c`'s report objects: the devices, with their dependencies and users fetched
+        (one `tree` call) only if a field asks for them."""
+        from . import report
+        if infos is None:
+            names = self.selected()
+            infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        tree: list[dict[str, Any]] | None = None
+
+        def whole_tree() -> list[dict[str, Any]]:
+            nonlocal tree
+            if tree is None:
+                tree = self.dm.tree()
+            return tree
+
+        def deps_of(name: str) -> Any:
+            return lambda: next((d["deps"] for d in whole_tree() if d["name"] == name), [])
+
+        def users_of(name: str) -> Any:
+            return lambda: [d for d in whole_tree() if any(dep.get("device") == name for dep in d["deps"])]
+
+        return [report.Row(i, report.device_split(i), deps_of(i["name"]), users_of(i["name"])) for i in infos]
 
     def splitname(self) -> None:
         """`splitname NAME [SUBSYSTEM]`: the name's LVM components (VG, LV, layer) as a report;
@@ -544,7 +579,11 @@ class Commands:
         elif sub == "copy" and len(rest) == 2:
             from ..control import paths
             sock = paths.nbd_socket(paths.runtime_dir(self.o.runtime_dir))
-            got = backup.copy(self.dm, str(sock), rest[0], rest[1], since=self.o.since)
+            if self.o.progress and self.o.quiet:
+                usage("backup copy: --progress and --quiet exclude each other")
+            bar = self.o.progress or (sys.stderr.isatty() and not self.o.quiet)   # a bar only on a terminal
+            got = backup.copy(self.dm, str(sock), rest[0], rest[1], since=self.o.since,
+                              progress=sys.stderr if bar else None)
             print(f"copied {got['copied']} of {got['size']} bytes in {got['ranges']} ranges to {rest[1]}")
         elif sub == "drop" and len(rest) == 1:
             for name in backup.drop(self.dm, rest[0], everything=self.o.all_):
@@ -639,6 +678,22 @@ def run_daemon(opts: argparse.Namespace) -> int:
     return 0
 
 
+def device_hint(exc: DMError, opts: argparse.Namespace) -> str:
+    """`; did you mean 'vol0'?` when a device name was mistyped."""
+    import errno
+    import re
+    match = re.fullmatch(r"device '(.+)' does not exist", exc.message)
+    if exc.errno != errno.ENXIO or match is None or opts.verb in LOCAL_VERBS:
+        return ""
+    try:
+        from ..control.client import connect
+        with connect(opts.runtime_dir) as client:
+            names = [d["name"] for d in client.list()]
+    except DMError:
+        return ""
+    return verbs.suggest(match[1], names)
+
+
 def show_help(parser: argparse.ArgumentParser, opts: argparse.Namespace) -> int:
     """`help [VERB]`; `help -c` lists the report fields, as dmsetup's does."""
     if opts.columns:
@@ -731,7 +786,7 @@ def main(argv: list[str] | None = None) -> int:
             if opts.verbose and opts.verb in VERBOSE_INFO:
                 commands.verbose_info()
     except DMError as exc:
-        print(f"{opts.verb}: {exc}", file=sys.stderr)
+        print(f"{opts.verb}: {exc}{device_hint(exc, opts)}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         return 1

@@ -16,7 +16,7 @@ from ..errors import DMError
 
 DEV = ("uuid", "major", "minor")
 REPORT = ("columns", "options", "noheadings", "separator", "sort", "select", "nameprefixes",
-          "unquoted", "rows", "headings")
+          "unquoted", "rows", "headings", "count", "interval")
 #: taken by every verb
 GLOBAL = ("help", "verb", "args", "runtime_dir", "verbose", "yes")
 
@@ -103,10 +103,10 @@ VERBS: dict[str, Verb] = {
                            "Report a failed byte range (K/M/G/T suffixes); print where it reached."),
     "events": Verb("events [--follow] [NAME]", "The recent events as JSON lines (--follow: and new ones).",
                    ("follow",)),
-    "backup": Verb("backup start DEV --store DIR [--cow-size SIZE] | backup copy DEV DEST [--since ERA] | "
+    "backup": Verb("backup start DEV --store DIR [--cow-size SIZE] | backup copy DEV DEST [--since ERA] [-p|-q] | "
                    "backup drop DEV [--all]",
                    "Back up a device in use: interpose era and snapshot-origin, copy, drop.",
-                   ("store", "cow_size", "since", "all_")),
+                   ("store", "cow_size", "since", "all_", "progress", "quiet")),
     "luks": Verb("luks open DEVICE NAME [--key-file F] [--header F] [--key-slot N] [--allow-discards] [-r] | "
                  "luks close NAME [--deferred [--no-open]] | luks dump DEVICE [--header F]",
                  "Open, close and show cryptsetup's LUKS1/LUKS2 volumes.",
