@@ -58,4 +58,7 @@ def test_comments_and_empty_input(daemon, images):
     run("create", "empty", input="")
     assert "Tables present:    None" in run("info", "empty").stdout
     run("create", "comments-only", input="# nothing yet\n")
-    assert run("table", "comments-only").stdout == ""
+    assert run("table", "comments-only").stdout == "\n"          # dmsetup: an empty line
+    assert run("status", "comments-only").stdout == "\n"
+    assert run("table", "--target", "linear", "comments-only").stdout == ""
+    assert run("table").stdout == f"c: 0 8 linear {a} 0\ncomments-only: \nempty: \n"

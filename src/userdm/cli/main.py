@@ -449,6 +449,8 @@ class Commands:
                 print("No devices found")
             return
         def show(lines: list[list[Any]]) -> list[str]:
+            if not lines and not self.o.target:
+                return [""]   # as dmsetup: a device without a table is an empty line (`name: `)
             return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
         self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show,
                          "table", self._lines_json("params"))
@@ -461,6 +463,8 @@ class Commands:
 
     def status(self) -> None:
         def show(lines: list[list[Any]]) -> list[str]:
+            if not lines and not self.o.target:
+                return [""]   # as dmsetup: a device without a table is an empty line (`name: `)
             return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
         self._per_device(lambda n: self.dm.status(n, inactive=self.o.inactive), show,
                          "status", self._lines_json("status"))
