@@ -124,6 +124,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_man_page_names_every_verb_and_renders():
     page = (ROOT / "docs" / "userdm.8").read_text()
+    assert f".SH COMMANDS\n{verbs.man_commands()}.SH " in page   # python -m userdm.cli.verbs regenerates it
     for verb, spec in verbs.VERBS.items():
         assert f".B {spec.synopsis.replace('-', chr(92) + '-')}\n" in page, verb
     if shutil.which("man"):

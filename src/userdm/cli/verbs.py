@@ -18,7 +18,7 @@ DEV = ("uuid", "major", "minor")
 REPORT = ("columns", "options", "noheadings", "separator", "sort", "select", "nameprefixes",
           "unquoted", "rows", "headings", "count", "interval")
 #: taken by every verb
-GLOBAL = ("help", "verb", "args", "runtime_dir", "verbose", "yes")
+GLOBAL = ("help", "verb", "args", "runtime_dir", "verbose", "yes", "noopencount")
 
 
 @dataclass(frozen=True)
@@ -63,16 +63,17 @@ VERBS: dict[str, Verb] = {
                ("target", "tree", "options", "json")),
     "table": Verb("table [--target TYPE] [--showkeys] [--inactive] [--concise] [--json] [DEVICE...]",
                   "Print the tables.", (*DEV, "target", "showkeys", "inactive", "concise", "json")),
-    "status": Verb("status [--target TYPE] [--inactive] [--json] [DEVICE...]",
-                   "Print the targets' status lines.", (*DEV, "target", "inactive", "json")),
+    "status": Verb("status [--target TYPE] [--inactive] [--noflush] [--json] [DEVICE...]",
+                   "Print the targets' status lines (never flushing anything: --noflush is how it "
+                   "always runs).", (*DEV, "target", "inactive", "noflush", "json")),
     "deps": Verb("deps [-o devno] [--inactive] [--json] [DEVICE...]",
                  "Print the devices each table uses.", (*DEV, "options", "inactive", "json")),
     "message": Verb("message DEVICE SECTOR MESSAGE...",
                     "Send a message to the target at SECTOR (or @cancel_deferred_remove).", DEV),
     "rename": Verb("rename DEVICE NEW_NAME | rename DEVICE --setuuid UUID",
                    "Rename a device, or set the uuid of one that has none.", (*DEV, "setuuid")),
-    "wait": Verb("wait DEVICE [EVENT_NR]", "Wait until the device's event number exceeds EVENT_NR.",
-                 DEV),
+    "wait": Verb("wait [--noflush] DEVICE [EVENT_NR]", "Wait until the device's event number exceeds "
+                 "EVENT_NR (never flushing: --noflush is how it always runs).", (*DEV, "noflush")),
     "targets": Verb("targets [--json]", "List the target types and their versions.", ("json",)),
     "version": Verb("version [--json]", "Print the library and driver versions.", ("json",)),
     "wipe_table": Verb("wipe_table DEVICE...", "Replace the table by an error target of the same size.",
@@ -169,3 +170,18 @@ def all_help() -> str:
     lines += ["", "DEVICE is a name, or -u UUID, or -j MAJOR -m MINOR. '--' ends the options.",
               "Refusals print `VERB: ERRNO: sentence` and exit 1. See userdm(8)."]
     return "\n".join(lines) + "\n"
+
+
+def man_commands() -> str:
+    """The COMMANDS section of docs/userdm.8 (regenerate it with
+    `python -m userdm.cli.verbs`; a test checks that the page has it)."""
+    def esc(text: str) -> str:
+        return text.replace("\\", "\\\\").replace("-", "\\-")
+    lines = []
+    for verb in VERBS.values():
+        lines += [".TP", f".B {esc(verb.synopsis)}", esc(verb.summary)]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(man_commands(), end="")
