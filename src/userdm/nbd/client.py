@@ -193,6 +193,8 @@ class NBDConnection:
             else:
                 self.sock.sendall(header)
             return self._reply(cmd, cookie, offset, length, into)
+        except DMError:
+            raise   # the server's error reply (a DMError is an OSError: not a broken connection)
         except (OSError, ProtocolError) as exc:
             raise Broken(str(exc)) from exc
 
