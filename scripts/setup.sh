@@ -12,6 +12,7 @@ PACKAGES=(
   nbdkit libnbd-bin qemu-utils fio
   fuse3 libfuse3-dev pkg-config
   e2fsprogs util-linux fdisk cryptsetup-bin
+  thin-provisioning-tools
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
