@@ -157,19 +157,21 @@ class Pool:
                 self._check_writable()
                 got = self.md.alloc_data(n)
                 if got is not None:
+                    if self.mode == "out_of_data_space":
+                        self.mode = "rw"  # discards gave blocks back
                     self._check_low_water()
                     return got
                 if not committed and self.md.dirty:
                     self.commit()  # blocks freed in this transaction become usable
                     committed = True
                     continue
-                if self.target is not None and self.target.error_if_no_space:
-                    raise DMError(errno.ENOSPC, f"thin-pool {self.owner} is out of data space "
-                                  f"({self.md.data.nr_blocks} blocks in use)")
                 if self.mode != "out_of_data_space":
                     self.mode = "out_of_data_space"
                     log.warning("thin-pool %s: switching to out-of-data-space mode", self.owner)
                     self._event()
+                if self.target is not None and self.target.error_if_no_space:
+                    raise DMError(errno.ENOSPC, f"thin-pool {self.owner} is out of data space "
+                                  f"(all {self.md.data.nr_blocks} blocks are in use)")
                 self.cond.wait()
 
     def _check_writable(self) -> None:
