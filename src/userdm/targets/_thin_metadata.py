@@ -95,6 +95,7 @@ class ThinMetadata:
         self.meta_sm = SmState([], 0, self.tm.empty_tree(PLAIN_U32))
         self.details: dict[int, list[int]] = {}
         self._details_dirty: set[int] = set()
+        self._cache: dict[int, dict[int, int]] = {}
         self.dirty = True
         self.commit()
 
@@ -136,6 +137,7 @@ class ThinMetadata:
         keys, values = self.details_tree.items(details_root)
         self.details = {int(k): [int(x) for x in v] for k, v in zip(keys, values.tolist())}
         self._details_dirty = set()
+        self._cache = {}
         self.dirty = meta.nr_blocks != meta_nr  # a grown metadata device is recorded at once
 
     # ---- commits -------------------------------------------------------------------------------
@@ -219,6 +221,7 @@ class ThinMetadata:
                 self.details_root = self.details_tree.remove(self.details_root, key)
             del self.details[dev]
             self._details_dirty.discard(dev)
+            self._cache.pop(dev, None)
             self.dirty = True
 
     def set_transaction_id(self, current: int, new: int) -> None:
@@ -264,9 +267,28 @@ class ThinMetadata:
             keys, values = self.mappings.range(self._subtree(dev), first, first + count)
             return keys, values >> 24, (values & TIME_MASK).astype(np.uint32)
 
-    def shared(self, dev: int, times: np.ndarray) -> np.ndarray:
-        """Which mappings (by their times) may be shared with a snapshot (`__snapshotted_since`)."""
-        return times < self.details[dev][3]
+    def _mapping_of(self, dev: int) -> dict[int, int]:
+        """A device's mappings {virtual block: packed value}, read from its btree on first use
+        and kept in step by `insert` and `remove`: the data path's lookups are dict lookups."""
+        cache = self._cache.get(dev)
+        if cache is None:
+            keys, values = self.mappings.items(self._subtree(dev))
+            cache = self._cache[dev] = dict(zip(keys.tolist(), values.tolist()))
+        return cache
+
+    def find(self, dev: int, first: int, last: int) -> dict[int, tuple[int, bool]]:
+        """{virtual block: (data block, shared)} for the mapped blocks in [first, last]; a
+        mapping is shared when it is older than the device's last snapshot
+        (`__snapshotted_since`), and a write to it then goes to a new block."""
+        with self.lock:
+            cache = self._mapping_of(dev)
+            since = self.details[dev][3]
+            out = {}
+            for b in range(first, last + 1):
+                v = cache.get(b)
+                if v is not None:
+                    out[b] = (v >> 24, (v & TIME_MASK) < since)
+            return out
 
     def alloc_data(self, n: int) -> np.ndarray | None:
         with self.lock:
@@ -282,12 +304,13 @@ class ThinMetadata:
         current time; a replaced mapping drops its data block's reference."""
         with self.lock:
             vblocks = np.asarray(vblocks, np.uint64)
-            self.mapping_root, leaf, i = self.top.mutable_leaf(self.mapping_root, dev)
-            sub = int(leaf.values[i])
-            present, _ = self.mappings.range(sub, int(vblocks[0]), int(vblocks[-1]) + 1)
-            new = len(vblocks) - int(np.count_nonzero(np.isin(vblocks, present)))
+            cache = self._mapping_of(dev)
+            keys = vblocks.tolist()
+            new = sum(1 for k in keys if k not in cache)
             values = (np.asarray(dblocks, np.uint64) << np.uint64(24)) | np.uint64(self.time & TIME_MASK)
-            leaf.values[i] = self.mappings.insert(sub, vblocks, values)
+            self.mapping_root, leaf, i = self.top.mutable_leaf(self.mapping_root, dev)
+            leaf.values[i] = self.mappings.insert(int(leaf.values[i]), vblocks, values)
+            cache.update(zip(keys, values.tolist()))
             self.details[dev][0] += new
             self._details_dirty.add(dev)
             self.dirty = True
@@ -301,6 +324,10 @@ class ThinMetadata:
                 return np.zeros(0, np.uint64)
             self.mapping_root, leaf, i = self.top.mutable_leaf(self.mapping_root, dev)
             leaf.values[i] = self.mappings.remove(int(leaf.values[i]), keys)
+            cache = self._cache.get(dev)
+            if cache is not None:
+                for k in keys.tolist():
+                    del cache[k]
             self.details[dev][0] -= len(keys)
             self._details_dirty.add(dev)
             self.dirty = True

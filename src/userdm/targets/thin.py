@@ -536,13 +536,6 @@ class ThinTarget(Target):
         pos = self._base + offset
         return pos // bs, (pos + length - 1) // bs
 
-    def _mapped(self, first: int, last: int) -> tuple[dict[int, int], dict[int, bool]]:
-        md = self.pool.md
-        keys, dblocks, times = md.lookup(self.dev_id, first, last - first + 1)
-        shared = md.shared(self.dev_id, times)
-        k = keys.tolist()
-        return dict(zip(k, dblocks.tolist())), dict(zip(k, shared.tolist()))
-
     def _read_unmapped(self, b: int, inner: int, view: memoryview) -> None:
         origin = self.origin_dev
         if origin is None:
@@ -562,16 +555,16 @@ class ThinTarget(Target):
         pool = self.pool
         if pool.mode == "fail":
             raise DMError(errno.EIO, f"thin-pool {pool.owner} has failed")
-        mapped, _ = self._mapped(*self._span(offset, len(buf)))
+        mapped = pool.md.find(self.dev_id, *self._span(offset, len(buf)))
         data = pool.data
         bs = pool.block
         run: tuple[int, int, int] | None = None  # (data offset, buffer position, length)
         for b, inner, pos, n in self._blocks(offset, len(buf)):
-            d = mapped.get(b)
-            if d is None:
+            m = mapped.get(b)
+            if m is None:
                 self._read_unmapped(b, inner, buf[pos:pos + n])
                 continue
-            where = d * bs + inner
+            where = m[0] * bs + inner
             if run is not None and run[0] + run[2] == where and run[1] + run[2] == pos:
                 run = (run[0], run[1], run[2] + n)
                 continue
@@ -585,16 +578,17 @@ class ThinTarget(Target):
         pool = self.pool
         first, last = self._span(offset, len(data))
         with pool.locks.hold(self.dev_id, first, last):
-            mapped, shared = self._mapped(first, last)
+            mapped = pool.md.find(self.dev_id, first, last)
             pieces = list(self._blocks(offset, len(data)))
-            needs = [p for p in pieces if p[0] not in mapped or shared[p[0]]]
+            needs = [p for p in pieces if p[0] not in mapped or mapped[p[0]][1]]
             provisioned = False
             if needs:
                 pool._check_writable()
                 new = pool.allocate(len(needs))
                 try:
                     for (b, inner, pos, n), d in zip(needs, new.tolist()):
-                        self._fill(b, int(d), inner, data[pos:pos + n], mapped.get(b))
+                        old = mapped.get(b)
+                        self._fill(b, int(d), inner, data[pos:pos + n], None if old is None else old[0])
                 except BaseException:
                     pool.md.free_data(new)
                     raise
@@ -603,8 +597,9 @@ class ThinTarget(Target):
                 provisioned = True
             out = pool.data
             for b, inner, pos, n in pieces:
-                if b in mapped and not shared[b]:
-                    out.write(mapped[b] * pool.block + inner, data[pos:pos + n], fua)
+                m = mapped.get(b)
+                if m is not None and not m[1]:
+                    out.write(m[0] * pool.block + inner, data[pos:pos + n], fua)
         if fua and provisioned:
             pool.commit()
 
@@ -669,7 +664,7 @@ class ThinTarget(Target):
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         if self.origin_dev is not None:
             return [(length, 0)]
-        mapped, _ = self._mapped(*self._span(offset, length))
+        mapped = self.pool.md.find(self.dev_id, *self._span(offset, length))
         out: list[tuple[int, int]] = []
         for b, _inner, _pos, n in self._blocks(offset, length):
             flags = 0 if b in mapped else ZERO_EXTENT
