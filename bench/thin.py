@@ -16,7 +16,7 @@ Jobs, each on fresh space where it says so:
   `create_snap`; qcow2: an internal snapshot, `qemu-img snapshot -c`).
 
 Goals from issue 14: provisioned I/O at least 0.8x linear; first writes and broken sharing at
-least 1.0x qcow2. Usage: `.venv/bin/python bench/thin.py [--mib 256] [--dir DIR]`. Every process
+least 1.0x qcow2. Usage: `.venv/bin/python bench/thin.py [--mib 256] [--rounds 3] [--dir DIR]`. Every process
 and file it makes is removed at the end.
 """
 
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -123,6 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mib", type=int, default=256, help="size of each measured region in MiB")
     ap.add_argument("--runtime", type=float, default=3.0, help="seconds per provisioned-I/O job")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; medians are printed")
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp")
     args = ap.parse_args()
     for tool in ("fio", "qemu-nbd", "qemu-img"):
@@ -130,17 +132,17 @@ def main() -> None:
             sys.exit(f"bench/thin.py needs {tool}")
     size = args.mib * MiB
     blocks = size // (BS * 512)
-    results: dict[str, dict[str, float]] = {}
+    results: dict[str, dict[str, list[float]]] = {}
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp, ExitStack() as stack:
         work = Path(tmp)
-        for name, bytes_ in (("meta.img", 64 * MiB), ("data.img", 8 * size), ("linear.img", size)):
+        for name, bytes_ in (("meta.img", 64 * MiB), ("data.img", 5 * args.rounds * size), ("linear.img", size)):
             with open(work / name, "wb") as f:
                 f.truncate(bytes_)
         dm = Userdm(work, stack)
-        dm("create", "pool", "--table", f"0 {8 * blocks * BS} thin-pool {work / 'meta.img'} "
+        dm("create", "pool", "--table", f"0 {5 * args.rounds * blocks * BS} thin-pool {work / 'meta.img'} "
            f"{work / 'data.img'} {BS} 0")
         dm("create", "linear", "--table", f"0 {size // 512} linear {work / 'linear.img'} 0")
-        next_id = iter(range(100))
+        next_id = iter(range(1 << 20))
 
         def thin() -> str:
             dev = next(next_id)
@@ -150,37 +152,40 @@ def main() -> None:
 
         q = Qcow2(work, size, stack)
         stride = "write:60k"
-        # first writes
-        results["first 4K writes (IOPS)"] = {
-            "thin": fio(dm.uri(thin()), work, stride, "4k", 16, size)}
-        q.fresh()
-        results["first 4K writes (IOPS)"]["qcow2"] = fio(q.uri, work, stride, "4k", 16, size)
-        results["first 1M writes (MB/s)"] = {"thin": fio(dm.uri(thin()), work, "write", "1M", 8, size)}
-        q.fresh()
-        results["first 1M writes (MB/s)"]["qcow2"] = fio(q.uri, work, "write", "1M", 8, size)
-        # provisioned I/O: a fully written thin device against linear
-        full = thin()
-        fio(dm.uri(full), work, "write", "1M", 8, size)
-        fio(dm.uri("linear"), work, "write", "1M", 8, size)
-        for label, rw, bs, qd in (("provisioned 4K randwrite qd16 (IOPS)", "randwrite", "4k", 16),
-                                  ("provisioned 4K randread qd16 (IOPS)", "randread", "4k", 16),
-                                  ("provisioned 1M read qd8 (MB/s)", "read", "1M", 8)):
-            results[label] = {dev: fio(dm.uri(name), work, rw, bs, qd, size, args.runtime)
-                              for dev, name in (("thin", full), ("linear", "linear"))}
-        # breaking sharing: 4 KiB into each block a snapshot shares
-        dm("message", "pool", "0", "create_snap", "99", full.lstrip("t"))
-        results["break sharing 4K (IOPS)"] = {"thin": fio(dm.uri(full), work, stride, "4k", 16, size)}
-        q.fresh()
-        fio(q.uri, work, "write", "1M", 8, size)
-        q.snapshot()
-        results["break sharing 4K (IOPS)"]["qcow2"] = fio(q.uri, work, stride, "4k", 16, size)
+
+        def record(label: str, who: str, value: float) -> None:
+            results.setdefault(label, {}).setdefault(who, []).append(value)
+
+        for rnd in range(args.rounds):  # rounds interleave the two sides: this machine's speed drifts
+            record("first 4K writes (IOPS)", "thin", fio(dm.uri(thin()), work, stride, "4k", 16, size))
+            q.fresh()
+            record("first 4K writes (IOPS)", "qcow2", fio(q.uri, work, stride, "4k", 16, size))
+            record("first 1M writes (MB/s)", "thin", fio(dm.uri(thin()), work, "write", "1M", 8, size))
+            q.fresh()
+            record("first 1M writes (MB/s)", "qcow2", fio(q.uri, work, "write", "1M", 8, size))
+            full = thin()  # provisioned I/O: a fully written thin device against linear
+            fio(dm.uri(full), work, "write", "1M", 8, size)
+            if not rnd:
+                fio(dm.uri("linear"), work, "write", "1M", 8, size)
+            for label, rw, bs, qd in (("provisioned 4K randwrite qd16 (IOPS)", "randwrite", "4k", 16),
+                                      ("provisioned 4K randread qd16 (IOPS)", "randread", "4k", 16),
+                                      ("provisioned 1M read qd8 (MB/s)", "read", "1M", 8)):
+                for who, name in (("thin", full), ("linear", "linear")):
+                    record(label, who, fio(dm.uri(name), work, rw, bs, qd, size, args.runtime))
+            # breaking sharing: 4 KiB into each block that a snapshot shares
+            dm("message", "pool", "0", "create_snap", str(next(next_id)), full.lstrip("t"))
+            record("break sharing 4K (IOPS)", "thin", fio(dm.uri(full), work, stride, "4k", 16, size))
+            q.fresh()
+            fio(q.uri, work, "write", "1M", 8, size)
+            q.snapshot()
+            record("break sharing 4K (IOPS)", "qcow2", fio(q.uri, work, stride, "4k", 16, size))
         status = dm("status", "pool").split()
     print(f"thin pool after the run: {status[4]} metadata, {status[5]} data blocks used\n")
     width = max(len(k) for k in results)
     for label, row in results.items():
         other = "linear" if "linear" in row else "qcow2"
-        ratio = row["thin"] / row[other]
-        print(f"{label:<{width}}  thin {row['thin']:9.1f}  {other} {row[other]:9.1f}  ratio {ratio:4.2f}x")
+        thin_, them = statistics.median(row["thin"]), statistics.median(row[other])
+        print(f"{label:<{width}}  thin {thin_:9.1f}  {other:<6} {them:9.1f}  ratio {thin_ / them:4.2f}x")
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ class BlockLocks:
 
     @contextmanager
     def hold(self, dev: int, first: int, last: int) -> Iterator[None]:
-        keys = {(dev, b) for b in range(first, last + 1)}
+        keys = {(dev, first)} if first == last else {(dev, b) for b in range(first, last + 1)}
         with self._cond:
             while not self._held.isdisjoint(keys):
                 self._cond.wait()
@@ -471,6 +471,20 @@ class ThinPoolTarget(Target):
         return [self.metadata_dev, self.data_dev]
 
 
+def _write_runs(out, pieces: list[tuple[int, int, int]], data: memoryview, fua: bool) -> None:  # noqa: ANN001
+    """Write (device offset, request position, length) pieces, one write per contiguous run."""
+    run: tuple[int, int, int] | None = None
+    for where, pos, n in pieces:
+        if run is not None and run[0] + run[2] == where and run[1] + run[2] == pos:
+            run = (run[0], run[1], run[2] + n)
+            continue
+        if run is not None:
+            out.write(run[0], data[run[1]:run[1] + run[2]], fua)
+        run = (where, pos, n)
+    if run is not None:
+        out.write(run[0], data[run[1]:run[1] + run[2]], fua)
+
+
 @register
 class ThinTarget(Target):
     name = "thin"
@@ -555,9 +569,17 @@ class ThinTarget(Target):
         pool = self.pool
         if pool.mode == "fail":
             raise DMError(errno.EIO, f"thin-pool {pool.owner} has failed")
+        bs = pool.block
+        b, inner = divmod(self._base + offset, bs)
+        if inner + len(buf) <= bs:  # the common case: inside one block
+            m = pool.md.find(self.dev_id, b, b).get(b)
+            if m is None:
+                self._read_unmapped(b, inner, buf)
+            else:
+                pool.data.readinto(m[0] * bs + inner, buf)
+            return
         mapped = pool.md.find(self.dev_id, *self._span(offset, len(buf)))
         data = pool.data
-        bs = pool.block
         run: tuple[int, int, int] | None = None  # (data offset, buffer position, length)
         for b, inner, pos, n in self._blocks(offset, len(buf)):
             m = mapped.get(b)
@@ -576,6 +598,14 @@ class ThinTarget(Target):
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
         pool = self.pool
+        bs = pool.block
+        b, inner = divmod(self._base + offset, bs)
+        if inner + len(data) <= bs:  # the common case: inside one block that is ours already
+            with pool.locks.hold(self.dev_id, b, b):
+                m = pool.md.find(self.dev_id, b, b).get(b)
+                if m is not None and not m[1]:
+                    pool.data.write(m[0] * bs + inner, data, fua)
+                    return
         first, last = self._span(offset, len(data))
         with pool.locks.hold(self.dev_id, first, last):
             mapped = pool.md.find(self.dev_id, first, last)
@@ -585,21 +615,24 @@ class ThinTarget(Target):
             if needs:
                 pool._check_writable()
                 new = pool.allocate(len(needs))
+                whole: list[tuple[int, int, int]] = []  # full new blocks: written in runs
                 try:
                     for (b, inner, pos, n), d in zip(needs, new.tolist()):
                         old = mapped.get(b)
-                        self._fill(b, int(d), inner, data[pos:pos + n], None if old is None else old[0])
+                        if n == pool.block:
+                            whole.append((d * pool.block, pos, n))
+                        else:
+                            self._fill(b, d, inner, data[pos:pos + n], None if old is None else old[0])
+                    _write_runs(pool.data, whole, data, False)
                 except BaseException:
                     pool.md.free_data(new)
                     raise
                 vblocks = np.array([p[0] for p in needs], np.uint64)
                 pool.md.insert(self.dev_id, vblocks, new)
                 provisioned = True
-            out = pool.data
-            for b, inner, pos, n in pieces:
-                m = mapped.get(b)
-                if m is not None and not m[1]:
-                    out.write(m[0] * pool.block + inner, data[pos:pos + n], fua)
+            in_place = [(m[0] * pool.block + inner, pos, n) for b, inner, pos, n in pieces
+                        if (m := mapped.get(b)) is not None and not m[1]]
+            _write_runs(pool.data, in_place, data, fua)
         if fua and provisioned:
             pool.commit()
 
