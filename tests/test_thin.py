@@ -495,6 +495,35 @@ def test_out_of_space_queues_until_reload_grows_the_pool_and_low_water_event(map
         mapper.resume("pool")
 
 
+@pytest.mark.hostile
+def test_full_metadata_device_goes_back_to_the_last_commit_and_read_only(mapper, images):
+    meta, data = images(1, 20 * 4096)[0], images(1, 256 * MiB)[0]
+    mapper.create("pool", pool_table(meta, data, 4096))
+    mapper.message("pool", 0, "create_thin 1")
+    mapper.create("t", f"0 {4096 * BS} thin /dev/mapper/pool 1")
+    flushed = -1
+    with mapper.open_device("t", write=True) as o:
+        with pytest.raises(DMError) as exc:
+            for b in range(4096):
+                o.write(b * BB, stamp(b))
+                if b % 50 == 49:
+                    o.flush()
+                    flushed = b
+    assert exc.value.errno == errno.ENOSPC and "metadata device" in exc.value.message
+    assert 0 < flushed < 4095
+    st = pool_status(mapper)
+    assert st[4] == "ro" and int(st[2].split("/")[0]) == flushed + 1
+    for b in (0, flushed):  # everything flushed is still there; nothing new is provisioned
+        assert read_block(mapper, "t", b, 4096) == stamp(b)
+    with pytest.raises(DMError) as exc:
+        mapper.message("pool", 0, "create_thin 2")
+    assert exc.value.errno == errno.EOPNOTSUPP
+    with mapper.open_device("t", write=True) as o:
+        o.write(0, stamp(7))  # a block the device owns can still be overwritten
+    assert read_block(mapper, "t", 0, 4096) == stamp(7)
+    thin_check(meta)
+
+
 # ---- the daemon: SIGKILL, the Qubes flow ------------------------------------------------------------
 
 def nbd_device(daemon, name: str):

@@ -58,6 +58,9 @@ class ThinMetadata:
             raise DMError(errno.ENOSPC, f"metadata device {dev.device.ref} has {self.nr_meta_blocks} "
                           f"blocks of {BLOCK} bytes; a thin pool needs at least 8")
         self.dirty = False
+        #: how often the open transaction was thrown away: data blocks allocated before an
+        #: abort belong to no one after it (`insert` refuses them)
+        self.aborts = 0
         buf = bytearray(BLOCK)
         dev.readinto(0, buf)
         if not any(buf):
@@ -139,6 +142,14 @@ class ThinMetadata:
         self._details_dirty = set()
         self._cache = {}
         self.dirty = meta.nr_blocks != meta_nr  # a grown metadata device is recorded at once
+
+    def abort(self) -> None:
+        """Forget the open transaction: back to the last committed state on disk."""
+        with self.lock:
+            buf = bytearray(BLOCK)
+            self.dev.readinto(0, buf)
+            self._open(buf)
+            self.aborts += 1
 
     # ---- commits -------------------------------------------------------------------------------
 
@@ -299,10 +310,14 @@ class ThinMetadata:
         with self.lock:
             self.data.dec(blocks)
 
-    def insert(self, dev: int, vblocks: np.ndarray, dblocks: np.ndarray) -> None:
+    def insert(self, dev: int, vblocks: np.ndarray, dblocks: np.ndarray, aborts: int | None = None) -> None:
         """Map `vblocks` (sorted, unique) to `dblocks` (whose references the tree takes), at the
-        current time; a replaced mapping drops its data block's reference."""
+        current time; a replaced mapping drops its data block's reference. `aborts`: the value
+        of `self.aborts` when the blocks were allocated."""
         with self.lock:
+            if aborts is not None and aborts != self.aborts:
+                raise DMError(errno.EAGAIN, "the pool went back to its last commit while this "
+                              "write was being provisioned")
             vblocks = np.asarray(vblocks, np.uint64)
             cache = self._mapping_of(dev)
             keys = vblocks.tolist()

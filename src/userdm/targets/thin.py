@@ -94,6 +94,7 @@ class Pool:
         self.users = 0
         self.open_devices: dict[int, int] = {}
         self.mode = "rw"
+        self.metadata_full = False
         self.low_water_triggered = False
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
@@ -136,12 +137,34 @@ class Pool:
                 return
             self.data.flush()
             if self.md.dirty and self.mode != "ro":
-                try:
-                    self.md.commit()
-                except DMError:
-                    self.mode = "fail"
-                    self._event()
+                self.change_metadata(self.md.commit)
+
+    def change_metadata(self, change, *args):  # noqa: ANN001, ANN201 - a ThinMetadata method and its result
+        """Run a metadata change. When the metadata device is full or fails, the pool goes back
+        to its last commit (`dm_pool_abort_metadata`) and stops provisioning: read-only until a
+        reload gives the metadata more room (ENOSPC), failed otherwise."""
+        with self.md.lock:
+            try:
+                return change(*args)
+            except DMError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EIO, errno.EILSEQ):
                     raise
+                self._abort(exc)
+                raise DMError(exc.errno, f"thin-pool {self.owner}: metadata operation failed, the pool "
+                              f"is back at its last commit and {self.mode}: {exc.message}") from None
+
+    def _abort(self, exc: DMError) -> None:
+        log.error("thin-pool %s: metadata operation failed: %s", self.owner, exc)
+        try:
+            self.md.abort()
+            if self.target is not None:
+                self.md.resize_data(self.target.data_blocks)
+            self.metadata_full = exc.errno == errno.ENOSPC
+            self.mode = "ro" if self.metadata_full else "fail"
+        except DMError as again:
+            log.error("thin-pool %s: cannot go back to the last commit: %s", self.owner, again)
+            self.mode = "fail"
+        self._event()
 
     def _event(self) -> None:
         if self.target is not None:
@@ -149,8 +172,9 @@ class Pool:
 
     # ---- data space -------------------------------------------------------------------------------
 
-    def allocate(self, n: int) -> np.ndarray:
-        """`n` new data blocks; when there are none, commit, then wait for a resize (or ENOSPC)."""
+    def allocate(self, n: int) -> tuple[np.ndarray, int]:
+        """`n` new data blocks and the metadata's abort count they belong to; when there are
+        none, commit, then wait for a resize (or ENOSPC)."""
         with self.cond:
             committed = False
             while True:
@@ -160,7 +184,7 @@ class Pool:
                     if self.mode == "out_of_data_space":
                         self.mode = "rw"  # discards gave blocks back
                     self._check_low_water()
-                    return got
+                    return got, self.md.aborts
                 if not committed and self.md.dirty:
                     self.commit()  # blocks freed in this transaction become usable
                     committed = True
@@ -192,8 +216,13 @@ class Pool:
     def resized(self, data_blocks: int, metadata_blocks: int) -> None:
         with self.cond:
             grew = data_blocks > self.md.data.nr_blocks
+            meta_grew = metadata_blocks > self.md.tm.meta.nr_blocks
             self.md.resize_data(data_blocks)
             self.md.resize_metadata(metadata_blocks)
+            if meta_grew and self.metadata_full:
+                self.metadata_full = False
+                if self.mode == "ro" and not (self.target and "read_only" in self.target.features):
+                    self.mode = "rw"
             if grew:
                 self.low_water_triggered = False
                 if self.mode == "out_of_data_space":
@@ -318,8 +347,10 @@ class ThinPoolTarget(Target):
         pool = self.pool
         with pool.cond:
             pool.target = self
-            pool.mode = "ro" if "read_only" in self.features else (
-                "rw" if pool.mode in ("ro", "rw") else pool.mode)
+            if "read_only" in self.features:
+                pool.mode = "ro"
+            elif pool.mode == "ro" and not pool.metadata_full:
+                pool.mode = "rw"
         metadata_blocks = min(self.metadata_dev.open.size // BLOCK, MAX_METADATA_BLOCKS)
         pool.resized(self.data_blocks, metadata_blocks)
 
@@ -383,7 +414,7 @@ class ThinPoolTarget(Target):
             raise DMError(errno.EINVAL, f"Message {word} received with {len(args) - 1} arguments "
                           f"instead of {argc - 1}.")
         with pool.md.lock:
-            handler(args)
+            pool.change_metadata(handler, args)
             pool.commit()
         return None
 
@@ -614,7 +645,7 @@ class ThinTarget(Target):
             provisioned = False
             if needs:
                 pool._check_writable()
-                new = pool.allocate(len(needs))
+                new, aborts = pool.allocate(len(needs))
                 whole: list[tuple[int, int, int]] = []  # full new blocks: written in runs
                 try:
                     for (b, inner, pos, n), d in zip(needs, new.tolist()):
@@ -628,7 +659,7 @@ class ThinTarget(Target):
                     pool.md.free_data(new)
                     raise
                 vblocks = np.array([p[0] for p in needs], np.uint64)
-                pool.md.insert(self.dev_id, vblocks, new)
+                pool.change_metadata(pool.md.insert, self.dev_id, vblocks, new, aborts)
                 provisioned = True
             in_place = [(m[0] * pool.block + inner, pos, n) for b, inner, pos, n in pieces
                         if (m := mapped.get(b)) is not None and not m[1]]
@@ -673,7 +704,7 @@ class ThinTarget(Target):
             return
         pool._check_writable()
         with pool.locks.hold(self.dev_id, first, end - 1):
-            freed = pool.md.remove(self.dev_id, first, end - first)
+            freed = pool.change_metadata(pool.md.remove, self.dev_id, first, end - first)
         if len(freed) and "no_discard_passdown" not in target.features:
             pool.passdown(freed)
 
@@ -686,7 +717,7 @@ class ThinTarget(Target):
             return
         self.pool._check_writable()
         with self.pool.locks.hold(self.dev_id, first, end - 1):
-            self.pool.md.remove(self.dev_id, first, end - first)
+            self.pool.change_metadata(self.pool.md.remove, self.dev_id, first, end - first)
         head = first * bs - pos
         tail = pos + length - end * bs
         if head:
