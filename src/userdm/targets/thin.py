@@ -96,6 +96,8 @@ class Pool:
         self.mode = "rw"
         self.metadata_full = False
         self.low_water_triggered = False
+        self._readers = 0
+        self._readers_cond = threading.Condition()
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
 
@@ -137,7 +139,31 @@ class Pool:
                 return
             self.data.flush()
             if self.md.dirty and self.mode != "ro":
+                self._wait_for_readers()
                 self.change_metadata(self.md.commit)
+
+    # Blocks freed in a transaction become allocatable at its commit; a read that looked up
+    # such a block before it was freed must be done with it by then, or it could return data
+    # that another thin device writes there next.
+    def mapped_for_read(self, dev: int, first: int, last: int) -> dict[int, tuple[int, bool]]:
+        """`find`, counting the caller as a reader until `read_done`."""
+        with self.md.lock:
+            found = self.md.find(dev, first, last)
+            with self._readers_cond:
+                self._readers += 1
+            return found
+
+    def read_done(self) -> None:
+        with self._readers_cond:
+            self._readers -= 1
+            if not self._readers:
+                self._readers_cond.notify_all()
+
+    def _wait_for_readers(self) -> None:
+        """Called under the metadata lock, which new readers need: the count only drains."""
+        with self._readers_cond:
+            while self._readers:
+                self._readers_cond.wait()
 
     def change_metadata(self, change, *args):  # noqa: ANN001, ANN201 - a ThinMetadata method and its result
         """Run a metadata change. When the metadata device is full or fails, the pool goes back
@@ -602,14 +628,23 @@ class ThinTarget(Target):
             raise DMError(errno.EIO, f"thin-pool {pool.owner} has failed")
         bs = pool.block
         b, inner = divmod(self._base + offset, bs)
-        if inner + len(buf) <= bs:  # the common case: inside one block
-            m = pool.md.find(self.dev_id, b, b).get(b)
-            if m is None:
-                self._read_unmapped(b, inner, buf)
+        one = inner + len(buf) <= bs  # the common case: inside one block
+        mapped = pool.mapped_for_read(self.dev_id, *((b, b) if one else self._span(offset, len(buf))))
+        try:
+            if one:
+                m = mapped.get(b)
+                if m is None:
+                    self._read_unmapped(b, inner, buf)
+                else:
+                    pool.data.readinto(m[0] * bs + inner, buf)
             else:
-                pool.data.readinto(m[0] * bs + inner, buf)
-            return
-        mapped = pool.md.find(self.dev_id, *self._span(offset, len(buf)))
+                self._read_pieces(offset, buf, mapped)
+        finally:
+            pool.read_done()
+
+    def _read_pieces(self, offset: int, buf: memoryview, mapped: dict[int, tuple[int, bool]]) -> None:
+        pool = self.pool
+        bs = pool.block
         data = pool.data
         run: tuple[int, int, int] | None = None  # (data offset, buffer position, length)
         for b, inner, pos, n in self._blocks(offset, len(buf)):
@@ -690,6 +725,8 @@ class ThinTarget(Target):
         out.write(d * bs, block)
 
     def flush(self) -> None:
+        if self.pool.mode == "fail":
+            raise DMError(errno.EIO, f"thin-pool {self.pool.owner} has failed: nothing can be made durable")
         self.pool.commit()
 
     def discard(self, offset: int, length: int) -> None:
