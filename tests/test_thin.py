@@ -453,8 +453,10 @@ def test_error_if_no_space_fails_writes(mapper, pool_files):
 
 
 def test_out_of_space_queues_until_reload_grows_the_pool_and_low_water_event(mapper, pool_files):
+    """The data device is a linear device (as LVM's -tdata): it grows by reload, then the pool."""
     meta, data = pool_files
-    mapper.create("pool", pool_table(meta, data, 8, lwm=2))
+    mapper.create("tdata", f"0 {8 * BS} linear {data} 0")
+    mapper.create("pool", pool_table(meta, "/dev/mapper/tdata", 8, lwm=2))
     mapper.message("pool", 0, "create_thin 1")
     mapper.create("t", f"0 {BS * 64} thin /dev/mapper/pool 1")
     event_nr = mapper.info("pool")["event_nr"]
@@ -473,32 +475,42 @@ def test_out_of_space_queues_until_reload_grows_the_pool_and_low_water_event(map
         finally:
             done.set()
 
+    def grow(blocks: int) -> None:
+        mapper.load("tdata", f"0 {blocks * BS} linear {data} 0")
+        mapper.resume("tdata")
+        mapper.load("pool", pool_table(meta, "/dev/mapper/tdata", blocks, lwm=2))
+        mapper.resume("pool")
+
     thread = threading.Thread(target=writer)
     thread.start()
     try:
         assert wait_until(lambda: pool_status(mapper)[4] == "out_of_data_space")
         assert not done.is_set() and used_data(mapper) == 8
         assert mapper.wait("pool", event_nr, timeout=30)["event_nr"] > event_nr  # low water + full
-        mapper.load("pool", pool_table(meta, data, 64, lwm=2))
-        mapper.resume("pool")
+        with pytest.raises(DMError, match="too small for target"):  # the data device first
+            mapper.load("pool", pool_table(meta, "/dev/mapper/tdata", 64, lwm=2))
+        grow(64)
     finally:
         if not done.wait(60):
-            mapper.load("pool", pool_table(meta, data, 1024))
-            mapper.resume("pool")
+            grow(1024)
         thread.join()
     assert not failed, failed
     assert pool_status(mapper)[2] == "12/64" and pool_status(mapper)[4] == "rw"
     for b, data_ in payload.items():
         assert read_block(mapper, "t", b, 4096) == data_
     with pytest.raises(DMError, match="too small"):
-        mapper.load("pool", pool_table(meta, data, 32))
+        mapper.load("pool", pool_table(meta, "/dev/mapper/tdata", 32))
         mapper.resume("pool")
+    thin_check(meta)
 
 
 @pytest.mark.hostile
 def test_full_metadata_device_goes_back_to_the_last_commit_and_read_only(mapper, images):
-    meta, data = images(1, 20 * 4096)[0], images(1, 256 * MiB)[0]
-    mapper.create("pool", pool_table(meta, data, 4096))
+    """The metadata device is a linear device (as LVM's -tmeta): once it is full the pool is
+    read-only at its last commit; growing it and reloading the pool makes it writable again."""
+    meta, data = images(1, 4 * MiB)[0], images(1, 256 * MiB)[0]
+    mapper.create("tmeta", f"0 {20 * 8} linear {meta} 0")  # 20 metadata blocks
+    mapper.create("pool", pool_table("/dev/mapper/tmeta", data, 4096))
     mapper.message("pool", 0, "create_thin 1")
     mapper.create("t", f"0 {4096 * BS} thin /dev/mapper/pool 1")
     flushed = -1
@@ -520,8 +532,21 @@ def test_full_metadata_device_goes_back_to_the_last_commit_and_read_only(mapper,
     assert exc.value.errno == errno.EOPNOTSUPP
     with mapper.open_device("t", write=True) as o:
         o.write(0, stamp(7))  # a block the device owns can still be overwritten
+        with pytest.raises(DMError):
+            o.write((flushed + 1) * BB, stamp(flushed + 1))
     assert read_block(mapper, "t", 0, 4096) == stamp(7)
+    mapper.load("tmeta", f"0 {1024 * 8} linear {meta} 0")
+    mapper.resume("tmeta")
+    mapper.load("pool", pool_table("/dev/mapper/tmeta", data, 4096))
+    mapper.resume("pool")
+    assert pool_status(mapper)[4] == "rw" and pool_status(mapper)[1].endswith("/1024")
+    with mapper.open_device("t", write=True) as o:
+        o.write((flushed + 1) * BB, stamp(flushed + 1))
+    mapper.message("pool", 0, "create_thin 2")
+    mapper.remove("t")
+    mapper.remove("pool")
     thin_check(meta)
+    assert thin_dump(meta)[1][1][flushed + 1] >= 0
 
 
 # ---- the daemon: SIGKILL, the Qubes flow ------------------------------------------------------------

@@ -372,6 +372,7 @@ class ThinMetadata:
             nr_blocks = min(nr_blocks, MAX_METADATA_BLOCKS)
             if nr_blocks > self.tm.meta.nr_blocks:
                 self.tm.meta.extend(nr_blocks)
+                self.nr_meta_blocks = nr_blocks
                 self.dirty = True
 
     def dump(self) -> dict[int, dict[int, int]]:
