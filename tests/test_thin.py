@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import wait_until
+
 from userdm import Mapper
 from userdm.block.file import FileDisk
 from userdm.errors import DMError
@@ -409,8 +409,7 @@ def test_metadata_from_thin_restore_reads_the_blocks_it_maps(mapper, images, tmp
     meta, data = images(1, 4 * MiB)[0], images(1, nr * BB)[0]
     subprocess.run(["thin_restore", "-i", str(xml), "-o", meta], check=True, capture_output=True)
     with open(data, "r+b") as f:
-        for b in range(nr):
-            f.write(struct.pack("<Q", b) * (BB // 8))
+        f.writelines(struct.pack("<Q", b) * (BB // 8) for b in range(nr))
     expect = {1: {**{v: 10 + v for v in range(20)}, 50: 100},
               2: {**{v: 10 + v for v in range(10)}, **{12 + i: 200 + i for i in range(5)}}}
     mapper.create("pool", pool_table(meta, data, nr))
@@ -514,13 +513,12 @@ def test_full_metadata_device_goes_back_to_the_last_commit_and_read_only(mapper,
     mapper.message("pool", 0, "create_thin 1")
     mapper.create("t", f"0 {4096 * BS} thin /dev/mapper/pool 1")
     flushed = -1
-    with mapper.open_device("t", write=True) as o:
-        with pytest.raises(DMError) as exc:
-            for b in range(4096):
-                o.write(b * BB, stamp(b))
-                if b % 50 == 49:
-                    o.flush()
-                    flushed = b
+    with mapper.open_device("t", write=True) as o, pytest.raises(DMError) as exc:
+        for b in range(4096):
+            o.write(b * BB, stamp(b))
+            if b % 50 == 49:
+                o.flush()
+                flushed = b
     assert exc.value.errno == errno.ENOSPC and "metadata device" in exc.value.message
     assert 0 < flushed < 4095
     st = pool_status(mapper)
@@ -623,7 +621,7 @@ def qubes_cycles(daemon, images, tmp_path, cycles: int) -> None:
         dev.close_backing()
     template_sum = hashlib.sha256(image).hexdigest()
     with daemon.connect() as c:
-        used = lambda: int(c.status("pool")[0][3].split()[2].split("/")[0])  # noqa: E731
+        used = lambda: int(c.status("pool")[0][3].split()[2].split("/")[0])
         before = used()
         assert before == 128
         for cycle in range(cycles):

@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import Daemon
 
 # the same requirements as the FUSE export tests: importing their helpers skips this module too
 from test_fuse_export import Undo, run
 
-from conftest import Daemon
 from userdm.export.fuse.unmount import fuse_mounts
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]

@@ -92,7 +92,7 @@ class Node:
     """One btree node in memory: sorted u64 `keys` and their `values` (block numbers in an
     internal node)."""
 
-    __slots__ = ("block", "leaf", "keys", "values")
+    __slots__ = ("block", "keys", "leaf", "values")
 
     def __init__(self, block: int, leaf: bool, keys: np.ndarray, values: np.ndarray) -> None:
         self.block = block
@@ -350,7 +350,7 @@ class BTree:
         return self.tm.node(location, self.vt.dtype)
 
     # -- reading
-    def lookup(self, root: int, key: int):  # noqa: ANN201 - a value of the tree's dtype, or None
+    def lookup(self, root: int, key: int):
         node = self._node(root)
         while not node.leaf:
             i = max(int(np.searchsorted(node.keys, key, "right")) - 1, 0)

@@ -28,10 +28,28 @@ import numpy as np
 
 from ..block.device import BlockOpen
 from ..errors import DMError
-from ._pdata import (BLOCK, ENTRIES_PER_BITMAP, MAX_METADATA_BITMAPS, PLAIN_INDEX, PLAIN_U32,
-                     SM_ROOT, SUPERBLOCK_CSUM_XOR, U64, BTree, SmState, SpaceMap, Transaction,
-                     ValueType, check, disk_index, metadata_index, read_sm_counts, seal,
-                     write_disk_sm, write_metadata_sm)
+from ._pdata import (
+    BLOCK,
+    ENTRIES_PER_BITMAP,
+    MAX_METADATA_BITMAPS,
+    PLAIN_INDEX,
+    PLAIN_U32,
+    SM_ROOT,
+    SUPERBLOCK_CSUM_XOR,
+    U64,
+    BTree,
+    SmState,
+    SpaceMap,
+    Transaction,
+    ValueType,
+    check,
+    disk_index,
+    metadata_index,
+    read_sm_counts,
+    seal,
+    write_disk_sm,
+    write_metadata_sm,
+)
 
 MAGIC = 27022010
 VERSION = 2

@@ -104,7 +104,7 @@ class Pool:
     # ---- binding and the commit timer -----------------------------------------------------------
 
     @property
-    def data(self):  # noqa: ANN201 - BlockOpen of the bound target's data device
+    def data(self):
         target = self.target
         if target is None:
             raise DMError(errno.EIO, f"thin-pool {self.owner} has no active table (resume it first)")
@@ -165,7 +165,7 @@ class Pool:
             while self._readers:
                 self._readers_cond.wait()
 
-    def change_metadata(self, change, *args):  # noqa: ANN001, ANN201 - a ThinMetadata method and its result
+    def change_metadata(self, change, *args):
         """Run a metadata change. When the metadata device is full or fails, the pool goes back
         to its last commit (`dm_pool_abort_metadata`) and stops provisioning: read-only until a
         reload gives the metadata more room (ENOSPC), failed otherwise."""
@@ -528,7 +528,7 @@ class ThinPoolTarget(Target):
         return [self.metadata_dev, self.data_dev]
 
 
-def _write_runs(out, pieces: list[tuple[int, int, int]], data: memoryview, fua: bool) -> None:  # noqa: ANN001
+def _write_runs(out, pieces: list[tuple[int, int, int]], data: memoryview, fua: bool) -> None:
     """Write (device offset, request position, length) pieces, one write per contiguous run."""
     run: tuple[int, int, int] | None = None
     for where, pos, n in pieces:
