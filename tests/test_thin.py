@@ -432,6 +432,42 @@ def test_metadata_from_thin_restore_reads_the_blocks_it_maps(mapper, images, tmp
     assert dumped[2] == expect[2] and dumped[1][3] != 13 and len(dumped[1]) == 21
 
 
+@pytest.mark.hostile
+def test_corrupt_metadata_is_refused_and_other_devices_carry_on(mapper, pool_files, images):
+    meta, data = pool_files
+    mapper.create("pool", pool_table(meta, data, 1024))
+    for dev in (1, 2):
+        mapper.message("pool", 0, f"create_thin {dev}")
+        mapper.create(f"t{dev}", f"0 {BS * 16} thin /dev/mapper/pool {dev}")
+        with mapper.open_device(f"t{dev}", write=True) as o:
+            o.write(0, stamp(dev))
+    for name in ("t1", "t2", "pool"):
+        mapper.remove(name)
+    md = ThinMetadata(FileDisk(meta).open(write=False), BS, 1024)
+    leaf = md.top.lookup(md.mapping_root, 1)  # device 1's mapping tree is one leaf
+    with open(meta, "r+b") as f:  # a flipped byte in it, as thin_check's own test does
+        f.seek(int(leaf) * 4096 + 100)
+        byte = f.read(1)
+        f.seek(int(leaf) * 4096 + 100)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    assert subprocess.run(["thin_check", meta], capture_output=True).returncode != 0
+    mapper.create("pool", pool_table(meta, data, 1024))
+    mapper.create("t1", f"0 {BS * 16} thin /dev/mapper/pool 1")
+    mapper.create("t2", f"0 {BS * 16} thin /dev/mapper/pool 2")
+    with pytest.raises(DMError) as exc:
+        read_block(mapper, "t1", 0, 4096)
+    assert exc.value.errno == errno.EILSEQ and "bad checksum in btree node" in exc.value.message
+    assert read_block(mapper, "t2", 0, 4096) == stamp(2)
+    with open(meta, "r+b") as f:  # and a superblock that is not one
+        f.write(b"\xff" * 8)
+    mapper.remove("t1")
+    mapper.remove("t2")
+    mapper.remove("pool")
+    with pytest.raises(DMError) as exc:
+        mapper.create("pool", pool_table(meta, data, 1024))
+    assert "Error creating metadata object" in exc.value.message
+
+
 # ---- running out of space -------------------------------------------------------------------------
 
 def test_error_if_no_space_fails_writes(mapper, pool_files):
