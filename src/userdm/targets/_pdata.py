@@ -174,8 +174,10 @@ class SpaceMap:
         need = n
         for lo, hi in ((self._hint, self.nr_blocks), (0, self._hint)):
             pos = lo
+            window = max(256, 2 * n)  # usually the blocks right after the last ones are free
             while need and pos < hi:
-                end = min(hi, pos + (1 << 16))
+                end = min(hi, pos + window)
+                window = 1 << 16
                 free = np.flatnonzero((self.counts[pos:end] == 0) & (self.committed[pos:end] == 0))
                 if len(free):
                     take = free[:need] + pos
@@ -445,6 +447,16 @@ class BTree:
     def _update(self, node: Node, keys: np.ndarray, values: np.ndarray | None) -> list[Node]:
         tm = self.tm
         node = tm.shadow(node, self.vt)
+        if node.leaf and len(keys) == 1 and values is not None:  # the data path's common case
+            i = int(node.keys.searchsorted(keys[0]))
+            if i < len(node.keys) and node.keys[i] == keys[0]:
+                if self.vt.dec is not None:
+                    self.vt.dec(node.values[i:i + 1])
+                node.values[i] = values[0]
+            else:
+                node.keys = np.insert(node.keys, i, keys[0])
+                node.values = np.insert(node.values, i, values[0])
+            return self._split(node)
         if node.leaf:
             pos = np.searchsorted(node.keys, keys)
             clipped = np.minimum(pos, max(len(node.keys) - 1, 0))
@@ -467,20 +479,27 @@ class BTree:
                 return []
             return self._split(node)
         # internal: route each key to its child, top-down (the parent is writable first)
-        route = np.maximum(np.searchsorted(node.keys, keys, "right") - 1, 0)
-        bounds = np.flatnonzero(np.diff(route)) + 1
-        starts = np.concatenate([[0], bounds])
-        ends = np.concatenate([bounds, [len(keys)]])
-        child_keys = list(node.keys)
-        child_blocks = list(node.values)
         touched: dict[int, list[Node]] = {}
-        for s, e in zip(starts, ends):
-            i = int(route[s])
-            child = self._node(int(child_blocks[i]))
-            touched[i] = self._update(child, keys[s:e], None if values is None else values[s:e])
+        if len(keys) == 1:
+            i = max(int(node.keys.searchsorted(keys[0], "right")) - 1, 0)
+            touched[i] = self._update(self._node(int(node.values[i])), keys, values)
+        else:
+            route = np.maximum(np.searchsorted(node.keys, keys, "right") - 1, 0)
+            bounds = np.flatnonzero(np.diff(route)) + 1
+            starts = np.concatenate([[0], bounds])
+            ends = np.concatenate([bounds, [len(keys)]])
+            for s, e in zip(starts.tolist(), ends.tolist()):
+                i = int(route[s])
+                child = self._node(int(node.values[i]))
+                touched[i] = self._update(child, keys[s:e], None if values is None else values[s:e])
+        if all(len(res) == 1 and len(res[0].keys) >= _min_entries(res[0]) for res in touched.values()):
+            for i, res in touched.items():  # the common case: each child changed in place
+                node.keys[i] = res[0].keys[0]
+                node.values[i] = res[0].block
+            return [node]
         out_keys: list[int] = []
         out_nodes: list[Node | int] = []
-        for i, (k, b) in enumerate(zip(child_keys, child_blocks)):
+        for i, (k, b) in enumerate(zip(node.keys.tolist(), node.values.tolist())):
             if i in touched:
                 for n in touched[i]:
                     out_keys.append(int(n.keys[0]))

@@ -305,6 +305,14 @@ class ThinMetadata:
             cache = self._cache[dev] = dict(zip(keys.tolist(), values.tolist()))
         return cache
 
+    def find_one(self, dev: int, block: int) -> tuple[int, bool] | None:
+        """`find` for one block: (data block, shared) or None."""
+        with self.lock:
+            v = (self._cache.get(dev) or self._mapping_of(dev)).get(block)
+            if v is None:
+                return None
+            return v >> 24, (v & TIME_MASK) < self.details[dev][3]
+
     def find(self, dev: int, first: int, last: int) -> dict[int, tuple[int, bool]]:
         """{virtual block: (data block, shared)} for the mapped blocks in [first, last]; a
         mapping is shared when it is older than the device's last snapshot
