@@ -33,6 +33,7 @@ from __future__ import annotations
 import errno
 import struct
 from collections.abc import Callable, Iterator
+from itertools import pairwise
 
 import crc32c
 import numpy as np
@@ -170,6 +171,11 @@ class SpaceMap:
 
     def alloc(self, n: int = 1) -> np.ndarray | None:
         """`n` free blocks (count 1 each), searched from the last allocation on, or None."""
+        h = self._hint
+        if n == 1 and h < self.nr_blocks and not self.counts[h] and not self.committed[h]:
+            self.counts[h] = 1  # the data path's common case: the block after the last one
+            self._hint = h + 1
+            return np.array([h], np.uint64)
         got: list[np.ndarray] = []
         need = n
         for lo, hi in ((self._hint, self.nr_blocks), (0, self._hint)):
@@ -337,6 +343,15 @@ class Transaction:
         self._new.clear()
 
 
+def _insert1(array: np.ndarray, i: int, value) -> np.ndarray:
+    """`np.insert` of one element, without its generality (a tenth of its cost)."""
+    out = np.empty(len(array) + 1, array.dtype)
+    out[:i] = array[:i]
+    out[i] = value
+    out[i + 1:] = array[i:]
+    return out
+
+
 def _min_entries(node: Node) -> int:
     return max_entries(node.values.dtype.itemsize) // 3
 
@@ -454,8 +469,8 @@ class BTree:
                     self.vt.dec(node.values[i:i + 1])
                 node.values[i] = values[0]
             else:
-                node.keys = np.insert(node.keys, i, keys[0])
-                node.values = np.insert(node.values, i, values[0])
+                node.keys = _insert1(node.keys, i, keys[0])
+                node.values = _insert1(node.values, i, values[0])
             return self._split(node)
         if node.leaf:
             pos = np.searchsorted(node.keys, keys)
@@ -558,7 +573,7 @@ class BTree:
         keys, values = node.keys, node.values
         node.keys, node.values = keys[:cuts[1]], values[:cuts[1]]
         out = [node]
-        for a, b in zip(cuts[1:-1], cuts[2:]):
+        for a, b in pairwise(cuts[1:]):
             out.append(self.tm.new_node(node.leaf, keys[a:b], values[a:b]))
         return out
 

@@ -64,18 +64,6 @@ class BlockLocks:
         self._cond = threading.Condition()
         self._held: set[tuple[int, int]] = set()
 
-    def acquire(self, key: tuple[int, int]) -> None:
-        """Hold one block (the fast path's cheaper form of `hold`)."""
-        with self._cond:
-            while key in self._held:
-                self._cond.wait()
-            self._held.add(key)
-
-    def release(self, key: tuple[int, int]) -> None:
-        with self._cond:
-            self._held.discard(key)
-            self._cond.notify_all()
-
     @contextmanager
     def hold(self, dev: int, first: int, last: int) -> Iterator[None]:
         keys = {(dev, first)} if first == last else {(dev, b) for b in range(first, last + 1)}
@@ -108,8 +96,8 @@ class Pool:
         self.mode = "rw"
         self.metadata_full = False
         self.low_water_triggered = False
-        self._readers = 0
-        self._readers_cond = threading.Condition()
+        self._in_flight = 0
+        self._draining = False
         self._stop = threading.Event()
         self._timer: threading.Thread | None = None
 
@@ -151,38 +139,37 @@ class Pool:
                 return
             self.data.flush()
             if self.md.dirty and self.mode != "ro":
-                self._wait_for_readers()
+                self._wait_for_io()
                 self.change_metadata(self.md.commit)
 
-    # Blocks freed in a transaction become allocatable at its commit; a read that looked up
-    # such a block before it was freed must be done with it by then, or it could return data
-    # that another thin device writes there next.
-    def mapped_for_read(self, dev: int, first: int, last: int) -> dict[int, tuple[int, bool]]:
-        """`find`, counting the caller as a reader until `read_done`."""
+    # Blocks freed in a transaction become allocatable at its commit; an I/O that looked up
+    # such a block before it was freed must be done with it by then, or it could read what
+    # another thin device writes there next, or write into it. I/O is counted from its lookup
+    # to its end, and a commit waits for the count to drain: new lookups need the metadata
+    # lock, which the commit holds except while it waits (`cond.wait` releases it).
+    def lookup_for_io(self, dev: int, first: int, last: int) -> dict[int, tuple[int, bool]]:
+        """`find`, counting the caller as in flight until `io_done`."""
         with self.md.lock:
-            found = self.md.find(dev, first, last)
-            with self._readers_cond:
-                self._readers += 1
-            return found
+            self._in_flight += 1
+            return self.md.find(dev, first, last)
 
-    def mapped_one_for_read(self, dev: int, block: int) -> tuple[int, bool] | None:
+    def lookup_one_for_io(self, dev: int, block: int) -> tuple[int, bool] | None:
         with self.md.lock:
-            found = self.md.find_one(dev, block)
-            with self._readers_cond:
-                self._readers += 1
-            return found
+            self._in_flight += 1
+            return self.md.find_one(dev, block)
 
-    def read_done(self) -> None:
-        with self._readers_cond:
-            self._readers -= 1
-            if not self._readers:
-                self._readers_cond.notify_all()
+    def io_done(self) -> None:
+        with self.md.lock:
+            self._in_flight -= 1
+            if not self._in_flight and self._draining:
+                self.cond.notify_all()
 
-    def _wait_for_readers(self) -> None:
-        """Called under the metadata lock, which new readers need: the count only drains."""
-        with self._readers_cond:
-            while self._readers:
-                self._readers_cond.wait()
+    def _wait_for_io(self) -> None:
+        """Called under the metadata lock."""
+        while self._in_flight:
+            self._draining = True
+            self.cond.wait()
+        self._draining = False
 
     def change_metadata(self, change, *args):
         """Run a metadata change. When the metadata device is full or fails, the pool goes back
@@ -515,7 +502,8 @@ class ThinPoolTarget(Target):
         if pool.mode == "fail":
             return "Fail"
         try:
-            pool.commit()
+            if pool.md.dirty:
+                pool.commit()
         except DMError:
             return "Fail"
         md = pool.md
@@ -649,20 +637,20 @@ class ThinTarget(Target):
         bs = pool.block
         b, inner = divmod(self._base + offset, bs)
         if inner + len(buf) <= bs:  # the common case: inside one block
-            m = pool.mapped_one_for_read(self.dev_id, b)
+            m = pool.lookup_one_for_io(self.dev_id, b)
             try:
                 if m is None:
                     self._read_unmapped(b, inner, buf)
                 else:
                     pool.data.readinto(m[0] * bs + inner, buf)
             finally:
-                pool.read_done()
+                pool.io_done()
             return
-        mapped = pool.mapped_for_read(self.dev_id, *self._span(offset, len(buf)))
+        mapped = pool.lookup_for_io(self.dev_id, *self._span(offset, len(buf)))
         try:
             self._read_pieces(offset, buf, mapped)
         finally:
-            pool.read_done()
+            pool.io_done()
 
     def _read_pieces(self, offset: int, buf: memoryview, mapped: dict[int, tuple[int, bool]]) -> None:
         pool = self.pool
@@ -689,15 +677,13 @@ class ThinTarget(Target):
         bs = pool.block
         b, inner = divmod(self._base + offset, bs)
         if inner + len(data) <= bs:  # the common case: inside one block that is ours already
-            key = (self.dev_id, b)
-            pool.locks.acquire(key)
+            m = pool.lookup_one_for_io(self.dev_id, b)
             try:
-                m = pool.md.find_one(self.dev_id, b)
                 if m is not None and not m[1]:
                     pool.data.write(m[0] * bs + inner, data, fua)
                     return
             finally:
-                pool.locks.release(key)
+                pool.io_done()
         first, last = self._span(offset, len(data))
         with pool.locks.hold(self.dev_id, first, last):
             mapped = pool.md.find(self.dev_id, first, last)
