@@ -200,6 +200,59 @@ def test_status_and_table_lines(mapper, pool_files):
     assert pool_status(mapper)[3] == "-"
 
 
+def test_metadata_snapshot_is_what_thin_dump_reads_while_the_pool_goes_on(mapper, pool_files):
+    meta, data = pool_files
+    mapper.create("pool", pool_table(meta, data, 1024))
+    mapper.message("pool", 0, "create_thin 1")
+    mapper.create("t", f"0 {BS * 64} thin /dev/mapper/pool 1")
+    with mapper.open_device("t", write=True) as o:
+        for b in (1, 2, 3):
+            o.write(b * BB, stamp(b))
+    mapper.message("pool", 0, "reserve_metadata_snap")
+    with mapper.open_device("t", write=True) as o:
+        o.write(9 * BB, stamp(9))
+        o.discard(BB, BB)
+        o.flush()
+    _, held = thin_dump(meta, "--metadata-snap")
+    _, live = thin_dump(meta)
+    assert sorted(held[1]) == [1, 2, 3] and sorted(live[1]) == [2, 3, 9]
+    assert held[1][2] == live[1][2]  # still shared
+    thin_check(meta)
+    mapper.message("pool", 0, "release_metadata_snap")
+    thin_check(meta)
+
+
+def test_features_in_status_and_read_only_pool(mapper, pool_files):
+    meta, data = pool_files
+    mapper.create("pool", pool_table(meta, data, 1024))
+    mapper.message("pool", 0, "create_thin 1")
+    mapper.create("t", f"0 {BS * 64} thin /dev/mapper/pool 1")
+    with mapper.open_device("t", write=True) as o:
+        o.write(0, stamp(0))
+    for features, words in [(("ignore_discard",), ["rw", "ignore_discard", "queue_if_no_space"]),
+                            (("no_discard_passdown",), ["rw", "no_discard_passdown", "queue_if_no_space"]),
+                            (("read_only",), ["ro", "discard_passdown", "queue_if_no_space"])]:
+        mapper.load("pool", pool_table(meta, data, 1024, *features))
+        mapper.resume("pool")
+        assert pool_status(mapper)[4:7] == words, features
+        assert mapper.table("pool")[0][3].endswith(f" 1 {features[0]} ")
+    with mapper.open_device("t", write=True) as o:
+        o.write(512, b"own block")  # writes to blocks the device owns go on
+        with pytest.raises(DMError) as exc:
+            o.write(5 * BB, stamp(5))
+        assert exc.value.errno == errno.EIO
+    assert read_block(mapper, "t", 0, 521)[512:] == b"own block"
+    with pytest.raises(DMError) as exc:
+        mapper.message("pool", 0, "create_thin 2")
+    assert exc.value.errno == errno.EOPNOTSUPP and "READ_ONLY" in exc.value.message
+    mapper.load("pool", pool_table(meta, data, 1024))
+    mapper.resume("pool")
+    assert pool_status(mapper)[4] == "rw"
+    with mapper.open_device("t", write=True) as o:
+        o.write(5 * BB, stamp(5))
+    assert read_block(mapper, "t", 5, 4096) == stamp(5)
+
+
 @pytest.mark.hostile
 def test_constructor_refusals(mapper, pool_files, images):
     meta, data = pool_files
