@@ -445,6 +445,64 @@ def test_workload_with_10000_mappings_matches_thin_dump(mapper, images):
     mapper.resume("pool")
 
 
+def test_concurrent_writers_discards_and_snapshots(mapper, images):
+    """Four writers on disjoint blocks of one device (partial writes, discards, flushes and
+    reads that check what they wrote) while snapshots of it are taken and deleted: every read
+    returns what the writer last wrote (or zeroes), and thin_check passes."""
+    nb = 512
+    meta, data = images(1, 16 * MiB)[0], images(1, 512 * MiB)[0]
+    mapper.create("pool", pool_table(meta, data, 8192))
+    mapper.message("pool", 0, "create_thin 1")
+    mapper.create("t1", f"0 {nb * BS} thin /dev/mapper/pool 1")
+    errors: list[tuple] = []
+
+    def worker(k: int) -> None:
+        rng = random.Random(k)
+        mine = list(range(k, nb, 4))
+        model: dict[int, dict[int, bytes]] = {}
+        try:
+            with mapper.open_device("t1", write=True) as o:
+                for it in range(1200):
+                    b, op, off = rng.choice(mine), rng.random(), rng.randrange(16) * 4096
+                    if op < 0.5:
+                        payload = stamp(k, b, it)
+                        o.write(b * BB + off, payload)
+                        model.setdefault(b, {})[off] = payload
+                    elif op < 0.6:
+                        o.discard(b * BB, BB)
+                        model.pop(b, None)
+                    elif op < 0.65:
+                        o.flush()
+                    else:
+                        buf = bytearray(4096)
+                        o.readinto(b * BB + off, memoryview(buf))
+                        if bytes(buf) != model.get(b, {}).get(off, bytes(4096)):
+                            errors.append(("mismatch", k, b, off, it))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(("exception", k, repr(exc)))
+
+    def snapshots() -> None:
+        try:
+            for i in range(15):
+                mapper.message("pool", 0, f"create_snap {100 + i} 1")
+                if i % 2:
+                    mapper.message("pool", 0, f"delete {99 + i}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(("snapshot", repr(exc)))
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    threads.append(threading.Thread(target=snapshots))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    mapper.suspend("pool")  # commits
+    thin_check(meta)
+    assert set(thin_dump(meta)[1]) == {1, 114} | {100 + i for i in range(1, 15, 2)}
+    mapper.resume("pool")
+
+
 def test_metadata_from_thin_restore_reads_the_blocks_it_maps(mapper, images, tmp_path):
     nr = 256
     xml = tmp_path / "pool.xml"
