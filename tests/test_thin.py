@@ -128,6 +128,8 @@ def test_metadata_model_workload_passes_thin_check_and_reopens(tmp_path):
         thin_check(path)
         assert thin_dump(path)[1] == model
         assert md.dump() == model
+        for sm in (md.data, md.tm.meta):  # the free counts kept in step equal a recount
+            assert sm.nr_free() == int(np.count_nonzero(sm.counts == 0))
 
     for step in range(250):
         op = rng.random()

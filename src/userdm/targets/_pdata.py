@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from itertools import pairwise
 
 import crc32c
@@ -155,19 +155,21 @@ class SpaceMap:
         self.committed = self.counts.copy()
         self.what = what
         self._hint = 0
+        self._free = int(np.count_nonzero(self.counts == 0))  # kept in step by every change
 
     @property
     def nr_blocks(self) -> int:
         return len(self.counts)
 
     def nr_free(self) -> int:
-        return int(np.count_nonzero(self.counts == 0))
+        return self._free
 
     def extend(self, nr_blocks: int) -> None:
         if nr_blocks > self.nr_blocks:
             grow = np.zeros(nr_blocks - self.nr_blocks, np.uint32)
             self.counts = np.concatenate([self.counts, grow])
             self.committed = np.concatenate([self.committed, grow])
+            self._free += len(grow)
 
     def alloc(self, n: int = 1) -> np.ndarray | None:
         """`n` free blocks (count 1 each), searched from the last allocation on, or None."""
@@ -175,6 +177,7 @@ class SpaceMap:
         if n == 1 and h < self.nr_blocks and not self.counts[h] and not self.committed[h]:
             self.counts[h] = 1  # the data path's common case: the block after the last one
             self._hint = h + 1
+            self._free -= 1
             return np.array([h], np.uint64)
         got: list[np.ndarray] = []
         need = n
@@ -195,16 +198,28 @@ class SpaceMap:
         blocks = np.concatenate(got) if len(got) > 1 else got[0]
         self.counts[blocks] = 1
         self._hint = int(blocks[-1]) + 1
+        self._free -= len(blocks)
         return blocks.astype(np.uint64)
 
     def inc(self, blocks: np.ndarray | int) -> None:
-        np.add.at(self.counts, np.asarray(blocks, dtype=np.int64), 1)
+        idx = np.asarray(blocks, dtype=np.int64)
+        if idx.ndim == 0:
+            self._free -= not self.counts[idx]
+            self.counts[idx] += 1
+            return
+        self._free -= int(np.count_nonzero(self.counts[np.unique(idx)] == 0))
+        np.add.at(self.counts, idx, 1)
 
     def dec(self, blocks: np.ndarray | int) -> None:
         idx = np.asarray(blocks, dtype=np.int64)
         if np.any(self.counts[idx] == 0):
             raise DMError(errno.EILSEQ, f"{self.what} space map: a reference count would drop below 0")
+        if idx.ndim == 0:
+            self.counts[idx] -= 1
+            self._free += not self.counts[idx]
+            return
         np.subtract.at(self.counts, idx, 1)
+        self._free += int(np.count_nonzero(self.counts[np.unique(idx)] == 0))
 
     def commit(self) -> None:
         self.committed = self.counts.copy()
@@ -709,10 +724,3 @@ def write_metadata_sm(tm: Transaction, state: SmState) -> bytes:
     state.index_root = index_block
     allocated = int(np.count_nonzero(sm.counts))
     return SM_ROOT.pack(sm.nr_blocks, allocated, index_block, state.ref_root)
-
-
-def iter_runs(flags: np.ndarray) -> Iterator[tuple[int, int]]:
-    """(start, end) of each run of True in a boolean array."""
-    padded = np.concatenate([[False], flags, [False]]).astype(np.int8)
-    edges = np.flatnonzero(np.diff(padded))
-    return zip(edges[::2].tolist(), edges[1::2].tolist())

@@ -103,7 +103,7 @@ class ThinMetadata:
 
     def _format(self, data_blocks: int) -> None:
         meta = SpaceMap(np.zeros(self.nr_meta_blocks, np.uint32), "metadata")
-        meta.counts[0] = 1  # the superblock
+        meta.inc(0)  # the superblock
         self.tm = Transaction(self.dev, meta)
         self.data = SpaceMap(np.zeros(data_blocks, np.uint32), "data")
         self._trees()

@@ -45,7 +45,7 @@ import numpy as np
 from ..block.device import SECTOR
 from ..dm.target import ZERO_EXTENT, TableDevice, Target, TargetContext, TargetError, register
 from ..errors import DMError
-from ._pdata import BLOCK, iter_runs
+from ._pdata import BLOCK
 from ._thin_metadata import MAX_DEV_ID, MAX_METADATA_BLOCKS, ThinMetadata
 
 log = logging.getLogger("userdm.thin")
@@ -266,12 +266,10 @@ class Pool:
         before anyone can allocate them again (both under the metadata lock)."""
         with self.md.lock:
             self.commit()
-            free = blocks[self.md.data.counts[blocks.astype(np.int64)] == 0]
-            flags = np.zeros(self.md.data.nr_blocks, bool)
-            flags[free.astype(np.int64)] = True
-            for a, b in iter_runs(flags):
+            free = np.unique(blocks[self.md.data.counts[blocks.astype(np.int64)] == 0].astype(np.int64))
+            for run in np.split(free, np.flatnonzero(np.diff(free) != 1) + 1) if len(free) else ():
                 try:
-                    self.data.discard(a * self.block, (b - a) * self.block)
+                    self.data.discard(int(run[0]) * self.block, len(run) * self.block)
                 except DMError:
                     return  # a data device without discard keeps its old contents
 
