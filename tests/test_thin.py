@@ -541,8 +541,19 @@ def test_metadata_from_thin_restore_reads_the_blocks_it_maps(mapper, images, tmp
     mapper.remove("t2")
     mapper.remove("pool")
     thin_check(meta)
-    _, dumped = thin_dump(meta)
+    sb, dumped = thin_dump(meta)
     assert dumped[2] == expect[2] and dumped[1][3] != 13 and len(dumped[1]) == 21
+    assert sb.get("transaction") == "7" and sb.get("version") == "2"
+    # a superblock flagged NEEDS_CHECK (as a kernel leaves it after a metadata error): read-only
+    xml.write_text(xml.read_text().replace('flags="0"', 'flags="1"'))
+    subprocess.run(["thin_restore", "-i", str(xml), "-o", meta], check=True, capture_output=True)
+    mapper.create("pool", pool_table(meta, data, nr))
+    assert pool_status(mapper)[4] == "ro" and pool_status(mapper)[7] == "needs_check"
+    mapper.create("t2", f"0 {BS * 64} thin /dev/mapper/pool 2")
+    assert read_block(mapper, "t2", 12) == struct.pack("<Q", 200) * (BB // 8)
+    with mapper.open_device("t2", write=True) as o, pytest.raises(DMError) as exc:
+        o.write(40 * BB, b"new")
+    assert exc.value.errno == errno.EIO
 
 
 @pytest.mark.hostile

@@ -6,9 +6,11 @@ data_mapping_root@320 device_details_root@328 data_block_size@336 metadata_block
 metadata_nr_blocks@344 compat flags@352..363). The mapping tree has two levels: thin device id
 -> root of that device's tree, virtual block -> `(data block << 24) | time`. The details tree
 maps a device id to `{mapped_blocks u64, transaction_id u64, creation_time u32,
-snapshotted_time u32}`. A snapshot shares its origin's tree (one more reference to its root)
-and bumps the pool's time; a mapping is shared when its time is older than its device's
-snapshotted_time, and a write to it then goes to a new block.
+snapshotted_time u32}`. The superblock's uuid, flags, version and compat flags are kept as
+found (a kernel's or thin_restore's metadata is written back as it was). A snapshot shares its
+origin's tree (one more reference to its root) and bumps the pool's time; a mapping is shared
+when its time is older than its device's snapshotted_time, and a write to it then goes to a
+new block.
 
 A commit writes the changed device details, the data space map, every node of the
 transaction, the metadata space map (which counts all of them), flushes, then writes the
@@ -57,6 +59,7 @@ MAX_METADATA_BLOCKS = MAX_METADATA_BITMAPS * ENTRIES_PER_BITMAP
 MAX_DEV_ID = (1 << 24) - 1
 TIME_MASK = (1 << 24) - 1
 METADATA_BLOCK_SECTORS = BLOCK // 512
+NEEDS_CHECK_FLAG = 1
 
 SUPERBLOCK = struct.Struct("<IIQ16sQIIQQ128s128sQQIIQIII")
 DETAILS = np.dtype([("mapped_blocks", "<u8"), ("transaction_id", "<u8"),
@@ -110,6 +113,7 @@ class ThinMetadata:
         self.time = 0
         self.trans_id = 0
         self.held_root = 0
+        self.flags, self.uuid, self.version, self.compat = 0, bytes(16), VERSION, (0, 0)
         self.mapping_root = self.tm.empty_tree(self.top.vt)
         self.details_root = self.tm.empty_tree(self.details_tree.vt)
         self.data_sm = SmState([], self.tm.empty_tree(PLAIN_INDEX), self.tm.empty_tree(PLAIN_U32))
@@ -121,8 +125,8 @@ class ThinMetadata:
         self.commit()
 
     def _open(self, buf: bytearray) -> None:
-        (_csum, _flags, _blocknr, _uuid, magic, version, time, trans_id, held_root, data_sm_root,
-         meta_sm_root, mapping_root, details_root, dbs, mbs, _mnr, _compat, _ro, incompat
+        (_csum, flags, _blocknr, uuid, magic, version, time, trans_id, held_root, data_sm_root,
+         meta_sm_root, mapping_root, details_root, dbs, mbs, _mnr, compat, compat_ro, incompat
          ) = SUPERBLOCK.unpack_from(buf)
         if magic != MAGIC:
             raise DMError(errno.EILSEQ, f"metadata device {self.dev.device.ref}: bad superblock "
@@ -154,6 +158,7 @@ class ThinMetadata:
         nr_bitmaps = -(-_n // ENTRIES_PER_BITMAP)
         self.data_sm = SmState(disk_index(self.tm, data_index, nr_bitmaps).tolist(), data_index, data_ref)
         self.time, self.trans_id, self.held_root = time, trans_id, held_root
+        self.flags, self.uuid, self.version, self.compat = flags, uuid, version, (compat, compat_ro)
         self.mapping_root, self.details_root = mapping_root, details_root
         keys, values = self.details_tree.items(details_root)
         self.details = {int(k): [int(x) for x in v] for k, v in zip(keys, values.tolist())}
@@ -173,10 +178,10 @@ class ThinMetadata:
 
     def _superblock(self, location: int, data_root: bytes, meta_root: bytes, held: int) -> bytearray:
         buf = bytearray(BLOCK)
-        SUPERBLOCK.pack_into(buf, 0, 0, 0, location, bytes(16), MAGIC, VERSION, self.time,
+        SUPERBLOCK.pack_into(buf, 0, 0, self.flags, location, self.uuid, MAGIC, self.version, self.time,
                              self.trans_id, held, data_root, meta_root, self.mapping_root,
                              self.details_root, self.data_block_size, METADATA_BLOCK_SECTORS,
-                             self.tm.meta.nr_blocks, 0, 0, 0)
+                             self.tm.meta.nr_blocks, *self.compat, 0)
         return seal(buf, location, SUPERBLOCK_CSUM_XOR)
 
     def commit(self) -> bool:
@@ -206,6 +211,12 @@ class ThinMetadata:
         if root is None:
             raise DMError(errno.ENODATA, f"thin device {dev} does not exist in the pool")
         return int(root)
+
+    @property
+    def needs_check(self) -> bool:
+        """The superblock's NEEDS_CHECK flag: set by a kernel that hit a metadata error, cleared by
+        thin_check --clear-needs-check-flag (or thin_repair); the pool stays read-only meanwhile."""
+        return bool(self.flags & NEEDS_CHECK_FLAG)
 
     def exists(self, dev: int) -> bool:
         return dev in self.details

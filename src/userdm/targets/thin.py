@@ -377,8 +377,8 @@ class ThinPoolTarget(Target):
         pool = self.pool
         with pool.cond:
             pool.target = self
-            if "read_only" in self.features:
-                pool.mode = "ro"
+            if "read_only" in self.features or pool.md.needs_check:
+                pool.mode = "ro"  # the kernel will not write a pool whose metadata needs checking
             elif pool.mode == "ro" and not pool.metadata_full:
                 pool.mode = "rw"
         metadata_blocks = min(self.metadata_dev.open.size // BLOCK, MAX_METADATA_BLOCKS)
@@ -521,8 +521,9 @@ class ThinPoolTarget(Target):
             discard = "discard_passdown"
         space = "error_if_no_space" if self.error_if_no_space else "queue_if_no_space"
         threshold = min(1024, min(self.metadata_dev.open.size // BLOCK, MAX_METADATA_BLOCKS) // 4)
+        check = "needs_check" if md.needs_check else "-"
         return (f"{trans} {meta_used}/{meta_total} {data_used}/{data_total} {held} {pool.mode} "
-                f"{discard} {space} - {threshold} ")
+                f"{discard} {space} {check} {threshold} ")
 
     def table(self) -> str:
         flags = [f for f in FEATURES if f in self.features]
