@@ -663,6 +663,27 @@ def test_out_of_space_queues_until_reload_grows_the_pool_and_low_water_event(map
     thin_check(meta)
 
 
+def test_no_space_timeout_turns_waiting_writes_into_errors(mapper, pool_files, monkeypatch):
+    from userdm.targets import thin
+    monkeypatch.setattr(thin, "NO_SPACE_TIMEOUT", 0.2)  # the kernel's no_space_timeout, shortened
+    meta, data = pool_files
+    mapper.create("pool", pool_table(meta, data, 2))
+    mapper.message("pool", 0, "create_thin 1")
+    mapper.create("t", f"0 {BS * 16} thin /dev/mapper/pool 1")
+    with mapper.open_device("t", write=True) as o:
+        o.write(0, stamp(0))
+        o.write(BB, stamp(1))
+        with pytest.raises(DMError) as exc:  # waits, then fails instead of waiting forever
+            o.write(2 * BB, stamp(2))
+        assert exc.value.errno == errno.ENOSPC
+        assert pool_status(mapper)[4:7] == ["out_of_data_space", "discard_passdown", "error_if_no_space"]
+        mapper.load("pool", pool_table(meta, data, 4))
+        mapper.resume("pool")
+        assert pool_status(mapper)[4:7] == ["rw", "discard_passdown", "queue_if_no_space"]
+        o.write(2 * BB, stamp(2))
+    assert read_block(mapper, "t", 2, 4096) == stamp(2)
+
+
 @pytest.mark.hostile
 def test_full_metadata_device_goes_back_to_the_last_commit_and_read_only(mapper, images):
     """The metadata device is a linear device (as LVM's -tmeta): once it is full the pool is

@@ -28,7 +28,9 @@ Metadata (the kernel's format, `_thin_metadata.py` over `_pdata.py`) is committe
 flush and FUA write that provisioned, after every message, at suspend, and at least once a
 second by the pool's timer. When data space runs out the pool commits (blocks freed by
 discards become usable), then writes wait (`out_of_data_space`, a table event) until a reload
-grows the pool, or fail with ENOSPC under `error_if_no_space`. When free data blocks fall to
+grows the pool, or fail with ENOSPC under `error_if_no_space` or once they have waited
+`NO_SPACE_TIMEOUT` seconds (the kernel's `no_space_timeout`, 60; the status then says
+`error_if_no_space` until the pool grows). When free data blocks fall to
 the low water mark, the pool raises one table event (again after each resize).
 """
 
@@ -37,6 +39,7 @@ from __future__ import annotations
 import errno
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -53,6 +56,9 @@ log = logging.getLogger("userdm.thin")
 MIN_BLOCK_SECTORS = 128
 MAX_BLOCK_SECTORS = 2097152
 COMMIT_PERIOD = 1.0  # seconds, the kernel's COMMIT_PERIOD
+#: seconds writes wait for data space before they fail with ENOSPC (the kernel's
+#: `no_space_timeout` module parameter, 60 by default; 0 waits forever)
+NO_SPACE_TIMEOUT = 60.0
 FEATURES = ("skip_block_zeroing", "ignore_discard", "no_discard_passdown", "read_only",
             "error_if_no_space")
 
@@ -96,6 +102,8 @@ class Pool:
         self.mode = "rw"
         self.metadata_full = False
         self.low_water_triggered = False
+        self.no_space_since: float | None = None  # when writes began to wait for data space
+        self.no_space_timed_out = False
         self._in_flight = 0
         self._draining = False
         self._stop = threading.Event()
@@ -215,6 +223,8 @@ class Pool:
                 if got is not None:
                     if self.mode == "out_of_data_space":
                         self.mode = "rw"  # discards gave blocks back
+                        self.no_space_since = None
+                        self.no_space_timed_out = False
                     self._check_low_water()
                     return got, self.md.aborts
                 if not committed and self.md.dirty:
@@ -225,10 +235,19 @@ class Pool:
                     self.mode = "out_of_data_space"
                     log.warning("thin-pool %s: switching to out-of-data-space mode", self.owner)
                     self._event()
-                if self.target is not None and self.target.error_if_no_space:
+                if self.no_space_timed_out or (self.target is not None and self.target.error_if_no_space):
                     raise DMError(errno.ENOSPC, f"thin-pool {self.owner} is out of data space "
                                   f"(all {self.md.data.nr_blocks} blocks are in use)")
-                self.cond.wait()
+                if self.no_space_since is None:
+                    self.no_space_since = time.monotonic()
+                left = self.no_space_since + NO_SPACE_TIMEOUT - time.monotonic() if NO_SPACE_TIMEOUT else None
+                if left is not None and left <= 0:
+                    # as the kernel's do_no_space_timeout: from now on the pool errors instead
+                    log.warning("thin-pool %s: no_space_timeout expired, erroring queued writes", self.owner)
+                    self.no_space_timed_out = True
+                    self.cond.notify_all()
+                    continue
+                self.cond.wait(left)
 
     def _check_writable(self) -> None:
         if self.mode == "fail":
@@ -257,6 +276,8 @@ class Pool:
                     self.mode = "rw"
             if grew:
                 self.low_water_triggered = False
+                self.no_space_since = None
+                self.no_space_timed_out = False
                 if self.mode == "out_of_data_space":
                     self.mode = "rw"
             self.cond.notify_all()
@@ -519,7 +540,7 @@ class ThinPoolTarget(Target):
             discard = "no_discard_passdown"
         else:
             discard = "discard_passdown"
-        space = "error_if_no_space" if self.error_if_no_space else "queue_if_no_space"
+        space = "error_if_no_space" if self.error_if_no_space or pool.no_space_timed_out else "queue_if_no_space"
         threshold = min(1024, min(self.metadata_dev.open.size // BLOCK, MAX_METADATA_BLOCKS) // 4)
         check = "needs_check" if md.needs_check else "-"
         return (f"{trans} {meta_used}/{meta_total} {data_used}/{data_total} {held} {pool.mode} "
