@@ -11,8 +11,8 @@ PACKAGES=(
   python3 python3-venv python3-dev python3-libnbd
   nbdkit libnbd-bin qemu-utils fio
   fuse3 libfuse3-dev pkg-config
-  e2fsprogs util-linux fdisk cryptsetup-bin
-  thin-provisioning-tools
+  e2fsprogs util-linux fdisk cryptsetup-bin   # cryptsetup: luksFormat/reencrypt oracles for crypt and LUKS
+  thin-provisioning-tools                     # thin_check/thin_dump/thin_restore check thin's metadata
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

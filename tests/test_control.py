@@ -47,7 +47,7 @@ def test_dispatch_maps_every_failure_to_an_errno():
     assert protocol.dispatch(fake, {"cmd": "__class__"})["errno"] == "ENOTTY"
     assert protocol.dispatch(fake, {"cmd": "info", "args": {"bogus": 1}})["errno"] == "EINVAL"
     assert protocol.dispatch(fake, {"cmd": "info", "args": [1]})["errno"] == "EINVAL"
-    assert protocol.dispatch(fake, {})["errno"] == "ENOTTY"
+    assert protocol.dispatch(fake, {})["errno"] == "EINVAL"  # no 'cmd' field
     err = protocol.dispatch(fake, {"cmd": "info", "args": {"name": "x"}})
     try:
         protocol.result_of(err)

@@ -36,3 +36,26 @@ class DMError(Exception):
     def from_os(cls, exc: OSError, what: str) -> "DMError":
         err = exc.errno or _errno.EIO
         return cls(err, f"{what}: {exc.strerror or _errno.errorcode.get(err, err)}")
+
+
+#: how much of a user's input an error sentence quotes
+QUOTE_LIMIT = 64
+
+
+def quoted(value: object, limit: int = QUOTE_LIMIT) -> str:
+    """`value` as an error sentence quotes it: its repr, cut to a short prefix if long (with
+    its full length), so that a 100 MB name or table is never echoed back."""
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > limit:
+        unit = "characters" if isinstance(value, str) else "bytes"
+        return f"{value[:limit]!r}... ({len(value)} {unit})"
+    text = repr(value)
+    if len(text) > limit + 2:
+        return f"{text[:limit]}... ({len(text)} characters)"
+    return text
+
+
+def clipped(value: object, limit: int = 256) -> str:
+    """`value` as a sentence shows it unquoted (a path, a URL): whole if short, else a prefix
+    and its full length."""
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

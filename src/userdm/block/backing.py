@@ -15,7 +15,7 @@ import stat
 import threading
 from collections.abc import Callable
 
-from ..errors import DMError
+from ..errors import DMError, clipped, quoted
 from .device import BlockDevice, BlockOpen, HolderOps
 from .file import FileDisk
 
@@ -57,21 +57,21 @@ class BackingStores:
         if "://" in ref:
             scheme = ref.split("://", 1)[0]
             if scheme not in self._schemes:
-                raise DMError(errno.EINVAL, f"{ref}: unknown device reference scheme {scheme!r}")
+                raise DMError(errno.EINVAL, f"{clipped(ref)}: unknown device reference scheme {quoted(scheme)}")
             key: object = ref
         else:
             if not ref.startswith("/"):
-                raise DMError(errno.EINVAL, f"{ref!r} is not an absolute path, MAJOR:MINOR, or a URL")
+                raise DMError(errno.EINVAL, f"{quoted(ref)} is not an absolute path, MAJOR:MINOR, or a URL")
             try:
                 st = os.stat(ref)
             except OSError as exc:
-                raise DMError.from_os(exc, f"cannot use {ref}") from None
+                raise DMError.from_os(exc, f"cannot use {clipped(ref)}") from None
             if stat.S_ISBLK(st.st_mode):
                 key = ("blk", st.st_rdev)
             elif stat.S_ISREG(st.st_mode):
                 key = ("file", st.st_dev, st.st_ino)
             else:
-                raise DMError(errno.ENOTBLK, f"{ref} is neither a regular file nor a block device")
+                raise DMError(errno.ENOTBLK, f"{clipped(ref)} is neither a regular file nor a block device")
         return key, self._devices.get(key)
 
     def _create(self, ref: str) -> BlockDevice:

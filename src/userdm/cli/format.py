@@ -62,6 +62,8 @@ def info_long(info: dict[str, Any], *, opencount: bool = True) -> str:
     flags = userdm_flags(info)
     if flags:
         lines.append(f"userdm flags:      {', '.join(flags)}")
+    if info.get("restore_error"):  # e.g. a crypt table back from a restart without its key
+        lines.append(f"Restore error:     {info['restore_error']}")
     return "\n".join(lines) + "\n"
 
 

@@ -17,12 +17,16 @@ from . import format as fmt
 VERBS = ("create", "open", "load", "reload", "clear", "suspend", "resume", "remove", "remove_all", "info",
          "ls", "table", "status", "deps", "message", "rename", "wait", "targets", "version",
          "wipe_table", "partprobe", "era", "daemon", "help", "notify-failure",
-         "events", "backup")
+         "events", "backup", "luks")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="userdm", description="The Linux device-mapper in userspace "
-                                "(dmsetup-compatible).", allow_abbrev=False)
+                                "(dmsetup-compatible).", allow_abbrev=False,
+                                epilog="'--' ends the options: `userdm remove -- --help` removes the "
+                                "device named --help. For `open NAME -- CMD` and `create NAME --exec -- "
+                                "CMD` it introduces the command; with two, the first ends the options "
+                                "and the second introduces the command.")
     p.add_argument("verb", choices=VERBS, metavar="COMMAND", help=" ".join(VERBS))
     p.add_argument("args", nargs="*", help="device names and command arguments")
     p.add_argument("--runtime-dir", help="the daemon's runtime directory (env USERDM_RUNTIME_DIR)")
@@ -75,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
     p.add_argument("--example", action="store_true",
                    help="daemon: create the device 'example' (linear over a sparse file)")
+    p.add_argument("--max-control-connections", type=int, metavar="N", default=64,
+                   help="daemon: control connections served at once; one more is answered EAGAIN "
+                   "and closed (default 64)")
+    p.add_argument("--max-message-size", metavar="SIZE", default="64M",
+                   help="daemon: largest control request, K/M/G suffixes; a larger one is answered "
+                   "E2BIG (default 64M: a 1,000,000-line table is ~40 MiB)")
+    p.add_argument("--control-message-timeout", type=float, metavar="SECONDS", default=60.0,
+                   help="daemon: a control request must arrive in full, and a reply be taken, "
+                   "within this time, else the connection closes (default 60)")
+    from . import luks
+    luks.add_options(p)
     return p
 
 
@@ -326,6 +341,11 @@ class Commands:
             usage("usage: backup start DEV --store DIR [--cow-size SIZE] | "
                   "backup copy DEV DEST [--since ERA] | backup drop DEV [--all]")
 
+    def luks(self) -> None:
+        """`luks open|close|dump` (see `userdm.cli.luks`)."""
+        from . import luks
+        luks.main(self.dm, self.o, self.args, self.o.runtime_dir)
+
     def notify_failure(self) -> None:
         """`notify-failure DEV OFFSET LENGTH`: report a failed byte range (K/M/G/T suffixes) of a
         mapped device or of a device a table uses; print every device the failure reached."""
@@ -395,20 +415,49 @@ def run_daemon(opts: argparse.Namespace) -> int:
     from ..control.daemon import Daemon
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format="userdm: %(name)s: %(message)s")
+    from ..control.server import ControlLimits
+    limits = ControlLimits(max_connections=opts.max_control_connections,
+                           max_message=parse_bytes(opts.max_message_size),
+                           message_timeout=opts.control_message_timeout)
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
-           example=opts.example).run()
+           example=opts.example, control_limits=limits).run()
     return 0
+
+
+def split_dashes(argv: list[str]) -> tuple[list[str], list[str] | None, list[str]]:
+    """Options, names after a first '--' (None if there is none before the command), command.
+
+    `--` ends the options: `userdm remove -- --help` removes the device named `--help`. For
+    `open NAME -- CMD` and `create NAME --exec -- CMD` it also introduces the command; with two
+    `--`, the first ends the options and the second introduces the command
+    (`userdm open -- -x -- CMD`). Which case applies depends on the verb: see `takes_command`."""
+    if "--" not in argv:
+        return argv, None, []
+    at = argv.index("--")
+    head, tail = argv[:at], argv[at + 1:]
+    if "--" in tail:
+        second = tail.index("--")
+        return head, tail[:second], tail[second + 1:]
+    return head, None, tail
+
+
+def takes_command(opts: argparse.Namespace) -> bool:
+    """Whether the verb runs a command after '--' (`open`, `create --exec`)."""
+    return opts.verb == "open" or (opts.verb == "create" and opts.exec_)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    command: list[str] = []
-    if "--" in argv:
-        at = argv.index("--")
-        argv, command = argv[:at], argv[at + 1:]
+    argv, names, command = split_dashes(argv)
     opts = parser.parse_intermixed_args(argv)
+    if names is not None or command:
+        if takes_command(opts):
+            names, command = (names or []), command
+        else:  # `remove -- --help`: everything after the one '--' is names and arguments
+            names, command = (names or []) + command, []
+        opts.args = list(opts.args) + names
     if opts.verb == "help":
         parser.print_help()
         return 0

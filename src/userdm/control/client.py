@@ -12,7 +12,7 @@ from typing import Any
 
 from ..errors import DMError
 from . import paths, protocol
-from .dial import dial
+from .dial import dial, refusal
 from .event_stream import EventStream
 
 
@@ -56,7 +56,11 @@ class Client:
 
     def _roundtrip(self, cmd: str, args: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
         with self._lock:
-            self._sock.sendall(protocol.encode(protocol.request(cmd, **args)))
+            try:
+                self._sock.sendall(protocol.encode(protocol.request(cmd, **args)))
+            except OSError as exc:
+                # the daemon may have answered and closed (EAGAIN: too many connections)
+                raise refusal(self._sock, exc) from None
             fds: list[int] = []
             while True:
                 data, got, _flags, _addr = socket.recv_fds(self._sock, 1 << 20, 4, socket.MSG_CMSG_CLOEXEC)

@@ -18,7 +18,7 @@ from typing import Any
 from ..dm.mapper import Mapper
 from ..errors import DMError
 from . import paths
-from .server import ControlServer, claim_socket_path
+from .server import ControlLimits, ControlServer, claim_socket_path
 
 log = logging.getLogger("userdm.daemon")
 
@@ -47,22 +47,23 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 class Daemon:
     def __init__(self, runtime_dir: Path, state_dir: Path, *, nbd_listen: str | None = None,
-                 fuse: bool = True, nbd: bool = True, example: bool = False) -> None:
+                 fuse: bool = True, nbd: bool = True, example: bool = False,
+                 control_limits: ControlLimits | None = None) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.nbd_listen = parse_listen(nbd_listen) if nbd_listen else None
         self.want_fuse = fuse
         self.want_nbd = nbd
         self.example = example
+        self.control_limits = control_limits or ControlLimits()
         self.stopping = threading.Event()
         self._services: list[Any] = []
         self.mapper: Mapper | None = None
 
     def start(self) -> None:
-        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
-        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        paths.prepare_daemon_dirs(self.runtime_dir, self.state_dir)  # 0700, ours, no planted links
         fuse_dir = paths.fuse_dir(self.runtime_dir)
-        control = ControlServer(None, paths.control_socket(self.runtime_dir))
+        control = ControlServer(None, paths.control_socket(self.runtime_dir), limits=self.control_limits)
         claim_socket_path(control.path)  # refuse before restoring devices if another daemon runs here
         self.mapper = Mapper(self.state_dir, fuse_dir=fuse_dir if self.want_fuse else None)
         if self.example:
@@ -85,6 +86,8 @@ class Daemon:
         server.start()
         self._services.append(server)
         self.mapper.open_sockets = server
+        # tables over these are edges to the exported devices (`userdm.dm.cycles`)
+        self.mapper.nbd_addresses = [str(server.unix_path)] + ([server.tcp_address] if server.tcp_address else [])
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:

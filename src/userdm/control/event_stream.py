@@ -26,7 +26,7 @@ from typing import Any
 from ..dm.events import matches
 from ..errors import DMError
 from . import protocol
-from .dial import dial
+from .dial import dial, refusal
 
 #: records kept for a slow reader before the oldest are dropped
 MAX_PENDING = 10000
@@ -42,7 +42,11 @@ def serve_events(conn: socket.socket, mapper: Any, args: Any) -> None:
     pending: deque[dict[str, Any]] = deque()
     lost = 0
     lock = threading.Lock()
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:  # e.g. EMFILE: say so, the connection carries on
+        conn.sendall(protocol.encode(protocol.error(DMError.from_os(exc, "events: cannot start a stream"))))
+        return
 
     def listener(record: dict[str, Any]) -> None:
         nonlocal lost
@@ -103,7 +107,10 @@ class EventStream:
         self._ready: deque[dict[str, Any]] = deque()
         self._thread: threading.Thread | None = None
         try:
-            self._sock.sendall(protocol.encode(protocol.request("events", name=name, recent=recent)))
+            try:
+                self._sock.sendall(protocol.encode(protocol.request("events", name=name, recent=recent)))
+            except OSError as exc:
+                raise refusal(self._sock, exc) from None
             protocol.result_of(self._next_message())
         except BaseException:
             self._sock.close()

@@ -9,6 +9,7 @@ and deferred removal live in `userdm.dm.mapper`.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import threading
 from collections.abc import Callable
@@ -61,6 +62,9 @@ class MappedDevice(BlockDevice):
         self.interposers: list[MappedDevice] = []
         #: finds the mapped device that a reference names (set by the registry)
         self.lookup_mapped: Callable[[str], MappedDevice | None] = lambda ref: None
+        #: refuses tables that would make this device depend on itself (`userdm.dm.cycles`;
+        #: a `DependencyGraph`, set by the registry)
+        self.graph = None
         self.live: Table | None = None
         self.inactive: Table | None = None
         self.suspended = False
@@ -114,6 +118,8 @@ class MappedDevice(BlockDevice):
         shared = shared or self.shared
         key = (ref, write, shared)
         entry = self._table_devices.get(key)
+        if entry is None and self.graph is not None:
+            self.graph.check_ref(self, ref)  # before the open: an open of a cycle may hang
         if entry is None and ref.startswith(interposer.PREFIX):
             open_, name = self._open_interposed(ref[len(interposer.PREFIX):], write)
             entry = self._table_devices[key] = [TableDevice(ref, name, open_, True), 0]
@@ -157,9 +163,28 @@ class MappedDevice(BlockDevice):
         """Build `text` into the inactive slot, replacing any inactive table."""
         ctx = TargetContext(self._get_device, self._put_device, read_only, self.name, self.table_event)
         table = build_table(text, ctx)
-        old, self.inactive = self.inactive, table
+        try:
+            with self._graph_lock():
+                if self.graph is not None:
+                    self.graph.check_table(self, table, keep=self.live)
+                old, self.inactive = self.inactive, table
+        except BaseException:
+            table.destroy()
+            raise
         if old is not None:
             old.destroy()
+
+    def _graph_lock(self):  # noqa: ANN202 - a context manager
+        return self.graph.lock if self.graph is not None else contextlib.nullcontext()
+
+    def check_resume(self) -> None:
+        """Refuse (ELOOP) to resume an inactive table that would close a dependency cycle now:
+        a name that an NBD reference of another table resolves to may have changed since the
+        load. Called before the suspend that a resume starts with."""
+        table = self.inactive
+        if table is not None and self.graph is not None:
+            with self.graph.lock:
+                self.graph.check_table(self, table)
 
     def clear(self) -> None:
         old, self.inactive = self.inactive, None
@@ -218,6 +243,7 @@ class MappedDevice(BlockDevice):
                 return False
         resized = False
         if self.inactive is not None:
+            self.check_resume()
             self.suspend(noflush=True, nolockfs=True)
             new, old = self.inactive, self.live
             for target in new.targets:
@@ -225,6 +251,7 @@ class MappedDevice(BlockDevice):
             self.live, self.inactive = new, None
             resized = old is None or old.size != new.size
             self.size = new.size
+            self.logical_block_size = new.logical_block_size
             self.read_only = new.read_only
             if old is not None:
                 old.destroy()

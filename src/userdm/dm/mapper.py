@@ -26,6 +26,7 @@ from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
 from ..errors import DMError
 from ..version import __version__
 from . import state as state_file
+from .cycles import DependencyGraph
 from .events import EventLog
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
@@ -57,6 +58,13 @@ class Mapper:
         #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
         #: layer above the core (the daemon's NBD server; `userdm.Mapper` brings its own)
         self.open_sockets: Any = None
+        #: this daemon's own NBD listeners, Unix socket paths (str) and TCP (host, port): a
+        #: table over one of them is an edge to the device it exports (set by the daemon)
+        self.nbd_addresses: list[Any] = []
+        #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
+        self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
+                                     devices=lambda: list(self._devices.values()),
+                                     nbd_addresses=lambda: self.nbd_addresses)
         self._exclusive_opens = itertools.count(1)
         #: partitions of mapped devices (NAME1, NAME2 ...), a side table: see dm/partitioned.py
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
@@ -182,6 +190,7 @@ class Mapper:
             md = MappedDevice(name, uuid, minor, self._resolve, shared=shared, autoclear=autoclear,
                               max_opens=max_opens, interpose=interpose)
             md.lookup_mapped = self._mapped_ref
+            md.graph = self.graph
             md._event_hook = self._table_event
             md.event_observer = self._emit
             md.on_last_close(self._last_close)
@@ -316,6 +325,7 @@ class Mapper:
     def _resume(self, name: str) -> dict[str, Any]:
         with self._lock:
             md = self._find(name)
+            md.check_resume()  # before suspending: a refused resume leaves the device as it was
             must_suspend = md.inactive is not None and not md.suspended
         if must_suspend:
             self.suspend(name, noflush=True, nolockfs=True)
@@ -323,6 +333,7 @@ class Mapper:
             md = self._find(name)
             old_size = md.size
             resized = md.resume()
+            md.restore_error = None  # a table with its key is live again
             self._attach(md)
             if resized and old_size:
                 md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)
@@ -507,6 +518,7 @@ class Mapper:
             "holder": md.holders_description(),
             "holders": sorted(getattr(user, "name", str(user)) for user in md.holder_links
                               if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
+            **({"restore_error": md.restore_error} if getattr(md, "restore_error", None) else {}),
         }
 
     def list(self) -> list[dict[str, Any]]:
@@ -584,12 +596,15 @@ class Mapper:
                 raise DMError(errno.EINVAL, "empty message")
             if args[0].startswith("@"):
                 return self._core_message(md, args)
-            if md.live is None:
+            table = md.live
+            if table is None and md.inactive is not None and md.inactive.needs_key:
+                table = md.inactive  # restored without its key: `key set` goes to the waiting table
+            if table is None:
                 return None  # the kernel does nothing (and reports success) without a live table
-            target = md.live.target_at(int(sector))
+            target = table.target_at(int(sector))
             if target is None:
                 raise DMError(errno.EINVAL, f"message sector {sector} is beyond the end of {name} "
-                              f"({md.live.sectors} sectors)")
+                              f"({table.sectors} sectors)")
             result = target.message(args)
             self._changed("message", md)
             return result
@@ -709,6 +724,10 @@ class Mapper:
         return sorted([name for name, md in list(self._devices.items()) if md.live is not None and not md.deleting]
                       + self.partitions.export_names())
 
+    def _export_device(self, name: str) -> MappedDevice | MappedPartition | None:
+        """The device that the NBD export `name` serves, or None."""
+        return self._devices.get(name) or self.partitions.get(name)
+
     def device(self, name: str) -> MappedDevice | MappedPartition:
         part = self.partitions.get(name) if name not in self._devices else None
         return part if part is not None else self._find(name)  # lock-free, as `open_device`
@@ -754,7 +773,9 @@ class Mapper:
                         table = entry[slot]
                         try:
                             self.load(entry["name"], table["text"], readonly=table["read_only"])
-                            if slot == "live":
+                            if table.get("needs_key"):
+                                self._await_key(entry["name"])
+                            elif slot == "live":
                                 self.resume(entry["name"])
                         except DMError as exc:
                             failed.append(entry)
@@ -776,6 +797,18 @@ class Mapper:
             self.state_dir = state_dir
         if self.state_dir:
             state_file.save(self.state_dir, self._state())
+
+    def _await_key(self, name: str) -> None:
+        """A table saved without its key (crypt) is loaded into the inactive slot with its key
+        wiped; `info` says so, and `message NAME 0 key set KEY` + `resume` (or `luks open`)
+        brings it back, as after cryptsetup's luksSuspend."""
+        md = self._devices[name]
+        for target in md.inactive.targets if md.inactive is not None else ():
+            if getattr(target, "has_keys", False):
+                target.forget_key()
+        kinds = sorted({t.name for t in md.inactive.targets if getattr(t, "has_keys", False)})
+        md.restore_error = f"ENOKEY: {'/'.join(kinds)} table needs its key again (keys are never saved)"
+        log.info("%s: %s", name, md.restore_error)
 
     def close(self) -> None:
         """Release every device's tables without forgetting the saved state (daemon exit)."""
@@ -823,7 +856,10 @@ def _file_identity(path: str) -> tuple[int, int] | None:
 
 
 def _table_state(table: Table | None) -> dict[str, Any] | None:
-    return None if table is None else {"text": table.text, "read_only": table.read_only}
+    if table is None:
+        return None
+    saved = {"text": table.text, "read_only": table.read_only}
+    return {**saved, "needs_key": True} if table.needs_key else saved  # text without the key
 
 
 def _dep(dev: Any) -> dict[str, Any]:

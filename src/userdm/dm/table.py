@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from ..block.device import SECTOR, merge_extents
-from ..errors import DMError
+from ..errors import DMError, quoted
 from .target import TableDevice, Target, TargetContext, TargetError, lookup
 
 MAX_SECTORS = (1 << 63) - 1 >> 9  # the kernel's "too large device" limit
@@ -57,7 +57,7 @@ def split_args(text: str) -> list[str]:
 
 def _number(text: str, lineno: int, what: str) -> int:
     if not (text.isascii() and text.isdigit()):
-        raise DMError(errno.EINVAL, f"table line {lineno}: invalid {what} {text!r}: not a decimal number of sectors")
+        raise DMError(errno.EINVAL, f"table line {lineno}: invalid {what} {quoted(text)}: not a decimal number of sectors")
     return int(text)
 
 
@@ -70,7 +70,7 @@ def parse_table(text: str) -> list[TableLine]:
             continue
         words = stripped.split(None, 3)
         if len(words) < 3:
-            raise DMError(errno.EINVAL, f"table line {lineno}: {stripped!r} needs at least "
+            raise DMError(errno.EINVAL, f"table line {lineno}: {quoted(stripped)} needs at least "
                           "'<start> <length> <target type>'")
         start = _number(words[0], lineno, "start sector")
         length = _number(words[1], lineno, "length")
@@ -109,10 +109,20 @@ class Table:
         self._ctx = ctx
         read_only = ctx.read_only
         self.read_only = read_only
-        self.text = text
+        #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
+        #: the key masked, as `table` prints it without --showkeys; the key lives only in its
+        #: target, so the state store never sees it (and restores such a table without it)
+        self.needs_key = any(getattr(t, "has_keys", False) and getattr(t, "key_size", 0) for t in targets)
+        self.text = "\n".join(f"{t.begin} {t.length} {t.name} "
+                              f"{t.table(False) if getattr(t, 'has_keys', False) else t.table()}"
+                              for t in targets) if self.needs_key else text
         self.starts = [t.begin * SECTOR for t in targets]
         self.ends = [(t.begin + t.length) * SECTOR for t in targets]
         self.size = self.ends[-1] if targets else 0
+        #: the device's logical block size: 4096 if a target encrypts in 4 KiB sectors (the
+        #: kernel's io_hints; `io_block_size` of a target), else 512
+        self.logical_block_size = 4096 if any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) \
+            else SECTOR
 
     @property
     def sectors(self) -> int:
@@ -222,7 +232,7 @@ def build_table(text: str, ctx: TargetContext) -> Table:
         for line in lines:
             cls = lookup(line.type)
             if cls is None:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {line.type!r}")
+                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {quoted(line.type)}")
             if cls.singleton and len(lines) > 1:
                 raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
                               "must appear alone in table")
@@ -230,6 +240,7 @@ def build_table(text: str, ctx: TargetContext) -> Table:
                 raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
                               f"{line.type} cannot be mixed with other target types")
             try:
+                ctx.begin_target()
                 targets.append(cls(ctx, line.start, line.length, line.args))
             except TargetError as exc:
                 raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None

@@ -5,7 +5,10 @@ reports `status()`/`table()` lines in the kernel's formats. Offsets given to a t
 methods are byte offsets relative to the start of the target. Targets open underlying devices
 only through `TargetContext.get_device`, which applies the device-mapper's claim and the
 kernel's area checks, and raise `TargetError` with the kernel's `ti->error` text on bad
-arguments. A new target is a module in `userdm.targets` that calls `register`; the core
+arguments. `get_device` also records the region each device serves in a *role* (era's
+metadata and origin, a snapshot's origin and COW, verity's data and hash, each stripe):
+one target may not use overlapping regions of one device in two roles (EINVAL naming both;
+the kernel would accept it and one role would overwrite the other's data). A new target is a module in `userdm.targets` that calls `register`; the core
 never knows what a target does.
 """
 
@@ -18,7 +21,8 @@ from typing import ClassVar
 
 from ..block.device import SECTOR, STATUS_HOLE, STATUS_ZERO, BlockDevice, BlockOpen
 from ..block.failure import clip
-from ..errors import DMError
+from ..block.partitions import Partition
+from ..errors import DMError, clipped
 
 
 class TargetError(Exception):
@@ -27,6 +31,11 @@ class TargetError(Exception):
     def __init__(self, message: str, err: int = errno.EINVAL) -> None:
         super().__init__(message)
         self.errno = err
+
+
+class RolesOverlap(TargetError):
+    """Two roles of one target use overlapping regions of one device (targets that prefix
+    their own context to device errors let this one through as it is)."""
 
 
 class TableDevice:
@@ -62,16 +71,35 @@ class TargetContext:
         self.event = event
         #: every device opened while building the table; the table releases them
         self.acquired: list[TableDevice] = []
+        #: the regions the target being built uses (see `use_region`)
+        self._regions: list[tuple[BlockDevice, int, int, str, str, int, int]] = []
+        self._calls = 0
+
+    def begin_target(self) -> None:
+        """A new target's constructor runs next: roles are compared within one target only."""
+        self._regions = []
+        self._calls = 0
 
     def get_device(self, ref: str, start: int, length: int, *, shared: bool = False,
-                   write: bool | None = None) -> TableDevice:
+                   write: bool | None = None, role: str | None = None,
+                   region: bool = True) -> TableDevice:
         """Open `ref` for this table and check that sectors [start, start+length) exist on it.
         The open follows the table's mode unless `write` says otherwise (a snapshot's COW
-        device takes copies even in a read-only table, as the kernel's kcopyd writes it)."""
+        device takes copies even in a read-only table, as the kernel's kcopyd writes it).
+
+        The region (the rest of the device from `start` if `length` is 0) is recorded in
+        `role` ("device N" by call order if not named): an overlap with a region of the same
+        device that the same target uses in another role is refused (`RolesOverlap`). A
+        target that learns its region only later passes `region=False` and calls
+        `use_region` then."""
+        self._calls += 1
+        role = role or f"device {self._calls}"
         try:
             dev = self._get_device(ref, not self.read_only if write is None else write, shared)
         except DMError as exc:
-            raise TargetError(f"Device lookup failed: {exc}", exc.errno) from None
+            if getattr(exc, "cycle", None):
+                raise  # a dependency cycle (`userdm.dm.cycles`) is reported as it is
+            raise TargetError(f"Device lookup failed: {clipped(exc, 400)}", exc.errno) from None
         self.acquired.append(dev)
         size = dev.open.size // SECTOR
         if start + length > size:
@@ -81,7 +109,30 @@ class TargetContext:
         if start % lbs or length % lbs:
             raise TargetError(f"{dev.name}: start {start} and length {length} must be multiples "
                               f"of its logical block size ({lbs} sectors)")
+        if region:
+            self.use_region(dev, start, length, role)
         return dev
+
+    def use_region(self, dev: TableDevice, start: int, length: int, role: str) -> None:
+        """Record that the target uses sectors [start, start+length) of `dev` (the rest of the
+        device from `start` if `length` is 0) in `role`; EINVAL (`RolesOverlap`) if that
+        overlaps a region of the same device that the target uses in another role. Devices are
+        compared by identity (two paths of one file, `/dev/mapper/X` and `253:N` are one
+        object), a partition as the byte range of its whole disk."""
+        if not length:
+            length = dev.open.size // SECTOR - start
+        if length <= 0:
+            return
+        base, first = dev.open.device, start * SECTOR
+        while isinstance(base, Partition):
+            base, first = base.whole, first + base.start
+        end = first + length * SECTOR
+        for other, o_first, o_end, o_role, o_ref, o_start, o_length in self._regions:
+            if other is base and o_role != role and first < o_end and o_first < end:
+                same = "" if o_ref == dev.ref else f" (both on {base.ref})"
+                raise RolesOverlap(f"{o_role} {o_ref} sectors {o_start}-{o_start + o_length - 1} overlaps "
+                                   f"{role} {dev.ref} sectors {start}-{start + length - 1}{same}")
+        self._regions.append((base, first, end, role, dev.ref, start, length))
 
 
 class Target:
@@ -138,6 +189,11 @@ class Target:
 
     def devices(self) -> list[TableDevice]:
         """The underlying devices (the kernel's `iterate_devices`)."""
+        return []
+
+    def also_reaches(self) -> list[TableDevice]:
+        """Devices of other tables that this target's I/O reaches too (snapshot-origin writes
+        copies into the COW devices of its origin's snapshots): edges for `userdm.dm.cycles`."""
         return []
 
     # ---- failure notification (DESIGN §6, userdm.block.failure) -------------------------

@@ -37,7 +37,8 @@ class DelayClass:
         if not (text.isascii() and text.isdigit()) or int(text) > UINT_MAX:
             raise TargetError("Invalid delay")
         self.delay = int(text)
-        self.dev: TableDevice = ctx.get_device(args[0], self.start, length)
+        # one role for every group: reads, writes and flushes may well use the same region
+        self.dev: TableDevice = ctx.get_device(args[0], self.start, length, role="delayed device")
         self.base = self.start * SECTOR
         self.ops = 0
 

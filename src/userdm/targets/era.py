@@ -28,7 +28,7 @@ import threading
 from typing import Any
 
 from ..block.device import SECTOR
-from ..dm.target import Target, TargetContext, TargetError, register
+from ..dm.target import RolesOverlap, Target, TargetContext, TargetError, register
 from ..errors import DMError
 from ._era_metadata import BLOCK_SECTORS, EraMetadata
 
@@ -48,11 +48,13 @@ class EraTarget(Target):
             raise TargetError("Error opening metadata device: era writes its metadata, "
                               "so its table cannot be read-only")
         try:
-            self.metadata_dev = ctx.get_device(args[0], 0, 0)
+            self.metadata_dev = ctx.get_device(args[0], 0, 0, role="metadata device")
         except TargetError as exc:
             raise TargetError(f"Error opening metadata device: {exc}") from None
         try:
-            self.origin_dev = ctx.get_device(args[1], begin, length)
+            self.origin_dev = ctx.get_device(args[1], begin, length, role="origin device")
+        except RolesOverlap:
+            raise
         except TargetError as exc:
             raise TargetError(f"Error opening data device: {exc}") from None
         text = args[2]

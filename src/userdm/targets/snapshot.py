@@ -229,9 +229,9 @@ def _unregister(snap: SnapshotTarget) -> None:
 
 
 def _get_device(ctx: TargetContext, ref: str, start: int, length: int, what: str,
-                write: bool | None = None) -> TableDevice:
+                write: bool | None = None, **role) -> TableDevice:
     try:
-        return ctx.get_device(ref, start, length, write=write)
+        return ctx.get_device(ref, start, length, write=write, **role)
     except TargetError as exc:
         raise TargetError(f"{what}: {exc}", exc.errno) from None
 
@@ -275,6 +275,10 @@ class SnapshotOriginTarget(Target):
     def devices(self) -> list[TableDevice]:
         return [self.dev]
 
+    def also_reaches(self) -> list[TableDevice]:
+        """Origin writes copy chunks into the COW device of every snapshot of the origin."""
+        return [snap.cow for snap in snapshots_of(self.dev.device)]
+
     def direct_map(self) -> tuple[TableDevice, int]:
         return self.dev, self._base
 
@@ -314,11 +318,13 @@ class SnapshotTarget(Target):
                               f"<chunksize>, got {len(args)}")
         self.discard_zeroes_cow, self.discard_passdown_origin = _parse_features(args[4:])
         self._check_store_kind(args[2], ctx)
-        self.origin = _get_device(ctx, args[0], 0, begin + length, "Cannot get origin device")
+        self.origin = _get_device(ctx, args[0], 0, begin + length, "Cannot get origin device",
+                                  role="origin device")
         # Read-write even in a read-only table: origin writes copy into it.
-        self.cow = _get_device(ctx, args[1], 0, 0, "Cannot get COW device", write=True)
+        self.cow = _get_device(ctx, args[1], 0, 0, "Cannot get COW device", write=True, region=False)
         if self.cow.device is self.origin.device:
             raise TargetError(f"COW device cannot be the same as origin device ({args[1]})")
+        ctx.use_region(self.cow, 0, 0, "COW device")  # e.g. a partition of the origin
         try:
             self.store: ExceptionStore = create_store(args[2], args[3], self.cow.open,
                                                       self.origin.device.logical_block_size)

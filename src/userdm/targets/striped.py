@@ -47,7 +47,7 @@ class StripedTarget(Target):
                 start = parse_sector(off, "Invalid device sector")
             except TargetError:
                 raise TargetError("Couldn't parse stripe destination") from None
-            self.devs.append(ctx.get_device(ref, start, width))
+            self.devs.append(ctx.get_device(ref, start, width, role=f"stripe {i}"))
             self.starts.append(start)
         self.opens = [d.open for d in self.devs]
         self.bases = [s * SECTOR for s in self.starts]

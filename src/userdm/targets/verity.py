@@ -95,8 +95,9 @@ class VerityTarget(Target):
         self.data_start: int | None = None
         self._parse_opt_args(args[10:])
         start = self.data_start or 0
-        self.data_dev = ctx.get_device(args[1], start, length)
-        self.hash_dev = ctx.get_device(args[2], 0, 0)
+        self.data_dev = ctx.get_device(args[1], start, length, role="data device")
+        # data and hash may share a device: only the hash tree's own region must not overlap
+        self.hash_dev = ctx.get_device(args[2], 0, 0, region=False)
         self.data_block_size = self._block_size(args[3], self.data_dev, "Invalid data device block size",
                                                 PAGE_SIZE)
         self.hash_block_size = self._block_size(args[4], self.hash_dev, "Invalid hash device block size",
@@ -134,6 +135,10 @@ class VerityTarget(Target):
         if hash_size_blocks < self.hash_blocks:
             raise TargetError(f"Hash device is too small: {self.hash_dev.name} has {hash_size_blocks} "
                               f"hash blocks, the tree needs {self.hash_blocks}", errno.E2BIG)
+        per_block = self.hash_block_size // SECTOR
+        if self.hash_blocks > self.hash_start:
+            ctx.use_region(self.hash_dev, self.hash_start * per_block,
+                           (self.hash_blocks - self.hash_start) * per_block, "hash device")
         self._zero_block = bytes(self.data_block_size)
         self.zero_digest = self._hash(self._zero_block) if self.ignore_zero_blocks else None
         if self.check_at_most_once and self.data_blocks > (1 << 31) - 1:
