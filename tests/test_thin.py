@@ -725,7 +725,7 @@ def test_full_metadata_device_goes_back_to_the_last_commit_and_read_only(mapper,
     mapper.remove("t")
     mapper.remove("pool")
     thin_check(meta)
-    assert thin_dump(meta)[1][1][flushed + 1] >= 0
+    assert flushed + 1 in thin_dump(meta)[1][1]
 
 
 # ---- the daemon: SIGKILL, the Qubes flow ------------------------------------------------------------
