@@ -10,7 +10,10 @@ target of an offset by binary search over the target starts, and splits I/O that
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import gc
+import threading
 from bisect import bisect_right
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -224,6 +227,37 @@ def _release(ctx: TargetContext) -> None:
 
 def build_table(text: str, ctx: TargetContext) -> Table:
     """Parse, check and construct a table. On any refusal, targets built so far are destroyed."""
+    with _collector_paused():
+        return _build_table(text, ctx)
+
+
+_paused = 0
+_was_enabled = True
+_paused_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """No cyclic garbage collection while tables are built: a table of a million segments is
+    millions of new objects and no garbage, and each full collection the allocations trigger
+    walks all of them with the GIL held (it doubled a 1M-segment load, 8.8 s against 4.6 s,
+    and stalled every other thread meanwhile). Collection resumes when the last build ends."""
+    global _paused, _was_enabled
+    with _paused_lock:
+        _paused += 1
+        if _paused == 1:
+            _was_enabled = gc.isenabled()
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _paused -= 1
+            if _paused == 0 and _was_enabled:
+                gc.enable()
+
+
+def _build_table(text: str, ctx: TargetContext) -> Table:
     lines = parse_table(text)
     check_layout(lines)
     types = {line.type for line in lines}
