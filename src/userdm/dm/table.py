@@ -64,10 +64,26 @@ def _number(text: str, lineno: int, what: str) -> int:
     return int(text)
 
 
+#: characters split into lines by one call: a whole 40 MB table at once would hold the GIL
+#: (and stall every other device's I/O) for over 100 ms
+_LINES_CHUNK = 1 << 20
+
+
+def _lines(text: str) -> Iterator[str]:
+    """`text.splitlines()`, a chunk of about `_LINES_CHUNK` characters at a time (each chunk
+    ends just after a newline, so the lines are the same)."""
+    begin = 0
+    while begin < len(text):
+        end = text.find("\n", begin + _LINES_CHUNK)
+        end = len(text) if end < 0 else end + 1
+        yield from text[begin:end].splitlines()
+        begin = end
+
+
 def parse_table(text: str) -> list[TableLine]:
     """Parse table text into lines (syntax only; the load rules are checked by `build_table`)."""
     lines: list[TableLine] = []
-    for lineno, raw in enumerate(text.splitlines(), 1):
+    for lineno, raw in enumerate(_lines(text), 1):
         stripped = raw.strip()
         if not stripped or stripped.startswith("#"):
             continue
