@@ -221,8 +221,6 @@ def field_help() -> str:
     out = []
     for key, title in SECTIONS.items():
         fields = [f for f in FIELDS if f.section == key]
-        if key == "userdm":
-            fields = [f for f in fields]
         out += [title, "-" * len(title)]
         if key != "userdm":
             out.append(f"  {key + '_all':<21} - All fields in this section.")
@@ -459,7 +457,7 @@ def _data(row: Row, field: Field) -> Any:
 
 
 def render(rows: list[Row], fields: list[Field], opts: Options, *,
-           sort: list[tuple[Field, bool]] = (), selection: Selection | None = None) -> str:  # type: ignore[assignment]
+           sort: list[tuple[Field, bool]] | None = None, selection: Selection | None = None) -> str:
     """The report's text (empty when no object is reported, headings included)."""
     if selection is not None:
         for row in rows:
