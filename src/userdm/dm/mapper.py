@@ -210,7 +210,8 @@ class Mapper:
             if not isinstance(minor, int) or isinstance(minor, bool) or not 0 <= minor < MINOR_LIMIT:
                 raise DMError(errno.ENXIO, f"minor {minor!r} is out of range (0 to {MINOR_LIMIT - 1})")
             if minor in self._minors:
-                raise DMError(errno.ENXIO, f"minor {minor} is already in use")
+                # the kernel's specific_minor: idr_alloc's ENOSPC becomes EBUSY
+                raise DMError(errno.EBUSY, f"minor {minor} is already in use")
             return minor
         minor = self._minor_hint
         while minor in self._minors:
