@@ -377,7 +377,10 @@ def bad_tables(img: Image) -> dict[str, tuple[str, int, str]]:
         "insufficient-feature-args": (t() + " 3 ignore_zero_blocks", errno.EINVAL, "Insufficient arguments"),
         "data-start-missing": (t("data_start"), errno.EINVAL, "data_start needs a sector"),
         "data-start-text": (t("data_start", "ten"), errno.EINVAL, "Invalid data_start sector"),
-        "missing-data-device": (t(data="/nonexistent/data.img"), errno.ENOENT, "/nonexistent/data.img"),
+        "missing-data-device": (t(data="/nonexistent/data.img"), errno.ENOENT,
+                                "Data device lookup failed: ENOENT: cannot use /nonexistent/data.img"),
+        "missing-hash-device": (t().replace(f" {img.hash} ", " /nonexistent/hash.img "), errno.ENOENT,
+                                "Hash device lookup failed: ENOENT: cannot use /nonexistent/hash.img"),
         "not-alone": (t() + f"\n{n} 8 zero", errno.EINVAL, "must appear alone in table"),
     }
 

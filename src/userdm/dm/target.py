@@ -82,7 +82,7 @@ class TargetContext:
 
     def get_device(self, ref: str, start: int, length: int, *, shared: bool = False,
                    write: bool | None = None, role: str | None = None,
-                   region: bool = True) -> TableDevice:
+                   region: bool = True, lookup_error: str = "Device lookup failed") -> TableDevice:
         """Open `ref` for this table and check that sectors [start, start+length) exist on it.
         The open follows the table's mode unless `write` says otherwise (a snapshot's COW
         device takes copies even in a read-only table, as the kernel's kcopyd writes it).
@@ -91,7 +91,8 @@ class TargetContext:
         `role` ("device N" by call order if not named): an overlap with a region of the same
         device that the same target uses in another role is refused (`RolesOverlap`). A
         target that learns its region only later passes `region=False` and calls
-        `use_region` then."""
+        `use_region` then. A device that cannot be opened is refused with `lookup_error`, the
+        target's `ti->error` for it (verity says "Data device lookup failed")."""
         self._calls += 1
         role = role or f"device {self._calls}"
         try:
@@ -99,7 +100,7 @@ class TargetContext:
         except DMError as exc:
             if getattr(exc, "cycle", None):
                 raise  # a dependency cycle (`userdm.dm.cycles`) is reported as it is
-            raise TargetError(f"Device lookup failed: {clipped(exc, 400)}", exc.errno) from None
+            raise TargetError(f"{lookup_error}: {clipped(exc, 400)}", exc.errno) from None
         self.acquired.append(dev)
         size = dev.open.size // SECTOR
         if start + length > size:

@@ -95,9 +95,10 @@ class VerityTarget(Target):
         self.data_start: int | None = None
         self._parse_opt_args(args[10:])
         start = self.data_start or 0
-        self.data_dev = ctx.get_device(args[1], start, length, role="data device")
+        self.data_dev = ctx.get_device(args[1], start, length, role="data device",
+                                       lookup_error="Data device lookup failed")
         # data and hash may share a device: only the hash tree's own region must not overlap
-        self.hash_dev = ctx.get_device(args[2], 0, 0, region=False)
+        self.hash_dev = ctx.get_device(args[2], 0, 0, region=False, lookup_error="Hash device lookup failed")
         self.data_block_size = self._block_size(args[3], self.data_dev, "Invalid data device block size",
                                                 PAGE_SIZE)
         self.hash_block_size = self._block_size(args[4], self.hash_dev, "Invalid hash device block size",
