@@ -1,4 +1,9 @@
-"""error: every read and write fails with EIO (`dm-target.c`'s io_err). Takes no arguments.
+"""error: every read and write fails with EIO (`dm-target.c`'s io_err).
+
+No arguments, or (Linux 6.10+, error 1.7) exactly two, `<device> <offset>` as linear takes
+them: the device is opened and held (so it shows in `deps`) for the limits of a zoned device
+the error target replaces; I/O still fails. Any other number of arguments is ignored, as the
+kernel's constructor ignores them. The table line is empty either way.
 
 It is a wildcard target: it may replace any table, which is how `remove --force` and
 `wipe_table` release a device's underlying devices while it is still open.
@@ -8,7 +13,7 @@ from __future__ import annotations
 
 import errno
 
-from ..dm.target import Target, TargetContext, TargetError, register
+from ..dm.target import Target, TargetContext, parse_sector, register
 from ..errors import DMError
 
 
@@ -20,8 +25,9 @@ class ErrorTarget(Target):
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         super().__init__(ctx, begin, length, args)
-        if args:
-            raise TargetError("Invalid argument count: error takes no arguments")
+        if len(args) == 2:   # io_err_get_args: the sector is checked before the device is looked up
+            start = parse_sector(args[1], "Invalid device sector")
+            ctx.get_device(args[0], start, length)
 
     def _fail(self, offset: int) -> None:
         raise DMError(errno.EIO, f"I/O error: sector {self.begin + offset // 512} is mapped to the error target")
