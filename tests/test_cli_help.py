@@ -192,4 +192,13 @@ def test_mistyped_device_names_and_repeated_reports(daemon):
     bad = run("backup", "copy", "volume0", "/nonexistent", "-p", "-q", check=False)
     assert bad.returncode == 1 and "--progress and --quiet exclude each other" in bad.stderr
     bad = run("ls", "--exec", check=False)
-    assert bad.returncode == 1 and "option --exec does not apply to ls" in bad.stderr
+    assert bad.returncode == 1 and bad.stderr == "ls: EINVAL: ls --exec needs a command\n"
+    # ls --exec: the command once per device, with its node as last argument
+    run("create", "other", "--table", "0 8 linear /dev/mapper/volume0 0")
+    mapper = daemon.runtime / "mapper"
+    assert run("ls", "--exec", "echo node:").stdout == f"node: {mapper}/other\nnode: {mapper}/volume0\n"
+    assert run("ls", "--target", "linear", "--exec", "echo").stdout == f"{mapper}/other\n"
+    bad = run("ls", "--exec", "false", check=False)
+    assert bad.returncode == 1 and "ls: EIO: ls --exec: false failed for other, volume0" in bad.stderr
+    bad = run("info", "--exec", "echo", check=False)
+    assert bad.returncode == 1 and "option --exec does not apply to info" in bad.stderr

@@ -402,6 +402,8 @@ class Commands:
             sys.stdout.write(fmt.tree(self.dm.tree()) or "No devices found\n")
             return
         infos = self.dm.list()
+        if self.o.ls_exec is not None:
+            return self.ls_exec(infos)
         if self.o.target:
             infos = [i for i in infos if any(line[2] == self.o.target for line in self.dm.table(i["name"]))]
         if self.o.json:
@@ -417,6 +419,33 @@ class Commands:
                 print(f"{info['name']}\t({info['name']})")
             else:
                 print(fmt.ls_line(info))
+
+    def ls_exec(self, infos: list[dict[str, Any]]) -> None:
+        """`ls [--target TYPE] --exec COMMAND`: run COMMAND (split at spaces, as dmsetup
+        does) for each device with its node, the FUSE file RUNTIME/mapper/NAME, as last
+        argument; a failing command fails ls (after the others ran)."""
+        import shlex
+        import subprocess
+        from ..control import paths
+        if self.o.tree or self.o.json or self.o.options:
+            usage("ls --exec does not go with --tree, --json or -o")
+        command = shlex.split(self.o.ls_exec)
+        if not command:
+            usage("ls --exec needs a command")
+        mapper = paths.fuse_dir(paths.runtime_dir(self.o.runtime_dir))
+        failed = []
+        for info in infos:
+            if self.o.target and not any(line[2] == self.o.target for line in self.dm.table(info["name"])):
+                continue
+            sys.stdout.flush()
+            try:
+                rc = subprocess.run(command + [str(mapper / info["name"])]).returncode
+            except OSError as exc:
+                raise DMError.from_os(exc, f"ls --exec: cannot run {command[0]}") from None
+            if rc:
+                failed.append(info["name"])
+        if failed:
+            raise DMError(5, f"ls --exec: {command[0]} failed for {', '.join(failed)}")
 
     def _per_device(self, fetch: Any, show: Any, key: str = "", to_json: Any = None) -> None:
         names = self.selected()
@@ -746,6 +775,18 @@ def glue_values(argv: list[str]) -> list[str]:
     return out
 
 
+def take_ls_exec(argv: list[str]) -> tuple[list[str], str | None]:
+    """`ls --exec COMMAND`: dmsetup's --exec takes a command, create's --exec does not, so
+    it is taken out before parsing when the verb is ls."""
+    verb = next((a for a in argv if a in verbs.VERBS), None)   # option values are no verbs in practice
+    if verb != "ls" or "--exec" not in argv:
+        return argv, None
+    at = argv.index("--exec")
+    if at + 1 >= len(argv):
+        usage("ls --exec needs a command")
+    return argv[:at] + argv[at + 2:], argv[at + 1]
+
+
 def takes_command(opts: argparse.Namespace) -> bool:
     """Whether the verb runs a command after '--' (`open`, `create --exec`)."""
     return opts.verb == "open" or (opts.verb == "create" and opts.exec_)
@@ -756,6 +797,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     argv, names, command = split_dashes(argv)
     argv = glue_values(argv)
+    try:
+        argv, ls_exec = take_ls_exec(argv)
+    except DMError as exc:
+        print(f"ls: {exc}", file=sys.stderr)
+        return 1
     if argv == ["--version"]:  # dmsetup --version: the versions, as `version` prints them
         argv = ["version"]
     if "-h" in argv or "--help" in argv:  # `userdm VERB --help`, `userdm --help`
@@ -763,6 +809,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.write(verbs.verb_help(parser, verb) if verb else verbs.all_help())
         return 0
     opts = parser.parse_intermixed_args(argv)
+    opts.ls_exec = ls_exec
+    if ls_exec is not None and opts.verb != "ls":
+        print(f"{opts.verb}: EINVAL: --exec COMMAND is an option of ls", file=sys.stderr)
+        return 1
     if names is not None or command:
         if takes_command(opts):
             names, command = (names or []), command

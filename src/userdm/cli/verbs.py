@@ -58,8 +58,9 @@ VERBS: dict[str, Verb] = {
                  "[--json] [DEVICE...]",
                  "Show devices: dmsetup's info block, or with -c one report line each.",
                  (*DEV, *REPORT, "noopencount", "json")),
-    "ls": Verb("ls [--target TYPE] [-o devno|devname|blkdevname] [--tree] [--json]",
-               "List the devices (with --tree, what they are built on).",
+    "ls": Verb("ls [--target TYPE] [--exec COMMAND] [-o devno|devname|blkdevname] [--tree] [--json]",
+               "List the devices (with --tree, what they are built on; with --exec, run COMMAND "
+               "with each device's node).",
                ("target", "tree", "options", "json")),
     "table": Verb("table [--target TYPE] [--showkeys] [--inactive] [--concise] [--json] [DEVICE...]",
                   "Print the tables.", (*DEV, "target", "showkeys", "inactive", "concise", "json")),
