@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create: open the new device and run the command after '--' with it on fd 3")
     p.add_argument("--interpose", action="store_true",
                    help="create: the table may take over a device in use, named [interpose]DEV")
+    p.add_argument("--blockdev", action="store_true",
+                   help="create: give the device a kernel block device at RUNTIME/dev/NAME (a loop device)")
     p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
     p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
     p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
@@ -77,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbd-listen", help="daemon: also serve NBD on TCP HOST:PORT")
     p.add_argument("--no-fuse", action="store_true", help="daemon: no FUSE directory")
     p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
+    p.add_argument("--block-devices", action="store_true",
+                   help="daemon: a kernel block device (RUNTIME/dev/NAME) for every device with a live table")
     p.add_argument("--example", action="store_true",
                    help="daemon: create the device 'example' (linear over a sparse file)")
     p.add_argument("--max-control-connections", type=int, metavar="N", default=64,
@@ -160,7 +164,7 @@ class Commands:
         info = self.dm.create(name, table, uuid=self.o.uuid, readonly=self.o.readonly,
                               minor=self.o.minor, shared=self.o.shared, autoclear=self.o.autoclear,
                               max_opens=self.o.max_opens, open_fd=self.o.exec_,
-                              interpose=self.o.interpose)
+                              interpose=self.o.interpose, blockdev=self.o.blockdev)
         if self.o.exec_:
             run_with_open(info, self.command)
 
@@ -425,7 +429,8 @@ def run_daemon(opts: argparse.Namespace) -> int:
                            message_timeout=opts.control_message_timeout)
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
-           example=opts.example, control_limits=limits, nbd_limits=nbd_limits_).run()
+           example=opts.example, control_limits=limits, nbd_limits=nbd_limits_,
+           block_devices=opts.block_devices).run()
     return 0
 
 

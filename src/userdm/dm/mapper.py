@@ -91,6 +91,13 @@ class Mapper:
         #: this daemon's own NBD listeners, Unix socket paths (str) and TCP (host, port): a
         #: table over one of them is an edge to the device it exports (set by the daemon)
         self.nbd_addresses: list[Any] = []
+        #: lockfs, provided by the export layer above (the daemon's block devices,
+        #: `userdm.export.blockdev`): `freeze(device)` freezes the filesystems mounted on the
+        #: device and returns their thaw callable; None: nothing outside is frozen
+        self.lockfs: Any = None
+        #: holders outside the core that a removal must let go first (the block devices):
+        #: `release(device, deferred)` detaches them, or raises EBUSY (in use, not deferred)
+        self.outside_holders: Any = None
         #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
         self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
                                      devices=lambda: list(self._devices.values()),
@@ -307,14 +314,16 @@ class Mapper:
         return state_file.SavedDevice(
             md.name, md.minor, md.uuid, md.shared, md.autoclear, md.max_opens, md.no_open, md.interpose,
             md.suspended, md.deferred_remove, md.event_nr,
-            state_file.SavedTable(live.text, live.read_only) if live is not None else None)
+            state_file.SavedTable(live.text, live.read_only) if live is not None else None,
+            blockdev=md.blockdev)
 
     # ---- create / load / resume / suspend --------------------------------------------
 
     def create(self, name: str | None, table: str | None = None, *, uuid: str | None = None,
                readonly: bool = False, minor: int | None = None, shared: bool = False,
                autoclear: bool = False, max_opens: int | None = None, open_fd: bool = False,
-               holder: object | None = None, interpose: bool = False) -> dict[str, Any]:
+               holder: object | None = None, interpose: bool = False,
+               blockdev: bool = False) -> dict[str, Any]:
         """dmsetup create: make the device, and with `table` also load and resume it.
 
         The name, uuid and minor are taken at once (a second create of the name gets EBUSY);
@@ -324,7 +333,8 @@ class Mapper:
         additions: `shared` (claim no underlying device), `autoclear` (removed at its last
         close), `max_opens` (refuse opens beyond N with EBUSY), `name=None` (pick a free
         name), `interpose`: its table may take over a device in use, `[interpose]DEV`
-        (`userdm.dm.interposer`), and `open_fd`: open the new device in the same step, under its lock,
+        (`userdm.dm.interposer`), `blockdev`: a kernel block device over it (when the daemon
+        serves them, `userdm.export.blockdev`), and `open_fd`: open the new device in the same step, under its lock,
         and return the open as `info["fd"]`, an NBD client socket that the caller owns (seed
         001: there is no moment at which the device exists without that open)."""
         if max_opens is not None and (not isinstance(max_opens, int) or isinstance(max_opens, bool)
@@ -344,7 +354,7 @@ class Mapper:
                 raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
             minor = self._allocate_minor(minor)
             md = self._new_device(name, uuid, minor, shared=shared, autoclear=autoclear,
-                                  max_opens=max_opens, interpose=interpose)
+                                  max_opens=max_opens, interpose=interpose, blockdev=blockdev)
             self._lock_device(md)  # a new lock: never waits
             self._register(md)
         try:
@@ -362,7 +372,12 @@ class Mapper:
         md._event_hook = self._table_event
         md.event_observer = self._emit
         md.on_last_close(self._last_close)
+        md.freeze_hook = self._freeze_outside
         return md
+
+    def _freeze_outside(self, md: MappedDevice) -> Callable[[], None] | None:
+        lockfs = self.lockfs
+        return lockfs.freeze(md) if lockfs is not None else None
 
     def _restore_shell(self, saved: state_file.SavedDevice) -> MappedDevice:
         """A saved device without its tables yet (`userdm.dm.restore`); nothing is committed."""
@@ -371,7 +386,8 @@ class Mapper:
                     (saved.uuid and saved.uuid in self._by_uuid):
                 raise DMError(errno.EEXIST, f"the name, uuid or minor of {saved.name!r} is taken twice")
             md = self._new_device(saved.name, saved.uuid, saved.minor, shared=saved.shared,
-                                  autoclear=saved.autoclear, max_opens=saved.max_opens, interpose=saved.interpose)
+                                  autoclear=saved.autoclear, max_opens=saved.max_opens, interpose=saved.interpose,
+                                  blockdev=saved.blockdev)
             md.event_nr = saved.event_nr
             md.deferred_remove = saved.deferred_remove
             md.no_open = saved.no_open
@@ -511,9 +527,18 @@ class Mapper:
         """Hold new I/O and drain in-flight I/O, under the device's own lock only: a device whose
         I/O is stuck delays operations on itself, never on other devices."""
         with self._op(name) as md:
-            if not md.suspended:
+            was_suspended = md.suspended
+            if not was_suspended:
                 self._commit("suspend", state_file.flags(md.minor, suspended=True, event_nr=md.event_nr))
-            md.suspend(noflush=noflush, nolockfs=nolockfs)
+            try:
+                md.suspend(noflush=noflush, nolockfs=nolockfs)
+            except BaseException:  # lockfs failed: the device runs on, and the store says so
+                if not was_suspended and not md.suspended:
+                    try:
+                        self._commit("suspend", state_file.flags(md.minor, suspended=False))
+                    except DMError as exc:
+                        log.error("cannot undo the failed suspend of %s in the state store: %s", md.name, exc)
+                raise
             self._emit({"event": "suspend", "name": md.name, "noflush": noflush, "nolockfs": nolockfs})
             return self._info(md)
 
@@ -614,6 +639,8 @@ class Mapper:
                 self._check_interposer_removal(md)
                 if force and attempt == 0:
                     self._wipe_locked(md)
+                if self.outside_holders is not None and md.opens:
+                    self.outside_holders.release(md, deferred)  # EBUSY while a filesystem is mounted
                 info = self._info(md)
                 if self._remove_if_unopened(md, "remove"):
                     info["deferred_remove"] = False
@@ -841,8 +868,12 @@ class Mapper:
             "interposed_by": [front.name for front in list(md.interposers)],
             "dead": md.dead,
             "holder": md.holders_description(),
-            "holders": sorted(getattr(user, "name", str(user)) for user in list(md.holder_links)
-                              if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
+            "holders": sorted([getattr(user, "name", str(user)) for user in list(md.holder_links)
+                               if not isinstance(user, MappedPartition)]  # sysfs lists no partitions there
+                              + ([os.path.basename(md.block_device)] if md.block_device else [])),
+            "blockdev": md.blockdev,
+            #: the kernel block device over it (`userdm.export.blockdev`), or None
+            "block_device": md.block_device,
             #: why a saved table is not live (or not loaded) after a restart; None when all is restored
             "restore_error": md.restore_error,
         }
