@@ -331,7 +331,7 @@ class Commands:
         sub, rest = (self.args[0], self.args[1:]) if self.args else ("", [])
         if sub == "start" and len(rest) == 1 and self.o.store:
             cow_size = parse_bytes(self.o.cow_size) if self.o.cow_size else None
-            got = backup.start(self.dm, rest[0], self.o.store, cow_size=cow_size)
+            got = backup.start(self.dm, rest[0], self.o.store, cow_size=cow_size, nolockfs=self.o.nolockfs)
             print(f"snapshot {got['snapshot']} taken at era {got['era']}; copy it with "
                   f"`userdm backup copy {rest[0]} DEST`; next time copy only the changes with "
                   f"`--since {got['era']}`")
