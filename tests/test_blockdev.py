@@ -149,6 +149,7 @@ def test_ext4_made_mounted_written_trimmed_and_checked_through_the_block_device(
     info = env.info("vm1")
     assert info["blockdev"] and info["block_device"] == loopdev
     assert os.path.basename(loopdev) in info["holders"]
+    assert os.readlink(env.dev(f"by-diskseq/{info['diskseq']}")) == loopdev
     assert f"[blockdev {loopdev}]" in env.daemon.run("ls", "--tree").stdout
     run("mkfs.ext4", "-q", dev)
     mnt = env.mount(dev, "vm1")
@@ -186,8 +187,10 @@ def test_unmounted_block_device_is_detached_by_remove(env):
     env.start()
     env.create("plain", 16 * MiB, "--blockdev")
     assert loops_under(env.base)
+    seq = env.info("plain")["diskseq"]
     env.daemon.run("remove", "plain")
     assert not loops_under(env.base) and not env.dev("plain").exists()
+    assert not env.dev(f"by-diskseq/{seq}").exists()
 
 
 def test_block_device_follows_resize_read_only_tables_and_rename(env):

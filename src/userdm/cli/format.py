@@ -38,6 +38,8 @@ def userdm_flags(info: dict[str, Any]) -> list[str]:
         flags.append(f"interposing {info['interposing']}")
     if info.get("interposed_by"):
         flags.append(f"interposed by {', '.join(info['interposed_by'])}")
+    if info.get("block_device"):
+        flags.append(f"blockdev {info['block_device']}")
     return flags
 
 
@@ -85,6 +87,7 @@ FIELDS: dict[str, tuple[str, int, bool, Any]] = {
     "devno": ("DevNo", 5, False, lambda i: f"{i['major']}:{i['minor']}"),
     "blkdevname": ("BlkDevName", 10, False, lambda i: f"dm-{i['minor']}"),
     "flags": ("Flags", 5, False, lambda i: ",".join(userdm_flags(i)) or "-"),
+    "diskseq": ("DiskSeq", 7, True, lambda i: i.get("diskseq") or "-"),
 }
 DEFAULT_FIELDS = ["name", "major", "minor", "attr", "open", "segments", "events", "uuid"]
 

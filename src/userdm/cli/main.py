@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
     p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
     p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
+    p.add_argument("--diskseq", type=int, metavar="N",
+                   help="open: only the device with this disk sequence number (ENXIO otherwise)")
     p.add_argument("--since", type=int, metavar="ERA", help="era changed: blocks written since this era")
     p.add_argument("--xml", action="store_true", help="era changed: era_invalidate's XML (era blocks)")
     p.add_argument("--metadata-snapshot", action="store_true",
@@ -174,7 +176,7 @@ class Commands:
         if rest or not self.command:
             usage("open needs a device name, then '--' and the command to run with the open")
         info = self.dm.open(name, readonly=self.o.readonly, exclusive=self.o.exclusive,
-                            holder=self.o.holder)
+                            holder=self.o.holder, diskseq=self.o.diskseq)
         run_with_open(info, self.command)
 
     def load(self) -> None:
@@ -405,7 +407,8 @@ def run_with_open(info: dict[str, Any], command: list[str]) -> NoReturn:
         os.close(fd)
     else:
         os.set_inheritable(fd, True)
-    env = {**os.environ, "USERDM_FD": str(OPEN_FD), "USERDM_DEVICE": info["name"]}
+    env = {**os.environ, "USERDM_FD": str(OPEN_FD), "USERDM_DEVICE": info["name"],
+           "USERDM_DISKSEQ": str(info.get("diskseq", ""))}
     sys.stdout.flush()
     try:
         os.execvpe(command[0], command, env)

@@ -174,7 +174,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "wait": _named(event_nr=U64, timeout=optional(SECONDS)),
     "find_name": {"uuid": Field(optional(LOOKUP_UUID)), "major": Field(optional(U64)),
                   "minor": Field(optional(U64))},
-    "open": _named(readonly=BOOL, exclusive=BOOL, holder=optional(HOLDER)),
+    "open": _named(readonly=BOOL, exclusive=BOOL, holder=optional(HOLDER), diskseq=optional(U64)),
     "era_changed": _named(since=required(U64), metadata_snapshot=BOOL),
     "notify_failure": {"dev": required(REF), "offset": required(U64), "length": required(U64),
                        "flags": Field(U64)},

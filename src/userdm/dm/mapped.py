@@ -63,6 +63,8 @@ class MappedDevice(BlockDevice):
         self.no_open = False
         #: may name a device as `[interpose]DEV` in its table (`userdm.dm.interposer`)
         self.interpose = interpose
+        #: its disk sequence number: given at create, never given to another device (seed 001)
+        self.diskseq = 0
         #: give it a kernel block device (`create --blockdev`; `userdm.export.blockdev`)
         self.blockdev = blockdev
         #: the kernel block device over it ("/dev/loop3"), set by the export layer above

@@ -108,6 +108,8 @@ class Mapper:
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
         self._register_schemes()
         self._store = state_file.StateStore(self.state_dir) if self.state_dir else None
+        #: disk sequence numbers: each device gets the next one; the store keeps the last one
+        self._diskseq = itertools.count((self._store.last_diskseq() if self._store is not None else 0) + 1)
         self._restorer = Restorer(self)
         if restore:
             self.restore()
@@ -315,7 +317,7 @@ class Mapper:
             md.name, md.minor, md.uuid, md.shared, md.autoclear, md.max_opens, md.no_open, md.interpose,
             md.suspended, md.deferred_remove, md.event_nr,
             state_file.SavedTable(live.text, live.read_only) if live is not None else None,
-            blockdev=md.blockdev)
+            blockdev=md.blockdev, diskseq=md.diskseq)
 
     # ---- create / load / resume / suspend --------------------------------------------
 
@@ -355,6 +357,7 @@ class Mapper:
             minor = self._allocate_minor(minor)
             md = self._new_device(name, uuid, minor, shared=shared, autoclear=autoclear,
                                   max_opens=max_opens, interpose=interpose, blockdev=blockdev)
+            md.diskseq = next(self._diskseq)
             self._lock_device(md)  # a new lock: never waits
             self._register(md)
         try:
@@ -389,6 +392,7 @@ class Mapper:
                                   autoclear=saved.autoclear, max_opens=saved.max_opens, interpose=saved.interpose,
                                   blockdev=saved.blockdev)
             md.event_nr = saved.event_nr
+            md.diskseq = saved.diskseq or self._give_diskseq(saved)
             md.deferred_remove = saved.deferred_remove
             md.no_open = saved.no_open
             md.saved_suspended = saved.suspended
@@ -400,6 +404,15 @@ class Mapper:
             if md.deferred_remove:
                 self._deferred.add(md)
             return md
+
+    def _give_diskseq(self, saved: state_file.SavedDevice) -> int:
+        """A device saved by a version without diskseq gets one at its restore."""
+        value = next(self._diskseq)
+        try:
+            self._commit("diskseq", state_file.diskseq(saved.minor, value))
+        except DMError as exc:
+            log.error("cannot save the disk sequence number of %s: %s", saved.name, exc)
+        return value
 
     def _create_locked(self, md: MappedDevice, text: str | None, readonly: bool, open_fd: bool,
                        holder: object | None) -> dict[str, Any]:
@@ -425,7 +438,7 @@ class Mapper:
         except BaseException:
             self._undo_create(md, committed)
             raise
-        self._emit({"event": "create", "name": md.name, "size": md.size})
+        self._emit({"event": "create", "name": md.name, "size": md.size, "diskseq": md.diskseq})
         info = self._info(md)
         if fd is not None:
             info["fd"] = fd
@@ -443,11 +456,16 @@ class Mapper:
         self._release_minor(md)
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
-             holder: object | None = None) -> dict[str, Any]:
+             holder: object | None = None, diskseq: int | None = None) -> dict[str, Any]:
         """Open a device and return the open as `info["fd"]`, an NBD client socket the caller
         owns (`userdm open NAME -- CMD`). `exclusive` claims the device for a holder of its own,
-        as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest)."""
+        as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest).
+        With `diskseq`, only the device with that disk sequence number is opened (ENXIO if
+        NAME is another device now: the one meant was removed, and NAME created again)."""
         md = self._find(name)
+        if diskseq is not None and md.diskseq != diskseq:
+            raise DMError(errno.ENXIO, f"device {name} has disk sequence number {md.diskseq}, not {diskseq}: "
+                          f"the device with diskseq {diskseq} no longer exists")
         if exclusive and holder is None:
             holder = f"exclusive open #{next(self._exclusive_opens)}"
         fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder)
@@ -745,7 +763,7 @@ class Mapper:
         self._unhash(md)
         md.destroy()
         self._release_minor(md)
-        self._emit({"event": "remove", "name": md.name})
+        self._emit({"event": "remove", "name": md.name, "diskseq": md.diskseq})
 
     def _last_close(self, device: BlockDevice) -> None:
         """The kernel's dm_blk_close: after the last close of a device marked for deferred
@@ -872,6 +890,7 @@ class Mapper:
                                if not isinstance(user, MappedPartition)]  # sysfs lists no partitions there
                               + ([os.path.basename(md.block_device)] if md.block_device else [])),
             "blockdev": md.blockdev,
+            "diskseq": md.diskseq,
             #: the kernel block device over it (`userdm.export.blockdev`), or None
             "block_device": md.block_device,
             #: why a saved table is not live (or not loaded) after a restart; None when all is restored

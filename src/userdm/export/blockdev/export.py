@@ -4,7 +4,8 @@ With `userdm daemon --block-devices` every device that has a live table gets one
 only those created with `--blockdev`. It is attached with direct I/O when the device's table
 goes live, appears as `RUNTIME/dev/NAME` (a symlink to `/dev/loopN`), and follows the device:
 a resize is passed on with LOOP_SET_CAPACITY, a read-only table gives a read-only loop device,
-a rename moves the link. `remove` detaches it first (`release`): EBUSY while a filesystem is
+a rename moves the link. `RUNTIME/dev/by-diskseq/N` links to it too, N being the device's
+disk sequence number (never reused, so that link names exactly one device). `remove` detaches it first (`release`): EBUSY while a filesystem is
 mounted on it, and with `--deferred` the loop device is marked to detach at its last close
 (`umount`), whose release of the FUSE file is the device's last close, which removes it.
 The daemon's stop detaches every loop device it attached (a mounted one at its `umount`); the
@@ -42,6 +43,7 @@ class _Attached:
     name: str
     size: int
     read_only: bool
+    diskseq: int = 0
     autoclear: bool = False
 
     @property
@@ -66,7 +68,7 @@ class BlockDevices:
     # ---- lifecycle ------------------------------------------------------------------------
 
     def start(self) -> None:
-        os.makedirs(self.dev_dir, mode=0o755, exist_ok=True)
+        os.makedirs(os.path.join(self.dev_dir, "by-diskseq"), mode=0o755, exist_ok=True)
         self._remove_stale()
         self._started = True
         self.mapper.lockfs = self
@@ -91,14 +93,16 @@ class BlockDevices:
             except DMError as exc:
                 log.warning("%s", exc)
             self._unlink(rec.name)
+            self._unlink_seq(rec)
             md.block_device = None
 
     def _remove_stale(self) -> None:
         """Links of an earlier run, and loop devices over FUSE files of a crashed daemon."""
-        for entry in os.listdir(self.dev_dir):
-            path = os.path.join(self.dev_dir, entry)
-            if os.path.islink(path):
-                os.unlink(path)
+        for where in (self.dev_dir, os.path.join(self.dev_dir, "by-diskseq")):
+            for entry in os.listdir(where):
+                path = os.path.join(where, entry)
+                if os.path.islink(path):
+                    os.unlink(path)
         prefix = self.fuse_dir + "/"
         for number, backing in loop.backing_files().items():
             if backing.startswith(prefix):
@@ -153,9 +157,11 @@ class BlockDevices:
         backing = os.path.join(self.fuse_dir, md.name)
         number = loop.attach(backing, read_only=md.read_only, block_size=md.logical_block_size,
                              direct_io=self.direct_io)
-        rec = _Attached(number, backing, md.name, md.size, md.read_only)
+        rec = _Attached(number, backing, md.name, md.size, md.read_only, getattr(md, "diskseq", 0))
         try:
             self._link(md.name, rec.path)
+            if rec.diskseq:
+                self._link(f"by-diskseq/{rec.diskseq}", rec.path)
         except OSError as exc:
             self._detach(md, rec)  # no loop device without its link: none is leaked
             raise DMError(exc.errno or errno.EIO, f"cannot link {self.dev_dir}/{md.name}: {exc.strerror}") from None
@@ -171,6 +177,7 @@ class BlockDevices:
         if md.block_device == rec.path:
             md.block_device = None
         self._unlink(rec.name)
+        self._unlink_seq(rec)
         if not loop.wait_detached(rec.number, rec.backing, DETACH_WAIT):
             log.warning("%s still holds %s (open elsewhere); it detaches at its last close", rec.path, rec.backing)
             return
@@ -196,6 +203,7 @@ class BlockDevices:
                 if rec.name == name and md.deleting:
                     self._attached.pop(md)
                     self._unlink(name)
+                    self._unlink_seq(rec)
                     md.block_device = None
                     try:
                         loop.detach(rec.number)
@@ -244,13 +252,17 @@ class BlockDevices:
 
     def _link(self, name: str, target: str) -> None:
         path = os.path.join(self.dev_dir, name)
-        tmp = os.path.join(self.dev_dir, f".{name}.tmp")
+        tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(name)}.tmp")
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         os.symlink(target, tmp)
         os.replace(tmp, path)
+
+    def _unlink_seq(self, rec: _Attached) -> None:
+        if rec.diskseq:
+            self._unlink(f"by-diskseq/{rec.diskseq}")
 
     def _unlink(self, name: str) -> None:
         try:
