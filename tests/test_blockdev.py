@@ -403,3 +403,18 @@ def test_backup_with_nolockfs_needs_journal_recovery(env):
     features, clean, mounted = backup_snapshot_state(env, "--nolockfs")
     assert "needs_recovery" in features, features
     assert clean != 0 or not mounted
+
+
+def test_remove_all_detaches_unmounted_block_devices_and_leaves_mounted_ones(env):
+    env.start("--block-devices")
+    env.create("idle", 16 * MiB)
+    env.create("inuse", 32 * MiB)
+    run("mkfs.ext4", "-q", str(env.dev("inuse")))
+    mnt = env.mount(str(env.dev("inuse")), "inuse")
+    env.daemon.run("remove_all")
+    names = env.daemon.run("ls").stdout
+    assert "idle" not in names and "inuse" in names
+    assert not env.dev("idle").exists() and (mnt / "lost+found").is_dir()
+    env.umount(mnt)
+    env.daemon.run("remove_all")
+    assert "No devices found" in env.daemon.run("ls").stdout

@@ -733,6 +733,11 @@ class Mapper:
             dev = interposed_device(md)
             if dev is not None and md in dev.interposers and dev.interposers[-1] is not md:
                 return False
+            if self.outside_holders is not None and md.opens:
+                try:
+                    self.outside_holders.release(md, False)  # an unmounted block device goes
+                except DMError:
+                    return False  # mounted: left alone, as an open device is
             return self._remove_if_unopened(md, what)
         finally:
             self._unlock_device(md)
