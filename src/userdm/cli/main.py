@@ -65,6 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
     p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
     p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
+    p.add_argument("--hook", metavar="SCRIPT",
+                   help="open: the holder's ops: the daemon runs SCRIPT freeze|thaw|sync|notify-failure|mark-dead")
+    p.add_argument("--hook-timeout", type=float, metavar="SECONDS",
+                   help="open --hook: how long the hook may run (default 30)")
     p.add_argument("--diskseq", type=int, metavar="N",
                    help="open: only the device with this disk sequence number (ENXIO otherwise)")
     p.add_argument("--since", type=int, metavar="ERA", help="era changed: blocks written since this era")
@@ -175,8 +179,11 @@ class Commands:
         name, rest = self.one()
         if rest or not self.command:
             usage("open needs a device name, then '--' and the command to run with the open")
+        import os
         info = self.dm.open(name, readonly=self.o.readonly, exclusive=self.o.exclusive,
-                            holder=self.o.holder, diskseq=self.o.diskseq)
+                            holder=self.o.holder, diskseq=self.o.diskseq,
+                            hook=os.path.abspath(self.o.hook) if self.o.hook else None,
+                            hook_timeout=self.o.hook_timeout)
         run_with_open(info, self.command)
 
     def load(self) -> None:

@@ -39,6 +39,7 @@ from ..version import __version__
 from . import state as state_file
 from .cycles import DependencyGraph
 from .events import EventLog
+from .hooks import Hook
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
@@ -456,28 +457,42 @@ class Mapper:
         self._release_minor(md)
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
-             holder: object | None = None, diskseq: int | None = None) -> dict[str, Any]:
+             holder: object | None = None, diskseq: int | None = None, hook: str | None = None,
+             hook_timeout: float | None = None) -> dict[str, Any]:
         """Open a device and return the open as `info["fd"]`, an NBD client socket the caller
         owns (`userdm open NAME -- CMD`). `exclusive` claims the device for a holder of its own,
         as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest).
         With `diskseq`, only the device with that disk sequence number is opened (ENXIO if
-        NAME is another device now: the one meant was removed, and NAME created again)."""
+        NAME is another device now: the one meant was removed, and NAME created again).
+        With `hook` (an executable's absolute path; needs `exclusive` or `holder`) the holder
+        registers holder ops that run that hook (`userdm.dm.hooks`), for at most
+        `hook_timeout` seconds each; EBUSY if the device has holder ops already."""
+        if hook is not None and not exclusive and holder is None:
+            raise DMError(errno.EINVAL, f"open {name} --hook: holder ops need an exclusive open "
+                          "(--exclusive or --holder ID)")
         md = self._find(name)
         if diskseq is not None and md.diskseq != diskseq:
             raise DMError(errno.ENXIO, f"device {name} has disk sequence number {md.diskseq}, not {diskseq}: "
                           f"the device with diskseq {diskseq} no longer exists")
         if exclusive and holder is None:
             holder = f"exclusive open #{next(self._exclusive_opens)}"
-        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder)
+        ops = None
+        if hook is not None:
+            if md.holder_ops is not None:
+                raise DMError(errno.EBUSY, f"device {name} already has holder operations registered "
+                              f"(by {md.holders_description()})")
+            ops = Hook(hook, md.name, str(holder), hook_timeout).holder_ops()
+        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder, holder_ops=ops)
         return {**self._info(md), "fd": fd}
 
-    def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None) -> int:
+    def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None,
+                 holder_ops: HolderOps | None = None) -> int:
         if md.live is None:
             raise DMError(errno.ENXIO, f"device {md.name} has no live table to open")
         if self.open_sockets is None:
             raise DMError(errno.EOPNOTSUPP, f"cannot hand out an open of {md.name} as a file descriptor: "
                           "this Mapper has no NBD export (use userdm.Mapper, or a daemon)")
-        handle = md.open(write=write, holder=holder)
+        handle = md.open(write=write, holder=holder, holder_ops=holder_ops)
         return self.open_sockets.socket_for_open(handle, md.name).detach()  # closes it on failure
 
     def load(self, name: str, table: str, *, readonly: bool = False) -> dict[str, Any]:

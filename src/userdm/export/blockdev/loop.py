@@ -13,6 +13,7 @@ import os
 import struct
 import time
 
+from ...dm.hooks import SPAWN_LOCK
 from ...errors import DMError
 
 LOOP_MAJOR = 7
@@ -44,6 +45,11 @@ def loop_path(number: int) -> str:
 def attach(backing: str, *, read_only: bool, block_size: int = 512, direct_io: bool = True) -> int:
     """A free loop device over `backing`, configured in one step (LOOP_CONFIGURE); returns its
     number. DMError with the errno and a sentence if no loop device can be had."""
+    with SPAWN_LOCK:  # no hook process may be started while the daemon holds a FUSE file open
+        return _attach(backing, read_only, block_size, direct_io)
+
+
+def _attach(backing: str, read_only: bool, block_size: int, direct_io: bool) -> int:
     flags = os.O_RDONLY if read_only else os.O_RDWR
     try:
         backing_fd = os.open(backing, flags | os.O_CLOEXEC)
