@@ -111,7 +111,6 @@ class Daemon:
         self.mapper.open_sockets = server
         # tables over these are edges to the exported devices (`userdm.dm.cycles`)
         self.mapper.nbd_addresses = [str(server.unix_path)] + ([server.tcp_address] if server.tcp_address else [])
-        self.mapper.own_nbd_socket = str(paths.nbd_socket(self.runtime_dir))
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 from ..block.backing import BackingStores
 from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
-from ..errors import DMError
+from ..errors import DMError, clipped, quoted
 from ..version import __version__
 from . import state as state_file
 from .cycles import DependencyGraph
@@ -82,8 +82,6 @@ class Mapper:
         self.backing = BackingStores(direct=direct_io)
         self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
         self.state_dir = os.fspath(state_dir) if state_dir else None
-        #: the daemon's own NBD socket: a table naming an export on it depends on that device
-        self.own_nbd_socket: str | None = None
         self._log = EventLog()
         #: hands out an open as an NBD client socket for `create(open_fd=True)` and `open`:
         #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
@@ -133,7 +131,7 @@ class Mapper:
             if part is not None:
                 raise DMError(errno.ENXIO, f"{name} is partition {part.number} of {part.whole.name}, "
                               "not a mapped device")
-            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+            raise DMError(errno.ENXIO, f"device {quoted(name)} does not exist")
         return md
 
     def _by_minor(self, minor: int) -> MappedDevice | None:
@@ -169,19 +167,19 @@ class Mapper:
             if major.isdigit() and minor.isdigit() and int(major) == DM_MAJOR:
                 md = self._by_minor(int(minor))
                 if md is None or md.deleting:
-                    raise DMError(errno.ENXIO, f"no mapped device {ref}")
+                    raise DMError(errno.ENXIO, f"no mapped device {clipped(ref)}")
                 return md
             if major.isdigit() and minor.isdigit() and int(major) == BLKEXT_MAJOR:
                 part = self.partitions.by_minor(int(minor))
                 if part is None:
-                    raise DMError(errno.ENXIO, f"no partition {ref}")
+                    raise DMError(errno.ENXIO, f"no partition {clipped(ref)}")
                 return part
             return None
         if name is None:
             return None
         md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
-            raise DMError(errno.ENXIO, f"{ref}: no mapped device named {name!r}")
+            raise DMError(errno.ENXIO, f"{clipped(ref)}: no mapped device named {quoted(name)}")
         return md
 
     def _resolve(self, ref: str, write: bool, holder: object | None) -> tuple[BlockOpen, str]:
@@ -192,7 +190,7 @@ class Mapper:
         if ":" in ref and "/" not in ref:
             major, _, minor = ref.partition(":")
             if not (major.isdigit() and minor.isdigit()):
-                raise DMError(errno.EINVAL, f"{ref!r} is not MAJOR:MINOR, an absolute path or a URL")
+                raise DMError(errno.EINVAL, f"{quoted(ref)} is not MAJOR:MINOR, an absolute path or a URL")
             path = block_node(int(major), int(minor))
             opened = self.backing.open(path, write=write, holder=holder)
             return opened, ref
@@ -266,7 +264,7 @@ class Mapper:
         self._lock_device(md)
         try:
             if self._devices.get(name) is not md or md.deleting:
-                raise DMError(errno.ENXIO, f"device {name!r} does not exist (it was removed or renamed)")
+                raise DMError(errno.ENXIO, f"device {quoted(name)} does not exist (it was removed or renamed)")
             yield md
         finally:
             self._unlock_device(md)
@@ -352,7 +350,7 @@ class Mapper:
             if name is None:
                 name = self._free_name()
             if self._name_taken(name):
-                raise DMError(errno.EBUSY, f"a device named {name!r} already exists")
+                raise DMError(errno.EBUSY, f"a device named {quoted(name)} already exists")
             if uuid and uuid in self._by_uuid:
                 raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
             minor = self._allocate_minor(minor)
@@ -1014,7 +1012,7 @@ class Mapper:
                 self._deferred.discard(md)
             self._emit({"event": "cancel_deferred_remove", "name": md.name})
             return None
-        raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
+        raise DMError(errno.EINVAL, f"unknown core message {quoted(args[0])}")
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
         """Runs of blocks of the device's era targets written since era `since`, each with
@@ -1069,7 +1067,7 @@ class Mapper:
                     if ref in (tdev.ref, tdev.name, device.ref) or \
                             (same is not None and same == _file_identity(device.ref)):
                         return device
-        raise DMError(errno.ENXIO, f"{ref!r} is neither a mapped device nor a device that a table uses")
+        raise DMError(errno.ENXIO, f"{quoted(ref)} is neither a mapped device nor a device that a table uses")
 
     def _table_event(self, md: MappedDevice) -> None:
         with self._events:
@@ -1103,7 +1101,7 @@ class Mapper:
         An exclusive open (`holder`) may register `holder_ops` (DESIGN §6)."""
         md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
-            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+            raise DMError(errno.ENXIO, f"device {quoted(name)} does not exist")
         return md.open(write=write, holder=holder, holder_ops=holder_ops)
 
     def export_names(self) -> list[str]:
