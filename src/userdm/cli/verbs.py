@@ -30,14 +30,15 @@ class Verb:
 
 VERBS: dict[str, Verb] = {
     "create": Verb("create NAME [-u UUID] [-j MAJOR -m MINOR] [-r] [--shared] [--autoclear] "
-                   "[--max-opens N] [--interpose] [-n|--notable|--table TABLE|TABLE_FILE] "
+                   "[--max-opens N] [--interpose] [--blockdev] [-n|--notable|--table TABLE|TABLE_FILE] "
                    "[--exec -- CMD ARGS] | create --concise [SPEC]",
                    "Create a device and, with a table (--table, a file or stdin), load and resume it.",
                    ("table", "notable", "concise", *DEV, "readonly", "shared", "autoclear", "max_opens",
-                    "exec_", "interpose")),
-    "open": Verb("open DEVICE [--exclusive [--holder ID]] [-r] -- CMD ARGS",
+                    "exec_", "interpose", "blockdev")),
+    "open": Verb("open DEVICE [--exclusive [--holder ID]] [-r] [--diskseq N] [--hook SCRIPT "
+                 "[--hook-timeout SECONDS]] -- CMD ARGS",
                  "Run CMD holding an open of the device on fd 3 (USERDM_FD=3).",
-                 (*DEV, "readonly", "exclusive", "holder")),
+                 (*DEV, "readonly", "exclusive", "holder", "diskseq", "hook", "hook_timeout")),
     "load": Verb("load DEVICE [-r] [--table TABLE|TABLE_FILE]",
                  "Load a table into the inactive slot (resume makes it live).",
                  (*DEV, "table", "readonly")),
@@ -88,7 +89,8 @@ VERBS: dict[str, Verb] = {
     "daemon": Verb("daemon [--runtime-dir DIR] [--state-dir DIR] [--example] [--no-fuse] [--no-nbd] "
                    "[--nbd-listen HOST:PORT] [limits]",
                    "Run the daemon in the foreground (Ctrl-C or SIGTERM stops it).",
-                   ("state_dir", "nbd_listen", "no_fuse", "no_nbd", "example", "max_control_connections",
+                   ("state_dir", "nbd_listen", "no_fuse", "no_nbd", "block_devices", "example",
+                    "max_control_connections",
                     "max_message_size", "control_message_timeout", "nbd_max_connections",
                     "nbd_handshake_deadline", "nbd_connection_bytes", "nbd_total_bytes",
                     "nbd_reply_timeout")),
@@ -105,10 +107,10 @@ VERBS: dict[str, Verb] = {
                            "Report a failed byte range (K/M/G/T suffixes); print where it reached."),
     "events": Verb("events [--follow] [NAME]", "The recent events as JSON lines (--follow: and new ones).",
                    ("follow",)),
-    "backup": Verb("backup start DEV --store DIR [--cow-size SIZE] | backup copy DEV DEST [--since ERA] [-p|-q] | "
+    "backup": Verb("backup start DEV --store DIR [--cow-size SIZE] [--nolockfs] | backup copy DEV DEST [--since ERA] [-p|-q] | "
                    "backup drop DEV [--all]",
                    "Back up a device in use: interpose era and snapshot-origin, copy, drop.",
-                   ("store", "cow_size", "since", "all_", "progress", "quiet")),
+                   ("store", "cow_size", "since", "all_", "progress", "quiet", "nolockfs")),
     "luks": Verb("luks open DEVICE NAME [--key-file F] [--header F] [--key-slot N] [--allow-discards] [-r] | "
                  "luks close NAME [--deferred [--no-open]] | luks dump DEVICE [--header F]",
                  "Open, close and show cryptsetup's LUKS1/LUKS2 volumes.",

@@ -124,12 +124,13 @@ class Client:
     def create(self, name: str | None, table: str | None = None, *, uuid: str | None = None,
                readonly: bool = False, minor: int | None = None, shared: bool = False,
                autoclear: bool = False, max_opens: int | None = None, open_fd: bool = False,
-               holder: str | None = None, interpose: bool = False) -> dict[str, Any]:
+               holder: str | None = None, interpose: bool = False, blockdev: bool = False) -> dict[str, Any]:
         """Create a device (name None: the daemon picks one); with a table, load and resume it.
-        With `open_fd`, the result's `"fd"` is an NBD client socket holding an open of it."""
+        With `open_fd`, the result's `"fd"` is an NBD client socket holding an open of it;
+        with `blockdev`, it gets a kernel block device at RUNTIME/dev/NAME."""
         return self.call("create", name=name, table=table, uuid=uuid, readonly=readonly,  # type: ignore[no-any-return]
                          minor=minor, shared=shared, autoclear=autoclear, max_opens=max_opens,
-                         open_fd=open_fd, holder=holder, interpose=interpose)
+                         open_fd=open_fd, holder=holder, interpose=interpose, blockdev=blockdev)
 
     def load(self, name: str, table: str, *, readonly: bool = False) -> dict[str, Any]:
         """Load a table into the inactive slot; `resume` makes it live."""
@@ -195,11 +196,13 @@ class Client:
         return self.call("find_name", uuid=uuid, major=major, minor=minor)  # type: ignore[no-any-return]
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
-             holder: str | None = None) -> dict[str, Any]:
+             holder: str | None = None, diskseq: int | None = None, hook: str | None = None,
+             hook_timeout: float | None = None) -> dict[str, Any]:
         """An open of the device that lasts while the result's `"fd"` (an NBD client socket) or
-        a copy of it stays open."""
+        a copy of it stays open; only of the device with disk sequence number `diskseq` if
+        given (ENXIO otherwise); `hook`: a script the daemon runs as the holder's ops."""
         return self.call("open", name=name, readonly=readonly, exclusive=exclusive,  # type: ignore[no-any-return]
-                         holder=holder)
+                         holder=holder, diskseq=diskseq, hook=hook, hook_timeout=hook_timeout)
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
         """The sector runs of an era device written since era `since`."""
