@@ -26,6 +26,11 @@ reuse count too, and are given back (MADV_DONTNEED) when anyone waits for bytes 
 connection ends, so a closed connection's memory is returned at once, not at the next
 garbage collection (the pool and the connection drop their references to each other).
 
+TLS: a connection whose client sends NBD_OPT_STARTTLS (or must: `tls_mode` "require")
+runs the TLS handshake within what is left of the handshake deadline, then speaks through
+a `TLSStream` (`userdm.nbd.tls`), which offers the socket calls used here; the reader and
+the workers share its session under its lock, nothing else changes.
+
 The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
 a protocol error or a reply that cannot be sent, also for want of room for `reply_timeout`
 (hard disconnect), or when the server stops
@@ -234,7 +239,7 @@ class Connection:
         try:
             stream.handshake(deadline)
         except TLSHandshakeError as exc:
-            log.info("nbd: %s, closing the connection", exc.strerror)
+            log.info("nbd: %s%s, closing the connection", exc.strerror, _peer(self.sock))
             raise
         self.sock = stream
         hs.tls_started()
@@ -705,6 +710,15 @@ class _WorkerPool:
                 pass
         self.conn = None
         self.threads = []
+
+
+def _peer(sock) -> str:
+    """` (from HOST:PORT)` for a TCP peer, else nothing."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ""
+    return f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) else ""
 
 
 def _block_status(handle, offset: int, length: int, one: bool) -> list[tuple[int, int]]:
