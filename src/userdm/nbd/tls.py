@@ -37,7 +37,7 @@ from ..errors import DMError
 #: ciphertext received from the socket at once, and plaintext encrypted per round of sending
 RAW_CHUNK = 256 * 1024
 SEND_CHUNK = 256 * 1024
-#: small parts of a `sendmsg` are joined up to this size (one TLS record) before encrypting
+#: parts of a `sendmsg` smaller than this (a TLS record) are joined before they are encrypted
 RECORD = 16 * 1024
 
 
@@ -136,9 +136,13 @@ class TLSStream:
                                  server_hostname=server_hostname)
         if initial:
             self._in.write(initial)
+        # the C object under ssl.SSLObject: its read/write/pending without the Python
+        # wrapper's frame, which is a measurable part of a 4 KiB request's cost
+        self._c = getattr(self._tls, "_sslobj", self._tls)
         self._lock = threading.Lock()        # the session (OpenSSL: one thread at a time)
         self._wlock = threading.Lock()       # writers: encrypt and send in one order
         self._rbuf = bytearray(RAW_CHUNK)
+        self._rview = memoryview(self._rbuf)
         self._eof = False
         self._closed = False
 
@@ -181,7 +185,7 @@ class TLSStream:
             self._eof = True
             return False
         with self._lock:
-            self._in.write(memoryview(self._rbuf)[:n])
+            self._in.write(self._rview[:n])
         return True
 
     def _flush_out(self, deadline: float | None = None) -> None:
@@ -213,16 +217,19 @@ class TLSStream:
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
         """Decrypted bytes into `buffer` (at most `nbytes` if given), at least one unless
         at EOF (0). `flags` (MSG_WAITALL) is accepted and ignored: the callers loop."""
-        view = memoryview(buffer).cast("B")
+        view = buffer if type(buffer) is memoryview and buffer.format == "B" else memoryview(buffer).cast("B")
         want = nbytes or len(view)
         if want <= 0:
             return 0
+        read, pending, incoming = self._c.read, self._c.pending, self._in
         while True:
             got = 0
             try:
                 with self._lock:
-                    while got < want:
-                        n = self._tls.read(want - got, view[got:want])
+                    # decrypt what has arrived; with nothing left in the session, go to the
+                    # socket without a read that would only raise SSLWantReadError
+                    while got < want and (incoming.pending or pending() or self._eof):
+                        n = read(want - got, view[got:want])
                         if n == 0:
                             return got      # the peer's close_notify: end of stream
                         got += n
@@ -236,15 +243,12 @@ class TLSStream:
                 raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
             if self._out.pending and self._wlock.acquire(blocking=False):
                 try:       # the session wants to answer something (TLS 1.3 key update)
-                    with self._lock:
-                        data = self._out.read()
-                    self.raw.sendall(data)
+                    self._send_out()
                 finally:
                     self._wlock.release()
             if got or self._eof:
                 return got
-            if not self._fill():
-                continue        # EOF: the next read says so (ragged or clean)
+            self._fill()     # at EOF the next round says so (ragged or clean)
 
     def recv(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -257,40 +261,50 @@ class TLSStream:
         self.sendmsg([data])
 
     def sendmsg(self, parts) -> int:
-        """Encrypt and send every part (in order, nothing interleaved); the total length."""
+        """Encrypt and send every part (in order, nothing interleaved); the total length.
+        Parts under RECORD bytes are joined (a batch of small replies: one record, one
+        system call); the ciphertext of big parts leaves every SEND_CHUNK bytes."""
         total = 0
         with self._wlock:
-            small = bytearray()
+            small: list = []
             for part in parts:
-                view = memoryview(part).cast("B")
-                total += len(view)
-                if len(view) < RECORD:
-                    small += view
-                    if len(small) >= RECORD:
-                        self._encrypt_send(small)
-                        small = bytearray()
+                n = len(part)       # parts are bytes or byte-format memoryviews
+                total += n
+                if n < RECORD:
+                    small.append(part)
                     continue
                 if small:
-                    self._encrypt_send(small)
-                    small = bytearray()
-                for at in range(0, len(view), SEND_CHUNK):
-                    self._encrypt_send(view[at:at + SEND_CHUNK])
+                    self._encrypt(b"".join(small))
+                    small = []
+                view = memoryview(part)
+                for at in range(0, n, SEND_CHUNK):
+                    self._encrypt(view[at:at + SEND_CHUNK])
+                    if self._out.pending >= SEND_CHUNK:
+                        self._send_out()
             if small:
-                self._encrypt_send(small)
+                self._encrypt(small[0] if len(small) == 1 else b"".join(small))
+            self._send_out()
         return total
 
-    def _encrypt_send(self, data) -> None:
-        """With `_wlock` held: encrypt `data`, send the ciphertext."""
-        view = memoryview(data)
+    def _encrypt(self, data) -> None:
+        """With `_wlock` held: encrypt `data` into the outgoing buffer."""
+        write = self._c.write
         with self._lock:
-            done = 0
             try:
-                while done < len(view):
-                    done += self._tls.write(view[done:])
+                done = write(data)
+                if done < len(data):
+                    view = memoryview(data)
+                    while done < len(view):
+                        done += write(view[done:])
             except ssl.SSLError as exc:
                 raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
+
+    def _send_out(self) -> None:
+        """With `_wlock` held: send the ciphertext made so far."""
+        with self._lock:
             out = self._out.read()
-        self.raw.sendall(out)
+        if out:
+            self.raw.sendall(out)
 
     # ---- the socket ------------------------------------------------------------------
 
