@@ -501,6 +501,11 @@ def test_bad_certificates_are_refused_and_the_server_carries_on(server, tmp_path
     assert "elsewhere" in str(exc.value)
     fails("nbdinfo", "--size", server.tcp(server.certs.rogue))
     assert run("nbdinfo", "--size", server.tcp()).strip() == str(SIZE)
+    trusting = RemoteDevice(server.tcp(server.certs.rogue) + "&tls-verify-peer=false")   # explicitly unverified
+    try:
+        assert trusting.size == SIZE
+    finally:
+        trusting.close_backing()
 
 
 # ---- the client: nbds:// references in tables ----------------------------------------------------
@@ -604,3 +609,14 @@ def test_a_table_over_the_daemons_own_tls_export_is_a_cycle(server):
                 server.unix()):
         res = server.d.run("load", "vol", "--table", f"0 8 linear {url} 0", check=False)
         assert res.returncode != 0 and "ELOOP" in res.stderr and "vol -> vol" in res.stderr, res.stderr
+
+
+def test_tls_on_lets_each_tcp_client_choose(tmp_path, certs):
+    need("nbdinfo")
+    srv = TLSDaemon(tmp_path / "a", certs, "--tls=on")
+    try:
+        assert "--tls=on lets clients" in srv.d.log.read_text()
+        assert json.loads(run("nbdinfo", "--json", srv.tcp()))["TLS"] is True
+        assert json.loads(run("nbdinfo", "--json", f"nbd://localhost:{srv.port}/vol"))["TLS"] is False
+    finally:
+        srv.stop()

@@ -12,7 +12,7 @@ Options (nbdkit's spelling and meaning):
 
 Rules: the TCP listener (`--nbd-listen`) serves only with TLS, unless `--tls=off` is given
 explicitly, which is logged as a warning (any local or remote user could then read and write
-every device). The Unix socket `nbd.sock` (mode 0600) keeps TLS optional: `on` when
+every device); `--tls=on` with it is logged as a warning too (clients may choose plaintext). The Unix socket `nbd.sock` (mode 0600) keeps TLS optional: `on` when
 certificates are configured, whatever `--tls` says, off otherwise. Sockets the control
 socket hands out never use TLS. Every refusal is EINVAL (ENOENT for a missing file) with a
 sentence naming the option.
@@ -96,4 +96,7 @@ def from_options(opts: argparse.Namespace) -> ServerTLS:
         raise DMError(errno.EINVAL, f"--tls={mode} needs --tls-certificates DIR (ca-cert.pem, "
                       "server-cert.pem, server-key.pem)")
     ctx = server_context(directory, opts.tls_verify_peer)
+    if listen and mode == "on":
+        log.warning("WARNING: --tls=on lets clients of --nbd-listen %s choose plaintext, without "
+                    "authentication; --tls=require refuses them", listen)
     return ServerTLS(mode, ctx, str(directory), bool(opts.tls_verify_peer))
