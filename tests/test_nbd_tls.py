@@ -671,3 +671,51 @@ def test_a_mirror_leg_on_another_daemons_tls_export_survives_losing_it(tmp_path,
             fio.wait()
         b.stop()
         a.stop()
+
+
+@pytest.mark.hostile
+@pytest.mark.timeout(180)
+def test_tls_clients_that_never_read_replies_are_held_by_the_budget_and_cut_off(tmp_path, images, certs):
+    """The byte budgets and the reply timeout hold over TLS: clients that pipeline 32 MiB
+    READs and read nothing hold at most the budget, are cut off after --nbd-reply-timeout,
+    and an honest TLS client's small and big requests go through."""
+    from userdm.export.nbd.limits import NBDLimits
+    from userdm.export.nbd.server import NBDServer
+    from userdm.export.nbd.tls import ServerTLS
+    from userdm.nbd.protocol import encode_request
+    m = Mapper()
+    m.create("vol", f"0 {128 * MiB // 512} linear {images(1, 128 * MiB)[0]} 0\n")
+    srv = NBDServer(m, tcp=("127.0.0.1", 0), tls=ServerTLS("require", server_context(certs.server), str(certs.server)),
+                    limits=NBDLimits(connection_bytes=32 * MiB, total_bytes=64 * MiB, reply_timeout=2))
+    srv.start()
+    url = f"nbds://127.0.0.1:{srv.tcp_address[1]}/vol?tls-certificates={certs.client}"
+    greedy = []
+    honest = RemoteDevice(url, max_connections=1)
+    try:
+        from userdm.nbd.client import NBDConnection
+        for _ in range(4):
+            conn = NBDConnection(parse_url(url), url, client_context(certs.client))
+            conn.sock.raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            for cookie in range(8):
+                conn.sock.sendall(encode_request(C.CMD_READ, cookie, (cookie % 4) * 32 * MiB, 32 * MiB))
+            greedy.append(conn)
+        data = os.urandom(4096)
+        honest.write(5 * MiB, data)                         # small requests need no budget bytes
+        buf = bytearray(4096)
+        honest.readinto(5 * MiB, memoryview(buf))
+        assert buf == data
+        big = os.urandom(8 * MiB)
+        honest.write(64 * MiB, big)                          # waits for bytes until they are cut off
+        out = bytearray(8 * MiB)
+        honest.readinto(64 * MiB, memoryview(out))
+        assert out == big
+        # cut off: only the honest connection is left (the greedy clients never see the
+        # FIN, queued behind the replies they do not read), and its bytes are given back
+        assert wait_until(lambda: srv.connection_count() == 1, 60)
+        assert wait_until(lambda: srv.budget.used <= 8 * MiB, 30)
+    finally:
+        for conn in greedy:
+            conn.sock.close()
+        honest.close_backing()
+        srv.stop()
+        m.close()
