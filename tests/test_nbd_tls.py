@@ -305,7 +305,7 @@ def test_fio_verify_over_tls(server, tmp_path, where):
     uri = (f"nbds://localhost:{server.port}/vol" if where == "tcp"
            else f"nbds+unix:///vol?socket={server.sock}")
     out = run("fio", "--name=tls", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=64k",
-              "--size=8M", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--output-format=json",
+              "--size=8M", "--iodepth=8", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0", "--output-format=json",
               env=env, timeout=300)
     job = json.loads(out[out.index("{"):])["jobs"][0]
     assert job["error"] == 0 and job["write"]["io_bytes"] == 8 * MiB and job["read"]["io_bytes"] == 8 * MiB
@@ -646,7 +646,7 @@ def test_a_mirror_leg_on_another_daemons_tls_export_survives_losing_it(tmp_path,
         assert wait_until(lambda: " 32/32 1 AA " in b.run("status", "mir").stdout, 60)
         fio = subprocess.Popen(["fio", "--name=mirror", "--ioengine=nbd",
                                 f"--uri=nbd+unix:///mir?socket={b.runtime}/nbd.sock", "--rw=randwrite",
-                                "--bs=64k", "--iodepth=4", "--verify=crc32c", "--verify_backlog=32",
+                                "--bs=64k", "--iodepth=4", "--verify=crc32c", "--verify_backlog=32", "--verify_state_save=0",
                                 "--time_based", "--runtime=6", "--output-format=json"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert wait_until(lambda: "mir" in b.run("info", "mir").stdout and
