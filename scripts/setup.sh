@@ -12,6 +12,7 @@ PACKAGES=(
   nbdkit libnbd-bin qemu-utils fio
   fuse3 libfuse3-dev pkg-config
   e2fsprogs util-linux fdisk cryptsetup-bin   # cryptsetup: luksFormat/reencrypt oracles for crypt and LUKS
+  thin-provisioning-tools                     # thin_check/thin_dump/thin_restore check thin's metadata
   openssl                                      # scripts/tls-certs.sh: certificates for the NBD TLS tests
 )
 missing=()

@@ -139,3 +139,17 @@ def test_many_targets_lookup(mapper, images):
     assert mapper.info("many")["target_count"] == n
     assert len(mapper.deps("many")) == 1  # one device, opened once
     dev.close()
+
+
+def test_table_lines_are_split_in_chunks_exactly_as_splitlines(monkeypatch):
+    """parse_table splits a big table a chunk at a time (so the GIL is not held for one long
+    call); every kind of line ending gives the same lines as str.splitlines."""
+    import random
+
+    from userdm.dm import table as table_module
+    monkeypatch.setattr(table_module, "_LINES_CHUNK", 7)
+    rng = random.Random(11)
+    for _ in range(3000):
+        text = "".join(rng.choice(["a", "b", " ", "\n", "\r", "\r\n", "\x0b", "\x1c", "\u2028", "\x85"])
+                       for _ in range(rng.randint(0, 60)))
+        assert list(table_module._lines(text)) == text.splitlines(), repr(text)

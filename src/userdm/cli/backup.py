@@ -51,8 +51,10 @@ def era_metadata_size(sectors: int) -> int:
     return max(4 * MiB, (blocks * 4 * 4 + blocks // 2 + 64 * 4096 + 4095) // 4096 * 4096)
 
 
-def start(dm: Any, dev: str, store: str, *, cow_size: int | None = None) -> dict[str, Any]:
-    """Take a consistent snapshot of `dev` while it is in use; returns the snapshot and its era."""
+def start(dm: Any, dev: str, store: str, *, cow_size: int | None = None, nolockfs: bool = False) -> dict[str, Any]:
+    """Take a consistent snapshot of `dev` while it is in use; returns the snapshot and its era.
+    The suspend freezes the filesystems mounted on DEV's loop devices (lockfs), so the snapshot
+    is clean; with `nolockfs` it is only crash-consistent."""
     era_dev, origin_dev, snap_dev = names(dev)
     info = dm.info(dev)
     if not info["live"]:
@@ -73,7 +75,7 @@ def start(dm: Any, dev: str, store: str, *, cow_size: int | None = None) -> dict
     if os.path.exists(cow):
         os.unlink(cow)  # a new snapshot starts with an empty store
     _create_file(cow, cow_size or max(16 * MiB, info["size"] // 4))
-    dm.suspend(dev)  # DEV's users wait here; what they had in flight has completed
+    dm.suspend(dev, nolockfs=nolockfs)  # DEV's users wait here (frozen); what they had in flight has completed
     try:
         dm.message(era_dev, 0, "checkpoint")
         era = int(dm.status(era_dev)[0][3].split()[2])

@@ -38,6 +38,8 @@ def userdm_flags(info: dict[str, Any]) -> list[str]:
         flags.append(f"interposing {info['interposing']}")
     if info.get("interposed_by"):
         flags.append(f"interposed by {', '.join(info['interposed_by'])}")
+    if info.get("block_device"):
+        flags.append(f"blockdev {info['block_device']}")
     return flags
 
 
@@ -85,6 +87,7 @@ FIELDS: dict[str, tuple[str, int, bool, Any]] = {
     "devno": ("DevNo", 5, False, lambda i: f"{i['major']}:{i['minor']}"),
     "blkdevname": ("BlkDevName", 10, False, lambda i: f"dm-{i['minor']}"),
     "flags": ("Flags", 5, False, lambda i: ",".join(userdm_flags(i)) or "-"),
+    "diskseq": ("DiskSeq", 7, True, lambda i: i.get("diskseq") or "-"),
 }
 DEFAULT_FIELDS = ["name", "major", "minor", "attr", "open", "segments", "events", "uuid"]
 
@@ -140,7 +143,8 @@ def ls_line(info: dict[str, Any]) -> str:
 
 def tree(devices: list[dict[str, Any]]) -> str:
     """`dmsetup ls --tree`: devices not used by other mapped devices at the top, their
-    dependencies below; an edge opened without a claim is marked [shared]."""
+    dependencies below; an edge opened without a claim is marked [shared], and a device
+    held by its kernel block device `[blockdev /dev/loopN]`."""
     by_name = {d["name"]: d for d in devices}
     used = {dep["device"] for d in devices for dep in d["deps"] if dep["device"]}
     out: list[str] = []
@@ -169,6 +173,7 @@ def tree(devices: list[dict[str, Any]]) -> str:
     for dev in devices:
         if dev["name"] in used:
             continue
-        out.append(label(dev["name"], [dev["major"], dev["minor"]]))
+        held = f" [blockdev {dev['block_device']}]" if dev.get("block_device") else ""
+        out.append(label(dev["name"], [dev["major"], dev["minor"]]) + held)
         walk(dev, " ", frozenset({dev["name"]}))
     return "\n".join(out) + "\n" if out else ""

@@ -60,9 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="create: open the new device and run the command after '--' with it on fd 3")
     p.add_argument("--interpose", action="store_true",
                    help="create: the table may take over a device in use, named [interpose]DEV")
+    p.add_argument("--blockdev", action="store_true",
+                   help="create: give the device a kernel block device at RUNTIME/dev/NAME (a loop device)")
     p.add_argument("--no-open", action="store_true", help="remove --deferred: refuse new opens")
     p.add_argument("--exclusive", action="store_true", help="open: claim the device exclusively")
     p.add_argument("--holder", help="open: claim the device for this holder id (implies --exclusive)")
+    p.add_argument("--hook", metavar="SCRIPT",
+                   help="open: the holder's ops: the daemon runs SCRIPT freeze|thaw|sync|notify-failure|mark-dead")
+    p.add_argument("--hook-timeout", type=float, metavar="SECONDS",
+                   help="open --hook: how long the hook may run (default 30)")
+    p.add_argument("--diskseq", type=int, metavar="N",
+                   help="open: only the device with this disk sequence number (ENXIO otherwise)")
     p.add_argument("--since", type=int, metavar="ERA", help="era changed: blocks written since this era")
     p.add_argument("--xml", action="store_true", help="era changed: era_invalidate's XML (era blocks)")
     p.add_argument("--metadata-snapshot", action="store_true",
@@ -77,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbd-listen", help="daemon: also serve NBD on TCP HOST:PORT (needs TLS, see --tls)")
     p.add_argument("--no-fuse", action="store_true", help="daemon: no FUSE directory")
     p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
+    p.add_argument("--block-devices", action="store_true",
+                   help="daemon: a kernel block device (RUNTIME/dev/NAME) for every device with a live table")
     p.add_argument("--example", action="store_true",
                    help="daemon: create the device 'example' (linear over a sparse file)")
     p.add_argument("--max-control-connections", type=int, metavar="N", default=64,
@@ -161,7 +171,7 @@ class Commands:
         info = self.dm.create(name, table, uuid=self.o.uuid, readonly=self.o.readonly,
                               minor=self.o.minor, shared=self.o.shared, autoclear=self.o.autoclear,
                               max_opens=self.o.max_opens, open_fd=self.o.exec_,
-                              interpose=self.o.interpose)
+                              interpose=self.o.interpose, blockdev=self.o.blockdev)
         if self.o.exec_:
             run_with_open(info, self.command)
 
@@ -170,8 +180,11 @@ class Commands:
         name, rest = self.one()
         if rest or not self.command:
             usage("open needs a device name, then '--' and the command to run with the open")
+        import os
         info = self.dm.open(name, readonly=self.o.readonly, exclusive=self.o.exclusive,
-                            holder=self.o.holder)
+                            holder=self.o.holder, diskseq=self.o.diskseq,
+                            hook=os.path.abspath(self.o.hook) if self.o.hook else None,
+                            hook_timeout=self.o.hook_timeout)
         run_with_open(info, self.command)
 
     def load(self) -> None:
@@ -328,7 +341,7 @@ class Commands:
         sub, rest = (self.args[0], self.args[1:]) if self.args else ("", [])
         if sub == "start" and len(rest) == 1 and self.o.store:
             cow_size = parse_bytes(self.o.cow_size) if self.o.cow_size else None
-            got = backup.start(self.dm, rest[0], self.o.store, cow_size=cow_size)
+            got = backup.start(self.dm, rest[0], self.o.store, cow_size=cow_size, nolockfs=self.o.nolockfs)
             print(f"snapshot {got['snapshot']} taken at era {got['era']}; copy it with "
                   f"`userdm backup copy {rest[0]} DEST`; next time copy only the changes with "
                   f"`--since {got['era']}`")
@@ -402,7 +415,8 @@ def run_with_open(info: dict[str, Any], command: list[str]) -> NoReturn:
         os.close(fd)
     else:
         os.set_inheritable(fd, True)
-    env = {**os.environ, "USERDM_FD": str(OPEN_FD), "USERDM_DEVICE": info["name"]}
+    env = {**os.environ, "USERDM_FD": str(OPEN_FD), "USERDM_DEVICE": info["name"],
+           "USERDM_DISKSEQ": str(info.get("diskseq", ""))}
     sys.stdout.flush()
     try:
         os.execvpe(command[0], command, env)
@@ -428,7 +442,8 @@ def run_daemon(opts: argparse.Namespace) -> int:
                            message_timeout=opts.control_message_timeout)
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
-           example=opts.example, control_limits=limits, nbd_limits=nbd_limits_, nbd_tls=tls).run()
+           example=opts.example, control_limits=limits, nbd_limits=nbd_limits_,
+           block_devices=opts.block_devices, nbd_tls=tls).run()
     return 0
 
 

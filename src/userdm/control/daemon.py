@@ -62,13 +62,16 @@ class Daemon:
     def __init__(self, runtime_dir: Path, state_dir: Path, *, nbd_listen: str | None = None,
                  fuse: bool = True, nbd: bool = True, example: bool = False,
                  control_limits: ControlLimits | None = None, nbd_limits: Any = None,
-                 nbd_tls: Any = None) -> None:
+                 block_devices: bool = False, nbd_tls: Any = None) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.nbd_listen = parse_listen(nbd_listen) if nbd_listen else None
         self.want_fuse = fuse
         self.want_nbd = nbd
         self.example = example
+        #: every device with a live table gets a kernel block device (else only `create --blockdev`)
+        self.block_devices = block_devices
+        self._blockdevs: Any = None
         self.control_limits = control_limits or ControlLimits()
         #: the NBD server's `NBDLimits` (None: its defaults)
         self.nbd_limits = nbd_limits
@@ -92,6 +95,8 @@ class Daemon:
         self.mapper.restore()
         if self.example:
             ensure_example(self.mapper, self.state_dir)
+        if self._blockdevs is not None:
+            self._start_blockdevs()
         control.start()  # last: every restored device is served by now
         self._services.append(control)
 
@@ -108,7 +113,6 @@ class Daemon:
         self.mapper.open_sockets = server
         # tables over these are edges to the exported devices (`userdm.dm.cycles`)
         self.mapper.nbd_addresses = [str(server.unix_path)] + ([server.tcp_address] if server.tcp_address else [])
-        self.mapper.own_nbd_socket = str(paths.nbd_socket(self.runtime_dir))
         return server
 
     def _start_fuse(self, fuse_dir: Path) -> None:
@@ -129,6 +133,22 @@ class Daemon:
             log.warning("FUSE export unavailable: %s", exc)
             return
         self._services.append(export)
+        from ..export.blockdev import BlockDevices
+        self._blockdevs = BlockDevices(self.mapper, fuse_dir, paths.block_dir(self.runtime_dir),
+                                       all_devices=self.block_devices)
+
+    def _start_blockdevs(self) -> None:
+        """Block devices over the FUSE files (and lockfs), once the saved devices are back."""
+        if not os.path.exists("/dev/loop-control"):
+            log.warning("block devices unavailable: /dev/loop-control does not exist")
+            return
+        try:
+            self._blockdevs.start()
+        except Exception as exc:  # e.g. no permission: run without them
+            log.warning("block devices unavailable: %s", exc)
+            self._blockdevs.stop()
+            return
+        self._services.append(self._blockdevs)
 
     def stop(self) -> None:
         """Stop serving and release the devices, within `STOP_TIMEOUT` seconds (see the module

@@ -55,6 +55,11 @@ def fuse_dir(rundir: Path) -> Path:
     return rundir / "mapper"
 
 
+def block_dir(rundir: Path) -> Path:
+    """`dev/`: links to the devices' kernel block devices (`userdm.export.blockdev`)."""
+    return rundir / "dev"
+
+
 def _refuse_link(path: Path, what: str, st: os.stat_result) -> None:
     if stat.S_ISLNK(st.st_mode):
         try:

@@ -49,7 +49,7 @@ class MappedDevice(BlockDevice):
 
     def __init__(self, name: str, uuid: str, minor: int, resolver: Resolver, *,
                  shared: bool = False, autoclear: bool = False, max_opens: int | None = None,
-                 interpose: bool = False) -> None:
+                 interpose: bool = False, blockdev: bool = False) -> None:
         super().__init__(f"/dev/mapper/{name}", 0)
         self.name = name
         self.uuid = uuid
@@ -63,6 +63,16 @@ class MappedDevice(BlockDevice):
         self.no_open = False
         #: may name a device as `[interpose]DEV` in its table (`userdm.dm.interposer`)
         self.interpose = interpose
+        #: its disk sequence number: given at create, never given to another device (seed 001)
+        self.diskseq = 0
+        #: give it a kernel block device (`create --blockdev`; `userdm.export.blockdev`)
+        self.blockdev = blockdev
+        #: the kernel block device over it ("/dev/loop3"), set by the export layer above
+        self.block_device: str | None = None
+        #: lockfs from above the core (`userdm.export.blockdev`): `freeze_hook(device)` freezes
+        #: the filesystems mounted on it and returns the thaw callable, or raises DMError
+        self.freeze_hook: Callable[[MappedDevice], Callable[[], None] | None] | None = None
+        self._thaw_fs: Callable[[], None] | None = None
         #: the devices that took over this device's I/O, the last one in front
         self.interposers: list[MappedDevice] = []
         #: finds the mapped device that a reference names (set by the registry)
@@ -249,6 +259,14 @@ class MappedDevice(BlockDevice):
         if self.live is not None and not nolockfs and self.holder_ops and self.holder_ops.freeze:
             self.holder_ops.freeze()
             self._frozen = True  # DMF_FROZEN: resume thaws only what suspend froze
+        if self.live is not None and not nolockfs and self.freeze_hook is not None:
+            try:
+                self._thaw_fs = self.freeze_hook(self)  # freeze_bdev: filesystems mounted outside
+            except BaseException:
+                self._thaw_holder()
+                raise
+        else:
+            self._thaw_fs = None
         if self.live is not None:
             for target in self.live.targets:
                 target.presuspend()
@@ -314,10 +332,18 @@ class MappedDevice(BlockDevice):
             old.destroy()
         return old is None or old.size != new.size
 
+    def _thaw_holder(self) -> None:
+        """Undo the holder's freeze of a suspend that failed before it held I/O."""
+        thaw = self.holder_ops.thaw if self._frozen and self.holder_ops else None
+        self._frozen = False
+        if thaw:
+            thaw()
+
     def _release(self) -> None:
         """The end of every resume: let I/O flow, resume the targets, thaw what suspend froze."""
         thaw = self.holder_ops.thaw if self._frozen and self.holder_ops else None
         self._frozen = False
+        thaw_fs, self._thaw_fs = self._thaw_fs, None
         with self._cond:
             self._blocked = False
             self._cond.notify_all()
@@ -325,6 +351,8 @@ class MappedDevice(BlockDevice):
         if self.live is not None:
             for target in self.live.targets:
                 target.resume()
+        if thaw_fs:
+            thaw_fs()
         if thaw:
             thaw()
 

@@ -34,11 +34,12 @@ from typing import Any
 
 from ..block.backing import BackingStores
 from ..block.device import SECTOR, BlockDevice, BlockOpen, HolderOps
-from ..errors import DMError
+from ..errors import DMError, clipped, quoted
 from ..version import __version__
 from . import state as state_file
 from .cycles import DependencyGraph
 from .events import EventLog
+from .hooks import Hook
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
@@ -81,8 +82,6 @@ class Mapper:
         self.backing = BackingStores(direct=direct_io)
         self.fuse_dir = os.fspath(fuse_dir) if fuse_dir else None
         self.state_dir = os.fspath(state_dir) if state_dir else None
-        #: the daemon's own NBD socket: a table naming an export on it depends on that device
-        self.own_nbd_socket: str | None = None
         self._log = EventLog()
         #: hands out an open as an NBD client socket for `create(open_fd=True)` and `open`:
         #: an object with `socket_for_open(handle, name) -> socket`, provided by the export
@@ -91,6 +90,13 @@ class Mapper:
         #: this daemon's own NBD listeners, Unix socket paths (str) and TCP (host, port): a
         #: table over one of them is an edge to the device it exports (set by the daemon)
         self.nbd_addresses: list[Any] = []
+        #: lockfs, provided by the export layer above (the daemon's block devices,
+        #: `userdm.export.blockdev`): `freeze(device)` freezes the filesystems mounted on the
+        #: device and returns their thaw callable; None: nothing outside is frozen
+        self.lockfs: Any = None
+        #: holders outside the core that a removal must let go first (the block devices):
+        #: `release(device, deferred)` detaches them, or raises EBUSY (in use, not deferred)
+        self.outside_holders: Any = None
         #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
         self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
                                      devices=lambda: list(self._devices.values()),
@@ -101,6 +107,8 @@ class Mapper:
         self.partitions = MappedPartitions(self._lock, self._devices.get, self._emit, self._emit)
         self._register_schemes()
         self._store = state_file.StateStore(self.state_dir) if self.state_dir else None
+        #: disk sequence numbers: each device gets the next one; the store keeps the last one
+        self._diskseq = itertools.count((self._store.last_diskseq() if self._store is not None else 0) + 1)
         self._restorer = Restorer(self)
         if restore:
             self.restore()
@@ -123,7 +131,7 @@ class Mapper:
             if part is not None:
                 raise DMError(errno.ENXIO, f"{name} is partition {part.number} of {part.whole.name}, "
                               "not a mapped device")
-            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+            raise DMError(errno.ENXIO, f"device {quoted(name)} does not exist")
         return md
 
     def _by_minor(self, minor: int) -> MappedDevice | None:
@@ -159,19 +167,19 @@ class Mapper:
             if major.isdigit() and minor.isdigit() and int(major) == DM_MAJOR:
                 md = self._by_minor(int(minor))
                 if md is None or md.deleting:
-                    raise DMError(errno.ENXIO, f"no mapped device {ref}")
+                    raise DMError(errno.ENXIO, f"no mapped device {clipped(ref)}")
                 return md
             if major.isdigit() and minor.isdigit() and int(major) == BLKEXT_MAJOR:
                 part = self.partitions.by_minor(int(minor))
                 if part is None:
-                    raise DMError(errno.ENXIO, f"no partition {ref}")
+                    raise DMError(errno.ENXIO, f"no partition {clipped(ref)}")
                 return part
             return None
         if name is None:
             return None
         md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
-            raise DMError(errno.ENXIO, f"{ref}: no mapped device named {name!r}")
+            raise DMError(errno.ENXIO, f"{clipped(ref)}: no mapped device named {quoted(name)}")
         return md
 
     def _resolve(self, ref: str, write: bool, holder: object | None) -> tuple[BlockOpen, str]:
@@ -182,7 +190,7 @@ class Mapper:
         if ":" in ref and "/" not in ref:
             major, _, minor = ref.partition(":")
             if not (major.isdigit() and minor.isdigit()):
-                raise DMError(errno.EINVAL, f"{ref!r} is not MAJOR:MINOR, an absolute path or a URL")
+                raise DMError(errno.EINVAL, f"{quoted(ref)} is not MAJOR:MINOR, an absolute path or a URL")
             path = block_node(int(major), int(minor))
             opened = self.backing.open(path, write=write, holder=holder)
             return opened, ref
@@ -256,7 +264,7 @@ class Mapper:
         self._lock_device(md)
         try:
             if self._devices.get(name) is not md or md.deleting:
-                raise DMError(errno.ENXIO, f"device {name!r} does not exist (it was removed or renamed)")
+                raise DMError(errno.ENXIO, f"device {quoted(name)} does not exist (it was removed or renamed)")
             yield md
         finally:
             self._unlock_device(md)
@@ -307,14 +315,16 @@ class Mapper:
         return state_file.SavedDevice(
             md.name, md.minor, md.uuid, md.shared, md.autoclear, md.max_opens, md.no_open, md.interpose,
             md.suspended, md.deferred_remove, md.event_nr,
-            state_file.SavedTable(live.text, live.read_only) if live is not None else None)
+            state_file.SavedTable(live.text, live.read_only) if live is not None else None,
+            blockdev=md.blockdev, diskseq=md.diskseq)
 
     # ---- create / load / resume / suspend --------------------------------------------
 
     def create(self, name: str | None, table: str | None = None, *, uuid: str | None = None,
                readonly: bool = False, minor: int | None = None, shared: bool = False,
                autoclear: bool = False, max_opens: int | None = None, open_fd: bool = False,
-               holder: object | None = None, interpose: bool = False) -> dict[str, Any]:
+               holder: object | None = None, interpose: bool = False,
+               blockdev: bool = False) -> dict[str, Any]:
         """dmsetup create: make the device, and with `table` also load and resume it.
 
         The name, uuid and minor are taken at once (a second create of the name gets EBUSY);
@@ -324,7 +334,8 @@ class Mapper:
         additions: `shared` (claim no underlying device), `autoclear` (removed at its last
         close), `max_opens` (refuse opens beyond N with EBUSY), `name=None` (pick a free
         name), `interpose`: its table may take over a device in use, `[interpose]DEV`
-        (`userdm.dm.interposer`), and `open_fd`: open the new device in the same step, under its lock,
+        (`userdm.dm.interposer`), `blockdev`: a kernel block device over it (when the daemon
+        serves them, `userdm.export.blockdev`), and `open_fd`: open the new device in the same step, under its lock,
         and return the open as `info["fd"]`, an NBD client socket that the caller owns (seed
         001: there is no moment at which the device exists without that open)."""
         if max_opens is not None and (not isinstance(max_opens, int) or isinstance(max_opens, bool)
@@ -339,12 +350,13 @@ class Mapper:
             if name is None:
                 name = self._free_name()
             if self._name_taken(name):
-                raise DMError(errno.EBUSY, f"a device named {name!r} already exists")
+                raise DMError(errno.EBUSY, f"a device named {quoted(name)} already exists")
             if uuid and uuid in self._by_uuid:
                 raise DMError(errno.EBUSY, f"a device with uuid {uuid!r} already exists")
             minor = self._allocate_minor(minor)
             md = self._new_device(name, uuid, minor, shared=shared, autoclear=autoclear,
-                                  max_opens=max_opens, interpose=interpose)
+                                  max_opens=max_opens, interpose=interpose, blockdev=blockdev)
+            md.diskseq = next(self._diskseq)
             self._lock_device(md)  # a new lock: never waits
             self._register(md)
         try:
@@ -362,7 +374,12 @@ class Mapper:
         md._event_hook = self._table_event
         md.event_observer = self._emit
         md.on_last_close(self._last_close)
+        md.freeze_hook = self._freeze_outside
         return md
+
+    def _freeze_outside(self, md: MappedDevice) -> Callable[[], None] | None:
+        lockfs = self.lockfs
+        return lockfs.freeze(md) if lockfs is not None else None
 
     def _restore_shell(self, saved: state_file.SavedDevice) -> MappedDevice:
         """A saved device without its tables yet (`userdm.dm.restore`); nothing is committed."""
@@ -371,8 +388,10 @@ class Mapper:
                     (saved.uuid and saved.uuid in self._by_uuid):
                 raise DMError(errno.EEXIST, f"the name, uuid or minor of {saved.name!r} is taken twice")
             md = self._new_device(saved.name, saved.uuid, saved.minor, shared=saved.shared,
-                                  autoclear=saved.autoclear, max_opens=saved.max_opens, interpose=saved.interpose)
+                                  autoclear=saved.autoclear, max_opens=saved.max_opens, interpose=saved.interpose,
+                                  blockdev=saved.blockdev)
             md.event_nr = saved.event_nr
+            md.diskseq = saved.diskseq or self._give_diskseq(saved)
             md.deferred_remove = saved.deferred_remove
             md.no_open = saved.no_open
             md.saved_suspended = saved.suspended
@@ -384,6 +403,15 @@ class Mapper:
             if md.deferred_remove:
                 self._deferred.add(md)
             return md
+
+    def _give_diskseq(self, saved: state_file.SavedDevice) -> int:
+        """A device saved by a version without diskseq gets one at its restore."""
+        value = next(self._diskseq)
+        try:
+            self._commit("diskseq", state_file.diskseq(saved.minor, value))
+        except DMError as exc:
+            log.error("cannot save the disk sequence number of %s: %s", saved.name, exc)
+        return value
 
     def _create_locked(self, md: MappedDevice, text: str | None, readonly: bool, open_fd: bool,
                        holder: object | None) -> dict[str, Any]:
@@ -409,7 +437,7 @@ class Mapper:
         except BaseException:
             self._undo_create(md, committed)
             raise
-        self._emit({"event": "create", "name": md.name, "size": md.size})
+        self._emit({"event": "create", "name": md.name, "size": md.size, "diskseq": md.diskseq})
         info = self._info(md)
         if fd is not None:
             info["fd"] = fd
@@ -427,23 +455,42 @@ class Mapper:
         self._release_minor(md)
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
-             holder: object | None = None) -> dict[str, Any]:
+             holder: object | None = None, diskseq: int | None = None, hook: str | None = None,
+             hook_timeout: float | None = None) -> dict[str, Any]:
         """Open a device and return the open as `info["fd"]`, an NBD client socket the caller
         owns (`userdm open NAME -- CMD`). `exclusive` claims the device for a holder of its own,
-        as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest)."""
+        as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest).
+        With `diskseq`, only the device with that disk sequence number is opened (ENXIO if
+        NAME is another device now: the one meant was removed, and NAME created again).
+        With `hook` (an executable's absolute path; needs `exclusive` or `holder`) the holder
+        registers holder ops that run that hook (`userdm.dm.hooks`), for at most
+        `hook_timeout` seconds each; EBUSY if the device has holder ops already."""
+        if hook is not None and not exclusive and holder is None:
+            raise DMError(errno.EINVAL, f"open {name} --hook: holder ops need an exclusive open "
+                          "(--exclusive or --holder ID)")
         md = self._find(name)
+        if diskseq is not None and md.diskseq != diskseq:
+            raise DMError(errno.ENXIO, f"device {name} has disk sequence number {md.diskseq}, not {diskseq}: "
+                          f"the device with diskseq {diskseq} no longer exists")
         if exclusive and holder is None:
             holder = f"exclusive open #{next(self._exclusive_opens)}"
-        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder)
+        ops = None
+        if hook is not None:
+            if md.holder_ops is not None:
+                raise DMError(errno.EBUSY, f"device {name} already has holder operations registered "
+                              f"(by {md.holders_description()})")
+            ops = Hook(hook, md.name, str(holder), hook_timeout).holder_ops()
+        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder, holder_ops=ops)
         return {**self._info(md), "fd": fd}
 
-    def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None) -> int:
+    def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None,
+                 holder_ops: HolderOps | None = None) -> int:
         if md.live is None:
             raise DMError(errno.ENXIO, f"device {md.name} has no live table to open")
         if self.open_sockets is None:
             raise DMError(errno.EOPNOTSUPP, f"cannot hand out an open of {md.name} as a file descriptor: "
                           "this Mapper has no NBD export (use userdm.Mapper, or a daemon)")
-        handle = md.open(write=write, holder=holder)
+        handle = md.open(write=write, holder=holder, holder_ops=holder_ops)
         return self.open_sockets.socket_for_open(handle, md.name).detach()  # closes it on failure
 
     def load(self, name: str, table: str, *, readonly: bool = False) -> dict[str, Any]:
@@ -511,9 +558,18 @@ class Mapper:
         """Hold new I/O and drain in-flight I/O, under the device's own lock only: a device whose
         I/O is stuck delays operations on itself, never on other devices."""
         with self._op(name) as md:
-            if not md.suspended:
+            was_suspended = md.suspended
+            if not was_suspended:
                 self._commit("suspend", state_file.flags(md.minor, suspended=True, event_nr=md.event_nr))
-            md.suspend(noflush=noflush, nolockfs=nolockfs)
+            try:
+                md.suspend(noflush=noflush, nolockfs=nolockfs)
+            except BaseException:  # lockfs failed: the device runs on, and the store says so
+                if not was_suspended and not md.suspended:
+                    try:
+                        self._commit("suspend", state_file.flags(md.minor, suspended=False))
+                    except DMError as exc:
+                        log.error("cannot undo the failed suspend of %s in the state store: %s", md.name, exc)
+                raise
             self._emit({"event": "suspend", "name": md.name, "noflush": noflush, "nolockfs": nolockfs})
             return self._info(md)
 
@@ -614,6 +670,8 @@ class Mapper:
                 self._check_interposer_removal(md)
                 if force and attempt == 0:
                     self._wipe_locked(md)
+                if self.outside_holders is not None and md.opens:
+                    self.outside_holders.release(md, deferred)  # EBUSY while a filesystem is mounted
                 info = self._info(md)
                 if self._remove_if_unopened(md, "remove"):
                     info["deferred_remove"] = False
@@ -688,6 +746,11 @@ class Mapper:
             dev = interposed_device(md)
             if dev is not None and md in dev.interposers and dev.interposers[-1] is not md:
                 return False
+            if self.outside_holders is not None and md.opens:
+                try:
+                    self.outside_holders.release(md, False)  # an unmounted block device goes
+                except DMError:
+                    return False  # mounted: left alone, as an open device is
             return self._remove_if_unopened(md, what)
         finally:
             self._unlock_device(md)
@@ -718,7 +781,7 @@ class Mapper:
         self._unhash(md)
         md.destroy()
         self._release_minor(md)
-        self._emit({"event": "remove", "name": md.name})
+        self._emit({"event": "remove", "name": md.name, "diskseq": md.diskseq})
 
     def _last_close(self, device: BlockDevice) -> None:
         """The kernel's dm_blk_close: after the last close of a device marked for deferred
@@ -841,8 +904,13 @@ class Mapper:
             "interposed_by": [front.name for front in list(md.interposers)],
             "dead": md.dead,
             "holder": md.holders_description(),
-            "holders": sorted(getattr(user, "name", str(user)) for user in list(md.holder_links)
-                              if not isinstance(user, MappedPartition)),  # sysfs lists no partitions there
+            "holders": sorted([getattr(user, "name", str(user)) for user in list(md.holder_links)
+                               if not isinstance(user, MappedPartition)]  # sysfs lists no partitions there
+                              + ([os.path.basename(md.block_device)] if md.block_device else [])),
+            "blockdev": md.blockdev,
+            "diskseq": md.diskseq,
+            #: the kernel block device over it (`userdm.export.blockdev`), or None
+            "block_device": md.block_device,
             #: why a saved table is not live (or not loaded) after a restart; None when all is restored
             "restore_error": md.restore_error,
         }
@@ -944,7 +1012,7 @@ class Mapper:
                 self._deferred.discard(md)
             self._emit({"event": "cancel_deferred_remove", "name": md.name})
             return None
-        raise DMError(errno.EINVAL, f"unknown core message {args[0]!r}")
+        raise DMError(errno.EINVAL, f"unknown core message {quoted(args[0])}")
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
         """Runs of blocks of the device's era targets written since era `since`, each with
@@ -999,7 +1067,7 @@ class Mapper:
                     if ref in (tdev.ref, tdev.name, device.ref) or \
                             (same is not None and same == _file_identity(device.ref)):
                         return device
-        raise DMError(errno.ENXIO, f"{ref!r} is neither a mapped device nor a device that a table uses")
+        raise DMError(errno.ENXIO, f"{quoted(ref)} is neither a mapped device nor a device that a table uses")
 
     def _table_event(self, md: MappedDevice) -> None:
         with self._events:
@@ -1033,7 +1101,7 @@ class Mapper:
         An exclusive open (`holder`) may register `holder_ops` (DESIGN §6)."""
         md = self._devices.get(name) or self.partitions.get(name)
         if md is None:
-            raise DMError(errno.ENXIO, f"device {name!r} does not exist")
+            raise DMError(errno.ENXIO, f"device {quoted(name)} does not exist")
         return md.open(write=write, holder=holder, holder_ops=holder_ops)
 
     def export_names(self) -> list[str]:

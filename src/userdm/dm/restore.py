@@ -27,7 +27,6 @@ import re
 import threading
 import time
 from typing import Any
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from ..errors import DMError
 from . import state as state_file
@@ -112,13 +111,8 @@ class Restorer:
                 if dep is not None:
                     out.append(dep)
                 continue
-            elif m.own_nbd_socket and token.startswith(("nbd+unix://", "nbds+unix://")):
-                try:
-                    parts = urlsplit(token)
-                    if parse_qs(parts.query).get("socket", [None])[0] == m.own_nbd_socket:
-                        name = unquote(parts.path.lstrip("/"))
-                except ValueError:
-                    pass
+            else:
+                name = m.graph.own_export(token)  # an export on this daemon's own NBD server
             if not name:
                 continue
             dep = by_name.get(name)

@@ -45,13 +45,17 @@ _SCHEMA = (
     " minor INTEGER PRIMARY KEY, seq INTEGER NOT NULL, name TEXT NOT NULL UNIQUE, uuid TEXT NOT NULL,"
     " shared INTEGER NOT NULL, autoclear INTEGER NOT NULL, max_opens INTEGER, no_open INTEGER NOT NULL,"
     " interpose INTEGER NOT NULL, suspended INTEGER NOT NULL, deferred_remove INTEGER NOT NULL,"
-    " event_nr INTEGER NOT NULL)",
+    " event_nr INTEGER NOT NULL, blockdev INTEGER NOT NULL DEFAULT 0, diskseq INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS tables ("
     " minor INTEGER NOT NULL, slot TEXT NOT NULL CHECK (slot IN ('live', 'inactive')),"
     " text TEXT NOT NULL, read_only INTEGER NOT NULL, PRIMARY KEY (minor, slot))",
     "CREATE INDEX IF NOT EXISTS devices_by_seq ON devices (seq)",
     f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}')",
 )
+
+#: columns added after version 1 of the schema: added to an older database at start
+_ADDED_COLUMNS = (("devices", "blockdev", "INTEGER NOT NULL DEFAULT 0"),
+                  ("devices", "diskseq", "INTEGER NOT NULL DEFAULT 0"))
 
 #: device columns that `flags` may change
 FLAG_COLUMNS = frozenset({"name", "uuid", "no_open", "suspended", "deferred_remove", "event_nr"})
@@ -87,6 +91,10 @@ class SavedDevice:
     live: SavedTable | None = None
     inactive: SavedTable | None = None
     seq: int = field(default=0, compare=False)
+    #: a kernel block device over it (`create --blockdev`)
+    blockdev: bool = False
+    #: its disk sequence number, never reused (0: saved by a version without diskseq)
+    diskseq: int = 0
 
 
 # ---- the steps of a change ------------------------------------------------------------------
@@ -95,10 +103,13 @@ def device(d: SavedDevice) -> list[Step]:
     """A new device row, with its tables."""
     steps: list[Step] = [(
         "INSERT INTO devices (minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose,"
-        " suspended, deferred_remove, event_nr) VALUES (?, COALESCE((SELECT MAX(seq) FROM devices), 0) + 1,"
-        " ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        " suspended, deferred_remove, event_nr, blockdev, diskseq) VALUES (?, COALESCE((SELECT MAX(seq) FROM"
+        " devices), 0) + 1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         (d.minor, d.name, d.uuid, int(d.shared), int(d.autoclear), d.max_opens, int(d.no_open),
-         int(d.interpose), int(d.suspended), int(d.deferred_remove), d.event_nr))]
+         int(d.interpose), int(d.suspended), int(d.deferred_remove), d.event_nr, int(d.blockdev), d.diskseq)),
+        # the counter outlives the device: a diskseq is never handed out twice, across restarts too
+        ("INSERT INTO meta (key, value) VALUES ('diskseq', ?) ON CONFLICT (key) DO UPDATE SET value ="
+         " MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(d.diskseq),))]
     for slot in ("live", "inactive"):
         table = getattr(d, slot)
         if table is not None:
@@ -116,6 +127,13 @@ def flags(minor: int, **values: Any) -> list[Step]:
     cols = ", ".join(f"{name} = ?" for name in values)
     params = tuple(int(v) if isinstance(v, bool) else v for v in values.values())
     return [(f"UPDATE devices SET {cols} WHERE minor = ?", (*params, minor))]
+
+
+def diskseq(minor: int, value: int) -> list[Step]:
+    """Give a device saved without a disk sequence number (an earlier version) its number."""
+    return [("UPDATE devices SET diskseq = ? WHERE minor = ?", (value, minor)),
+            ("INSERT INTO meta (key, value) VALUES ('diskseq', ?) ON CONFLICT (key) DO UPDATE SET value ="
+             " MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(value),))]
 
 
 def put_table(minor: int, slot: str, text: str, read_only: bool) -> list[Step]:
@@ -201,6 +219,8 @@ class StateStore:
         has_schema = self._has_schema()
         if not has_schema:
             self._pending += [(sql, ()) for sql in _SCHEMA]
+        else:
+            self._pending += self._missing_columns()
         legacy_path = os.path.join(self.state_dir, LEGACY_FILE)
         if os.path.exists(legacy_path):
             if has_schema and self._meta("migrated") is not None:
@@ -217,6 +237,16 @@ class StateStore:
                 self.commit("start")
             except DMError as exc:
                 log.error("%s", exc)
+
+    def _missing_columns(self) -> list[Step]:
+        """ALTER TABLE steps for the columns that a database of an earlier version lacks."""
+        assert self._db is not None
+        steps: list[Step] = []
+        for table, column, decl in _ADDED_COLUMNS:
+            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in have:
+                steps.append((f"ALTER TABLE {table} ADD COLUMN {column} {decl}", ()))
+        return steps
 
     def _meta(self, key: str) -> str | None:
         assert self._db is not None
@@ -237,12 +267,25 @@ class StateStore:
             out = []
             for row in self._db.execute(
                     "SELECT minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended,"
-                    " deferred_remove, event_nr FROM devices ORDER BY seq"):
-                minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended, deferred, nr = row
+                    " deferred_remove, event_nr, " + ("0, 0" if self._missing_columns() else "blockdev, diskseq") +
+                    " FROM devices ORDER BY seq"):
+                (minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended, deferred,
+                 nr, blockdev, diskseq) = row
                 out.append(SavedDevice(name, minor, uuid, bool(shared), bool(autoclear), max_opens, bool(no_open),
                                        bool(interpose), bool(suspended), bool(deferred), nr,
-                                       tables.get((minor, "live")), tables.get((minor, "inactive")), seq))
+                                       tables.get((minor, "live")), tables.get((minor, "inactive")), seq,
+                                       bool(blockdev), diskseq))
             return out
+
+    def last_diskseq(self) -> int:
+        """The highest disk sequence number ever handed out (`Mapper` continues after it)."""
+        if self._db is None or not self._has_schema():
+            return 0
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'diskseq'").fetchone()
+            have = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
+            top = self._db.execute("SELECT MAX(diskseq) FROM devices").fetchone()[0] if "diskseq" in have else 0
+        return max(int(row[0]) if row else 0, top or 0)
 
     def commit(self, what: str, *changes: list[Step]) -> None:
         """Apply the steps of one change in one durable transaction, or raise DMError and

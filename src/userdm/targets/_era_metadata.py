@@ -320,13 +320,15 @@ class EraMetadata:
         if not need:
             return
         with self._marking:
+            need = {b for b in need if not self.marked(b)}  # a batch may have marked them meanwhile
             self._pending |= need
             while not all(self.marked(b) for b in need):
                 if self._committing:
                     self._marking.wait()
                     continue
-                # this thread's own blocks too: a failed batch may have taken them
-                batch = self._pending | {b for b in need if not self.marked(b)}
+                # this thread's own blocks too: a failed batch may have taken them; blocks that
+                # a batch marked after they were added are left out
+                batch = {b for b in self._pending | need if not self.marked(b)}
                 self._pending = set()
                 self._committing = True
                 self._marking.release()
@@ -419,6 +421,10 @@ class EraMetadata:
         """Archive the current writeset, start an empty one and move to the next era; with
         `nr_blocks`, also resize the era array (new blocks have era 0)."""
         with self._lock:
+            with self._marking:
+                # no write is being marked during an era change (the target's `_exclusive`), so
+                # what is left here was marked already: it must not reach the next era's writeset
+                self._pending = set()
             nr = self.state.nr_blocks if nr_blocks is None else nr_blocks
             if not 0 < nr <= max_nr_blocks():
                 raise DMError(errno.EINVAL, f"Invalid number of origin blocks {nr} (era metadata "

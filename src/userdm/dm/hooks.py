@@ -1,0 +1,91 @@
+"""Holder ops of a holder outside the daemon: a hook script, in the manner of
+qemu-guest-agent's fsfreeze hook (`userdm open NAME --exclusive --hook SCRIPT -- CMD`).
+
+The daemon runs `SCRIPT freeze`, `SCRIPT thaw`, `SCRIPT sync`, `SCRIPT notify-failure OFFSET
+LENGTH FLAGS` (bytes of the held device) or `SCRIPT mark-dead`, with `USERDM_DEVICE` and
+`USERDM_HOLDER` in its environment, and waits at most `timeout` seconds for it. A hook that
+exits non-zero fails the operation (EIO; a freeze so fails the suspend, which then holds and
+freezes nothing) with a sentence naming the hook, the operation and the exit status and the
+last line the hook wrote to stderr; a hook still running at the timeout is killed (its whole
+process group) and fails it with ETIMEDOUT. A thaw or mark-dead that fails is logged: nothing
+is left to undo. The registration ends with the open (the holder's exit closes it).
+
+`SPAWN_LOCK` is held while a hook process is started. A process that serves FUSE files must
+not fork while it holds one of them open (`userdm.export.fuse.export`); code that opens one
+(the block device export's LOOP_CONFIGURE) holds the lock meanwhile.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import threading
+
+from ..block.device import HolderOps
+from ..errors import DMError
+
+log = logging.getLogger("userdm.hooks")
+
+SPAWN_LOCK = threading.Lock()
+#: seconds a hook may run (`open --hook-timeout`)
+DEFAULT_TIMEOUT = 30.0
+
+
+def check_script(script: str) -> str:
+    """An absolute path to an executable file, or DMError naming what is wrong with it."""
+    if not os.path.isabs(script):
+        raise DMError(errno.EINVAL, f"--hook {script!r}: the hook must be an absolute path")
+    if not os.path.isfile(script):
+        raise DMError(errno.ENOENT, f"--hook {script}: no such file")
+    if not os.access(script, os.X_OK):
+        raise DMError(errno.EACCES, f"--hook {script}: not executable")
+    return script
+
+
+class Hook:
+    """The hook script of one holder of device `name`."""
+
+    def __init__(self, script: str, name: str, holder: str, timeout: float | None = None) -> None:
+        self.script = check_script(script)
+        self.name = name
+        self.holder = holder
+        self.timeout = DEFAULT_TIMEOUT if timeout is None else timeout
+
+    def run(self, op: str, *args: str) -> None:
+        env = {**os.environ, "USERDM_DEVICE": self.name, "USERDM_HOLDER": self.holder}
+        with SPAWN_LOCK:
+            proc = subprocess.Popen([self.script, op, *args], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, env=env, close_fds=True, start_new_session=True)
+        try:
+            _, err = proc.communicate(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.communicate()
+            raise DMError(errno.ETIMEDOUT, f"hook {self.script} {op} of device {self.name} (holder {self.holder}) "
+                          f"did not exit within {self.timeout:g} seconds and was killed") from None
+        if proc.returncode != 0:
+            last = err.decode("utf-8", "replace").strip().splitlines()[-1:] if err else []
+            status = f"status {proc.returncode}" if proc.returncode > 0 else f"signal {-proc.returncode}"
+            raise DMError(errno.EIO, f"hook {self.script} {op} of device {self.name} (holder {self.holder}) "
+                          f"exited with {status}" + (f": {last[0]}" if last else ""))
+
+    def _logged(self, op: str, *args: str) -> None:
+        try:
+            self.run(op, *args)
+        except DMError as exc:
+            log.error("%s", exc.message)
+
+    def holder_ops(self) -> HolderOps:
+        return HolderOps(
+            mark_dead=lambda surprise: self._logged("mark-dead"),
+            sync=lambda: self.run("sync"),
+            freeze=lambda: self.run("freeze"),
+            thaw=lambda: self._logged("thaw"),
+            notify_failure=lambda offset, length, flags: self.run("notify-failure", str(offset), str(length),
+                                                                  str(flags)))
