@@ -12,7 +12,13 @@ Jobs: 1 MiB sequential read and write at qd8, 4 KiB random read at qd1 and qd16,
 random write at qd16; one connection each. Usage:
 
     PYTHONPATH=src python3 bench/nbd.py [--mib 1024] [--runtime 3] [--rounds 3] [--dir DIR]
-        [--jobs write,qd16] [--servers userdm,nbdkit] [--baseline-src DIR]
+        [--jobs write,qd16] [--servers userdm,nbdkit] [--baseline-src DIR] [--tls]
+
+`--tls`: every NBD connection does STARTTLS (X.509 certificates made for the run by
+scripts/tls-certs.sh): userdm with `--tls-certificates`, `nbdkit --tls=require`, qemu-nbd
+with `tls-creds-x509`; fio connects with `nbds+unix://` (libnbd reads the client
+certificates from $HOME/.pki/libnbd: fio's nbd engine refuses `tls-certificates=` in a URI,
+so fio runs with HOME set to the run's directory). The raw file is measured as without TLS.
 
 `--baseline-src` adds a second userdm server run from another source tree, for before/after
 figures taken in one run, e.g. with the last commit's code:
@@ -51,8 +57,9 @@ JOBS = [  # (label, fio rw, block size, queue depth, unit)
 SERVERS = ["userdm", "nbdkit", "qemu-nbd", "raw"]
 
 
-def serve(sock: str, path: str) -> None:
-    """Helper mode: a Mapper with one linear device over `path`, served on `sock`."""
+def serve(sock: str, path: str, certs: str | None = None) -> None:
+    """Helper mode: a Mapper with one linear device over `path`, served on `sock` (with TLS
+    from the certificate directory `certs`, if given)."""
     from userdm import Mapper
     try:
         from userdm.export.nbd.server import NBDServer
@@ -62,7 +69,12 @@ def serve(sock: str, path: str) -> None:
     size = os.path.getsize(path) // 512
     mapper = Mapper()
     mapper.create("bench", f"0 {size} linear {path} 0\n")
-    srv = NBDServer(mapper, unix_path=sock)
+    if certs:
+        from userdm.export.nbd.tls import ServerTLS
+        from userdm.nbd.tls import server_context
+        srv = NBDServer(mapper, unix_path=sock, tls=ServerTLS("require", server_context(certs), certs))
+    else:
+        srv = NBDServer(mapper, unix_path=sock)
     srv.start()
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -95,14 +107,15 @@ def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | No
     wait_for(sock, proc, what)
 
 
-def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str) -> dict:
+def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str,
+        env: dict | None = None) -> dict:
     cmd = ["fio", "--name=bench", f"--rw={rw}", f"--bs={bs}", f"--size={size}", "--time_based",
            f"--runtime={runtime}", "--ramp_time=0.5", f"--output={out}", "--output-format=json"]
     if target.startswith("nbd"):
         cmd += ["--ioengine=nbd", f"--uri={target}", f"--iodepth={qd}"]
     else:
         cmd += ["--ioengine=psync", f"--filename={path}"]
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, env=env)
     job = json.load(open(out))["jobs"][0]
     return job["read"] if job["read"]["io_bytes"] else job["write"]
 
@@ -112,6 +125,18 @@ def fill(path: str, size: int) -> None:
     with open(path, "wb") as f:
         for _ in range(size >> 20):
             f.write(block)
+
+
+def tls_setup(work: str, here: str) -> tuple[str, dict]:
+    """Certificates for the run (scripts/tls-certs.sh) and fio's environment: libnbd reads
+    the client's from $HOME/.pki/libnbd."""
+    certs = os.path.join(work, "certs")
+    subprocess.run(["bash", os.path.join(here, "..", "scripts", "tls-certs.sh"), certs],
+                   stdout=subprocess.DEVNULL, check=True)
+    home = os.path.join(work, "home")
+    os.makedirs(os.path.join(home, ".pki"))
+    shutil.copytree(os.path.join(certs, "client"), os.path.join(home, ".pki", "libnbd"))
+    return certs, {**os.environ, "HOME": home}
 
 
 def main() -> None:
@@ -126,7 +151,9 @@ def main() -> None:
     ap.add_argument("--baseline-src", metavar="DIR",
                     help="also measure a userdm server run from the source tree DIR (e.g. an older commit's "
                          "src from `git archive`), as 'baseline', for before/after figures of one run")
-    ap.add_argument("--serve", nargs=2, metavar=("SOCKET", "FILE"), help=argparse.SUPPRESS)
+    ap.add_argument("--tls", action="store_true",
+                    help="NBD over TLS for every server (userdm, nbdkit --tls=require, qemu-nbd)")
+    ap.add_argument("--serve", nargs="+", metavar="SOCKET FILE [CERTS]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         serve(*args.serve)
@@ -153,22 +180,28 @@ def main() -> None:
         fill(path, size)
         socks = {s: os.path.join(work, f"{s}.sock") for s in servers if s != "raw"}
         here = os.path.dirname(os.path.abspath(__file__))
+        certs, fio_env = tls_setup(work, here) if args.tls else (None, None)
         sources = {"userdm": os.path.join(here, "..", "src"), "baseline": args.baseline_src}
         for name in ("userdm", "baseline"):
             if name in servers:
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                     [os.path.abspath(sources[name]), os.environ.get("PYTHONPATH", "")])}
-                start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks[name], path],
+                start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks[name], path,
+                              *([certs + "/server"] if certs else [])],
                       socks[name], f"{name} server", env)
         if "nbdkit" in servers:
-            start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], "file", path], socks["nbdkit"], "nbdkit")
+            tls = ["--tls=require", f"--tls-certificates={certs}/server"] if certs else []
+            start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], *tls, "file", path], socks["nbdkit"], "nbdkit")
         if "qemu-nbd" in servers:
+            tls = (["--object", f"tls-creds-x509,id=tls0,dir={certs}/server,endpoint=server,verify-peer=off",
+                    "--tls-creds", "tls0"] if certs else [])
             start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k",
-                          socks["qemu-nbd"], path], socks["qemu-nbd"], "qemu-nbd")
-        targets = {"userdm": f"nbd+unix:///bench?socket={socks.get('userdm')}",
-                   "baseline": f"nbd+unix:///bench?socket={socks.get('baseline')}",
-                   "nbdkit": f"nbd+unix:///?socket={socks.get('nbdkit')}",
-                   "qemu-nbd": f"nbd+unix:///?socket={socks.get('qemu-nbd')}",
+                          socks["qemu-nbd"], *tls, path], socks["qemu-nbd"], "qemu-nbd")
+        scheme = "nbds+unix" if certs else "nbd+unix"
+        targets = {"userdm": f"{scheme}:///bench?socket={socks.get('userdm')}",
+                   "baseline": f"{scheme}:///bench?socket={socks.get('baseline')}",
+                   "nbdkit": f"{scheme}:///?socket={socks.get('nbdkit')}",
+                   "qemu-nbd": f"{scheme}:///?socket={socks.get('qemu-nbd')}",
                    "raw": path}
         results: dict[tuple[str, str], list[float]] = {}
         out = os.path.join(work, "fio.json")
@@ -177,7 +210,7 @@ def main() -> None:
                 for server in servers:
                     if server == "raw" and qd > 1 and rw.startswith("rand"):
                         continue          # psync has no queue depth
-                    r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out)
+                    r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out, fio_env)
                     value = r["bw_bytes"] / 1e6 if unit == "MB/s" else r["iops"]
                     results.setdefault((label, server), []).append(value)
                     print(f"round {rnd + 1} {label:18} {server:8} {value:10.0f} {unit}", flush=True)

@@ -14,6 +14,7 @@ PACKAGES=(
   e2fsprogs util-linux fdisk cryptsetup-bin   # cryptsetup: luksFormat/reencrypt oracles for crypt and LUKS
   thin-provisioning-tools                     # thin_check/thin_dump/thin_restore check thin's metadata
   dmsetup   # its report engine (splitname, help) is the oracle for userdm's; it needs no kernel dm for those
+  openssl                                      # scripts/tls-certs.sh: certificates for the NBD TLS tests
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

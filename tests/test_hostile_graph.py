@@ -146,7 +146,7 @@ def test_a_cycle_through_the_daemons_own_tcp_export_is_refused(tmp_path, images)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     d = Daemon(tmp_path)
-    d.start("--nbd-listen", f"127.0.0.1:{port}")
+    d.start("--nbd-listen", f"127.0.0.1:{port}", "--tls=off")
     try:
         (img,) = images()
         d.run("create", "cyA", "--table", linear(img))

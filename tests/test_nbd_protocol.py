@@ -82,8 +82,12 @@ def test_list_with_data_is_invalid():
     assert replies(started().receive_data(encode_option(C.OPT_LIST, b"x")))[0][1] == C.REP_ERR_INVALID
 
 
-def test_starttls_is_unsupported():
-    assert replies(started().receive_data(encode_option(C.OPT_STARTTLS)))[0][1] == C.REP_ERR_UNSUP
+def test_starttls_without_tls_is_refused_by_policy():
+    """NOTLS mode (--tls=off): NBD_REP_ERR_POLICY, as nbdkit built with TLS answers; the
+    negotiation goes on in plaintext."""
+    hs = started()
+    assert replies(hs.receive_data(encode_option(C.OPT_STARTTLS)))[0][1] == C.REP_ERR_POLICY
+    assert hs.state == "options"
 
 
 def test_info_unknown_export_then_go():

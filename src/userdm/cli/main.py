@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-y", "--yes", action="store_true", help="accepted for dmsetup compatibility")
     p.add_argument("-v", "--verbose", action="count", default=0)
     # daemon options
-    p.add_argument("--nbd-listen", help="daemon: also serve NBD on TCP HOST:PORT")
+    p.add_argument("--nbd-listen", help="daemon: also serve NBD on TCP HOST:PORT (needs TLS, see --tls)")
     p.add_argument("--no-fuse", action="store_true", help="daemon: no FUSE directory")
     p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
     p.add_argument("--block-devices", action="store_true",
@@ -134,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "within this time, else the connection closes (default 60)")
     from . import luks
     luks.add_options(p)
-    from ..export.nbd import limits as nbd_limits   # daemon: what NBD clients may cost
+    from ..export.nbd import limits as nbd_limits, tls as nbd_tls  # daemon: NBD costs and TLS
     nbd_limits.add_arguments(p)
+    nbd_tls.add_arguments(p)
     return p
 
 
@@ -715,6 +716,8 @@ def run_daemon(opts: argparse.Namespace) -> int:
     nbd_limits_ = nbd_limits.from_options(opts)
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format="userdm: %(name)s: %(message)s")
+    from ..export.nbd import tls as nbd_tls
+    tls = nbd_tls.from_options(opts)   # after basicConfig: it may warn (TCP without TLS)
     from ..control.server import ControlLimits
     limits = ControlLimits(max_connections=opts.max_control_connections,
                            max_message=parse_bytes(opts.max_message_size),
@@ -722,7 +725,7 @@ def run_daemon(opts: argparse.Namespace) -> int:
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
            example=opts.example, control_limits=limits, nbd_limits=nbd_limits_,
-           block_devices=opts.block_devices).run()
+           block_devices=opts.block_devices, nbd_tls=tls).run()
     return 0
 
 

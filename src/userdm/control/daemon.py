@@ -62,7 +62,7 @@ class Daemon:
     def __init__(self, runtime_dir: Path, state_dir: Path, *, nbd_listen: str | None = None,
                  fuse: bool = True, nbd: bool = True, example: bool = False,
                  control_limits: ControlLimits | None = None, nbd_limits: Any = None,
-                 block_devices: bool = False) -> None:
+                 block_devices: bool = False, nbd_tls: Any = None) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.nbd_listen = parse_listen(nbd_listen) if nbd_listen else None
@@ -75,6 +75,8 @@ class Daemon:
         self.control_limits = control_limits or ControlLimits()
         #: the NBD server's `NBDLimits` (None: its defaults)
         self.nbd_limits = nbd_limits
+        #: the NBD server's `ServerTLS` (None: no TLS; `export/nbd/tls.py` has the rules)
+        self.nbd_tls = nbd_tls
         self.stopping = threading.Event()
         self._services: list[Any] = []
         self.mapper: Mapper | None = None
@@ -105,7 +107,7 @@ class Daemon:
             log.warning("NBD export unavailable: %s", exc)
             return None
         server = NBDServer(self.mapper, unix_path=paths.nbd_socket(self.runtime_dir), tcp=self.nbd_listen,
-                           limits=self.nbd_limits)
+                           limits=self.nbd_limits, tls=self.nbd_tls)
         server.start()
         self._services.append(server)
         self.mapper.open_sockets = server

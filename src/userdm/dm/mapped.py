@@ -474,9 +474,11 @@ class MappedDevice(BlockDevice):
                             for off, n in target.failure(lower, offset, length))
 
     def dies_with(self, lower: BlockDevice) -> bool:
-        """A mapped device dies with any device its live table uses."""
+        """A mapped device dies with any device its live table uses, unless the target that
+        uses it carries on without it (`Target.device_lost`: a mirror with handle_errors)."""
         table = self.live
-        return table is not None and any(dev.device is lower for dev in table.devices())
+        return table is not None and any(dev.device is lower and not target.device_lost(lower)
+                                         for target in table.targets for dev in target.devices())
 
     # ---- reporting ---------------------------------------------------------------------
 

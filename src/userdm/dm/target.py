@@ -224,6 +224,12 @@ class Target:
         exc.failed_ranges = [(self.begin * SECTOR + off, n) for off, n in ranges]  # type: ignore[attr-defined]
         return exc
 
+    def device_lost(self, dev: BlockDevice) -> bool:
+        """The underlying device `dev` died (`mark_dead`): True if this target carries on
+        without it (a mirror with handle_errors marks the leg and goes on), False if the
+        mapped device dies with it (the default)."""
+        return False
+
     def direct_map(self) -> tuple[TableDevice, int] | None:
         """`(device, byte offset)` if this target maps its range one-to-one onto that device
         from that offset on (linear, dust, flakey); None otherwise. Used by `failure`."""

@@ -2,8 +2,19 @@
 
     nbd://HOST[:PORT]/EXPORT               TCP (port 10809 by default)
     nbd+unix:///EXPORT?socket=PATH         Unix socket
+    nbds://HOST[:PORT]/EXPORT[?tls-certificates=DIR]            the same over TLS
+    nbds+unix:///EXPORT?socket=PATH[&tls-certificates=DIR]
 
-`register(backing_stores)` makes both schemes usable in tables. A `RemoteDevice` keeps a pool
+TLS (`nbds`, `nbds+unix`) takes libnbd's query parameters: `tls-certificates=DIR` holds
+`ca-cert.pem` and optional `client-cert.pem`/`client-key.pem` (without it, the system's
+trusted CAs); `tls-hostname=NAME` is the name the server's certificate must carry (by default
+the URL's host; over a Unix socket no name is checked unless it is given);
+`tls-verify-peer=false` accepts any server certificate. `tls-psk-file` is refused (EINVAL):
+Python 3.11's `ssl` module has no pre-shared keys. TLS is required: a server that does not
+acknowledge NBD_OPT_STARTTLS, sent as the first option, or whose certificate does not verify,
+is not used (ENXIO, with the reason).
+
+`register(backing_stores)` makes all four schemes usable in tables. A `RemoteDevice` keeps a pool
 of connections, each running one request at a time (send header + payload in one
 `sendmsg`, receive data straight into the caller's buffer with `recv_into`); concurrent
 callers use different connections, up to `max_connections` when the server advertises
@@ -12,7 +23,7 @@ CAN_MULTI_CONN and one otherwise. Each connection negotiates structured replies,
 NBD_OPT_EXPORT_NAME for old servers.
 
 Reconnection: when a connection breaks (EOF, reset, a protocol error), the request is
-retried on a fresh connection, a few times with a short backoff. Every NBD command is
+retried on a fresh connection (a new handshake, TLS included), a few times with a short backoff. Every NBD command is
 retried, writes included: a WRITE, TRIM or WRITE_ZEROES re-sent with the same offset and
 data has the same effect, and a request that has not been answered is in flight, with no
 ordering promised against other in-flight requests. A retried FLUSH only covers writes the
@@ -26,7 +37,9 @@ devices above it and their holders are told, and its I/O fails with EIO from the
 from __future__ import annotations
 
 import errno
+import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -37,6 +50,7 @@ from ..block.device import BlockDevice
 from ..errors import DMError
 from . import constants as C
 from .handshake import client_flags, decode_info, encode_go, encode_meta_context, encode_option
+from .tls import TLSHandshakeError, TLSStream, client_context
 from .protocol import (CHUNK_SIZE, OPTION_REPLY, SIMPLE_REPLY_SIZE, ProtocolError, decode_block_status_payload,
                        decode_error_payload, decode_reply_header, encode_request)
 
@@ -48,32 +62,74 @@ _U64 = struct.Struct(">Q")
 
 
 @dataclass(frozen=True)
+class TLSOptions:
+    """libnbd's TLS query parameters of an `nbds` URL."""
+
+    certificates: str | None = None
+    hostname: str | None = None      # checked against the server's certificate (None: not checked)
+    verify_peer: bool = True
+
+    def context(self, url: str) -> ssl.SSLContext:
+        return client_context(self.certificates, verify_peer=self.verify_peer,
+                              check_hostname=self.hostname is not None,
+                              what=f"{url}: tls-certificates")
+
+
+@dataclass(frozen=True)
 class Address:
-    """Where an export lives: `family` AF_UNIX (path) or AF_INET/AF_INET6 (host, port)."""
+    """Where an export lives: `family` AF_UNIX (path) or AF_INET/AF_INET6 (host, port);
+    `tls` for the `nbds` schemes."""
 
     family: int
     target: str | tuple[str, int]
     export: str
+    tls: TLSOptions | None = None
+
+
+_TLS_PARAMS = {"tls-certificates", "tls-hostname", "tls-verify-peer"}
+_PSK_PARAMS = {"tls-psk-file", "tls-username"}
+
+
+def _tls_options(url: str, query: dict[str, list[str]], host: str | None) -> TLSOptions:
+    for key in query:
+        if key in _PSK_PARAMS:
+            raise DMError(errno.EINVAL, f"{url}: {key}: TLS with pre-shared keys is not supported: "
+                          "Python 3.11's ssl module has no PSK API; use tls-certificates=DIR "
+                          "(X.509 certificates)")
+        if key.startswith("tls-") and key not in _TLS_PARAMS:
+            raise DMError(errno.EINVAL, f"{url}: unknown TLS parameter {key!r} (known: "
+                          f"{', '.join(sorted(_TLS_PARAMS))})")
+    verify = query.get("tls-verify-peer", ["true"])[-1].lower()
+    if verify not in ("true", "false", "1", "0", "yes", "no", "on", "off"):
+        raise DMError(errno.EINVAL, f"{url}: tls-verify-peer={verify!r} is not a boolean")
+    return TLSOptions(certificates=query.get("tls-certificates", [None])[-1],
+                      hostname=query.get("tls-hostname", [host])[-1],
+                      verify_peer=verify in ("true", "1", "yes", "on"))
 
 
 def parse_url(url: str) -> Address:
-    """Parse `nbd://HOST[:PORT]/EXPORT` or `nbd+unix:///EXPORT?socket=PATH`; EINVAL if bad."""
+    """Parse `nbd[s]://HOST[:PORT]/EXPORT` or `nbd[s]+unix:///EXPORT?socket=PATH`; EINVAL if bad."""
     try:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
         raise DMError(errno.EINVAL, f"{url}: bad NBD URL: {exc}") from None
     export = unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    if parts.scheme == "nbd":
+    query = parse_qs(parts.query)
+    scheme = parts.scheme
+    secure = scheme in ("nbds", "nbds+unix")
+    if scheme in ("nbd", "nbds"):
         if not parts.hostname:
-            raise DMError(errno.EINVAL, f"{url}: an nbd:// URL needs a host")
+            raise DMError(errno.EINVAL, f"{url}: an {scheme}:// URL needs a host")
         family = socket.AF_INET6 if ":" in parts.hostname else socket.AF_INET
-        return Address(family, (parts.hostname, port or DEFAULT_PORT), export)
-    if parts.scheme == "nbd+unix":
-        sockets = parse_qs(parts.query).get("socket")
+        tls = _tls_options(url, query, parts.hostname) if secure else None
+        return Address(family, (parts.hostname, port or DEFAULT_PORT), export, tls)
+    if scheme in ("nbd+unix", "nbds+unix"):
+        sockets = query.get("socket")
         if parts.netloc or not sockets:
-            raise DMError(errno.EINVAL, f"{url}: an nbd+unix URL is nbd+unix:///EXPORT?socket=PATH")
-        return Address(socket.AF_UNIX, sockets[0], export)
+            raise DMError(errno.EINVAL, f"{url}: an {scheme} URL is {scheme}:///EXPORT?socket=PATH")
+        tls = _tls_options(url, query, None) if secure else None
+        return Address(socket.AF_UNIX, sockets[0], export, tls)
     raise DMError(errno.EINVAL, f"{url}: unsupported NBD URL scheme {parts.scheme!r}")
 
 
@@ -84,9 +140,11 @@ class Broken(Exception):
 class NBDConnection:
     """One negotiated connection running one request at a time."""
 
-    def __init__(self, address: Address, url: str) -> None:
+    def __init__(self, address: Address, url: str, tls: ssl.SSLContext | None = None) -> None:
         self.url = url
-        self.sock = socket.socket(address.family, socket.SOCK_STREAM)
+        self.address = address
+        self.tls = tls
+        self.sock: socket.socket | TLSStream = socket.socket(address.family, socket.SOCK_STREAM)
         self.cookie = 0
         self.meta_id = 0
         self.structured = False
@@ -124,8 +182,10 @@ class NBDConnection:
         return rtype, self._recv(length)
 
     def _refused(self, what: str, rtype: int, data: bytes) -> DMError:
-        err = errno.ENXIO if rtype in (C.REP_ERR_UNKNOWN, C.REP_ERR_SHUTDOWN) else errno.EIO
+        err = errno.ENXIO if rtype in (C.REP_ERR_UNKNOWN, C.REP_ERR_SHUTDOWN, C.REP_ERR_TLS_REQD) else errno.EIO
         msg = data.decode("utf-8", "replace") or f"reply type 0x{rtype:x}"
+        if rtype == C.REP_ERR_TLS_REQD:
+            msg = f"the server requires TLS (use nbds:// or nbds+unix://): {msg}"
         return DMError(err, f"{self.url}: {what} refused: {msg}")
 
     def _handshake(self, export: str) -> None:
@@ -134,7 +194,24 @@ class NBDConnection:
             raise ProtocolError("not an NBD server speaking the newstyle handshake")
         cflags = client_flags(sflags)
         no_zeroes = bool(cflags & C.FLAG_C_NO_ZEROES)
-        self.sock.sendall(struct.pack(">I", cflags) + encode_option(C.OPT_STRUCTURED_REPLY))
+        self.sock.sendall(struct.pack(">I", cflags))
+        if self.tls is None:
+            self._options(export, no_zeroes)
+            return
+        self._starttls()
+        try:
+            self._options(export, no_zeroes)
+        except (OSError, Broken) as exc:
+            opts = self.address.tls
+            if opts is not None and not _has_client_cert(opts):
+                raise Broken(f"{exc}; the server ended the TLS session: it may require a client "
+                             "certificate (client-cert.pem and client-key.pem in the "
+                             "tls-certificates directory)") from None
+            raise
+
+    def _options(self, export: str, no_zeroes: bool) -> None:
+        """Structured replies, base:allocation, then GO (or EXPORT_NAME for old servers)."""
+        self.sock.sendall(encode_option(C.OPT_STRUCTURED_REPLY))
         rtype, _ = self._option_reply(C.OPT_STRUCTURED_REPLY)
         self.structured = rtype == C.REP_ACK
         if self.structured:
@@ -159,6 +236,23 @@ class NBDConnection:
                 raise self._refused(f"export {export!r}", rtype, data)
         if "size" not in self.info:
             raise ProtocolError("GO succeeded without NBD_INFO_EXPORT")
+
+    def _starttls(self) -> None:
+        """NBD_OPT_STARTTLS as the first option, then the TLS handshake: TLS is required."""
+        assert self.tls is not None and self.address.tls is not None
+        self.sock.sendall(encode_option(C.OPT_STARTTLS))
+        rtype, data = self._option_reply(C.OPT_STARTTLS)
+        if rtype != C.REP_ACK:
+            msg = data.decode("utf-8", "replace") or f"reply type 0x{rtype:x}"
+            raise DMError(errno.ENXIO, f"{self.url}: the server does not do TLS (NBD_OPT_STARTTLS "
+                          f"refused: {msg})")
+        hostname = self.address.tls.hostname
+        stream = TLSStream(self.sock, self.tls, server_side=False, server_hostname=hostname)
+        try:
+            stream.handshake(time.monotonic() + CONNECT_TIMEOUT)
+        except TLSHandshakeError as exc:
+            raise DMError(errno.ENXIO, f"{self.url}: {exc.strerror}") from None
+        self.sock = stream
 
     def _export_name(self, export: str, no_zeroes: bool) -> None:
         self.sock.sendall(encode_option(C.OPT_EXPORT_NAME, export.encode()))
@@ -270,6 +364,8 @@ class RemoteDevice(BlockDevice):
     def __init__(self, url: str, *, max_connections: int = DEFAULT_MAX_CONNECTIONS) -> None:
         self.address = parse_url(url)
         self.url = url
+        #: the TLS context of every connection (`nbds` schemes), loaded once
+        self.tls = self.address.tls.context(url) if self.address.tls is not None else None
         self._cond = threading.Condition()
         self._idle: list[NBDConnection] = []
         self._count = 0
@@ -290,7 +386,7 @@ class RemoteDevice(BlockDevice):
 
     def _connect(self) -> NBDConnection:
         try:
-            return NBDConnection(self.address, self.url)
+            return NBDConnection(self.address, self.url, self.tls)
         except DMError:
             raise
         except (OSError, ProtocolError, Broken) as exc:
@@ -465,12 +561,16 @@ class RemoteDevice(BlockDevice):
             conn.close(wait)
 
 
+def _has_client_cert(opts: TLSOptions) -> bool:
+    return opts.certificates is not None and os.path.isfile(os.path.join(opts.certificates, "client-cert.pem"))
+
+
 def open_url(url: str) -> RemoteDevice:
-    """The backing-store factory for `nbd://` and `nbd+unix://` references."""
+    """The backing-store factory for `nbd[s]://` and `nbd[s]+unix://` references."""
     return RemoteDevice(url)
 
 
 def register(backing_stores) -> None:
-    """Make `nbd://` and `nbd+unix://` usable as device references in tables."""
-    backing_stores.register_scheme("nbd", open_url)
-    backing_stores.register_scheme("nbd+unix", open_url)
+    """Make `nbd://`, `nbd+unix://` and their TLS forms usable as device references in tables."""
+    for scheme in ("nbd", "nbd+unix", "nbds", "nbds+unix"):
+        backing_stores.register_scheme(scheme, open_url)

@@ -4,12 +4,22 @@
 `ExportCatalog` (a plain object with three methods, no sockets) which exports exist and, on
 `NBD_OPT_GO`/`NBD_OPT_EXPORT_NAME`, to select one (LIST leaves out names that are not
 valid UTF-8 or longer than the protocol allows). Supported options: EXPORT_NAME, ABORT,
-LIST, INFO, GO, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`);
+LIST, INFO, GO, STARTTLS, STRUCTURED_REPLY, LIST_META_CONTEXT and SET_META_CONTEXT (`base:allocation`);
 every other option is answered with NBD_REP_ERR_UNSUP and negotiation goes on. INFO/GO always
 answer NBD_INFO_EXPORT and NBD_INFO_BLOCK_SIZE, and NAME/DESCRIPTION when asked.
 
-States: `client_flags` -> `options` -> `transmission` (an export was selected) or `closed`
-(ABORT, a refused EXPORT_NAME, or a protocol violation raised as ProtocolError).
+TLS (`tls`, nbdkit's `--tls` modes): "off" answers NBD_OPT_STARTTLS with NBD_REP_ERR_POLICY;
+"on" lets the client upgrade when it likes; "require" (the spec's FORCEDTLS) answers every
+option but STARTTLS and ABORT with NBD_REP_ERR_TLS_REQD until TLS is up, and hangs up on
+EXPORT_NAME, which cannot be refused politely. STARTTLS is acknowledged and the machine
+stops in state `starttls`: the caller sends the ACK in plaintext, runs the TLS handshake
+(any bytes received meanwhile, `unused_data()`, belong to it) and calls `tls_started()`;
+negotiation then starts afresh (structured replies and metadata contexts asked for before
+STARTTLS are forgotten, as the spec says).
+
+States: `client_flags` -> `options` (-> `starttls` -> `options`) -> `transmission` (an export
+was selected) or `closed` (ABORT, a refused EXPORT_NAME, or a protocol violation raised as
+ProtocolError).
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from .protocol import OPTION, OPTION_REPLY, Export, ProtocolError
 
 SERVER_HANDSHAKE_FLAGS = C.FLAG_FIXED_NEWSTYLE | C.FLAG_NO_ZEROES
 _U32 = struct.Struct(">I")
+TLS_MODES = ("off", "on", "require")
 
 
 @dataclass
@@ -97,8 +108,13 @@ def _string(data: bytes, at: int, length: int) -> str:
 class ServerHandshake:
     """Server side of the fixed newstyle handshake."""
 
-    def __init__(self, catalog: ExportCatalog) -> None:
+    def __init__(self, catalog: ExportCatalog, tls: str = "off") -> None:
+        if tls not in TLS_MODES:
+            raise ValueError(f"TLS mode {tls!r} is not one of {', '.join(TLS_MODES)}")
         self.catalog = catalog
+        self.tls = tls
+        #: TLS is up (`tls_started()` was called)
+        self.tls_active = False
         self.state = "client_flags"
         self.no_zeroes = False
         self.structured = False
@@ -128,9 +144,11 @@ class ServerHandshake:
 
     def receive_data(self, data: bytes) -> bytes:
         """Consume client bytes; return the bytes to send. ProtocolError: hang up."""
+        if self.state == "starttls":
+            raise ProtocolError("data received while the TLS handshake is due")
         self._buf += data
         out: list[bytes] = []
-        while not self.done:
+        while not self.done and self.state != "starttls":
             if self.state == "client_flags":
                 if len(self._buf) < 4:
                     break
@@ -158,9 +176,27 @@ class ServerHandshake:
             out.append(self._option(opt, payload))
         return b"".join(out)
 
+    def tls_started(self) -> None:
+        """The TLS handshake that followed STARTTLS succeeded: negotiate afresh over it."""
+        if self.state != "starttls":
+            raise ProtocolError("tls_started() without NBD_OPT_STARTTLS")
+        self.tls_active = True
+        self._buf.clear()          # those bytes went to the TLS handshake
+        self.structured = False
+        self._meta = None
+        self.state = "options"
+
     # ---- options --------------------------------------------------------------------
 
     def _option(self, opt: int, data: bytes) -> bytes:
+        if opt == C.OPT_STARTTLS:
+            return self._starttls(data)
+        if self.tls == "require" and not self.tls_active and opt != C.OPT_ABORT:
+            if opt == C.OPT_EXPORT_NAME:
+                self.state = "closed"    # cannot be refused politely: hang up (FORCEDTLS)
+                return b""
+            return self._error(opt, C.REP_ERR_TLS_REQD,
+                               "TLS is required: send NBD_OPT_STARTTLS first")
         if opt == C.OPT_EXPORT_NAME:
             return self._export_name(data)
         if opt == C.OPT_ABORT:
@@ -186,6 +222,17 @@ class ServerHandshake:
         if opt in (C.OPT_LIST_META_CONTEXT, C.OPT_SET_META_CONTEXT):
             return self._meta_context(opt, data)
         return self._error(opt, C.REP_ERR_UNSUP, f"option {opt} is not supported")
+
+    def _starttls(self, data: bytes) -> bytes:
+        opt = C.OPT_STARTTLS
+        if self.tls == "off":
+            return self._error(opt, C.REP_ERR_POLICY, "TLS is not enabled on this server")
+        if data:
+            return self._error(opt, C.REP_ERR_INVALID, "STARTTLS takes no data")
+        if self.tls_active:
+            return self._error(opt, C.REP_ERR_INVALID, "TLS is already active")
+        self.state = "starttls"
+        return option_reply(opt, C.REP_ACK)
 
     def _error(self, opt: int, rtype: int, message: str) -> bytes:
         return option_reply(opt, rtype, message.encode("utf-8", "replace")[:C.MAX_STRING])

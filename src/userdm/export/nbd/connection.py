@@ -26,6 +26,11 @@ reuse count too, and are given back (MADV_DONTNEED) when anyone waits for bytes 
 connection ends, so a closed connection's memory is returned at once, not at the next
 garbage collection (the pool and the connection drop their references to each other).
 
+TLS: a connection whose client sends NBD_OPT_STARTTLS (or must: `tls_mode` "require")
+runs the TLS handshake within what is left of the handshake deadline, then speaks through
+a `TLSStream` (`userdm.nbd.tls`), which offers the socket calls used here; the reader and
+the workers share its session under its lock, nothing else changes.
+
 The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
 a protocol error or a reply that cannot be sent, also for want of room for `reply_timeout`
 (hard disconnect), or when the server stops
@@ -40,6 +45,7 @@ import logging
 import mmap
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -50,6 +56,7 @@ from ...nbd import constants as C
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .limits import Budget, NBDLimits
 from ...nbd.handshake import ServerHandshake
+from ...nbd.tls import TLSHandshakeError, TLSStream
 from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
                        block_status_chunk, clip_extents, error_reply)
 
@@ -83,9 +90,13 @@ class Connection:
     def __init__(self, sock: socket.socket, mapper: ExportSource | None, *, threads: int = 8,
                  inline_max: int = INLINE_MAX, catalog: MapperCatalog | BoundCatalog | None = None,
                  on_close: Callable[["Connection"], None] = lambda c: None,
-                 limits: NBDLimits | None = None, total: Budget | None = None) -> None:
+                 limits: NBDLimits | None = None, total: Budget | None = None,
+                 tls_mode: str = "off", tls_context: ssl.SSLContext | None = None) -> None:
         limits = limits or NBDLimits()
-        self.sock = sock
+        self.sock: socket.socket | TLSStream = sock
+        #: nbdkit's --tls mode of this connection, and the server's context (None: off)
+        self.tls_mode = tls_mode if tls_context is not None else "off"
+        self.tls_context = tls_context
         #: seconds the whole handshake may take (None: a socket that carries an open)
         self.handshake_deadline: float | None = getattr(catalog, "handshake_timeout",
                                                         limits.handshake_deadline)
@@ -193,9 +204,12 @@ class Connection:
         limit = self.handshake_deadline
         deadline = None if limit is None else time.monotonic() + limit
         sock.settimeout(limit)
-        hs = ServerHandshake(self.catalog)
+        hs = ServerHandshake(self.catalog, self.tls_mode)
         sock.sendall(hs.greeting())
         while not hs.done and not self._closing:
+            if hs.state == "starttls":
+                sock = self._start_tls(hs, deadline)
+                continue
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -216,6 +230,20 @@ class Connection:
         self.export = hs.export()
         self._pending = hs.unused_data()
         return True
+
+    def _start_tls(self, hs: ServerHandshake, deadline: float | None) -> TLSStream:
+        """STARTTLS was acknowledged: the TLS handshake, within what is left of the deadline;
+        from then on the connection speaks through the TLS stream."""
+        assert self.tls_context is not None
+        stream = TLSStream(self.sock, self.tls_context, server_side=True, initial=hs.unused_data())
+        try:
+            stream.handshake(deadline)
+        except TLSHandshakeError as exc:
+            log.info("nbd: %s%s, closing the connection", exc.strerror, _peer(self.sock))
+            raise
+        self.sock = stream
+        hs.tls_started()
+        return stream
 
     # ---- transmission ---------------------------------------------------------------
 
@@ -682,6 +710,15 @@ class _WorkerPool:
                 pass
         self.conn = None
         self.threads = []
+
+
+def _peer(sock) -> str:
+    """` (from HOST:PORT)` for a TCP peer, else nothing."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ""
+    return f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) else ""
 
 
 def _block_status(handle, offset: int, length: int, one: bool) -> list[tuple[int, int]]:

@@ -4,6 +4,9 @@
     srv.start()   # returns once listening; serves in background threads
     srv.stop()    # closes the listeners and every connection
 
+TLS (`tls.py`): connections from the TCP listener use the configured mode (`--tls`), those
+from the Unix socket may upgrade when certificates are configured, handed-in sockets never.
+
 The export name is the device name; NBD_OPT_LIST lists the devices that have a live table.
 Each connection holds one open of its device (see `catalog.py`) and is served by a small
 thread pool (see `connection.py`). CAN_MULTI_CONN is advertised: every connection to a
@@ -35,6 +38,7 @@ from ..source import ExportSource
 from .catalog import BoundCatalog
 from .connection import Connection
 from .limits import Budget, NBDLimits
+from .tls import ServerTLS
 
 log = logging.getLogger("userdm.nbd")
 
@@ -48,7 +52,8 @@ class NBDServer:
 
     def __init__(self, mapper: ExportSource, unix_path: str | os.PathLike[str] | None = None,
                  tcp: tuple[str, int] | None = None, *, threads_per_connection: int = DEFAULT_THREADS,
-                 unix_mode: int = 0o600, limits: NBDLimits | None = None) -> None:
+                 unix_mode: int = 0o600, limits: NBDLimits | None = None,
+                 tls: ServerTLS | None = None) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NBDServer needs a unix_path or a tcp address")
         self.mapper = mapper
@@ -57,6 +62,8 @@ class NBDServer:
         self.threads_per_connection = threads_per_connection
         self.unix_mode = unix_mode
         self.limits = limits or NBDLimits()
+        #: TLS of the listeners' connections (`tls.py`: TCP as configured, Unix optional)
+        self.tls = tls or ServerTLS()
         #: request buffer bytes of every connection together
         self.budget = Budget(self.limits.total_bytes)
         self._accepted = 0              # connections from the listeners (counted in max_connections)
@@ -94,7 +101,8 @@ class NBDServer:
         if self.unix_path is not None:
             out.append(f"nbd+unix:///?socket={self.unix_path}")
         if self.tcp_address is not None:
-            out.append(f"nbd://{self.tcp_address[0]}:{self.tcp_address[1]}/")
+            scheme = "nbds" if self.tls.mode == "require" else "nbd"
+            out.append(f"{scheme}://{self.tcp_address[0]}:{self.tcp_address[1]}/")
         return out
 
     def _listen_unix(self, path: Path) -> socket.socket:
@@ -194,7 +202,8 @@ class NBDServer:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if not self._admit(sock):
                 continue
-            if not self.serve_socket(sock, counted=True):
+            tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
+            if not self.serve_socket(sock, counted=True, tls_mode=self.tls.mode_for(tcp)):
                 return
 
     def _admit(self, sock: socket.socket) -> bool:
@@ -224,12 +233,13 @@ class NBDServer:
         return False
 
     def serve_socket(self, sock: socket.socket, catalog: BoundCatalog | None = None, *,
-                     counted: bool = False) -> bool:
-        """Serve one connected socket, from a listener (`counted` in max_connections) or
-        handed in (the server end of a socketpair whose other end the control socket passes
-        to a client). False if stopping."""
+                     counted: bool = False, tls_mode: str = "off") -> bool:
+        """Serve one connected socket, from a listener (`counted` in max_connections; TLS
+        as `tls_mode` says) or handed in (the server end of a socketpair whose other end the
+        control socket passes to a client: no TLS). False if stopping."""
         conn = Connection(sock, self.mapper, threads=self.threads_per_connection, catalog=catalog,
-                          on_close=self._forget, limits=self.limits, total=self.budget)
+                          on_close=self._forget, limits=self.limits, total=self.budget,
+                          tls_mode=tls_mode, tls_context=self.tls.context if tls_mode != "off" else None)
         conn.counted = counted
         with self._lock:
             if self._stopping:
