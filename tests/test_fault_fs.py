@@ -18,13 +18,12 @@ import os
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 # the same requirements as the FUSE export tests: importing their helpers skips this module too
-from test_fuse_export import Undo, check_tree, run, wait_for, write_tree
+from test_fuse_export import Undo, check_tree, fuse_daemon, run, wait_for, write_tree  # noqa: F401
 
 from conftest import Daemon
 from userdm.export.fuse.unmount import fuse_mounts
@@ -39,26 +38,6 @@ BLOCK = 4096
 for _tool in ("debugfs", "blockdev", "dd"):
     if shutil.which(_tool) is None:
         pytest.skip(f"needs {_tool} (e2fsprogs, util-linux, coreutils)", allow_module_level=True)
-
-
-@pytest.fixture
-def fuse_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Undo, Path]]:
-    """A daemon serving FUSE in tmp_path/run/mapper, and the undo list for loops and mounts."""
-    daemon = Daemon(tmp_path)
-    daemon.start(fuse=True)
-    undo = Undo()
-    try:
-        mapper_dir = str(daemon.runtime / "mapper")
-        assert mapper_dir in fuse_mounts(), f"no FUSE export: {daemon.log.read_text()}"
-        yield daemon, undo, tmp_path
-    finally:
-        try:
-            undo.close()
-        finally:
-            daemon.stop()
-        left = [line for line in run("losetup", "-a").splitlines() if str(tmp_path) in line]
-        assert not left, left
-        assert str(daemon.runtime / "mapper") not in fuse_mounts()
 
 
 def backing_file(work: Path, name: str, size: int) -> str:

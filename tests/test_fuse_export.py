@@ -50,6 +50,7 @@ if (_reason := _missing()) is not None:
 
 from userdm.export.fuse import FuseExport, cleanup_stale  # noqa: E402
 from userdm.export.fuse.unmount import fuse_mounts  # noqa: E402
+from conftest import Daemon  # noqa: E402
 
 MiB = 1 << 20
 SRC = str(Path(__file__).resolve().parents[1] / "src")
@@ -99,6 +100,26 @@ class Undo:
             subprocess.run(["umount", "-l", where], check=False, capture_output=True)
         for dev in reversed(self.loops):
             subprocess.run(["losetup", "-d", dev], check=False)
+
+
+@pytest.fixture
+def fuse_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Undo, Path]]:
+    """A daemon serving FUSE in tmp_path/run/mapper, and the undo list for loops and mounts."""
+    daemon = Daemon(tmp_path)
+    daemon.start(fuse=True)
+    undo = Undo()
+    try:
+        mapper_dir = str(daemon.runtime / "mapper")
+        assert mapper_dir in fuse_mounts(), f"no FUSE export: {daemon.log.read_text()}"
+        yield daemon, undo, tmp_path
+    finally:
+        try:
+            undo.close()
+        finally:
+            daemon.stop()
+        left = [line for line in run("losetup", "-a").splitlines() if str(tmp_path) in line]
+        assert not left, left
+        assert str(daemon.runtime / "mapper") not in fuse_mounts()
 
 
 @pytest.fixture(scope="module")

@@ -9,14 +9,13 @@ from __future__ import annotations
 import random
 import shutil
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Daemon
 
 # the same requirements as the FUSE export tests: importing their helpers skips this module too
-from test_fuse_export import Undo, run
+from test_fuse_export import fuse_daemon, run  # noqa: F401
 
 from userdm.export.fuse.unmount import fuse_mounts
 
@@ -29,23 +28,6 @@ for _tool in ("thin_check", "fstrim", "mkfs.ext4"):
     if shutil.which(_tool) is None:
         pytest.skip(f"needs {_tool} (thin-provisioning-tools, util-linux, e2fsprogs)",
                     allow_module_level=True)
-
-
-@pytest.fixture
-def fuse_daemon(tmp_path: Path) -> Iterator[tuple[Daemon, Undo, Path]]:
-    daemon = Daemon(tmp_path)
-    daemon.start(fuse=True)
-    undo = Undo()
-    try:
-        assert str(daemon.runtime / "mapper") in fuse_mounts(), daemon.log.read_text()
-        yield daemon, undo, tmp_path
-    finally:
-        try:
-            undo.close()
-        finally:
-            daemon.stop()
-        left = [line for line in run("losetup", "-a").splitlines() if str(tmp_path) in line]
-        assert not left, left
 
 
 def used_data(daemon: Daemon) -> int:
