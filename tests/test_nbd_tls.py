@@ -420,7 +420,7 @@ def test_tcp_without_tls_is_refused_unless_tls_off(tmp_path, certs):
     shutil.copytree(certs.server, mismatched)
     shutil.copy(certs.client / "client-key.pem", mismatched / "server-key.pem")
     assert "EINVAL" in _daemon_fails(tmp_path, "--tls-certificates", str(mismatched))
-    help_text = run(*USERDM, "--help")
+    help_text = run(*USERDM, "help", "daemon")
     assert "--tls=off" in " ".join(help_text.split()) and "WARNING" in help_text
     (tmp_path / "plain").mkdir()
     d = Daemon(tmp_path / "plain")

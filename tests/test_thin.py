@@ -737,8 +737,10 @@ def nbd_device(daemon, name: str):
 
 def start_fio(daemon, name: str, cwd: Path, *args: str) -> subprocess.Popen:
     uri = f"nbd+unix:///{name}?socket={daemon.runtime / 'nbd.sock'}"
+    # its own process group: fio forks a process per job, and a kill must reach those too
     return subprocess.Popen(["fio", "--name=thin", "--ioengine=nbd", f"--uri={uri}", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                            start_new_session=True)
 
 
 def test_sigkill_under_writes_with_flushes_loses_nothing_flushed(daemon, images, tmp_path):
@@ -770,7 +772,7 @@ def test_sigkill_under_writes_with_flushes_loses_nothing_flushed(daemon, images,
                 dev.close_backing()
             daemon.stop(signal.SIGKILL)
         finally:
-            fio.kill()
+            os.killpg(fio.pid, signal.SIGKILL)
             fio.wait()
         thin_check(meta)
         daemon.start()

@@ -87,13 +87,14 @@ VERBS: dict[str, Verb] = {
                 "The blocks of an era device written since an era.",
                 ("since", "xml", "metadata_snapshot")),
     "daemon": Verb("daemon [--runtime-dir DIR] [--state-dir DIR] [--example] [--no-fuse] [--no-nbd] "
-                   "[--nbd-listen HOST:PORT] [limits]",
+                   "[--nbd-listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] "
+                   "[--block-devices] [limits]",
                    "Run the daemon in the foreground (Ctrl-C or SIGTERM stops it).",
                    ("state_dir", "nbd_listen", "no_fuse", "no_nbd", "block_devices", "example",
                     "max_control_connections",
                     "max_message_size", "control_message_timeout", "nbd_max_connections",
                     "nbd_handshake_deadline", "nbd_connection_bytes", "nbd_total_bytes",
-                    "nbd_reply_timeout")),
+                    "nbd_reply_timeout", "tls", "tls_certificates", "tls_verify_peer", "tls_psk")),
     "target-version": Verb("target-version TARGET...", "The versions of these target types."),
     "mangle": Verb("mangle [DEVICE...]", "Report that names and uuids are in their correct form "
                    "(userdm never mangles them).", DEV),
