@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Daemon, wait_until
+from test_fuse_export import missing_requirements
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -27,22 +27,7 @@ TOOLS = ("losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount", "fstrim", "fsfr
 MiB = 1 << 20
 
 
-def _missing() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root (loop devices, mounts)"
-    if not os.path.exists("/dev/fuse") or not os.path.exists("/dev/loop-control"):
-        return "needs /dev/fuse and /dev/loop-control"
-    try:
-        import userdm.export.fuse.libfuse  # noqa: F401  (mfusepy + libfuse3)
-    except (ImportError, OSError) as exc:
-        return f"needs mfusepy and libfuse3: {exc}"
-    for tool in TOOLS:
-        if shutil.which(tool) is None:
-            return f"needs {tool}"
-    return None
-
-
-if (_reason := _missing()) is not None:
+if (_reason := missing_requirements(TOOLS, ("/dev/fuse", "/dev/loop-control"))) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 

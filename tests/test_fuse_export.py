@@ -30,22 +30,24 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root]
 TOOLS = ("losetup", "mkfs.ext4", "fsck.ext4", "mount", "umount", "fusermount3")
 
 
-def _missing() -> str | None:
+def missing_requirements(tools: tuple[str, ...] = TOOLS, nodes: tuple[str, ...] = ("/dev/fuse",)) -> str | None:
+    """Why tests of ext4 over the FUSE export cannot run here, or None (also for test_blockdev)."""
     if os.geteuid() != 0:
         return "needs root (loop devices, mounts)"
-    if not os.path.exists("/dev/fuse"):
-        return "needs /dev/fuse"
+    for node in nodes:
+        if not os.path.exists(node):
+            return f"needs {node}"
     try:
         import userdm.export.fuse.libfuse  # noqa: F401  (mfusepy + libfuse3)
     except (ImportError, OSError) as exc:
         return f"needs mfusepy and libfuse3: {exc}"
-    for tool in TOOLS:
+    for tool in tools:
         if shutil.which(tool) is None:
             return f"needs {tool}"
     return None
 
 
-if (_reason := _missing()) is not None:
+if (_reason := missing_requirements()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
 from userdm.export.fuse import FuseExport, cleanup_stale  # noqa: E402

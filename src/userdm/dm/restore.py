@@ -203,6 +203,16 @@ class Restorer:
             m.partitions.scan_after_resume(md)  # partitions that later tables may name
         return ok
 
+    @staticmethod
+    def _built(md: MappedDevice, saved: tuple[str, bool]) -> Any:
+        """A saved table built, or None if it came back without its key (`await_key`)."""
+        text, read_only = saved
+        table = md.build(text, read_only)
+        if table.needs_key:
+            await_key(md, table)
+            return None
+        return table
+
     def build(self, md: MappedDevice, *, resumed: bool = False) -> None:
         """Build `md`'s saved tables (its lock is held); the first failure is raised after
         both were tried, and kept in `md.restore_error`. `resumed`: a user's `resume`, which
@@ -210,11 +220,9 @@ class Restorer:
         m = self.mapper
         first: DMError | None = None
         if md.saved_live is not None:
-            text, read_only = md.saved_live
             try:
-                table = md.build(text, read_only)
-                if table.needs_key:
-                    await_key(md, table)
+                table = self._built(md, md.saved_live)
+                if table is None:
                     md.saved_live = None
                     return
                 try:
@@ -236,11 +244,9 @@ class Restorer:
                 md.saved_suspended = False
                 m._emit({"event": "resume", "name": md.name, "resized": True, "size": md.size, "restored": True})
         if md.saved_inactive is not None:
-            text, read_only = md.saved_inactive
             try:
-                table = md.build(text, read_only)
-                if table.needs_key:
-                    await_key(md, table)
+                table = self._built(md, md.saved_inactive)
+                if table is None:
                     md.saved_inactive = None
                     return
                 try:
