@@ -158,6 +158,16 @@ def drop_device(minor: int) -> list[Step]:
 
 # ---- the store --------------------------------------------------------------------------------
 
+@dataclass
+class _Ticket:
+    """One change waiting in the group commit."""
+
+    what: str
+    steps: list[Step]
+    done: bool = False
+    error: DMError | None = None
+
+
 def store_error(exc: BaseException, what: str, path: str) -> DMError:
     """The DMError for a failed commit: the errno of the SQLite or OS failure and a sentence."""
     if isinstance(exc, OSError):
@@ -177,6 +187,9 @@ class StateStore:
         self.state_dir = state_dir
         self.path = os.path.join(state_dir, DB_FILE)
         self._lock = threading.Lock()
+        #: changes waiting for the next group commit (see `commit`)
+        self._queue_lock = threading.Lock()
+        self._queue: list[_Ticket] = []
         self._db: sqlite3.Connection | None = None
         #: steps that must precede the next change: the schema, a JSON migration not yet committed
         self._pending: list[Step] = []
@@ -289,34 +302,71 @@ class StateStore:
 
     def commit(self, what: str, *changes: list[Step]) -> None:
         """Apply the steps of one change in one durable transaction, or raise DMError and
-        change nothing. `what` names the change in the error sentence."""
+        change nothing. `what` names the change in the error sentence.
+
+        Group commit: changes that arrive while another commit is being synced to disk wait
+        for it, and then the first of them commits them all in one transaction (each under its
+        own savepoint, so that one failing change fails alone) with one sync, where one
+        transaction each would pay one sync each. Every change still returns only once it is
+        durable."""
+        ticket = _Ticket(what, [step for change in changes for step in change])
+        with self._queue_lock:
+            self._queue.append(ticket)
         with self._lock:
-            steps = self._pending + [step for change in changes for step in change]
-            if not steps:
-                return
-            try:
-                db = self._open()
-                db.execute("BEGIN IMMEDIATE")
+            if not ticket.done:
+                with self._queue_lock:
+                    batch, self._queue = self._queue, []
+                self._commit_batch(batch)
+        if ticket.error is not None:
+            raise ticket.error
+
+    def _commit_batch(self, batch: list[_Ticket]) -> None:
+        """Commit the queued changes (under `_lock`) and mark each done, or failed with its error."""
+        work = [t for t in batch if t.steps]
+        try:
+            if work or self._pending:
+                self._transaction(work)
+                if self._pending:
+                    self._pending = []
+                    if self._legacy is not None:
+                        self._legacy = None
+                        self._unlink_legacy()
+                        log.info("migrated %s into %s", LEGACY_FILE, self.path)
+        except (sqlite3.Error, OSError) as exc:
+            for t in batch:
+                if t.error is None:
+                    t.error = store_error(exc, t.what, self.path)
+            log.warning("refused: %s", batch[0].error)
+        finally:
+            for t in batch:
+                t.done = True
+
+    def _transaction(self, work: list[_Ticket]) -> None:
+        db = self._open()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in self._pending:
+                db.execute(sql, params)
+            for t in work:
+                db.execute("SAVEPOINT change")
                 try:
-                    for sql, params in steps:
+                    for sql, params in t.steps:
                         db.execute(sql, params)
-                    db.execute("COMMIT")
-                except BaseException:
-                    try:
-                        db.execute("ROLLBACK")
-                    except sqlite3.Error:
-                        pass
-                    raise
-            except (sqlite3.Error, OSError) as exc:
-                error = store_error(exc, what, self.path)
-                log.warning("refused: %s", error)
-                raise error from None
-            if self._pending:
-                self._pending = []
-                if self._legacy is not None:
-                    self._legacy = None
-                    self._unlink_legacy()
-                    log.info("migrated %s into %s", LEGACY_FILE, self.path)
+                except sqlite3.Error as exc:
+                    if not db.in_transaction:
+                        raise  # SQLite rolled the whole transaction back (a full disk, an I/O error)
+                    db.execute("ROLLBACK TO change")
+                    t.error = store_error(exc, t.what, self.path)
+                    log.warning("refused: %s", t.error)
+                db.execute("RELEASE change")
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                try:
+                    db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+            raise
 
     def close(self) -> None:
         with self._lock:
