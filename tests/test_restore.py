@@ -268,3 +268,28 @@ def test_a_table_waiting_on_an_nbd_server_is_retried_until_it_is_up(tmp_path):
     finally:
         m.close()
         stop(server)
+
+
+def test_a_keyed_live_table_and_a_loaded_table_both_survive_restarts(tmp_path, images):
+    """A crypt live table comes back waiting for its key; the table loaded beside it stays
+    saved: neither the resume that brings the key back nor a second restart loses either."""
+    (img,) = images(1, 4 * MiB)
+    key = os.urandom(32).hex()
+    crypt = f"0 {SECTORS} crypt aes-xts-plain64 {key} 0 {img} 0"
+    state = tmp_path / "state"
+    m = Mapper(state)
+    m.create("dev", crypt)
+    m.load("dev", f"0 {SECTORS} zero")
+    m.close()
+    for _ in range(2):
+        m = Mapper(state)
+        try:
+            info = m.info("dev")
+            assert info["restore_error"].startswith("ENOKEY") and not info["live"]
+            m.suspend("dev")
+            m.message("dev", 0, f"key set {key}")
+            m.resume("dev")
+            assert m.table("dev")[0][2] == "crypt"
+            assert m.table("dev", inactive=True) == [[0, SECTORS, "zero", ""]]
+        finally:
+            m.close()

@@ -599,8 +599,10 @@ class Mapper:
         md.check_resume()  # before committing or suspending: a refused resume leaves all as it was
         old_live = md.live
         swap = md.inactive is not None
+        # the saved live table back with its key: the store has it in the live slot already
+        keyed_live = swap and md.inactive_is_saved_live
         if swap:
-            self._commit("resume", state_file.promote(md.minor),
+            self._commit("resume", [] if keyed_live else state_file.promote(md.minor),
                          state_file.flags(md.minor, suspended=False, event_nr=md.event_nr))
             md.saved_live = None
         elif md.suspended:
@@ -614,17 +616,24 @@ class Mapper:
             resized = md.resume()
         except BaseException:
             if swap and md.inactive is new:  # not swapped: the store must say so again
-                undo = state_file.put_table(md.minor, "inactive", new.text, new.read_only)
-                if old_live is not None:
-                    undo += state_file.put_table(md.minor, "live", old_live.text, old_live.read_only)
-                else:
-                    undo += state_file.drop_table(md.minor, "live")
+                undo: list = []
+                if not keyed_live:
+                    undo = state_file.put_table(md.minor, "inactive", new.text, new.read_only)
+                    if old_live is not None:
+                        undo += state_file.put_table(md.minor, "live", old_live.text, old_live.read_only)
+                    else:
+                        undo += state_file.drop_table(md.minor, "live")
                 try:
                     self._commit("resume", undo, state_file.flags(md.minor, suspended=md.suspended))
                 except DMError as exc:
                     log.error("cannot undo the failed resume of %s in the state store: %s", md.name, exc)
             raise
         self._attach(md)
+        if keyed_live and md.saved_inactive is not None:
+            try:  # the table saved beside it waited for the inactive slot
+                self._restorer.build(md)
+            except DMError as exc:
+                log.error("%s: its saved inactive table stays unbuilt: %s", md.name, exc)
         _settle_restore(md)
         if resized and old_size:
             md.table_event()  # a size change is an event (and a RESIZE uevent in the kernel)

@@ -68,7 +68,7 @@ def saved_lines(text: str) -> list[list[object]]:
     return out
 
 
-def await_key(md: MappedDevice, table: Any) -> None:
+def await_key(md: MappedDevice, table: Any, *, saved_live: bool) -> None:
     """A saved table that held a key (crypt) comes back with its key wiped, in the inactive
     slot: the store has only the masked text (`Table.text`), keys are never saved. `info`
     says so, and `message NAME 0 key set KEY` + `resume` (or `luks open`) brings it back,
@@ -77,6 +77,7 @@ def await_key(md: MappedDevice, table: Any) -> None:
         if target.has_keys:
             target.forget_key()
     md.set_inactive(table)
+    md.inactive_is_saved_live = saved_live
     kinds = "/".join(sorted({t.name for t in table.targets if t.has_keys}))
     md.restore_error = f"ENOKEY: {kinds} table needs its key again (keys are never saved)"
     log.info("%s: %s", md.name, md.restore_error)
@@ -204,12 +205,12 @@ class Restorer:
         return ok
 
     @staticmethod
-    def _built(md: MappedDevice, saved: tuple[str, bool]) -> Any:
+    def _built(md: MappedDevice, saved: tuple[str, bool], *, live: bool) -> Any:
         """A saved table built, or None if it came back without its key (`await_key`)."""
         text, read_only = saved
         table = md.build(text, read_only)
         if table.needs_key:
-            await_key(md, table)
+            await_key(md, table, saved_live=live)
             return None
         return table
 
@@ -221,7 +222,7 @@ class Restorer:
         first: DMError | None = None
         if md.saved_live is not None:
             try:
-                table = self._built(md, md.saved_live)
+                table = self._built(md, md.saved_live, live=True)
                 if table is None:
                     md.saved_live = None
                     return
@@ -245,7 +246,7 @@ class Restorer:
                 m._emit({"event": "resume", "name": md.name, "resized": True, "size": md.size, "restored": True})
         if md.saved_inactive is not None:
             try:
-                table = self._built(md, md.saved_inactive)
+                table = self._built(md, md.saved_inactive, live=False)
                 if table is None:
                     md.saved_inactive = None
                     return
