@@ -150,6 +150,9 @@ class Target:
     #: its arguments hold a key (crypt): `table(showkeys)` masks it unless asked, the saved
     #: text never has it, and `forget_key()` wipes it
     has_keys: ClassVar[bool] = False
+    #: a remap with no state of its own but its opens and no suspend hooks (striped): a
+    #: device stacked above may call it directly (`userdm.dm.collapse`)
+    stateless_remap: ClassVar[bool] = False
     __slots__ = ("begin", "length")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -233,6 +236,19 @@ class Target:
     def direct_map(self) -> tuple[TableDevice, int] | None:
         """`(device, byte offset)` if this target maps its range one-to-one onto that device
         from that offset on (linear, dust, flakey); None otherwise. Used by `failure`."""
+        return None
+
+    def passthrough(self) -> tuple[TableDevice, int] | None:
+        """`(device, byte offset)` if every request to this target goes unchanged to that
+        device from that offset on, and nothing else happens (linear; not dust or flakey,
+        which map directly but fail requests): `userdm.dm.collapse` follows such targets
+        down a stack. None otherwise."""
+        return None
+
+    def locate(self, offset: int, length: int) -> tuple[BlockOpen, int] | None:
+        """`(open, byte offset)` where a request of `length` bytes at target byte `offset` goes
+        whole, if it goes to one place unchanged (striped: a request inside one chunk); None
+        otherwise. Only asked of `stateless_remap` targets (`userdm.dm.collapse`)."""
         return None
 
     # ---- lifecycle hooks ----------------------------------------------------------------

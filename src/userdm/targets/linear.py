@@ -17,6 +17,7 @@ from ..dm.target import Target, TargetContext, TargetError, parse_sector, regist
 class LinearTarget(Target):
     name = "linear"
     version = (1, 5, 0)
+    stateless_remap = True
     __slots__ = ("dev", "start", "no_exclusive", "_open", "_base")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -53,4 +54,7 @@ class LinearTarget(Target):
         return [self.dev]
 
     def direct_map(self):
+        return self.dev, self._base
+
+    def passthrough(self):
         return self.dev, self._base
