@@ -24,12 +24,14 @@ cannot do a request cleanly (a dead or shrunk file, an error, a FUA write, a wri
 read-only open) says so, and the request goes through the live table instead, which does
 what it always did (errors, failure reports). A request that spans segments goes through the
 table too. Tables of more than MAX_SEGMENTS targets are not collapsed (building the list would
-hold the interpreter for a long time); nor are tables where no target is linear or such a striped one.
+hold the interpreter for a long time), except those whose every target is linear onto one
+file (`_one_file`); nor are tables where no target is linear or such a striped one.
 """
 
 from __future__ import annotations
 
 import os
+from array import array
 from bisect import bisect_right
 
 from ..block.device import SECTOR
@@ -123,30 +125,45 @@ class Flat:
     """The collapsed segments of one live table. `read`/`write` do a request in one step and
     return True, or return False: the caller then sends it through `table` (as it always did)."""
 
-    __slots__ = ("table", "segments", "starts", "ends", "deltas", "reads", "writes", "users",
-                 "retired")
+    __slots__ = ("table", "segments", "starts", "deltas", "reads", "writes", "users", "retired",
+                 "read", "write", "_sink")
 
-    def __init__(self, table, segments: list[tuple[int, int, object, int]]) -> None:  # noqa: ANN001
+    def __init__(self, table, segments: list[tuple[int, int, object, int]] | None,  # noqa: ANN001
+                 columns: tuple[list, list, list, list] | None = None, sink: FileSink | None = None) -> None:
         self.table = table
         #: (start, end, sink or None, delta): device bytes [start, end) are sink bytes + delta;
-        #: no sink: through the table
+        #: no sink: through the table. None for a big table's (`_one_file`): not followed
+        #: from above
         self.segments = segments
-        self.starts = [s[0] for s in segments]
-        self.ends = [s[1] for s in segments]
-        self.deltas = [s[3] for s in segments]
-        self.reads = [s[2].read if s[2] is not None else _no for s in segments]
-        self.writes = [s[2].write if s[2] is not None else _no for s in segments]
+        if columns is None:
+            columns = ([s[0] for s in segments] + [segments[-1][1]], [s[3] for s in segments],
+                       [s[2].read if s[2] is not None else _no for s in segments],
+                       [s[2].write if s[2] is not None else _no for s in segments])
+        #: segment starts and, last, the device's end (the segments are contiguous: segment
+        #: i ends where i + 1 starts, in the same cache line); offsets to add; sink calls
+        self.starts, self.deltas, self.reads, self.writes = columns
         #: requests in a sink now, and whether its device dropped it (see `MappedDevice`)
         self.users = 0
         self.retired = False
+        #: the one sink of every segment (`_one_file`): no per-segment call to look up
+        self._sink = sink
+        self.read, self.write = (self._read_one, self._write_one) if sink is not None else (self._read, self._write)
 
-    def read(self, offset: int, buf: memoryview) -> bool:
+    def _read_one(self, offset: int, buf: memoryview) -> bool:
         i = bisect_right(self.starts, offset) - 1
-        return offset + len(buf) <= self.ends[i] and self.reads[i](offset + self.deltas[i], buf)
+        return offset + len(buf) <= self.starts[i + 1] and self._sink.read(offset + self.deltas[i], buf)
 
-    def write(self, offset: int, data: memoryview, fua: bool) -> bool:
+    def _write_one(self, offset: int, data: memoryview, fua: bool) -> bool:
         i = bisect_right(self.starts, offset) - 1
-        return offset + len(data) <= self.ends[i] and self.writes[i](offset + self.deltas[i], data, fua)
+        return offset + len(data) <= self.starts[i + 1] and self._sink.write(offset + self.deltas[i], data, fua)
+
+    def _read(self, offset: int, buf: memoryview) -> bool:
+        i = bisect_right(self.starts, offset) - 1
+        return offset + len(buf) <= self.starts[i + 1] and self.reads[i](offset + self.deltas[i], buf)
+
+    def _write(self, offset: int, data: memoryview, fua: bool) -> bool:
+        i = bisect_right(self.starts, offset) - 1
+        return offset + len(data) <= self.starts[i + 1] and self.writes[i](offset + self.deltas[i], data, fua)
 
 
 def _no(*args) -> bool:  # noqa: ANN002
@@ -158,8 +175,11 @@ def build(table, below) -> Flat | None:  # noqa: ANN001
     `below(device)` returns the Flat of a mapped device to follow a chain through (None: do
     not follow; it takes that device's lock)."""
     targets = table.targets
-    if not ENABLED or len(targets) > MAX_SEGMENTS \
-            or not any(t.passthrough() is not None or _bottom(t) for t in targets):
+    if not ENABLED:
+        return None
+    if len(targets) > MAX_SEGMENTS:
+        return _one_file(table)
+    if not any(t.passthrough() is not None or _bottom(t) for t in targets):
         return None
     writable = not table.read_only
     files: dict[tuple[int, bool], FileSink] = {}   # one sink per file: neighbours merge
@@ -183,13 +203,13 @@ def build(table, below) -> Flat | None:  # noqa: ANN001
             segments.append((start, end, sink, base - start))
             continue
         lower = below(dev)
-        if lower is None or len(lower.segments) > MAX_SEGMENTS:
+        if lower is None or lower.segments is None or len(lower.segments) > MAX_SEGMENTS:
             segments.append((start, end, None, 0))
             continue
         shift = base - start          # device offset -> lower device offset
         lo, hi = base, base + (end - start)
         i = max(bisect_right(lower.starts, lo) - 1, 0)
-        while i < len(lower.segments) and lower.starts[i] < hi:
+        while i < len(lower.segments) and lower.segments[i][0] < hi:
             l_start, l_end, sink, l_delta = lower.segments[i]
             if sink is not None and not ok and sink.writable:
                 sink = _read_only(sink)
@@ -198,6 +218,33 @@ def build(table, below) -> Flat | None:  # noqa: ANN001
     if len(segments) > MAX_SEGMENTS or all(seg[2] is None for seg in segments):
         return None
     return Flat(table, _merge(segments))
+
+
+def _one_file(table) -> Flat | None:  # noqa: ANN001
+    """The Flat of a big table whose every target passes through onto one file (a million
+    linear segments): the table's own start and end lists, one offset per target, one sink.
+    One pass over the targets (the interpreter is handed over meanwhile, as always)."""
+    targets = table.targets
+    first = targets[0].passthrough()
+    if first is None:
+        return None
+    open_ = first[0].open
+    disk = open_.device
+    if not isinstance(disk, FileDisk) or disk.direct:
+        return None
+    deltas: list[int] = []
+    append = deltas.append
+    for t, start in zip(targets, table.starts):
+        through = t.passthrough()
+        if through is None or through[0].open is not open_:
+            return None
+        append(through[1] - start)
+    sink = FileSink(disk, not table.read_only and open_.write_mode and not disk.read_only)
+    # machine integers side by side: a binary search over a million of them touches far
+    # fewer cache lines than over a list of int objects
+    starts = array("q", table.starts)
+    starts.append(table.size)
+    return Flat(table, None, (starts, array("q", deltas), [], []), sink)
 
 
 def _bottom(target) -> bool:  # noqa: ANN001

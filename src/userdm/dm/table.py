@@ -16,7 +16,7 @@ import gc
 import threading
 from bisect import bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..block.device import SECTOR, merge_extents
 from ..errors import DMError, quoted
@@ -25,8 +25,9 @@ from .target import TableDevice, Target, TargetContext, TargetError, lookup
 MAX_SECTORS = (1 << 63) - 1 >> 9  # the kernel's "too large device" limit
 
 
-@dataclass(frozen=True)
-class TableLine:
+class TableLine(NamedTuple):
+    """One parsed line (a named tuple: a million of them are made fast)."""
+
     lineno: int
     start: int
     length: int
@@ -83,19 +84,21 @@ def _lines(text: str) -> Iterator[str]:
 def parse_table(text: str) -> list[TableLine]:
     """Parse table text into lines (syntax only; the load rules are checked by `build_table`)."""
     lines: list[TableLine] = []
+    append = lines.append
+    make = TableLine._make
     for lineno, raw in enumerate(_lines(text), 1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
+        words = raw.split(None, 3)
+        if not words or words[0][0] == "#":
             continue
-        words = stripped.split(None, 3)
         if len(words) < 3:
-            raise DMError(errno.EINVAL, f"table line {lineno}: {quoted(stripped)} needs at least "
+            raise DMError(errno.EINVAL, f"table line {lineno}: {quoted(raw.strip())} needs at least "
                           "'<start> <length> <target type>'")
-        start = _number(words[0], lineno, "start sector")
-        length = _number(words[1], lineno, "length")
+        first, second = words[0], words[1]
+        start = int(first) if first.isdigit() and first.isascii() else _number(first, lineno, "start sector")
+        length = int(second) if second.isdigit() and second.isascii() else _number(second, lineno, "length")
         params = words[3] if len(words) > 3 else ""
-        lines.append(TableLine(lineno, start, length, words[2], split_args(params) if "\\" in params
-                               else params.split()))
+        append(make((lineno, start, length, words[2], split_args(params) if "\\" in params
+                     else params.split())))
     if not lines:
         raise DMError(errno.EINVAL, "table is empty: no targets specified")
     return lines
@@ -126,6 +129,7 @@ class Table:
     def __init__(self, targets: list[Target], ctx: TargetContext, text: str) -> None:
         self.targets = targets
         self._ctx = ctx
+        self._devices: tuple[int, list[TableDevice]] | None = None   # `devices()` of so many acquired
         read_only = ctx.read_only
         self.read_only = read_only
         #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
@@ -217,10 +221,13 @@ class Table:
 
     def devices(self) -> list[TableDevice]:
         """Underlying devices without duplicates, in table order (the `deps` list)."""
-        seen: dict[int, TableDevice] = {}
-        for dev in self._ctx.acquired:
-            seen.setdefault(id(dev.open), dev)
-        return list(seen.values())
+        acquired = self._ctx.acquired
+        if self._devices is None or self._devices[0] != len(acquired):
+            seen: dict[int, TableDevice] = {}
+            for dev in acquired:
+                seen.setdefault(id(dev.open), dev)
+            self._devices = (len(acquired), list(seen.values()))
+        return list(self._devices[1])
 
     def target_at(self, sector: int) -> Target | None:
         offset = sector * SECTOR
@@ -273,25 +280,38 @@ def _collector_paused() -> Iterator[None]:
                 gc.enable()
 
 
+def _checked_type(line: TableLine, lines: int, types: int) -> type[Target]:
+    """The class of `line`'s target type, after the rules about types in one table."""
+    cls = lookup(line.type)
+    if cls is None:
+        raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {quoted(line.type)}")
+    if cls.singleton and lines > 1:
+        raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
+                      "must appear alone in table")
+    if cls.immutable and types > 1:
+        raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
+                      f"{line.type} cannot be mixed with other target types")
+    return cls
+
+
 def _build_table(text: str, ctx: TargetContext) -> Table:
     lines = parse_table(text)
     check_layout(lines)
     types = {line.type for line in lines}
+    classes: dict[str, type[Target]] = {}   # each type's class, once its rules were checked
     targets: list[Target] = []
+    append = targets.append
     try:
         for line in lines:
-            cls = lookup(line.type)
+            cls = classes.get(line.type)
             if cls is None:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {quoted(line.type)}")
-            if cls.singleton and len(lines) > 1:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
-                              "must appear alone in table")
-            if cls.immutable and len(types) > 1:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
-                              f"{line.type} cannot be mixed with other target types")
+                cls = classes[line.type] = _checked_type(line, len(lines), len(types))
             try:
-                ctx.begin_target()
-                targets.append(cls(ctx, line.start, line.length, line.args))
+                target = cls.quick(ctx, line.start, line.length, line.args)
+                if target is None:
+                    ctx.begin_target()
+                    target = cls(ctx, line.start, line.length, line.args)
+                append(target)
             except TargetError as exc:
                 raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None
     except BaseException:

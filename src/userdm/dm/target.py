@@ -71,6 +71,9 @@ class TargetContext:
         self.event = event
         #: every device opened while building the table; the table releases them
         self.acquired: list[TableDevice] = []
+        #: what constructors of one type may remember between the lines of one table
+        #: (`Target.quick`), keyed as they like
+        self.memo: dict = {}
         #: the regions the target being built uses (see `use_region`)
         self._regions: list[tuple[BlockDevice, int, int, str, str, int, int]] = []
         self._calls = 0
@@ -158,6 +161,15 @@ class Target:
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         self.begin = begin
         self.length = length
+
+    @classmethod
+    def quick(cls, ctx: TargetContext, begin: int, length: int, args: list[str]) -> "Target | None":
+        """The target of a table line built the quick way, or None to run the constructor: a
+        type whose lines repeat (a million linear segments on one file) may build the common
+        case from what an earlier line of the same table found (`ctx.memo`), without opening
+        anything. It must build exactly what the constructor would, and leave every refusal
+        to the constructor."""
+        return None
 
     # ---- data path (byte offsets relative to the target start) ----------------------
     def readinto(self, offset: int, buf: memoryview) -> None:
