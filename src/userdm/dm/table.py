@@ -126,10 +126,13 @@ def check_layout(lines: list[TableLine]) -> None:
 class Table:
     """A constructed table: targets sorted by start, with O(log n) lookup."""
 
-    def __init__(self, targets: list[Target], ctx: TargetContext, text: str) -> None:
+    def __init__(self, targets: list[Target], ctx: TargetContext, text: str,
+                 type_names: frozenset[str] | None = None) -> None:
         self.targets = targets
         self._ctx = ctx
         self._devices: tuple[int, list[TableDevice]] | None = None   # `devices()` of so many acquired
+        #: the names of the target types it uses
+        self.type_names = type_names if type_names is not None else frozenset(t.name for t in targets)
         read_only = ctx.read_only
         self.read_only = read_only
         #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
@@ -254,6 +257,8 @@ def build_table(text: str, ctx: TargetContext) -> Table:
         return _build_table(text, ctx)
 
 
+#: objects made while builds paused the collector from which they are frozen (see below)
+FREEZE_AT = 200_000
 _paused = 0
 _was_enabled = True
 _paused_lock = threading.Lock()
@@ -264,7 +269,14 @@ def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while tables are built: a table of a million segments is
     millions of new objects and no garbage, and each full collection the allocations trigger
     walks all of them with the GIL held (it doubled a 1M-segment load, 8.8 s against 4.6 s,
-    and stalled every other thread meanwhile). Collection resumes when the last build ends."""
+    and stalled every other thread meanwhile). Collection resumes when the last build ends.
+
+    If the builds made many objects (FREEZE_AT, counted by the collector), they are frozen
+    first (`gc.freeze`): they live as long as the table, hold no reference cycles (refcounts
+    free them when the table goes), and would otherwise be walked by the first collection
+    (0.5 s for a million segments, the interpreter held) and by every full one after (0.25 s
+    each, for as long as the table lives). Everything else alive at that moment is frozen
+    too: cyclic garbage among it is kept (until `gc.unfreeze`), a small one-off cost."""
     global _paused, _was_enabled
     with _paused_lock:
         _paused += 1
@@ -277,6 +289,8 @@ def _collector_paused() -> Iterator[None]:
         with _paused_lock:
             _paused -= 1
             if _paused == 0 and _was_enabled:
+                if gc.get_count()[0] >= FREEZE_AT:
+                    gc.freeze()
                 gc.enable()
 
 
@@ -319,4 +333,4 @@ def _build_table(text: str, ctx: TargetContext) -> Table:
             target.destroy()
         _release(ctx)
         raise
-    return Table(targets, ctx, text)
+    return Table(targets, ctx, text, frozenset(types))
