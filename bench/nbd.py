@@ -103,16 +103,7 @@ def start_daemon(stack: ExitStack, work: str, path: str, src: str, certs: str | 
     log = open(os.path.join(work, "daemon.log"), "w")
     stack.callback(log.close)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    stack.callback(stop)
+    stack.callback(stop, proc, 60)
     if "ready" not in (proc.stdout.readline() or ""):
         raise RuntimeError(f"userdm daemon did not start: {open(log.name).read()[-2000:]}")
     size = os.path.getsize(path) // 512
@@ -131,18 +122,20 @@ def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} did not create {path}")
 
 
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds (a process this bench started)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | None = None) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    stack.callback(stop)
+    stack.callback(stop, proc, 10)
     wait_for(sock, proc, what)
 
 
