@@ -127,18 +127,21 @@ class Table:
     """A constructed table: targets sorted by start, with O(log n) lookup."""
 
     def __init__(self, targets: list[Target], ctx: TargetContext, text: str,
-                 type_names: frozenset[str] | None = None) -> None:
+                 classes: frozenset[type[Target]] | None = None) -> None:
         self.targets = targets
         self._ctx = ctx
         self._devices: tuple[int, list[TableDevice]] | None = None   # `devices()` of so many acquired
-        #: the names of the target types it uses
-        self.type_names = type_names if type_names is not None else frozenset(t.name for t in targets)
+        #: the target classes it uses, and their names (a million targets of one class are
+        #: asked about their class once)
+        self.classes = classes if classes is not None else frozenset(type(t) for t in targets)
+        self.type_names = frozenset(cls.name for cls in self.classes)
         read_only = ctx.read_only
         self.read_only = read_only
         #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
         #: the key masked, as `table` prints it without --showkeys; the key lives only in its
         #: target, so the state store never sees it (and restores such a table without it)
-        self.needs_key = any(t.has_keys and getattr(t, "key_size", 0) for t in targets)
+        self.needs_key = any(cls.has_keys for cls in self.classes) and \
+            any(t.has_keys and getattr(t, "key_size", 0) for t in targets)
         self.text = "\n".join(f"{t.begin} {t.length} {t.name} "
                               f"{t.table(False) if t.has_keys else t.table()}"
                               for t in targets) if self.needs_key else text
@@ -147,8 +150,9 @@ class Table:
         self.size = self.ends[-1] if targets else 0
         #: the device's logical block size: 4096 if a target encrypts in 4 KiB sectors (the
         #: kernel's io_hints; `io_block_size` of a target), else 512
-        self.logical_block_size = 4096 if any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) \
-            else SECTOR
+        self.logical_block_size = 4096 if any(hasattr(cls, "io_block_size") or not _slotted(cls)
+                                              for cls in self.classes) \
+            and any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) else SECTOR
 
     @property
     def sectors(self) -> int:
@@ -245,6 +249,11 @@ class Table:
         _release(self._ctx)
 
 
+def _slotted(cls: type) -> bool:
+    """Its instances have only the attributes their classes declare (no `__dict__`)."""
+    return all("__slots__" in vars(c) for c in cls.__mro__ if c is not object)
+
+
 def _release(ctx: TargetContext) -> None:
     acquired, ctx.acquired = ctx.acquired, []
     for dev in acquired:
@@ -333,4 +342,4 @@ def _build_table(text: str, ctx: TargetContext) -> Table:
             target.destroy()
         _release(ctx)
         raise
-    return Table(targets, ctx, text, frozenset(types))
+    return Table(targets, ctx, text, frozenset(classes.values()))
