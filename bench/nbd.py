@@ -3,16 +3,21 @@
 One run, everything on Unix sockets over the same file (in the page cache after the first
 job), rounds interleaved across servers (this machine's speed drifts), medians printed:
 
+    daemon:   fio --ioengine=nbd -> `userdm daemon` (control socket, state store, FUSE on,
+              its own runtime and state directories) -> device "bench" (linear) -> file
     userdm:   fio --ioengine=nbd -> NBDServer (own process) -> Mapper (linear) -> file
     nbdkit:   fio --ioengine=nbd -> nbdkit file
     qemu-nbd: fio --ioengine=nbd -> qemu-nbd --cache=writeback
     raw:      fio --ioengine=psync on the file (queue depth 1)
 
 Jobs: 1 MiB sequential read and write at qd8, 4 KiB random read at qd1 and qd16, 4 KiB
-random write at qd16; one connection each. Usage:
+random write at qd16; each with one connection and with four (fio `numjobs=4`, each job its
+own NBD connection, figures summed). Ratios are printed for the daemon and for the bench
+server against the peers. Usage:
 
     PYTHONPATH=src python3 bench/nbd.py [--mib 1024] [--runtime 3] [--rounds 3] [--dir DIR]
-        [--jobs write,qd16] [--servers userdm,nbdkit] [--baseline-src DIR] [--tls]
+        [--jobs write,qd16] [--servers daemon,userdm,nbdkit] [--conns 1,4]
+        [--baseline-src DIR] [--tls] [--no-fuse]
 
 `--tls`: every NBD connection does STARTTLS (X.509 certificates made for the run by
 scripts/tls-certs.sh): userdm with `--tls-certificates`, `nbdkit --tls=require`, qemu-nbd
@@ -54,7 +59,8 @@ JOBS = [  # (label, fio rw, block size, queue depth, unit)
     ("4K randread qd16", "randread", "4k", 16, "IOPS"),
     ("4K randwrite qd16", "randwrite", "4k", 16, "IOPS"),
 ]
-SERVERS = ["userdm", "nbdkit", "qemu-nbd", "raw"]
+SERVERS = ["daemon", "userdm", "nbdkit", "qemu-nbd", "raw"]
+OURS = ("daemon", "userdm")
 
 
 def serve(sock: str, path: str, certs: str | None = None) -> None:
@@ -82,6 +88,30 @@ def serve(sock: str, path: str, certs: str | None = None) -> None:
     mapper.close()
 
 
+def start_daemon(stack: ExitStack, work: str, path: str, src: str, certs: str | None,
+                 fuse: bool) -> str:
+    """The real `userdm daemon` with its own runtime and state directories under `work` (FUSE
+    on unless `fuse` is False), one linear device "bench" over `path` created through its
+    control socket; returns its NBD socket."""
+    run, state = os.path.join(work, "daemon-run"), os.path.join(work, "daemon-state")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(src), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "userdm", "daemon", "--runtime-dir", run, "--state-dir", state]
+    if not fuse:
+        cmd.append("--no-fuse")
+    if certs:
+        cmd += ["--tls", "require", "--tls-certificates", certs]
+    log = open(os.path.join(work, "daemon.log"), "w")
+    stack.callback(log.close)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+    stack.callback(stop, proc, 60)
+    if "ready" not in (proc.stdout.readline() or ""):
+        raise RuntimeError(f"userdm daemon did not start: {open(log.name).read()[-2000:]}")
+    size = os.path.getsize(path) // 512
+    subprocess.run([sys.executable, "-m", "userdm", "create", "bench"], input=f"0 {size} linear {path} 0\n",
+                   text=True, check=True, env={**env, "USERDM_RUNTIME_DIR": run})
+    return os.path.join(run, "nbd.sock")
+
+
 def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
     for _ in range(500):
         if os.path.exists(path):
@@ -92,25 +122,28 @@ def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
     raise RuntimeError(f"{what} did not create {path}")
 
 
+def stop(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds (a process this bench started)."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | None = None) -> None:
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-
-    def stop() -> None:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-    stack.callback(stop)
+    stack.callback(stop, proc, 10)
     wait_for(sock, proc, what)
 
 
 def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str,
-        env: dict | None = None) -> dict:
+        env: dict | None = None, conns: int = 1) -> dict:
     cmd = ["fio", "--name=bench", f"--rw={rw}", f"--bs={bs}", f"--size={size}", "--time_based",
-           f"--runtime={runtime}", "--ramp_time=0.5", f"--output={out}", "--output-format=json"]
+           f"--runtime={runtime}", "--ramp_time=0.5", f"--output={out}", "--output-format=json",
+           f"--numjobs={conns}", "--group_reporting"]
     if target.startswith("nbd"):
         cmd += ["--ioengine=nbd", f"--uri={target}", f"--iodepth={qd}"]
     else:
@@ -153,6 +186,8 @@ def main() -> None:
                          "src from `git archive`), as 'baseline', for before/after figures of one run")
     ap.add_argument("--tls", action="store_true",
                     help="NBD over TLS for every server (userdm, nbdkit --tls=require, qemu-nbd)")
+    ap.add_argument("--conns", default="1,4", help="comma-separated connection counts (default: 1,4)")
+    ap.add_argument("--no-fuse", action="store_true", help="run the daemon without its FUSE export")
     ap.add_argument("--serve", nargs="+", metavar="SOCKET FILE [CERTS]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -169,8 +204,10 @@ def main() -> None:
             sys.exit(f"no job matches {args.jobs!r}; jobs: {', '.join(j[0] for j in JOBS)}")
     servers = [s.strip() for s in args.servers.split(",") if s.strip()]
     unknown = set(servers) - set(SERVERS)
-    if unknown or "userdm" not in servers:
-        sys.exit(f"--servers takes userdm and any of {', '.join(SERVERS[1:])}")
+    if unknown or not set(OURS) & set(servers):
+        sys.exit(f"--servers takes daemon or userdm and any of {', '.join(SERVERS[2:])}")
+    ours = [s for s in OURS if s in servers]
+    conn_counts = [int(c) for c in args.conns.split(",") if c.strip()]
     if args.baseline_src:
         servers.insert(1, "baseline")
     size = args.mib << 20
@@ -182,6 +219,9 @@ def main() -> None:
         here = os.path.dirname(os.path.abspath(__file__))
         certs, fio_env = tls_setup(work, here) if args.tls else (None, None)
         sources = {"userdm": os.path.join(here, "..", "src"), "baseline": args.baseline_src}
+        if "daemon" in servers:
+            socks["daemon"] = start_daemon(stack, work, path, sources["userdm"],
+                                           certs + "/server" if certs else None, not args.no_fuse)
         for name in ("userdm", "baseline"):
             if name in servers:
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(
@@ -198,31 +238,35 @@ def main() -> None:
             start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k",
                           socks["qemu-nbd"], *tls, path], socks["qemu-nbd"], "qemu-nbd")
         scheme = "nbds+unix" if certs else "nbd+unix"
-        targets = {"userdm": f"{scheme}:///bench?socket={socks.get('userdm')}",
+        targets = {"daemon": f"{scheme}:///bench?socket={socks.get('daemon')}",
+                   "userdm": f"{scheme}:///bench?socket={socks.get('userdm')}",
                    "baseline": f"{scheme}:///bench?socket={socks.get('baseline')}",
                    "nbdkit": f"{scheme}:///?socket={socks.get('nbdkit')}",
                    "qemu-nbd": f"{scheme}:///?socket={socks.get('qemu-nbd')}",
                    "raw": path}
         results: dict[tuple[str, str], list[float]] = {}
         out = os.path.join(work, "fio.json")
+        runs = [(f"{label} x{c}" if c > 1 else label, rw, bs, qd, unit, c)
+                for c in conn_counts for label, rw, bs, qd, unit in jobs]
         for rnd in range(args.rounds):
-            for label, rw, bs, qd, unit in jobs:
+            for label, rw, bs, qd, unit, c in runs:
                 for server in servers:
-                    if server == "raw" and qd > 1 and rw.startswith("rand"):
+                    if server == "raw" and (c > 1 or qd > 1 and rw.startswith("rand")):
                         continue          # psync has no queue depth
-                    r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out, fio_env)
+                    r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out, fio_env, c)
                     value = r["bw_bytes"] / 1e6 if unit == "MB/s" else r["iops"]
                     results.setdefault((label, server), []).append(value)
-                    print(f"round {rnd + 1} {label:18} {server:8} {value:10.0f} {unit}", flush=True)
+                    print(f"round {rnd + 1} {label:21} {server:8} {value:10.0f} {unit}", flush=True)
         print()
         others = [s for s in ("nbdkit", "qemu-nbd", "baseline") if s in servers]
-        print(f"{'job':18} " + " ".join(f"{s:>10}" for s in servers)
-              + "".join(f"  {'userdm/' + s:>16}" for s in others))
-        for label, _rw, _bs, _qd, unit in jobs:
+        pairs = [(a, b) for a in ours for b in others]
+        print(f"{'job (xN: connections)':21} " + " ".join(f"{s:>9}" for s in servers)
+              + "".join(f"  {a + '/' + b:>15}" for a, b in pairs))
+        for label, _rw, _bs, _qd, unit, _c in runs:
             med = {s: statistics.median(results[(label, s)]) for s in servers if (label, s) in results}
-            cells = " ".join(f"{med[s]:10.0f}" if s in med else f"{'-':>10}" for s in servers)
-            ratios = "".join(f"  {med['userdm'] / med[s]:16.2f}" for s in others)
-            print(f"{label:18} {cells}{ratios}   ({unit}, median of {args.rounds})")
+            cells = " ".join(f"{med[s]:9.0f}" if s in med else f"{'-':>9}" for s in servers)
+            ratios = "".join(f"  {med[a] / med[b]:15.2f}" for a, b in pairs)
+            print(f"{label:21} {cells}{ratios}   ({unit}, median of {args.rounds})")
 
 if __name__ == "__main__":
     main()

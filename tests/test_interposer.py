@@ -27,6 +27,13 @@ def read_file(path: str, offset: int, length: int) -> bytes:
         return f.read(length)
 
 
+def collapsed_sinks(mapper, name: str) -> list:
+    """The sinks of the device's collapsed path (`userdm.dm.collapse`) after one request."""
+    md = mapper.device(name)
+    md.readinto(0, memoryview(bytearray(512)))
+    return [seg[2] for seg in md._flat.segments] if md._flat is not None else [None]
+
+
 @pytest.fixture
 def dev(mapper, images):
     (img,) = images()
@@ -57,8 +64,13 @@ def test_interposed_io_goes_through_the_interposer(mapper, dev, images):
     user.close()
 
 
-def test_writers_see_nothing_while_the_interposer_attaches_and_detaches(mapper, dev, images):
-    users = [mapper.open_device("dev", write=True) for _ in range(4)]
+@pytest.mark.parametrize("via", ["dev", "top"])
+def test_writers_see_nothing_while_the_interposer_attaches_and_detaches(mapper, dev, images, via):
+    """Writers on dev itself, or on a linear device over it ("top": collapsed onto the file
+    while dev is plain, through dev, and so through the interposer, while it is attached)."""
+    if via == "top":
+        mapper.create("top", f"0 {SECTORS} linear /dev/mapper/dev 0")
+    users = [mapper.open_device(via, write=True) for _ in range(4)]
     stop = threading.Event()
     errors: list[BaseException] = []
     written: dict[int, bytes] = {}
@@ -85,6 +97,8 @@ def test_writers_see_nothing_while_the_interposer_attaches_and_detaches(mapper, 
         for round_ in range(10):
             mapper.create(f"front{round_}", f"0 {SECTORS} linear [interpose]/dev/mapper/dev 0",
                           interpose=True)
+            if via == "top":
+                assert collapsed_sinks(mapper, "top") == [None]   # through dev and the front
             mapper.remove(f"front{round_}")
     finally:
         stop.set()
@@ -93,7 +107,9 @@ def test_writers_see_nothing_while_the_interposer_attaches_and_detaches(mapper, 
     assert not errors, errors[0]
     for block, data in written.items():
         assert read_file(dev, block, 4096) == data
-    assert mapper.info("dev")["open_count"] == 4
+    assert mapper.info(via)["open_count"] == 4
+    if via == "top":
+        assert collapsed_sinks(mapper, "top")[0] is not None     # onto the file again
     for u in users:
         u.close()
 

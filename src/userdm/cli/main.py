@@ -472,8 +472,9 @@ class Commands:
             return
         prefix = names is None or len(names) > 1
         for name in names or [d["name"] for d in self.dm.list()]:
-            for text in show(fetch(name)):
-                print(f"{name}: {text}" if prefix else text)
+            texts = show(fetch(name))   # one write: a million-line table prints in one go
+            sys.stdout.write("".join(f"{name}: {text}\n" for text in texts) if prefix
+                             else "".join(text + "\n" for text in texts))
 
     def table(self) -> None:
         if self.o.concise:

@@ -46,6 +46,7 @@ from .interposer import PREFIX, InterposedView
 from .mapped import MappedDevice
 from .partitioned import MappedPartition
 from .table import Table
+from .target import Target
 
 NBD_DEFAULT_PORT = 10809
 _WILDCARD = {"", "0.0.0.0", "::"}
@@ -169,6 +170,8 @@ class DependencyGraph:
                 edge = self._device_edge(tdev.open.device, tdev.ref)
                 if edge is not None:
                     yield edge
+            if all(cls.also_reaches is Target.also_reaches for cls in table.classes):
+                continue   # no target reaches further than its devices (a million linear ones)
             for target in table.targets:
                 for tdev in target.also_reaches():
                     edge = self._device_edge(tdev.open.device, tdev.ref)

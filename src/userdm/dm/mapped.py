@@ -22,7 +22,7 @@ from collections.abc import Callable
 from ..block.device import SECTOR, BlockDevice, BlockOpen, describe_holder
 from ..block.failure import merge_ranges
 from ..errors import DMError
-from . import interposer
+from . import collapse, interposer
 from .table import Table, build_table
 from .target import TableDevice, TargetContext
 
@@ -87,7 +87,12 @@ class MappedDevice(BlockDevice):
         self.deleting = False
         self.event_nr = 0
         self._resolver = resolver
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()            # I/O bookkeeping (a C-level lock: cheap)
+        self._cond = threading.Condition(self._lock)
+        #: the live table collapsed (`userdm.dm.collapse`), None to go through `live`;
+        #: rebuilt on the next request while `_flat_stale`
+        self._flat: collapse.Flat | None = None
+        self._flat_stale = True
         self._blocked = False
         self._in_flight = 0
         #: (ref, write, shared) -> [device, refcount]; shared by live and inactive tables
@@ -277,6 +282,7 @@ class MappedDevice(BlockDevice):
                 target.presuspend()
         with self._cond:
             self._blocked = True
+        self._drop_collapsed()
         return True
 
     def drain(self) -> None:
@@ -354,6 +360,7 @@ class MappedDevice(BlockDevice):
             self._blocked = False
             self._cond.notify_all()
         self.suspended = False
+        self._drop_collapsed(wait=False)   # those above may collapse through this one again
         if self.live is not None:
             for target in self.live.targets:
                 target.resume()
@@ -367,6 +374,7 @@ class MappedDevice(BlockDevice):
         with self._cond:
             self._blocked = False
             self._cond.notify_all()
+        self._drop_collapsed(wait=False)
         for slot in ("inactive", "live"):
             table = getattr(self, slot)
             setattr(self, slot, None)
@@ -379,17 +387,66 @@ class MappedDevice(BlockDevice):
         self.event_nr += 1
         self._event_hook(self)
 
+    # ---- collapsed remapping (userdm.dm.collapse) ---------------------------------------
+
+    def _collapse(self) -> collapse.Flat | None:
+        """Build the Flat of the live table (with `_lock` held)."""
+        self._flat_stale = False
+        self._flat = collapse.build(self.live, _flat_below) if self.live is not None else None
+        return self._flat
+
+    def flat_for_above(self) -> collapse.Flat | None:
+        """This device's Flat for a device stacked on it to follow a chain through, or None
+        while it must be entered (suspended or suspending, interposed, dead, no table)."""
+        with self._lock:
+            if self._blocked or self.interposers or self.dead or self.live is None:
+                return None
+            return self._flat if not self._flat_stale else self._collapse()
+
+    def _drop_collapsed(self, wait: bool = True) -> None:
+        """Drop the Flats of this device and of every device stacked above it; with `wait`,
+        until no request uses a dropped one (they may bypass this device's own count)."""
+        dropped = []
+        for md in [self, *_stacked_above(self)]:
+            with md._lock:
+                old, md._flat, md._flat_stale = md._flat, None, True
+                if old is not None:
+                    old.retired = True
+                    dropped.append((md, old))
+        if wait:
+            for md, old in dropped:
+                with md._lock:
+                    while old.users:
+                        md._cond.wait()
+
     # ---- the data path ------------------------------------------------------------------
 
-    def _enter(self) -> Table:
-        with self._cond:
+    def _enter(self):  # noqa: ANN202 - Table, or a collapse.Flat of the live one
+        with self._lock:
             while self._blocked:
                 self._cond.wait()
-            table = self.interposers[-1] if self.interposers else self.live
+            if self.interposers:
+                table = self.interposers[-1]
+            else:
+                table = self._flat if not self._flat_stale else self._collapse()
+                if table is None:
+                    table = self.live
+                else:
+                    table.users += 1
             if table is None:
                 raise DMError(errno.EIO, f"device {self.name} has no live table (mapping table unavailable)")
             self._in_flight += 1
             return table
+
+    def _leave(self, path=None) -> None:  # noqa: ANN001
+        with self._lock:
+            self._in_flight -= 1
+            if path.__class__ is collapse.Flat:
+                path.users -= 1
+                if path.retired and not path.users:
+                    self._cond.notify_all()
+            if self._blocked and not self._in_flight:
+                self._cond.notify_all()
 
     def enter_below(self, front: "MappedDevice"):  # noqa: ANN201 - Table or MappedDevice
         """The I/O path just below interposer `front` (its view of this device). Never waits for
@@ -418,55 +475,78 @@ class MappedDevice(BlockDevice):
                     target.preresume()
                 self._release()
 
-    def _leave(self) -> None:
-        with self._cond:
+    def leave_below(self) -> None:
+        with self._lock:
             self._in_flight -= 1
             if self._blocked and not self._in_flight:
                 self._cond.notify_all()
 
-    leave_below = _leave
-
     def readinto(self, offset: int, buf: memoryview) -> None:
         table = self._enter()
         try:
+            if table.__class__ is collapse.Flat:
+                if table.read(offset, buf):
+                    return
+                table = self._through_table(table)
             table.readinto(offset, buf)
         finally:
-            self._leave()
+            self._leave(table)
 
     def write(self, offset: int, data: memoryview | bytes, fua: bool = False) -> None:
         table = self._enter()
         try:
+            if table.__class__ is collapse.Flat:
+                if table.write(offset, data, fua):
+                    return
+                table = self._through_table(table)
             table.write(offset, memoryview(data), fua)
         finally:
-            self._leave()
+            self._leave(table)
+
+    def _through_table(self, flat: collapse.Flat) -> Table:
+        """A request the Flat did not do goes through the table: it stops being a user of
+        the Flat first (it may wait for a device below, which may wait for the Flat)."""
+        with self._lock:
+            flat.users -= 1
+            if flat.retired and not flat.users:
+                self._cond.notify_all()
+        return flat.table
 
     def flush(self) -> None:
         table = self._enter()
         try:
+            if table.__class__ is collapse.Flat:
+                table = self._through_table(table)
             table.flush()
         finally:
-            self._leave()
+            self._leave(table)
 
     def discard(self, offset: int, length: int) -> None:
         table = self._enter()
         try:
+            if table.__class__ is collapse.Flat:
+                table = self._through_table(table)
             table.discard(offset, length)
         finally:
-            self._leave()
+            self._leave(table)
 
     def write_zeroes(self, offset: int, length: int, may_unmap: bool = True) -> None:
         table = self._enter()
         try:
+            if table.__class__ is collapse.Flat:
+                table = self._through_table(table)
             table.write_zeroes(offset, length, may_unmap)
         finally:
-            self._leave()
+            self._leave(table)
 
     def block_status(self, offset: int, length: int) -> list[tuple[int, int]]:
         table = self._enter()
         try:
+            if table.__class__ is collapse.Flat:
+                table = self._through_table(table)
             return table.block_status(offset, length)
         finally:
-            self._leave()
+            self._leave(table)
 
     # ---- failures and death of underlying devices (userdm.block.failure) -------------
 
@@ -490,3 +570,21 @@ class MappedDevice(BlockDevice):
 
     def holders_description(self) -> str:
         return describe_holder(self.holder) if self.holder is not None else "-"
+
+
+def _flat_below(device: BlockDevice) -> collapse.Flat | None:
+    """`collapse.build`'s view of a device below: only plain mapped devices are followed."""
+    return device.flat_for_above() if type(device) is MappedDevice else None
+
+
+def _stacked_above(md: MappedDevice) -> list[MappedDevice]:
+    """Every mapped device whose table reaches `md`, directly or through others."""
+    seen: dict[int, MappedDevice] = {}
+    todo = [md]
+    while todo:
+        dev = todo.pop()
+        for user in list(dev.holder_links):
+            if isinstance(user, MappedDevice) and id(user) not in seen and user is not md:
+                seen[id(user)] = user
+                todo.append(user)
+    return list(seen.values())

@@ -947,11 +947,8 @@ class Mapper:
             md = self._devices.get(name)
             saved = None if md is None else md.saved_inactive if inactive else md.saved_live
             return saved_lines(saved[0]) if saved is not None else []
-        out = []
-        for t in table.targets:
-            params = t.table(showkeys) if _takes_showkeys(t) else t.table()
-            out.append([t.begin, t.length, t.name, params])
-        return out
+        return [[t.begin, t.length, t.name, t.table(showkeys) if t.has_keys else t.table()]
+                for t in table.targets]
 
     def status(self, name: str, *, inactive: bool = False) -> list[list[Any]]:
         """Status lines `[start, length, type, status]` in the kernel's formats."""
@@ -1217,6 +1214,3 @@ def _settle_restore(md: MappedDevice) -> None:
     if md.saved_live is None and md.saved_inactive is None:
         md.restore_error = None
 
-
-def _takes_showkeys(target: Any) -> bool:
-    return target.has_keys

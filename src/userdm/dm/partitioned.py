@@ -60,7 +60,7 @@ def scan_is_harmless(md: MappedDevice, above: tuple[MappedDevice, ...] = ()) -> 
     table = md.live
     if table is None:
         return True
-    if any(target.name in NO_SCAN_TARGETS for target in table.targets):
+    if table.type_names & NO_SCAN_TARGETS:
         return False
     for dev in table.devices():
         below = dev.open.device

@@ -16,7 +16,7 @@ import gc
 import threading
 from bisect import bisect_right
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from ..block.device import SECTOR, merge_extents
 from ..errors import DMError, quoted
@@ -25,8 +25,9 @@ from .target import TableDevice, Target, TargetContext, TargetError, lookup
 MAX_SECTORS = (1 << 63) - 1 >> 9  # the kernel's "too large device" limit
 
 
-@dataclass(frozen=True)
-class TableLine:
+class TableLine(NamedTuple):
+    """One parsed line (a named tuple: a million of them are made fast)."""
+
     lineno: int
     start: int
     length: int
@@ -83,19 +84,21 @@ def _lines(text: str) -> Iterator[str]:
 def parse_table(text: str) -> list[TableLine]:
     """Parse table text into lines (syntax only; the load rules are checked by `build_table`)."""
     lines: list[TableLine] = []
+    append = lines.append
+    make = TableLine._make
     for lineno, raw in enumerate(_lines(text), 1):
-        stripped = raw.strip()
-        if not stripped or stripped.startswith("#"):
+        words = raw.split(None, 3)
+        if not words or words[0][0] == "#":
             continue
-        words = stripped.split(None, 3)
         if len(words) < 3:
-            raise DMError(errno.EINVAL, f"table line {lineno}: {quoted(stripped)} needs at least "
+            raise DMError(errno.EINVAL, f"table line {lineno}: {quoted(raw.strip())} needs at least "
                           "'<start> <length> <target type>'")
-        start = _number(words[0], lineno, "start sector")
-        length = _number(words[1], lineno, "length")
+        first, second = words[0], words[1]
+        start = int(first) if first.isdigit() and first.isascii() else _number(first, lineno, "start sector")
+        length = int(second) if second.isdigit() and second.isascii() else _number(second, lineno, "length")
         params = words[3] if len(words) > 3 else ""
-        lines.append(TableLine(lineno, start, length, words[2], split_args(params) if "\\" in params
-                               else params.split()))
+        append(make((lineno, start, length, words[2], split_args(params) if "\\" in params
+                     else params.split())))
     if not lines:
         raise DMError(errno.EINVAL, "table is empty: no targets specified")
     return lines
@@ -123,15 +126,22 @@ def check_layout(lines: list[TableLine]) -> None:
 class Table:
     """A constructed table: targets sorted by start, with O(log n) lookup."""
 
-    def __init__(self, targets: list[Target], ctx: TargetContext, text: str) -> None:
+    def __init__(self, targets: list[Target], ctx: TargetContext, text: str,
+                 classes: frozenset[type[Target]] | None = None) -> None:
         self.targets = targets
         self._ctx = ctx
+        self._devices: tuple[int, list[TableDevice]] | None = None   # `devices()` of so many acquired
+        #: the target classes it uses, and their names (a million targets of one class are
+        #: asked about their class once)
+        self.classes = classes if classes is not None else frozenset(type(t) for t in targets)
+        self.type_names = frozenset(cls.name for cls in self.classes)
         read_only = ctx.read_only
         self.read_only = read_only
         #: a table that holds a key (a `has_keys` target with a key: crypt) keeps its text with
         #: the key masked, as `table` prints it without --showkeys; the key lives only in its
         #: target, so the state store never sees it (and restores such a table without it)
-        self.needs_key = any(t.has_keys and getattr(t, "key_size", 0) for t in targets)
+        self.needs_key = any(cls.has_keys for cls in self.classes) and \
+            any(t.has_keys and getattr(t, "key_size", 0) for t in targets)
         self.text = "\n".join(f"{t.begin} {t.length} {t.name} "
                               f"{t.table(False) if t.has_keys else t.table()}"
                               for t in targets) if self.needs_key else text
@@ -140,8 +150,9 @@ class Table:
         self.size = self.ends[-1] if targets else 0
         #: the device's logical block size: 4096 if a target encrypts in 4 KiB sectors (the
         #: kernel's io_hints; `io_block_size` of a target), else 512
-        self.logical_block_size = 4096 if any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) \
-            else SECTOR
+        self.logical_block_size = 4096 if any(hasattr(cls, "io_block_size") or not _slotted(cls)
+                                              for cls in self.classes) \
+            and any(getattr(t, "io_block_size", SECTOR) == 4096 for t in targets) else SECTOR
 
     @property
     def sectors(self) -> int:
@@ -217,10 +228,13 @@ class Table:
 
     def devices(self) -> list[TableDevice]:
         """Underlying devices without duplicates, in table order (the `deps` list)."""
-        seen: dict[int, TableDevice] = {}
-        for dev in self._ctx.acquired:
-            seen.setdefault(id(dev.open), dev)
-        return list(seen.values())
+        acquired = self._ctx.acquired
+        if self._devices is None or self._devices[0] != len(acquired):
+            seen: dict[int, TableDevice] = {}
+            for dev in acquired:
+                seen.setdefault(id(dev.open), dev)
+            self._devices = (len(acquired), list(seen.values()))
+        return list(self._devices[1])
 
     def target_at(self, sector: int) -> Target | None:
         offset = sector * SECTOR
@@ -235,6 +249,11 @@ class Table:
         _release(self._ctx)
 
 
+def _slotted(cls: type) -> bool:
+    """Its instances have only the attributes their classes declare (no `__dict__`)."""
+    return all("__slots__" in vars(c) for c in cls.__mro__ if c is not object)
+
+
 def _release(ctx: TargetContext) -> None:
     acquired, ctx.acquired = ctx.acquired, []
     for dev in acquired:
@@ -247,6 +266,8 @@ def build_table(text: str, ctx: TargetContext) -> Table:
         return _build_table(text, ctx)
 
 
+#: objects made while builds paused the collector from which they are frozen (see below)
+FREEZE_AT = 200_000
 _paused = 0
 _was_enabled = True
 _paused_lock = threading.Lock()
@@ -257,7 +278,14 @@ def _collector_paused() -> Iterator[None]:
     """No cyclic garbage collection while tables are built: a table of a million segments is
     millions of new objects and no garbage, and each full collection the allocations trigger
     walks all of them with the GIL held (it doubled a 1M-segment load, 8.8 s against 4.6 s,
-    and stalled every other thread meanwhile). Collection resumes when the last build ends."""
+    and stalled every other thread meanwhile). Collection resumes when the last build ends.
+
+    If the builds made many objects (FREEZE_AT, counted by the collector), they are frozen
+    first (`gc.freeze`): they live as long as the table, hold no reference cycles (refcounts
+    free them when the table goes), and would otherwise be walked by the first collection
+    (0.5 s for a million segments, the interpreter held) and by every full one after (0.25 s
+    each, for as long as the table lives). Everything else alive at that moment is frozen
+    too: cyclic garbage among it is kept (until `gc.unfreeze`), a small one-off cost."""
     global _paused, _was_enabled
     with _paused_lock:
         _paused += 1
@@ -270,28 +298,43 @@ def _collector_paused() -> Iterator[None]:
         with _paused_lock:
             _paused -= 1
             if _paused == 0 and _was_enabled:
+                if gc.get_count()[0] >= FREEZE_AT:
+                    gc.freeze()
                 gc.enable()
+
+
+def _checked_type(line: TableLine, lines: int, types: int) -> type[Target]:
+    """The class of `line`'s target type, after the rules about types in one table."""
+    cls = lookup(line.type)
+    if cls is None:
+        raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {quoted(line.type)}")
+    if cls.singleton and lines > 1:
+        raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
+                      "must appear alone in table")
+    if cls.immutable and types > 1:
+        raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
+                      f"{line.type} cannot be mixed with other target types")
+    return cls
 
 
 def _build_table(text: str, ctx: TargetContext) -> Table:
     lines = parse_table(text)
     check_layout(lines)
     types = {line.type for line in lines}
+    classes: dict[str, type[Target]] = {}   # each type's class, once its rules were checked
     targets: list[Target] = []
+    append = targets.append
     try:
         for line in lines:
-            cls = lookup(line.type)
+            cls = classes.get(line.type)
             if cls is None:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: unknown target type {quoted(line.type)}")
-            if cls.singleton and len(lines) > 1:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: target type {line.type} "
-                              "must appear alone in table")
-            if cls.immutable and len(types) > 1:
-                raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
-                              f"{line.type} cannot be mixed with other target types")
+                cls = classes[line.type] = _checked_type(line, len(lines), len(types))
             try:
-                ctx.begin_target()
-                targets.append(cls(ctx, line.start, line.length, line.args))
+                target = cls.quick(ctx, line.start, line.length, line.args)
+                if target is None:
+                    ctx.begin_target()
+                    target = cls(ctx, line.start, line.length, line.args)
+                append(target)
             except TargetError as exc:
                 raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None
     except BaseException:
@@ -299,4 +342,4 @@ def _build_table(text: str, ctx: TargetContext) -> Table:
             target.destroy()
         _release(ctx)
         raise
-    return Table(targets, ctx, text)
+    return Table(targets, ctx, text, frozenset(classes.values()))

@@ -71,6 +71,9 @@ class TargetContext:
         self.event = event
         #: every device opened while building the table; the table releases them
         self.acquired: list[TableDevice] = []
+        #: what constructors of one type may remember between the lines of one table
+        #: (`Target.quick`), keyed as they like
+        self.memo: dict = {}
         #: the regions the target being built uses (see `use_region`)
         self._regions: list[tuple[BlockDevice, int, int, str, str, int, int]] = []
         self._calls = 0
@@ -150,11 +153,23 @@ class Target:
     #: its arguments hold a key (crypt): `table(showkeys)` masks it unless asked, the saved
     #: text never has it, and `forget_key()` wipes it
     has_keys: ClassVar[bool] = False
+    #: a remap with no state of its own but its opens and no suspend hooks (striped): a
+    #: device stacked above may call it directly (`userdm.dm.collapse`)
+    stateless_remap: ClassVar[bool] = False
     __slots__ = ("begin", "length")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         self.begin = begin
         self.length = length
+
+    @classmethod
+    def quick(cls, ctx: TargetContext, begin: int, length: int, args: list[str]) -> "Target | None":
+        """The target of a table line built the quick way, or None to run the constructor: a
+        type whose lines repeat (a million linear segments on one file) may build the common
+        case from what an earlier line of the same table found (`ctx.memo`), without opening
+        anything. It must build exactly what the constructor would, and leave every refusal
+        to the constructor."""
+        return None
 
     # ---- data path (byte offsets relative to the target start) ----------------------
     def readinto(self, offset: int, buf: memoryview) -> None:
@@ -233,6 +248,19 @@ class Target:
     def direct_map(self) -> tuple[TableDevice, int] | None:
         """`(device, byte offset)` if this target maps its range one-to-one onto that device
         from that offset on (linear, dust, flakey); None otherwise. Used by `failure`."""
+        return None
+
+    def passthrough(self) -> tuple[TableDevice, int] | None:
+        """`(device, byte offset)` if every request to this target goes unchanged to that
+        device from that offset on, and nothing else happens (linear; not dust or flakey,
+        which map directly but fail requests): `userdm.dm.collapse` follows such targets
+        down a stack. None otherwise."""
+        return None
+
+    def locate(self, offset: int, length: int) -> tuple[BlockOpen, int] | None:
+        """`(open, byte offset)` where a request of `length` bytes at target byte `offset` goes
+        whole, if it goes to one place unchanged (striped: a request inside one chunk); None
+        otherwise. Only asked of `stateless_remap` targets (`userdm.dm.collapse`)."""
         return None
 
     # ---- lifecycle hooks ----------------------------------------------------------------

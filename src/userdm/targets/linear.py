@@ -17,6 +17,7 @@ from ..dm.target import Target, TargetContext, TargetError, parse_sector, regist
 class LinearTarget(Target):
     name = "linear"
     version = (1, 5, 0)
+    stateless_remap = True
     __slots__ = ("dev", "start", "no_exclusive", "_open", "_base")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -30,6 +31,35 @@ class LinearTarget(Target):
         self.dev = ctx.get_device(args[0], self.start, length, shared=self.no_exclusive)
         self._open = self.dev.open
         self._base = self.start * SECTOR
+        if not self.no_exclusive:
+            device = self.dev.open.device
+            ctx.memo[(LinearTarget, args[0])] = (self.dev, device.size // SECTOR,
+                                                 device.logical_block_size // SECTOR)
+
+    @classmethod
+    def quick(cls, ctx: TargetContext, begin: int, length: int, args: list[str]):
+        """`<dev> <offset>` on a device an earlier line of this table opened: the same open
+        (the table holds it once; the kernel's dm_get_device also shares one per table),
+        checked against its size and block size here."""
+        if len(args) != 2:
+            return None
+        known = ctx.memo.get((LinearTarget, args[0]))
+        offset = args[1]
+        if known is None or not (offset.isdigit() and offset.isascii()):
+            return None
+        dev, size, lbs = known
+        start = int(offset)
+        if start + length > size or start % lbs or length % lbs:
+            return None
+        self = cls.__new__(cls)
+        self.begin = begin
+        self.length = length
+        self.no_exclusive = False
+        self.start = start
+        self.dev = dev
+        self._open = dev.open
+        self._base = start * SECTOR
+        return self
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         self._open.readinto(self._base + offset, buf)
@@ -53,4 +83,7 @@ class LinearTarget(Target):
         return [self.dev]
 
     def direct_map(self):
+        return self.dev, self._base
+
+    def passthrough(self):
         return self.dev, self._base

@@ -21,6 +21,7 @@ ERROR_THRESHOLD = 15  # DM_IO_ERROR_THRESHOLD: a stripe is shown as D(ead) after
 class StripedTarget(Target):
     name = "striped"
     version = (1, 7, 0)
+    stateless_remap = True
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         super().__init__(ctx, begin, length, args)
@@ -59,6 +60,13 @@ class StripedTarget(Target):
         chunk, in_chunk = divmod(offset, self.chunk)
         row, stripe = divmod(chunk, self.stripes)
         return stripe, self.bases[stripe] + row * self.chunk + in_chunk, self.chunk - in_chunk
+
+    def locate(self, offset: int, length: int):
+        chunk, in_chunk = divmod(offset, self.chunk)
+        if in_chunk + length > self.chunk:
+            return None
+        row, stripe = divmod(chunk, self.stripes)
+        return self.opens[stripe], self.bases[stripe] + row * self.chunk + in_chunk
 
     def _pieces(self, offset: int, length: int):
         pos = 0

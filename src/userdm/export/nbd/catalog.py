@@ -49,11 +49,10 @@ class MapperCatalog:
         device = self.mapper.exported(name)
         if device is None:
             raise self._refuse(name)
-        try:
-            d = self.mapper.info(name)
-        except DMError:
-            raise self._refuse(name) from None
-        return ExportInfo(name=name, size=int(d.get("size", 0)), read_only=bool(d.get("readonly")),
+        # read off the device itself, not `mapper.info` (a dict of every field: most of the
+        # daemon's time in `nbdinfo --list`); a device's size and read-only flag are its live
+        # table's, set together when the table is swapped in
+        return ExportInfo(name=name, size=device.size, read_only=bool(device.read_only),
                           min_block=_block_size(device))
 
     def select(self, name: str) -> ExportInfo:

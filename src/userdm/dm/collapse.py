@@ -1,0 +1,274 @@
+"""Collapsed remapping: one lookup for a chain of remap-only targets (issue 18).
+
+A request to a mapped device normally walks its table (a binary search), the target, the
+open of the device below (its checks), and, when that is a mapped device too, the same again
+there. The kernel pays one remap per layer. A `Flat` is the live table of one device with the
+linear targets followed down through the mapped devices below it, in one sorted list of
+segments, each with a *sink* that does the I/O in one step:
+
+- a linear chain that ends on a file (`FileSink`): `preadv`/`pwritev` on its descriptor;
+- a striped target straight onto files, at the bottom of a chain or in the device's own
+  table (`TargetSink`): the target itself.
+Everything else has no sink: such requests go through the table as before.
+
+A chain is followed through a mapped device only while the device is plain (not a partition,
+not interposed), not suspended or suspending, not dead, and has a live table; otherwise the
+segment's sink is the linear target that points at the device, so the request enters that
+device as it always did (and waits for its resume there).
+
+Who keeps a Flat right: `MappedDevice` (see there) drops the Flats of itself and of every
+device stacked above it when it starts a suspend (and then waits until no request uses a
+dropped one, so its drain sees every request that could reach its table), when it resumes,
+and when it is destroyed; a device builds its Flat again on its next request. A sink that
+cannot do a request cleanly (a dead or shrunk file, an error, a FUA write, a write through a
+read-only open) says so, and the request goes through the live table instead, which does
+what it always did (errors, failure reports). A request that spans segments goes through the
+table too. Tables of more than MAX_SEGMENTS targets are not collapsed (building the list would
+hold the interpreter for a long time), except those whose every target is linear onto one
+file (`_one_file`); nor are tables where no target is linear or such a striped one.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+from bisect import bisect_right
+
+from ..block.device import SECTOR
+from ..block.file import FileDisk
+
+#: tables with more targets are not collapsed
+MAX_SEGMENTS = 4096
+#: collapse at all (benchmarks turn it off to measure what it saves)
+ENABLED = True
+_preadv = os.preadv
+_pwritev = os.pwritev
+
+
+class FileSink:
+    """A file at the bottom of a linear chain: one system call per request."""
+
+    __slots__ = ("disk", "fd", "writable", "read", "write")
+
+    def __init__(self, disk: FileDisk, writable: bool) -> None:
+        self.disk = disk
+        self.fd = disk.fd
+        self.writable = writable
+        self.read = self._read
+        self.write = self._write if writable else _refuse
+
+    def _read(self, offset: int, buf: memoryview) -> bool:
+        if self.disk.dead:
+            return False
+        try:
+            return _preadv(self.fd, [buf], offset) == len(buf)
+        except OSError:
+            return False
+
+    def _write(self, offset: int, data: memoryview, fua: bool) -> bool:
+        if fua or self.disk.dead:
+            return False
+        try:
+            return _pwritev(self.fd, [data], offset) == len(data)
+        except OSError:
+            return False
+
+
+class TargetSink:
+    """A stateless remap onto files (`_bottom`): a request that `locate` places whole is one
+    system call; the target does the others (its errors are the request's, as through the
+    table)."""
+
+    __slots__ = ("target", "writable", "read", "write")
+
+    def __init__(self, target, writable: bool) -> None:  # noqa: ANN001 - a Target
+        self.target = target
+        self.writable = writable
+        self.read = self._read
+        self.write = self._write if writable else _refuse
+
+    def _read(self, offset: int, buf: memoryview) -> bool:
+        n = len(buf)
+        place = self.target.locate(offset, n)
+        if place is None:            # over chunks: the target splits it
+            self.target.readinto(offset, buf)
+            return True
+        disk = place[0].device
+        if disk.dead:
+            return False
+        try:
+            return _preadv(disk.fd, [buf], place[1]) == n
+        except OSError:
+            return False
+
+    def _write(self, offset: int, data: memoryview, fua: bool) -> bool:
+        n = len(data)
+        place = None if fua else self.target.locate(offset, n)
+        if place is None:
+            self.target.write(offset, data, fua)
+            return True
+        open_, at = place
+        disk = open_.device
+        if disk.dead or not open_.write_mode:
+            return False
+        try:
+            return _pwritev(disk.fd, [data], at) == n
+        except OSError:
+            return False
+
+
+def _refuse(offset: int, data: memoryview, fua: bool) -> bool:
+    return False
+
+
+class Flat:
+    """The collapsed segments of one live table. `read`/`write` do a request in one step and
+    return True, or return False: the caller then sends it through `table` (as it always did)."""
+
+    __slots__ = ("table", "segments", "starts", "deltas", "reads", "writes", "users", "retired",
+                 "read", "write", "_sink")
+
+    def __init__(self, table, segments: list[tuple[int, int, object, int]] | None,  # noqa: ANN001
+                 columns: tuple[list, list, list, list] | None = None, sink: FileSink | None = None) -> None:
+        self.table = table
+        #: (start, end, sink or None, delta): device bytes [start, end) are sink bytes + delta;
+        #: no sink: through the table. None for a big table's (`_one_file`): not followed
+        #: from above
+        self.segments = segments
+        if columns is None:
+            columns = ([s[0] for s in segments] + [segments[-1][1]], [s[3] for s in segments],
+                       [s[2].read if s[2] is not None else _no for s in segments],
+                       [s[2].write if s[2] is not None else _no for s in segments])
+        #: segment starts and, last, the device's end (the segments are contiguous: segment
+        #: i ends where i + 1 starts, in the same cache line); offsets to add; sink calls
+        self.starts, self.deltas, self.reads, self.writes = columns
+        #: requests in a sink now, and whether its device dropped it (see `MappedDevice`)
+        self.users = 0
+        self.retired = False
+        #: the one sink of every segment (`_one_file`): no per-segment call to look up
+        self._sink = sink
+        self.read, self.write = (self._read_one, self._write_one) if sink is not None else (self._read, self._write)
+
+    def _read_one(self, offset: int, buf: memoryview) -> bool:
+        i = bisect_right(self.starts, offset) - 1
+        return offset + len(buf) <= self.starts[i + 1] and self._sink.read(offset + self.deltas[i], buf)
+
+    def _write_one(self, offset: int, data: memoryview, fua: bool) -> bool:
+        i = bisect_right(self.starts, offset) - 1
+        return offset + len(data) <= self.starts[i + 1] and self._sink.write(offset + self.deltas[i], data, fua)
+
+    def _read(self, offset: int, buf: memoryview) -> bool:
+        i = bisect_right(self.starts, offset) - 1
+        return offset + len(buf) <= self.starts[i + 1] and self.reads[i](offset + self.deltas[i], buf)
+
+    def _write(self, offset: int, data: memoryview, fua: bool) -> bool:
+        i = bisect_right(self.starts, offset) - 1
+        return offset + len(data) <= self.starts[i + 1] and self.writes[i](offset + self.deltas[i], data, fua)
+
+
+def _no(*args) -> bool:  # noqa: ANN002
+    return False
+
+
+def build(table, below) -> Flat | None:  # noqa: ANN001
+    """The Flat of `table` (a device's live table), or None if collapsing does not pay.
+    `below(device)` returns the Flat of a mapped device to follow a chain through (None: do
+    not follow; it takes that device's lock)."""
+    targets = table.targets
+    if not ENABLED:
+        return None
+    if len(targets) > MAX_SEGMENTS:
+        return _one_file(table)
+    if not any(t.passthrough() is not None or _bottom(t) for t in targets):
+        return None
+    writable = not table.read_only
+    files: dict[tuple[int, bool], FileSink] = {}   # one sink per file: neighbours merge
+    segments: list[tuple[int, int, object, int]] = []
+    for t in targets:
+        start = t.begin * SECTOR
+        end = start + t.length * SECTOR
+        through = t.passthrough()
+        if through is None:
+            sink = TargetSink(t, writable) if _bottom(t) else None
+            segments.append((start, end, sink, -start))
+            continue
+        tdev, base = through
+        open_ = tdev.open
+        dev = open_.device
+        ok = writable and open_.write_mode and not dev.read_only
+        if isinstance(dev, FileDisk) and not dev.direct:
+            sink = files.get((id(dev), ok))
+            if sink is None:
+                sink = files[(id(dev), ok)] = FileSink(dev, ok)
+            segments.append((start, end, sink, base - start))
+            continue
+        lower = below(dev)
+        if lower is None or lower.segments is None or len(lower.segments) > MAX_SEGMENTS:
+            segments.append((start, end, None, 0))
+            continue
+        shift = base - start          # device offset -> lower device offset
+        lo, hi = base, base + (end - start)
+        i = max(bisect_right(lower.starts, lo) - 1, 0)
+        while i < len(lower.segments) and lower.segments[i][0] < hi:
+            l_start, l_end, sink, l_delta = lower.segments[i]
+            if sink is not None and not ok and sink.writable:
+                sink = _read_only(sink)
+            segments.append((max(l_start, lo) - shift, min(l_end, hi) - shift, sink, shift + l_delta))
+            i += 1
+    if len(segments) > MAX_SEGMENTS or all(seg[2] is None for seg in segments):
+        return None
+    return Flat(table, _merge(segments))
+
+
+def _one_file(table) -> Flat | None:  # noqa: ANN001
+    """The Flat of a big table whose every target passes through onto one file (a million
+    linear segments): the table's own start and end lists, one offset per target, one sink.
+    One pass over the targets (the interpreter is handed over meanwhile, as always)."""
+    targets = table.targets
+    first = targets[0].passthrough()
+    if first is None:
+        return None
+    open_ = first[0].open
+    disk = open_.device
+    if not isinstance(disk, FileDisk) or disk.direct:
+        return None
+    deltas: list[int] = []
+    append = deltas.append
+    for t, start in zip(targets, table.starts):
+        through = t.passthrough()
+        if through is None or through[0].open is not open_:
+            return None
+        append(through[1] - start)
+    sink = FileSink(disk, not table.read_only and open_.write_mode and not disk.read_only)
+    # machine integers side by side: a binary search over a million of them touches far
+    # fewer cache lines than over a list of int objects
+    starts = array("q", table.starts)
+    starts.append(table.size)
+    return Flat(table, None, (starts, array("q", deltas), [], []), sink)
+
+
+def _bottom(target) -> bool:  # noqa: ANN001
+    """A target a sink may call directly: a stateless remap straight onto files (it never
+    waits for another mapped device, so a request in it never waits for a resume)."""
+    return target.stateless_remap and all(isinstance(d.open.device, FileDisk) and not d.open.device.direct
+                                          for d in target.devices())
+
+
+def _read_only(sink):  # noqa: ANN001, ANN202
+    """The same sink, refusing writes (an open above it is read-only: the table says EPERM)."""
+    if isinstance(sink, FileSink):
+        return FileSink(sink.disk, False)
+    return TargetSink(sink.target, False)
+
+
+def _merge(segments: list) -> list:
+    """Join neighbours that are one run of the same sink (a chain cut into pieces above)."""
+    out: list = []
+    for seg in segments:
+        if out:
+            p = out[-1]
+            if p[2] is seg[2] and p[1] == seg[0] and (p[3] == seg[3] or seg[2] is None):
+                out[-1] = (p[0], seg[1], p[2], p[3])
+                continue
+        out.append(seg)
+    return out
