@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nameprefixes", action="store_true", help="report: DM_FIELD='value' pairs")
     p.add_argument("--unquoted", action="store_true", help="report: no quotes with --nameprefixes")
     p.add_argument("--rows", action="store_true", help="report: one line per field")
-    p.add_argument("--headings", metavar="none|abbrev", help="report: headings or none")
+    p.add_argument("--headings", metavar="none|abbrev|full", help="report: no headings, abbreviated ones or field ids")
     p.add_argument("--count", type=int, metavar="N", help="report: print the report N times")
     p.add_argument("--interval", type=float, metavar="SECONDS",
                    help="report: wait this long between reports (with no --count: until interrupted)")

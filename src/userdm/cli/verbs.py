@@ -55,7 +55,7 @@ VERBS: dict[str, Verb] = {
     "remove_all": Verb("remove_all [-f] [--deferred]", "Remove every device that is not in use.",
                        ("force", "deferred")),
     "info": Verb("info [-c [-o FIELDS] [-O SORT] [-S SELECTION] [--noheadings] [--separator S] "
-                 "[--nameprefixes [--unquoted]] [--rows] [--headings none|abbrev]] [--noopencount] "
+                 "[--nameprefixes [--unquoted]] [--rows] [--headings none|abbrev|full]] [--noopencount] "
                  "[--json] [DEVICE...]",
                  "Show devices: dmsetup's info block, or with -c one report line each.",
                  (*DEV, *REPORT, "noopencount", "json")),
