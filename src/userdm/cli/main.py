@@ -405,16 +405,17 @@ class Commands:
     def ls(self) -> None:
         if self.args:
             usage(f"ls takes no device name ({self.args[0]!r}): use info or --target")
-        if self.o.tree and self.o.options is not None:
-            usage(f"ls --tree -o {self.o.options}: userdm draws one tree style and takes no tree options")
-        if self.o.options not in (None, "devno", "devname", "blkdevname"):
-            usage(f"ls -o {self.o.options!r}: choose devno, devname or blkdevname")
         if self.o.json and self.o.tree:
+            if self.o.options is not None:
+                usage("ls --tree --json takes no tree options (-o)")
             self.print_json(self.dm.tree())
             return
         if self.o.tree:
-            sys.stdout.write(fmt.tree(self.dm.tree()) or "No devices found\n")
+            from . import tree
+            tree.parse_options(self.o.options)   # refuse a bad option before asking the daemon
+            sys.stdout.write(tree.draw(self.dm.tree(), self.o.options) or "No devices found\n")
             return
+        name_type = self.dev_name_type()
         infos = self.dm.list()
         if self.o.ls_exec is not None:
             return self.ls_exec(infos)
@@ -427,12 +428,21 @@ class Commands:
             print("No devices found")
             return
         for info in infos:
-            if self.o.options == "blkdevname":
-                print(f"{info['name']}\t(dm-{info['minor']})")
-            elif self.o.options == "devname":
-                print(f"{info['name']}\t({info['name']})")
-            else:
+            if name_type == "devno":
                 print(fmt.ls_line(info))
+            else:   # a mapped device's kernel name is dm-MINOR, its map name its name
+                print(f"{info['name']}\t({'dm-' + str(info['minor']) if name_type == 'blkdevname' else info['name']})")
+
+    def dev_name_type(self) -> str:
+        """`ls`/`deps -o devno|blkdevname|devname`: how devices are named. As dmsetup, a comma
+        list whose last word wins, each word a prefix of one of the three."""
+        choice = "devno"
+        for word in self.o.options.split(",") if self.o.options else []:
+            found = next((t for t in ("devno", "blkdevname", "devname") if t.startswith(word)), None)
+            if found is None:
+                usage(f"Option not recognised: {word}. (choose devno, blkdevname or devname)")
+            choice = found
+        return choice
 
     def ls_exec(self, infos: list[dict[str, Any]]) -> None:
         """`ls [--target TYPE] --exec COMMAND`: run COMMAND (split at spaces, as dmsetup
@@ -513,10 +523,9 @@ class Commands:
                          "status", self._lines_json("status"))
 
     def deps(self) -> None:
-        if self.o.options not in (None, "devno"):
-            usage(f"deps -o {self.o.options!r}: userdm prints device numbers (devno) only")
-        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive), lambda d: [fmt.deps_line(d)],
-                         "deps", lambda d: d)
+        name_type = self.dev_name_type()
+        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive),
+                         lambda d: [fmt.deps_line(d, name_type)], "deps", lambda d: d)
 
     def message(self) -> None:
         name, rest = self.one()

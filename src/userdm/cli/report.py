@@ -72,7 +72,8 @@ class Row:
 def _unquote(text: str) -> tuple[str, str]:
     """One LVM name component: `--` is a hyphen, a single `-` ends it (a `-` at the very end is
     kept). Returns the component and the rest."""
-    out, n = [], 0
+    out: list[str] = []
+    n = 0
     while n < len(text):
         c = text[n]
         if n + 1 < len(text) and c == "-":
