@@ -35,7 +35,7 @@ def test_mistyped_verbs_and_refused_options(daemon, images):
         (["help", "stauts"], "help: EINVAL: unknown command 'stauts'; did you mean 'status'?"),
         (["frobnicate"], "userdm: EINVAL: unknown command 'frobnicate' (`userdm help`"),
         (["info", "--tree"], "info: EINVAL: option --tree does not apply to info"),
-        (["info", "--inactive"], "info: EINVAL: option --inactive does not apply to info"),
+        (["ls", "--inactive"], "ls: EINVAL: option --inactive does not apply to ls"),
         (["status", "--showkeys"], "status: EINVAL: option --showkeys does not apply to status"),
         (["ls", "--sort", "name"], "ls: EINVAL: option --sort does not apply to ls"),
         (["version", "-c"], "version: EINVAL: option --columns does not apply to version"),

@@ -220,3 +220,33 @@ def test_info_columns_report(daemon, images):
     assert bad.returncode == 1 and "info: EINVAL: Unrecognised field: bogus" in bad.stderr
     bad = run("info", "--sort", "name", check=False)
     assert bad.returncode == 1 and "--sort is a report option" in bad.stderr
+
+
+def test_info_inactive_reports_the_inactive_table(daemon, images):
+    """`--inactive` is the kernel's DM_QUERY_INACTIVE_TABLE_FLAG (__dev_status): the number of
+    targets and the read-only flag come from the inactive table (0 and writeable without one);
+    `table`, `status` and `deps` show the inactive table, and so do `info -c`'s deps fields."""
+    a, b = images(2, 1 << 20)
+    run = daemon.run
+    run("create", "vol", "--table", f"0 8 linear {a} 0")
+    run("create", "other", "--table", f"0 8 linear {a} 8")
+    run("load", "vol", "-r", "--table", f"0 8 linear {b} 0\n8 8 linear /dev/mapper/other 0")
+
+    def block(*args):
+        return dict(line.split(":", 1) for line in run("info", *args, "vol").stdout.splitlines() if line)
+    live, inactive = block(), block("--inactive")
+    assert (live["Number of targets"].strip(), live["State"].strip()) == ("1", "ACTIVE")
+    assert (inactive["Number of targets"].strip(), inactive["State"].strip()) == ("2", "ACTIVE (READ-ONLY)")
+    assert inactive["Tables present"].strip() == live["Tables present"].strip() == "LIVE & INACTIVE"
+    fields = ["-c", "--noheadings", "-o", "name,attr,segments,device_count,devs_used", "vol"]
+    assert run("info", *fields).stdout == "vol:LI-w:1:1:\n"
+    assert run("info", "--inactive", *fields).stdout == "vol:LI-r:2:2:other\n"
+    assert run("info", "--inactive", "--json", "vol").stdout.count('"target_count": 2') == 1
+    # without an inactive table: no targets, writeable (the live table's state is not reported)
+    run("create", "ro", "-r", "--table", f"0 8 linear {a} 16")
+    assert run("info", "-c", "--noheadings", "-o", "attr,segments", "ro").stdout == "L--r:1\n"
+    assert run("info", "-c", "--noheadings", "--inactive", "-o", "attr,segments", "ro").stdout == "L--w:0\n"
+    assert run("table", "--inactive", "vol").stdout == f"0 8 linear {b} 0\n8 8 linear 253:1 0\n"
+    assert run("status", "--inactive", "vol").stdout == "0 8 linear \n8 8 linear \n"
+    assert run("deps", "--inactive", "-o", "devname", "vol").stdout == f"2 dependencies\t: ({b}) (other)\n"
+    assert run("table", "--inactive", "other").stdout == "\n"   # no inactive table: an empty line

@@ -44,6 +44,14 @@ def userdm_flags(info: dict[str, Any]) -> list[str]:
     return flags
 
 
+def query_inactive(info: dict[str, Any]) -> dict[str, Any]:
+    """The info as the kernel answers with DM_QUERY_INACTIVE_TABLE_FLAG (`info --inactive`): the
+    number of targets and the read-only flag are the inactive table's (0 and read-write without
+    one); the rest, `Tables present` included, is the device's."""
+    return {**info, "target_count": info.get("inactive_target_count", 0),
+            "readonly": info.get("inactive_readonly", False)}
+
+
 def info_long(info: dict[str, Any], *, opencount: bool = True) -> str:
     """`dmsetup info NAME`."""
     lines = [

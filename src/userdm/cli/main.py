@@ -344,8 +344,7 @@ class Commands:
 
     def info(self) -> None:
         from . import report
-        names = self.selected()
-        infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        infos = self.infos()
         if self.o.json:
             self.print_json(infos)
             return
@@ -364,13 +363,20 @@ class Commands:
         # as dmsetup: a blank line after each block
         sys.stdout.write("".join(fmt.info_long(i, opencount=not self.o.noopencount) + "\n" for i in infos))
 
+    def infos(self) -> list[dict[str, Any]]:
+        """The named devices' info (all devices' without names); with --inactive as the kernel
+        answers DM_QUERY_INACTIVE_TABLE_FLAG."""
+        names = self.selected()
+        infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        return [fmt.query_inactive(i) for i in infos] if self.o.inactive else infos
+
     def device_rows(self, infos: list[dict[str, Any]] | None = None) -> list[Any]:
-        """`info -c`'s report objects: the devices, with their dependencies and users fetched
-        (one `tree` call) only if a field asks for them."""
+        """`info -c`'s report objects: the devices, with their dependencies (of the live table,
+        or the inactive one with --inactive) and users (one `tree` call) fetched only if a
+        field asks for them."""
         from . import report
         if infos is None:
-            names = self.selected()
-            infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+            infos = self.infos()
         tree: list[dict[str, Any]] | None = None
 
         def whole_tree() -> list[dict[str, Any]]:
@@ -380,7 +386,7 @@ class Commands:
             return tree
 
         def deps_of(name: str) -> Any:
-            return lambda: next((d["deps"] for d in whole_tree() if d["name"] == name), [])
+            return lambda: self.dm.deps(name, inactive=self.o.inactive)
 
         def users_of(name: str) -> Any:
             return lambda: [d for d in whole_tree() if any(dep.get("device") == name for dep in d["deps"])]

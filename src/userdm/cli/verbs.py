@@ -56,9 +56,10 @@ VERBS: dict[str, Verb] = {
                        ("force", "deferred")),
     "info": Verb("info [-c [-o FIELDS] [-O SORT] [-S SELECTION] [--noheadings] [--separator S] "
                  "[--nameprefixes [--unquoted]] [--rows] [--headings none|abbrev|full]] [--noopencount] "
-                 "[--json] [DEVICE...]",
-                 "Show devices: dmsetup's info block, or with -c one report line each.",
-                 (*DEV, *REPORT, "noopencount", "json")),
+                 "[--inactive] [--json] [DEVICE...]",
+                 "Show devices: dmsetup's info block, or with -c one report line each (--inactive: "
+                 "the number of targets and read-only state of the inactive table).",
+                 (*DEV, *REPORT, "noopencount", "inactive", "json")),
     "ls": Verb("ls [--target TYPE] [--exec COMMAND] [-o devno|devname|blkdevname] [--json] | "
                "ls --tree [-o ascii|utf|vt100,compact,inverted,notrunc,device|nodevice,blkdevname,"
                "active,open,rw,uuid]",
