@@ -222,6 +222,11 @@ class Table:
             seen.setdefault(id(dev.open), dev)
         return list(seen.values())
 
+    def check_areas(self) -> None:
+        """EINVAL if a target maps an area beyond its device's end or not aligned to its
+        logical block size (the kernel's check when a table is swapped in)."""
+        self._ctx.check_areas()
+
     def target_at(self, sector: int) -> Target | None:
         offset = sector * SECTOR
         if offset < 0 or offset >= self.size:
@@ -290,7 +295,7 @@ def _build_table(text: str, ctx: TargetContext) -> Table:
                 raise DMError(errno.EINVAL, f"table line {line.lineno}: immutable target type "
                               f"{line.type} cannot be mixed with other target types")
             try:
-                ctx.begin_target()
+                ctx.begin_target(line.lineno)
                 targets.append(cls(ctx, line.start, line.length, line.args))
             except TargetError as exc:
                 raise DMError(exc.errno, f"table line {line.lineno}: {line.type}: {exc}") from None
