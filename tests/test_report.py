@@ -207,6 +207,14 @@ def test_info_columns_report(daemon, images):
     ]
     assert run("info", "-c", "--noheadings", "-o", "name", "-S", "segments>0 && name=~^v").stdout == "vg-lv\n"
     assert run("info", "-c", "--noheadings", "-o", "name", "-S", "device_ref_count=1").stdout == "vg-lv\n"
+    # dmsetup's list-like fields are strings in a selection, read_ahead a number without units
+    assert run("info", "-c", "--noheadings", "-o", "name", "-S", "names_using_dev=top").stdout == "vg-lv\n"
+    assert run("info", "-c", "--noheadings", "-o", "name", "-S", "devs_used=~^vg").stdout == "top\n"
+    assert run("info", "-c", "--noheadings", "-o", "name", "-S",
+               "read_ahead>=256 && devnos_used=253:0").stdout == "top\n"
+    assert run("info", "-c", "--noheadings", "-o", "name", "-S", "devs_used=[vg-lv]").stdout == ""
+    units = run("info", "-c", "-S", "read_ahead=128k", check=False)
+    assert units.returncode == 1 and "read_ahead is a number field: a size unit is not accepted" in units.stderr
     assert run("info", "-c", "--nameprefixes", "--noheadings", "-o", "name,open", "top").stdout == \
         "DM_NAME='top':DM_OPEN='0'\n"
     assert run("info", "-c", "--rows", "-o", "name,minor", "-O", "minor").stdout == \
