@@ -153,6 +153,8 @@ def test_bash_completion(daemon):
     assert complete(daemon, "userdm help sta") == ["status"]
     assert complete(daemon, "userdm table --sh") == ["--showkeys"]
     assert complete(daemon, "userdm info -c --nameprefix") == ["--nameprefixes"]
+    assert complete(daemon, "userdm info -c --headings \"\"") == ["abbrev", "full", "none"]
+    assert complete(daemon, "userdm info -c --headings f") == ["full"]
     assert complete(daemon, "userdm remove al") == ["alpha", "alps"]
     assert complete(daemon, "userdm remove alph") == ["alpha"]
 
