@@ -437,7 +437,8 @@ class Commands:
             if name_type == "devno":
                 print(fmt.ls_line(info))
             else:   # a mapped device's kernel name is dm-MINOR, its map name its name
-                print(f"{info['name']}\t({'dm-' + str(info['minor']) if name_type == 'blkdevname' else info['name']})")
+                shown = f"dm-{info['minor']}" if name_type == "blkdevname" else info["name"]
+                print(f"{info['name']}\t({shown})")
 
     def dev_name_type(self) -> str:
         """`ls`/`deps -o devno|blkdevname|devname`: how devices are named. As dmsetup, a comma
