@@ -116,12 +116,14 @@ class TargetContext:
     def check_areas(self) -> None:
         """The kernel's device_area_is_invalid, run by dm_calculate_queue_limits when a table
         is swapped in at resume (not at load: a device may grow in between): every area must
-        lie on its device (a device of size 0 is not checked) and be aligned to its logical
-        block size. EINVAL with the kernel's message otherwise."""
+        lie on its device and be aligned to its logical block size. EINVAL with the kernel's
+        message otherwise. The kernel skips a device of size 0; userdm refuses it (a mapped
+        device without a table, say one whose saved table is not restored yet), so that what
+        is built on it waits for it (`userdm.dm.restore`) instead of failing every I/O."""
         for dev, start, length, line in self.areas:
             size = dev.open.size // SECTOR
             where = f" (table line {line})" if line else ""
-            if size and (start + length > size or length and start >= size):
+            if start + length > size or length and start >= size:
                 raise DMError(errno.EINVAL, f"{self.device_name}: {dev.name} too small for target: "
                               f"start={start}, len={length}, dev_size={size}{where}")
             lbs = dev.open.device.logical_block_size // SECTOR
