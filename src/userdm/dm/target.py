@@ -4,8 +4,8 @@ A target is constructed from its table arguments, maps I/O on its range of the d
 reports `status()`/`table()` lines in the kernel's formats. Offsets given to a target's I/O
 methods are byte offsets relative to the start of the target. Targets open underlying devices
 only through `TargetContext.get_device`, which applies the device-mapper's claim and records
-the areas that the kernel checks at resume (`check_areas`), and raise `TargetError` with the kernel's `ti->error` text on bad
-arguments. `get_device` also records the region each device serves in a *role* (era's
+the areas that the kernel checks at resume (`check_areas`), and raise `TargetError` with the
+kernel's `ti->error` text on bad arguments. `get_device` also records the region each device serves in a *role* (era's
 metadata and origin, a snapshot's origin and COW, verity's data and hash, each stripe):
 one target may not use overlapping regions of one device in two roles (EINVAL naming both;
 the kernel would accept it and one role would overwrite the other's data). A new target is a module in `userdm.targets` that calls `register`; the core
