@@ -31,7 +31,7 @@ def test_dmsetup_session(daemon, images):
     run("create", "top", "--table", "0 2048 linear /dev/mapper/vol0 0")
     assert run("table", "top").stdout == "0 2048 linear 253:0 0\n"
     assert run("deps", "top").stdout == "1 dependencies\t: (253, 0)\n"
-    assert run("ls", "--tree").stdout.splitlines() == [
+    assert run("ls", "--tree", "-o", "notrunc").stdout.splitlines() == [
         f"stripes (253:1)", f" ├─{a}", f" ├─{b}", f" └─{c}",
         "top (253:2)", " └─vol0 (253:0)", f"    └─{a}"]
     # load + resume to grow

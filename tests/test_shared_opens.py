@@ -144,7 +144,7 @@ def test_cli_shows_the_shared_edge(daemon, system):
         assert run("table", "apex2").stdout == f"{APEX_TABLE.replace('/dev/mapper/system', '253:0')} no_exclusive\n"
         assert run("deps", "apex").stdout == "1 dependencies\t: (253, 0)\n"
         assert run("deps", "apex2").stdout == "1 dependencies\t: (253, 0)\n"
-        assert run("ls", "--tree").stdout.splitlines() == [
+        assert run("ls", "--tree", "-o", "notrunc").stdout.splitlines() == [
             "apex (253:1)", " └─system (253:0) [shared]", f"    ├─{system.data}", f"    └─{system.hash}",
             "apex2 (253:2)", " └─system (253:0) [shared]", f"    ├─{system.data}", f"    └─{system.hash}",
         ]

@@ -173,3 +173,76 @@ def test_error_target_with_a_device_as_linux_6_10(mapper, images):
         with pytest.raises(DMError, match=f"table line 1: error: {message}"):
             mapper.create("bad", table)
     assert "bad" not in [d["name"] for d in mapper.list()]
+
+
+def test_device_areas_are_checked_at_resume_not_at_load(mapper, images):
+    """The kernel checks that each target's area lies on its device (device_area_is_invalid,
+    from dm_calculate_queue_limits) when the table is swapped in at resume: a table may load
+    before its device grows; a resume that finds it too small fails EINVAL with the kernel's
+    message, leaves the device suspended and destroys the table (do_resume), and a create
+    that finds it too small is reverted."""
+    (img,) = images(1, 1 << 20)                      # 2048 sectors
+    mapper.create("vol", f"0 2048 linear {img} 0")
+    mapper.load("vol", f"0 2048 linear {img} 0\n2048 2048 linear {img} 1024")
+    assert mapper.info("vol")["inactive"]
+    with pytest.raises(DMError) as exc:
+        mapper.resume("vol")
+    assert exc.value.errno == errno.EINVAL
+    assert exc.value.message == (f"vol: {img} too small for target: start=1024, len=2048, "
+                                 "dev_size=2048 (table line 2)")
+    info = mapper.info("vol")
+    assert (info["suspended"], info["live"], info["inactive"]) == (True, True, False)
+    assert mapper.table("vol") == [[0, 2048, "linear", f"{img} 0"]]
+    mapper.resume("vol")                             # the old live table carries on
+    # the device grows between load and resume (a mapped device, reloaded): the table fits then
+    (big,) = images(1, 4 << 20)
+    mapper.create("low", f"0 2048 linear {big} 0")
+    mapper.load("vol", "0 4096 linear /dev/mapper/low 0")
+    mapper.load("low", f"0 4096 linear {big} 0")
+    mapper.resume("low")
+    mapper.resume("vol")
+    assert mapper.info("vol")["size"] == 2 << 20
+    # an area starting at the device's end, and a create: refused and reverted
+    for table in (f"0 8 linear {img} 2048", f"0 4096 striped 2 8 {img} 0 {img} 2048"):
+        with pytest.raises(DMError, match="too small for target"):
+            mapper.create("bad", table)
+        assert [d["name"] for d in mapper.list()] == ["low", "vol"]
+
+
+def test_areas_must_be_aligned_to_the_devices_logical_block_size(mapper, tmp_path):
+    """A device with 4 KiB logical blocks (crypt with sector_size:4096) under a linear target
+    that starts or ends inside a block: refused at resume with the kernel's message."""
+    img = tmp_path / "img"
+    img.write_bytes(bytes(1 << 20))
+    key = "00" * 64
+    mapper.create("c", f"0 2048 crypt aes-xts-plain64 {key} 0 {img} 0 1 sector_size:4096")
+    for table, message in [("0 8 linear /dev/mapper/c 1", "start=1 not aligned to h/w logical block size 4096"),
+                           ("0 4 linear /dev/mapper/c 0", "len=4 not aligned to h/w logical block size 4096")]:
+        with pytest.raises(DMError, match=message):
+            mapper.create("top", table)
+    mapper.create("top", "0 8 linear /dev/mapper/c 8")
+    assert mapper.info("top")["live"]
+
+
+def test_a_resume_refused_at_the_swap_is_saved_as_it_left_the_device(daemon, images):
+    """After `resume` refused a table too small for its device, the daemon saved what the
+    kernel leaves: the old live table, no inactive table, the device suspended; a restart
+    brings back exactly that."""
+    import json
+    (img,) = images(1, 1 << 20)
+    run = daemon.run
+    run("create", "vol", "--table", f"0 2048 linear {img} 0")
+    run("load", "vol", "--table", f"0 4096 linear {img} 0")
+    res = run("resume", "vol", check=False)
+    assert res.returncode == 1 and res.stdout == ""
+    assert f"resume: EINVAL: vol: {img} too small for target: start=0, len=4096, dev_size=2048" in res.stderr
+
+    def state():
+        info = json.loads(run("info", "--json", "vol").stdout)[0]
+        return info["suspended"], info["live"], info["inactive"], run("table", "vol").stdout
+    assert state() == (True, True, False, f"0 2048 linear {img} 0\n")
+    daemon.stop()
+    daemon.start()
+    assert state() == (True, True, False, f"0 2048 linear {img} 0\n")
+    run("resume", "vol")
+    assert state()[0] is False

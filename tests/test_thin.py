@@ -646,8 +646,12 @@ def test_out_of_space_queues_until_reload_grows_the_pool_and_low_water_event(map
         assert wait_until(lambda: pool_status(mapper)[4] == "out_of_data_space")
         assert not done.is_set() and used_data(mapper) == 8
         assert mapper.wait("pool", event_nr, timeout=30)["event_nr"] > event_nr  # low water + full
-        with pytest.raises(DMError, match="too small for target"):  # the data device first
-            mapper.load("pool", pool_table(meta, "/dev/mapper/tdata", 64, lwm=2))
+        # the data device is checked first, when the table is swapped in at resume (the
+        # kernel's dm_calculate_queue_limits): the pool stays suspended, the table is dropped
+        mapper.load("pool", pool_table(meta, "/dev/mapper/tdata", 64, lwm=2))
+        with pytest.raises(DMError, match="pool: 253:0 too small for target: start=0, len=8192, dev_size=1024"):
+            mapper.resume("pool")
+        assert mapper.info("pool")["suspended"] and not mapper.info("pool")["inactive"]
         grow(64)
     finally:
         if not done.wait(60):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 
@@ -43,6 +44,14 @@ def userdm_flags(info: dict[str, Any]) -> list[str]:
     return flags
 
 
+def query_inactive(info: dict[str, Any]) -> dict[str, Any]:
+    """The info as the kernel answers with DM_QUERY_INACTIVE_TABLE_FLAG (`info --inactive`): the
+    number of targets and the read-only flag are the inactive table's (0 and read-write without
+    one); the rest, `Tables present` included, is the device's."""
+    return {**info, "target_count": info.get("inactive_target_count", 0),
+            "readonly": info.get("inactive_readonly", False)}
+
+
 def info_long(info: dict[str, Any], *, opencount: bool = True) -> str:
     """`dmsetup info NAME`."""
     lines = [
@@ -74,14 +83,34 @@ def attr(info: dict[str, Any]) -> str:
         ("s" if info["suspended"] else "-") + ("r" if info["readonly"] else "w")
 
 
-def dep_label(dep: dict[str, Any]) -> str:
-    if dep["devno"]:
-        return f"({dep['devno'][0]}, {dep['devno'][1]})"
-    return f"({dep['name']})"
+def kernel_name(devno: list[int] | None) -> str | None:
+    """A block device's kernel name (`loop0`) from sysfs, as libdm's dm_device_get_name."""
+    if not devno:
+        return None
+    try:
+        return os.path.basename(os.readlink(f"/sys/dev/block/{devno[0]}:{devno[1]}"))
+    except OSError:
+        return None
 
 
-def deps_line(deps: list[dict[str, Any]]) -> str:
-    return f"{len(deps)} dependencies\t:" + "".join(" " + dep_label(d) for d in deps)
+def dep_label(dep: dict[str, Any], name_type: str = "devno") -> str:
+    """One dependency as `deps -o devno|blkdevname|devname` shows it: a mapped device is dm-N
+    or its name, another block device its kernel name (`loop0`) in both cases, a number when
+    sysfs does not know it; a file (userdm's) is its path."""
+    devno = dep["devno"]
+    if not devno:
+        return f"({dep['name']})"
+    if name_type != "devno":
+        if dep.get("device"):
+            return f"({dep['device'] if name_type == 'devname' else f'dm-{devno[1]}'})"
+        kname = kernel_name(devno)
+        if kname:
+            return f"({kname})"
+    return f"({devno[0]}, {devno[1]})"
+
+
+def deps_line(deps: list[dict[str, Any]], name_type: str = "devno") -> str:
+    return f"{len(deps)} dependencies\t:" + "".join(" " + dep_label(d, name_type) for d in deps)
 
 
 def table_line(line: list[Any]) -> str:
@@ -91,41 +120,3 @@ def table_line(line: list[Any]) -> str:
 
 def ls_line(info: dict[str, Any]) -> str:
     return f"{info['name']}\t({info['major']}:{info['minor']})"
-
-
-def tree(devices: list[dict[str, Any]]) -> str:
-    """`dmsetup ls --tree`: devices not used by other mapped devices at the top, their
-    dependencies below; an edge opened without a claim is marked [shared], and a device
-    held by its kernel block device `[blockdev /dev/loopN]`."""
-    by_name = {d["name"]: d for d in devices}
-    used = {dep["device"] for d in devices for dep in d["deps"] if dep["device"]}
-    out: list[str] = []
-
-    def label(name: str, devno: list[int] | None) -> str:
-        return f"{name} ({devno[0]}:{devno[1]})" if devno else name
-
-    def walk(dev: dict[str, Any], prefix: str, seen: frozenset[str]) -> None:
-        deps = dev["deps"]
-        for n, dep in enumerate(deps):
-            last = n == len(deps) - 1
-            branch = "└─" if last else "├─"
-            if dep["device"]:
-                text = label(dep["device"], dep["devno"])
-            elif dep["devno"]:
-                text = f" ({dep['devno'][0]}:{dep['devno'][1]})"
-            else:
-                text = dep["name"]
-            if dep["shared"]:
-                text += " [shared]"
-            out.append(f"{prefix}{branch}{text}")
-            child = by_name.get(dep["device"]) if dep["device"] else None
-            if child is not None and child["name"] not in seen:
-                walk(child, prefix + ("   " if last else "│  "), seen | {child["name"]})
-
-    for dev in devices:
-        if dev["name"] in used:
-            continue
-        held = f" [blockdev {dev['block_device']}]" if dev.get("block_device") else ""
-        out.append(label(dev["name"], [dev["major"], dev["minor"]]) + held)
-        walk(dev, " ", frozenset({dev["name"]}))
-    return "\n".join(out) + "\n" if out else ""

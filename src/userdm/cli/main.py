@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nameprefixes", action="store_true", help="report: DM_FIELD='value' pairs")
     p.add_argument("--unquoted", action="store_true", help="report: no quotes with --nameprefixes")
     p.add_argument("--rows", action="store_true", help="report: one line per field")
-    p.add_argument("--headings", metavar="none|abbrev", help="report: headings or none")
+    p.add_argument("--headings", metavar="none|abbrev|full", help="report: no headings, abbreviated ones or field ids")
     p.add_argument("--count", type=int, metavar="N", help="report: print the report N times")
     p.add_argument("--interval", type=float, metavar="SECONDS",
                    help="report: wait this long between reports (with no --count: until interrupted)")
@@ -344,8 +344,7 @@ class Commands:
 
     def info(self) -> None:
         from . import report
-        names = self.selected()
-        infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        infos = self.infos()
         if self.o.json:
             self.print_json(infos)
             return
@@ -364,13 +363,20 @@ class Commands:
         # as dmsetup: a blank line after each block
         sys.stdout.write("".join(fmt.info_long(i, opencount=not self.o.noopencount) + "\n" for i in infos))
 
+    def infos(self) -> list[dict[str, Any]]:
+        """The named devices' info (all devices' without names); with --inactive as the kernel
+        answers DM_QUERY_INACTIVE_TABLE_FLAG."""
+        names = self.selected()
+        infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+        return [fmt.query_inactive(i) for i in infos] if self.o.inactive else infos
+
     def device_rows(self, infos: list[dict[str, Any]] | None = None) -> list[Any]:
-        """`info -c`'s report objects: the devices, with their dependencies and users fetched
-        (one `tree` call) only if a field asks for them."""
+        """`info -c`'s report objects: the devices, with their dependencies (of the live table,
+        or the inactive one with --inactive) and users (one `tree` call) fetched only if a
+        field asks for them."""
         from . import report
         if infos is None:
-            names = self.selected()
-            infos = [self.dm.info(n) for n in names] if names else self.dm.list()
+            infos = self.infos()
         tree: list[dict[str, Any]] | None = None
 
         def whole_tree() -> list[dict[str, Any]]:
@@ -380,7 +386,7 @@ class Commands:
             return tree
 
         def deps_of(name: str) -> Any:
-            return lambda: next((d["deps"] for d in whole_tree() if d["name"] == name), [])
+            return lambda: self.dm.deps(name, inactive=self.o.inactive)
 
         def users_of(name: str) -> Any:
             return lambda: [d for d in whole_tree() if any(dep.get("device") == name for dep in d["deps"])]
@@ -405,16 +411,17 @@ class Commands:
     def ls(self) -> None:
         if self.args:
             usage(f"ls takes no device name ({self.args[0]!r}): use info or --target")
-        if self.o.tree and self.o.options is not None:
-            usage(f"ls --tree -o {self.o.options}: userdm draws one tree style and takes no tree options")
-        if self.o.options not in (None, "devno", "devname", "blkdevname"):
-            usage(f"ls -o {self.o.options!r}: choose devno, devname or blkdevname")
         if self.o.json and self.o.tree:
+            if self.o.options is not None:
+                usage("ls --tree --json takes no tree options (-o)")
             self.print_json(self.dm.tree())
             return
         if self.o.tree:
-            sys.stdout.write(fmt.tree(self.dm.tree()) or "No devices found\n")
+            from . import tree
+            tree.parse_options(self.o.options)   # refuse a bad option before asking the daemon
+            sys.stdout.write(tree.draw(self.dm.tree(), self.o.options) or "No devices found\n")
             return
+        name_type = self.dev_name_type()
         infos = self.dm.list()
         if self.o.ls_exec is not None:
             return self.ls_exec(infos)
@@ -427,12 +434,22 @@ class Commands:
             print("No devices found")
             return
         for info in infos:
-            if self.o.options == "blkdevname":
-                print(f"{info['name']}\t(dm-{info['minor']})")
-            elif self.o.options == "devname":
-                print(f"{info['name']}\t({info['name']})")
-            else:
+            if name_type == "devno":
                 print(fmt.ls_line(info))
+            else:   # a mapped device's kernel name is dm-MINOR, its map name its name
+                shown = f"dm-{info['minor']}" if name_type == "blkdevname" else info["name"]
+                print(f"{info['name']}\t({shown})")
+
+    def dev_name_type(self) -> str:
+        """`ls`/`deps -o devno|blkdevname|devname`: how devices are named. As dmsetup, a comma
+        list whose last word wins, each word a prefix of one of the three."""
+        choice = "devno"
+        for word in self.o.options.split(",") if self.o.options else []:
+            found = next((t for t in ("devno", "blkdevname", "devname") if t.startswith(word)), None)
+            if found is None:
+                usage(f"Option not recognised: {word}. (choose devno, blkdevname or devname)")
+            choice = found
+        return choice
 
     def ls_exec(self, infos: list[dict[str, Any]]) -> None:
         """`ls [--target TYPE] --exec COMMAND`: run COMMAND (split at spaces, as dmsetup
@@ -514,10 +531,9 @@ class Commands:
                          "status", self._lines_json("status"))
 
     def deps(self) -> None:
-        if self.o.options not in (None, "devno"):
-            usage(f"deps -o {self.o.options!r}: userdm prints device numbers (devno) only")
-        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive), lambda d: [fmt.deps_line(d)],
-                         "deps", lambda d: d)
+        name_type = self.dev_name_type()
+        self._per_device(lambda n: self.dm.deps(n, inactive=self.o.inactive),
+                         lambda d: [fmt.deps_line(d, name_type)], "deps", lambda d: d)
 
     def message(self) -> None:
         name, rest = self.one()

@@ -21,7 +21,7 @@ import errno
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 from ..errors import DMError
 from . import format as fmt
@@ -72,7 +72,8 @@ class Row:
 def _unquote(text: str) -> tuple[str, str]:
     """One LVM name component: `--` is a hyphen, a single `-` ends it (a `-` at the very end is
     kept). Returns the component and the rest."""
-    out, n = [], 0
+    out: list[str] = []
+    n = 0
     while n < len(text):
         c = text[n]
         if n + 1 < len(text) and c == "-":
@@ -280,13 +281,27 @@ def parse_sort(spec: str | None) -> list[tuple[Field, bool]]:
 # ---- selection ---------------------------------------------------------------------------------
 
 class Selection:
-    """`-S`: libdm's selection grammar, in part. Conditions `FIELD OP VALUE` with the operators
-    `=`/`==`, `!=`, `=~`, `!~` (regular expressions, Python's syntax) on every field and `<`,
-    `<=`, `>`, `>=` on numeric ones; `&&` or `,` (and), `||` or `#` (or), `!` and parentheses.
-    Values are bare words or quoted with ' or ". Lists (`[a,b]`, `{a,b}`), sizes, percentages,
-    times and reserved values are refused with a sentence."""
+    """`-S`: libdm's selection grammar for dmsetup's field types, which are strings and numbers.
 
-    OPS = ("=~", "!~", "==", "!=", ">=", "<=", "=", ">", "<")
+    Conditions are `FIELD OP VALUE` with the operators `=`, `!=`, `=~`, `!~` (regular
+    expressions, Python's syntax) on every field and `<`, `<=`, `>`, `>=` on numeric ones (libdm
+    has no `==`: `f==x` compares with the string `=x`); `&&` or `,` (and), `||` or `#` (or),
+    `!(...)` and parentheses. A string is quoted with ' or " or bare, ending at a space, `&&`,
+    `,`, `||`, `#` or `)`; a regular expression may also be enclosed in `()`, `{}` or `[]`. A
+    number is digits with at most one `.`, its integer part compared (libdm's strtoull).
+
+    dmsetup declares no string-list, size, percent or time fields (`devs_used`, `devnos_used`,
+    `blkdevs_used`, `names_using_dev` and `devnos_using_dev` are strings, `read_ahead` a
+    number), so as in dmsetup `[a]` and `{a}` are plain strings, a list `[a,b]` splits at its
+    comma, a size unit or `%` after a number is refused, and so are the time operators
+    `since`, `after`, `until` and `before`."""
+
+    OPS = ("=~", "!~", "=", "!=", ">=", ">", "<=", "<")
+    TIME_OPS = ("since", "after", "until", "before")
+    #: libdm's dm_units_to_factor letters (a size unit after a number)
+    UNITS = "hHrRbBsSkmgtpeKMGTPE"
+    #: what ends a bare value: the logical operators that may follow it (and a space)
+    VALUE_END = ("&&", ",", "||", "#", ")")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -296,7 +311,7 @@ class Selection:
         if self.pos < len(text):
             self._fail("expecting a logical operator (&&, ||, ',' or '#')")
 
-    def _fail(self, why: str) -> None:
+    def _fail(self, why: str) -> NoReturn:
         raise DMError(errno.EINVAL, f"selection {self.text!r}: {why} at {self.text[self.pos:]!r}")
 
     def _space(self) -> None:
@@ -324,52 +339,79 @@ class Selection:
         return node
 
     def _unary(self) -> Any:
-        if self._take("!") and not self.text.startswith("=", self.pos) and not self.text.startswith("~", self.pos):
-            return ("not", self._unary())
+        if self._take("!"):
+            if not self._take("("):
+                self._fail("'!' negates a parenthesised expression: expecting '('")
+            return ("not", self._group())
         if self._take("("):
-            node = self._or()
-            if not self._take(")"):
-                self._fail("expecting ')'")
-            return node
+            return self._group()
         return self._condition()
+
+    def _group(self) -> Any:
+        node = self._or()
+        if not self._take(")"):
+            self._fail("expecting ')'")
+        return node
+
+    def _bare(self) -> str:
+        """A value up to a space or a logical operator that may follow it."""
+        begin = self.pos
+        while self.pos < len(self.text) and not self.text[self.pos].isspace() \
+                and not self.text.startswith(self.VALUE_END, self.pos):
+            self.pos += 1
+        return self.text[begin:self.pos]
+
+    def _enclosed(self, closing: str) -> str:
+        end = self.text.find(closing, self.pos + 1)
+        if end < 0:
+            self._fail(f"missing closing {closing}")
+        value = self.text[self.pos + 1:end]
+        self.pos = end + 1
+        return value
 
     def _condition(self) -> Any:
         self._space()
         m = re.compile(r"[A-Za-z_][A-Za-z0-9_]*").match(self.text, self.pos)
         if m is None:
             self._fail("expecting a field name")
-        assert m is not None
         self.pos = m.end()
-        field = _lookup(m[0], "field in selection")
+        field = _lookup(m[0], "selection field")
+        self._space()
+        if self.text.startswith(self.TIME_OPS, self.pos):
+            self._fail(f"operator can be used only with time fields, and {field.id} is not one")
         op = self._take(*self.OPS)
         if op is None:
             self._fail(f"expecting an operator after field {m[0]!r}")
         self._space()
-        if self.text[self.pos:self.pos + 1] in ("[", "{"):
-            self._fail("lists of values are not supported by userdm's selection")
-        quote = self.text[self.pos:self.pos + 1]
-        if quote in ("'", '"'):
-            end = self.text.find(quote, self.pos + 1)
-            if end < 0:
-                self._fail(f"missing closing {quote}")
-            value = self.text[self.pos + 1:end]
-            self.pos = end + 1
-        else:
-            vm = re.compile(r"[^\s()&|,#!]+").match(self.text, self.pos)
-            value = vm[0] if vm else ""
-            self.pos = vm.end() if vm else self.pos
         if op in ("<", "<=", ">", ">=") and not field.number:
             self._fail(f"operator {op} can be used only with number fields, not {field.id}")
+        first = self.text[self.pos:self.pos + 1]
         if op in ("=~", "!~"):
+            if not first:
+                self._fail(f"a regular expression is expected for {field.id}")
+            closing = {"(": ")", "{": "}", "[": "]", "'": "'", '"': '"'}.get(first)
+            value = self._enclosed(closing) if closing else self._bare()
             try:
                 return ("re", field, op, re.compile(value))
             except re.error as exc:
                 self._fail(f"invalid regular expression {value!r} ({exc})")
         if field.number:
-            if not value.isdigit():
-                self._fail(f"{field.id} is a number field: {value!r} is not a non-negative integer")
-            return ("num", field, op, int(value))
+            return ("num", field, op, self._number(field))
+        value = self._enclosed(first) if first in ("'", '"') else self._bare()
         return ("str", field, op, value)
+
+    def _number(self, field: Field) -> int:
+        m = re.compile(r"\d*\.?\d*").match(self.text, self.pos)
+        assert m is not None
+        if m[0] in ("", "."):
+            self._fail(f"{field.id} is a number field: expecting a non-negative number")
+        self.pos = m.end()
+        after = self.text[self.pos:self.pos + 1]
+        if after == "%" or after and after in self.UNITS:
+            what = "percent value" if after == "%" else "size unit"
+            self._fail(f"{field.id} is a number field: a {what} is not accepted")
+        whole = m[0].split(".")[0]
+        return int(whole) if whole else 0
 
     def fields(self) -> list[Field]:
         out: list[Field] = []
@@ -415,6 +457,8 @@ class Selection:
 class Options:
     """How to print: from the command line's report options."""
     headings: bool = True
+    #: `--headings full`: the field ids (`vg_name`) head the columns instead of `VG`
+    field_ids: bool = False
     separator: str | None = None
     aligned: bool = True
     nameprefixes: bool = False
@@ -429,6 +473,8 @@ class Options:
         `--separator` and `--nameprefixes` turn alignment off; `--rows` never aligns."""
         o = cls(quoted=not unquoted, rows=rows, nameprefixes=nameprefixes)
         sep = " "
+        if noheadings and headings is not None:
+            raise DMError(errno.EINVAL, "Only one of --headings and --noheadings permitted.")
         if noheadings:
             sep, o.aligned, o.headings = ":", False, False
         if headings is not None:
@@ -437,8 +483,11 @@ class Options:
                 o.headings = False
             elif value in ("abbrev", "1"):
                 o.headings = True
+            elif value in ("full", "2"):
+                o.headings = o.field_ids = True
             else:
-                raise DMError(errno.EINVAL, f"--headings {headings!r}: choose none (0) or abbrev (1)")
+                raise DMError(errno.EINVAL, f"--headings {headings!r}: choose none (0), abbrev (1) "
+                              "or full (2)")
         if nameprefixes:
             o.aligned = False
         if separator is not None:
@@ -483,15 +532,20 @@ def render(rows: list[Row], fields: list[Field], opts: Options, *,
             return f"DM_{field.id.upper()}={q}{s}{q}"
         return s
 
+    def heading(field: Field) -> str:
+        return field.id if opts.field_ids else field.heading
+
     lines = []
     if opts.rows:
         for n, f in enumerate(fields):
             parts = [value(f, row[n], 0) for row in text]
-            lines.append((f.heading + sep if opts.headings else "") + sep.join(parts))
+            lines.append((heading(f) + sep if opts.headings else "") + sep.join(parts))
         return "".join(line + "\n" for line in lines)
-    widths = [max([f.width] + [len(row[n]) for row in text]) for n, f in enumerate(fields)]
+    # libdm widens a column to its field id with full headings, and cuts an abbreviated heading
+    widths = [max([f.width, len(f.id) if opts.field_ids else 0] + [len(row[n]) for row in text])
+              for n, f in enumerate(fields)]
     if opts.headings:
-        lines.append(sep.join(f.heading.ljust(w)[:w] if opts.aligned else f.heading
+        lines.append(sep.join(heading(f).ljust(w)[:w] if opts.aligned else heading(f)
                               for f, w in zip(fields, widths)))
     lines += [sep.join(value(f, s, w) for f, s, w in zip(fields, row, widths)) for row in text]
     return "\n".join(lines) + "\n"

@@ -55,20 +55,23 @@ VERBS: dict[str, Verb] = {
     "remove_all": Verb("remove_all [-f] [--deferred]", "Remove every device that is not in use.",
                        ("force", "deferred")),
     "info": Verb("info [-c [-o FIELDS] [-O SORT] [-S SELECTION] [--noheadings] [--separator S] "
-                 "[--nameprefixes [--unquoted]] [--rows] [--headings none|abbrev]] [--noopencount] "
-                 "[--json] [DEVICE...]",
-                 "Show devices: dmsetup's info block, or with -c one report line each.",
-                 (*DEV, *REPORT, "noopencount", "json")),
-    "ls": Verb("ls [--target TYPE] [--exec COMMAND] [-o devno|devname|blkdevname] [--tree] [--json]",
-               "List the devices (with --tree, what they are built on; with --exec, run COMMAND "
-               "with each device's node).",
+                 "[--nameprefixes [--unquoted]] [--rows] [--headings none|abbrev|full]] [--noopencount] "
+                 "[--inactive] [--json] [DEVICE...]",
+                 "Show devices: dmsetup's info block, or with -c one report line each (--inactive: "
+                 "the number of targets and read-only state of the inactive table).",
+                 (*DEV, *REPORT, "noopencount", "inactive", "json")),
+    "ls": Verb("ls [--target TYPE] [--exec COMMAND] [-o devno|devname|blkdevname] [--json] | "
+               "ls --tree [-o ascii|utf|vt100,compact,inverted,notrunc,device|nodevice,blkdevname,"
+               "active,open,rw,uuid]",
+               "List the devices (with --tree, what they are built on, drawn as the -o options say; "
+               "with --exec, run COMMAND with each device's node).",
                ("target", "tree", "options", "json")),
     "table": Verb("table [--target TYPE] [--showkeys] [--inactive] [--concise] [--json] [DEVICE...]",
                   "Print the tables.", (*DEV, "target", "showkeys", "inactive", "concise", "json")),
     "status": Verb("status [--target TYPE] [--inactive] [--noflush] [--json] [DEVICE...]",
                    "Print the targets' status lines (never flushing anything: --noflush is how it "
                    "always runs).", (*DEV, "target", "inactive", "noflush", "json")),
-    "deps": Verb("deps [-o devno] [--inactive] [--json] [DEVICE...]",
+    "deps": Verb("deps [-o devno|devname|blkdevname] [--inactive] [--json] [DEVICE...]",
                  "Print the devices each table uses.", (*DEV, "options", "inactive", "json")),
     "message": Verb("message DEVICE SECTOR MESSAGE...",
                     "Send a message to the target at SECTOR (or @cancel_deferred_remove).", DEV),

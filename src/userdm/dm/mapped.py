@@ -332,6 +332,15 @@ class MappedDevice(BlockDevice):
 
     def _swap_in(self, new: Table, *, from_inactive: bool = False) -> bool:
         self.suspend(noflush=True, nolockfs=True)
+        try:
+            new.check_areas()
+        except DMError:
+            # as the kernel's do_resume when dm_swap_table fails: the device stays suspended
+            # and the inactive table is destroyed
+            if from_inactive:
+                self.inactive = None
+                new.destroy()
+            raise
         old = self.live
         for target in new.targets:
             target.preresume()

@@ -615,10 +615,12 @@ class Mapper:
         try:
             resized = md.resume()
         except BaseException:
-            if swap and md.inactive is new:  # not swapped: the store must say so again
+            if swap and md.live is not new:  # not swapped: the store must say so again
                 undo: list = []
                 if not keyed_live:
-                    undo = state_file.put_table(md.minor, "inactive", new.text, new.read_only)
+                    # (a table refused at the swap, too small for its device, is gone as in the kernel)
+                    undo = state_file.put_table(md.minor, "inactive", new.text, new.read_only) \
+                        if md.inactive is new else state_file.drop_table(md.minor, "inactive")
                     if old_live is not None:
                         undo += state_file.put_table(md.minor, "live", old_live.text, old_live.read_only)
                     else:

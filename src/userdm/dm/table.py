@@ -236,6 +236,11 @@ class Table:
             self._devices = (len(acquired), list(seen.values()))
         return list(self._devices[1])
 
+    def check_areas(self) -> None:
+        """EINVAL if a target maps an area beyond its device's end or not aligned to its
+        logical block size (the kernel's check when a table is swapped in)."""
+        self._ctx.check_areas()
+
     def target_at(self, sector: int) -> Target | None:
         offset = sector * SECTOR
         if offset < 0 or offset >= self.size:
@@ -330,9 +335,10 @@ def _build_table(text: str, ctx: TargetContext) -> Table:
             if cls is None:
                 cls = classes[line.type] = _checked_type(line, len(lines), len(types))
             try:
+                # (the quick way only takes areas that lie on the device: nothing to check at resume)
                 target = cls.quick(ctx, line.start, line.length, line.args)
                 if target is None:
-                    ctx.begin_target()
+                    ctx.begin_target(line.lineno)
                     target = cls(ctx, line.start, line.length, line.args)
                 append(target)
             except TargetError as exc:

@@ -3,9 +3,9 @@
 A target is constructed from its table arguments, maps I/O on its range of the device, and
 reports `status()`/`table()` lines in the kernel's formats. Offsets given to a target's I/O
 methods are byte offsets relative to the start of the target. Targets open underlying devices
-only through `TargetContext.get_device`, which applies the device-mapper's claim and the
-kernel's area checks, and raise `TargetError` with the kernel's `ti->error` text on bad
-arguments. `get_device` also records the region each device serves in a *role* (era's
+only through `TargetContext.get_device`, which applies the device-mapper's claim and records
+the areas that the kernel checks at resume (`check_areas`), and raise `TargetError` with the
+kernel's `ti->error` text on bad arguments. `get_device` also records the region each device serves in a *role* (era's
 metadata and origin, a snapshot's origin and COW, verity's data and hash, each stripe):
 one target may not use overlapping regions of one device in two roles (EINVAL naming both;
 the kernel would accept it and one role would overwrite the other's data). A new target is a module in `userdm.targets` that calls `register`; the core
@@ -77,10 +77,16 @@ class TargetContext:
         #: the regions the target being built uses (see `use_region`)
         self._regions: list[tuple[BlockDevice, int, int, str, str, int, int]] = []
         self._calls = 0
+        #: every device area the table's targets map: (device, start, length, table line),
+        #: checked against the devices' sizes at resume (`check_areas`)
+        self.areas: list[tuple[TableDevice, int, int, int]] = []
+        self._lineno = 0
 
-    def begin_target(self) -> None:
-        """A new target's constructor runs next: roles are compared within one target only."""
+    def begin_target(self, lineno: int = 0) -> None:
+        """A new target's constructor (of table line `lineno`) runs next: roles are compared
+        within one target only."""
         self._regions = []
+        self._lineno = lineno
         self._calls = 0
 
     def get_device(self, ref: str, start: int, length: int, *, shared: bool = False,
@@ -105,17 +111,29 @@ class TargetContext:
                 raise  # a dependency cycle (`userdm.dm.cycles`) is reported as it is
             raise TargetError(f"{lookup_error}: {clipped(exc, 400)}", exc.errno) from None
         self.acquired.append(dev)
-        size = dev.open.size // SECTOR
-        if start + length > size:
-            raise TargetError(f"{dev.name} too small for target: it has {size} sectors, "
-                              f"the target needs sectors {start} to {start + length}")
-        lbs = dev.open.device.logical_block_size // SECTOR
-        if start % lbs or length % lbs:
-            raise TargetError(f"{dev.name}: start {start} and length {length} must be multiples "
-                              f"of its logical block size ({lbs} sectors)")
+        self.areas.append((dev, start, length, self._lineno))
         if region:
             self.use_region(dev, start, length, role)
         return dev
+
+    def check_areas(self) -> None:
+        """The kernel's device_area_is_invalid, run by dm_calculate_queue_limits when a table
+        is swapped in at resume (not at load: a device may grow in between): every area must
+        lie on its device and be aligned to its logical block size. EINVAL with the kernel's
+        message otherwise. The kernel skips a device of size 0; userdm refuses it (a mapped
+        device without a table, say one whose saved table is not restored yet), so that what
+        is built on it waits for it (`userdm.dm.restore`) instead of failing every I/O."""
+        for dev, start, length, line in self.areas:
+            size = dev.open.size // SECTOR
+            where = f" (table line {line})" if line else ""
+            if start + length > size or length and start >= size:
+                raise DMError(errno.EINVAL, f"{self.device_name}: {dev.name} too small for target: "
+                              f"start={start}, len={length}, dev_size={size}{where}")
+            lbs = dev.open.device.logical_block_size // SECTOR
+            for what, value in (("start", start), ("len", length)):
+                if value % lbs:
+                    raise DMError(errno.EINVAL, f"{self.device_name}: {what}={value} not aligned to "
+                                  f"h/w logical block size {lbs * SECTOR} of {dev.name}{where}")
 
     def use_region(self, dev: TableDevice, start: int, length: int, role: str) -> None:
         """Record that the target uses sectors [start, start+length) of `dev` (the rest of the
