@@ -157,6 +157,12 @@ class BlockDevice:
         self.opened(handle)
         return handle
 
+    def drop_holder_ops(self, ops: HolderOps) -> None:
+        """End the registration of `ops` (its holder is gone), if they are this device's."""
+        with self._opens_lock:
+            if self.holder_ops is ops:
+                self.holder_ops = None
+
     def _claim_for_partition(self, partition: "BlockDevice") -> None:
         """bd_may_claim/bd_finish_claiming for a partition of this whole disk: refused while
         anyone holds the whole disk; otherwise the whole disk is held by the PARTITION_CLAIM
