@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from conftest import USERDM, wait_until
+from userdm.control import protocol
 from userdm.errors import DMError
 
 SECTORS = 8192
@@ -363,4 +365,39 @@ def test_holder_ops_requests_are_checked(daemon, images):
             client.call("open", name="vm", exclusive=True, ops=bad)
         assert exc.value.errno == errno.EINVAL and "'ops'" in exc.value.message, exc.value
     assert client.info("vm")["open_count"] == 0
+    client.close()
+
+
+def raw_holder(daemon, name: str, *, timeout: float = 0.5) -> tuple[socket.socket, int]:
+    """A control connection that registered freeze (and never answers): the socket, the open's fd."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(str(Path(daemon.env["USERDM_RUNTIME_DIR"]) / "control"))
+    sock.sendall(protocol.encode(protocol.request("open", name=name, holder="raw", ops=["freeze"],
+                                                  hook_timeout=timeout)))
+    data, fds, _, _ = socket.recv_fds(sock, 1 << 16, 1)
+    assert protocol.Decoder().feed(data)[0]["ok"] and len(fds) == 1
+    return sock, fds[0]
+
+
+@pytest.mark.hostile
+def test_a_holder_that_never_answers_or_answers_garbage_cannot_hold_up_the_daemon(daemon, images):
+    (img,) = images()
+    daemon.run("create", "vm", "--table", f"0 {SECTORS} linear {img} 0")
+    client = daemon.connect()
+    sock, fd = raw_holder(daemon, "vm")
+    try:
+        for _ in range(2):  # it never reads: the second operation must not wait for the first
+            with pytest.raises(DMError) as exc:
+                client.suspend("vm")
+            assert exc.value.errno == errno.ETIMEDOUT and "raw" in exc.value.message, exc.value
+        assert not client.info("vm")["suspended"]
+        sock.sendall(protocol.encode({"answer": "not one"}))  # garbage: the daemon hangs up
+        sock.settimeout(30)
+        while sock.recv(1 << 20):  # the operations sent so far, then the end
+            pass
+        assert wait_until(lambda: _suspend_resume(client))  # unregistered: nothing to freeze
+    finally:
+        sock.close()
+        os.close(fd)
+    assert wait_until(lambda: client.info("vm")["open_count"] == 0)
     client.close()

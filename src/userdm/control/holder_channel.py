@@ -10,9 +10,9 @@ NBD socket beside the answer). From then on the connection carries operations th
 
 `notify_failure` has `args` `[offset, length, flags]` in the held device's bytes, `mark_dead`
 `[surprise]`. One operation at a time; the daemon waits for its answer at most `hook_timeout`
-seconds (`hooks.DEFAULT_TIMEOUT` unless given), as it waits for a hook script. A refusal or
-no answer in time fails the operation (ETIMEDOUT) with a sentence naming the holder and the
-device; after a freeze that timed out the daemon sends a `thaw` without waiting for it, so a
+seconds (`hooks.DEFAULT_TIMEOUT` unless given), as it waits for a hook script. A refusal
+(the callback's errno, else EIO) or no answer in time (ETIMEDOUT) fails the operation with a
+sentence naming the holder and the device; after a freeze that timed out the daemon sends a `thaw` without waiting for it, so a
 callback that finishes late leaves nothing frozen. When the connection closes (the client
 closes it, or its process dies) the registration ends (`Mapper.drop_holder_ops`); the open
 itself lasts while its NBD socket does.
@@ -74,8 +74,10 @@ class RemoteHolder:
         try:
             with self._cond:
                 self._cond.wait_for(lambda: self._ready or self._gone, max(0.0, deadline - time.monotonic()))
-                if self._gone:
-                    raise DMError(errno.EPIPE, f"{self._what(op)}: the holder's connection is closed")
+                if self._gone:  # unregistered a moment from now: as a holder without ops
+                    if op == "notify_failure":
+                        raise DMError(errno.EOPNOTSUPP, f"{self._what(op)}: the holder's connection is closed")
+                    return
                 self._seq += 1
                 ident = self._seq
             self._send({"op": op, "args": list(args), "id": ident})
