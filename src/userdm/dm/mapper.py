@@ -98,6 +98,10 @@ class Mapper:
         #: holders outside the core that a removal must let go first (the block devices):
         #: `release(device, deferred)` detaches them, or raises EBUSY (in use, not deferred)
         self.outside_holders: Any = None
+        #: why this daemon serves no kernel block devices (no FUSE, no /dev/loop-control):
+        #: `create --blockdev` is refused with it; None: the flag is taken (in process, it is
+        #: saved for a daemon that serves this state directory)
+        self.no_block_devices: DMError | None = None
         #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
         self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
                                      devices=lambda: list(self._devices.values()),
@@ -345,6 +349,9 @@ class Mapper:
             raise DMError(errno.EINVAL, f"--max-opens {max_opens!r}: the limit must be at least 1")
         if open_fd and table is None:
             raise DMError(errno.EINVAL, f"cannot open device {name} at creation without a table")
+        if blockdev and self.no_block_devices is not None:
+            raise DMError(self.no_block_devices.errno, f"create {quoted(str(name))} --blockdev: "
+                          f"{self.no_block_devices.message}")
         uuid = check_uuid(uuid)
         if name is not None:
             name = check_name(name)
