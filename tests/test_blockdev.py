@@ -96,6 +96,16 @@ class Env:
         self.daemon.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_loop_device_left_by_the_module(tmp_path_factory) -> Iterator[None]:
+    """`losetup -a` before and after the whole module: no loop device over any directory of
+    this test session is left (others' loop devices on the machine are not ours to judge)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(loops_under(base))
+    yield
+    assert wait_until(lambda: set(loops_under(base)) <= before), f"loop devices left: {loops_under(base)}"
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
