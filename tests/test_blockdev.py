@@ -198,7 +198,7 @@ def test_autoclear_does_not_count_the_block_device_but_counts_a_mount_on_it(env)
     """The loop device is the daemon's own holder: an autoclear device whose other opens are
     closed goes at once, unless a filesystem is mounted on its block device: then at umount."""
     env.start()
-    client, fd = autoclear_with_opener(env, "vm1")
+    _, fd = autoclear_with_opener(env, "vm1")
     loopdev = loop_of(env, "vm1")
     run("mkfs.ext4", "-q", str(env.dev("vm1")))  # an open and close of the block device: nothing goes
     assert env.info("vm1")["open_count"] == 2  # the creator's and the loop device's
@@ -210,7 +210,7 @@ def test_autoclear_does_not_count_the_block_device_but_counts_a_mount_on_it(env)
     env.umount(mnt)  # the last user: the device goes, and its loop device with it
     assert wait_until(lambda: gone(env, "vm1", loopdev)), env.daemon.run("ls").stdout
     # unmounted: the creator's close is the last one
-    client, fd = autoclear_with_opener(env, "vm2")
+    _, fd = autoclear_with_opener(env, "vm2")
     loopdev = loop_of(env, "vm2")
     os.close(fd)
     assert wait_until(lambda: gone(env, "vm2", loopdev)), env.daemon.run("ls").stdout

@@ -16,8 +16,8 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import USERDM, wait_until
+
 from userdm.control import protocol
 from userdm.errors import DMError
 
@@ -401,3 +401,31 @@ def test_a_holder_that_never_answers_or_answers_garbage_cannot_hold_up_the_daemo
         os.close(fd)
     assert wait_until(lambda: client.info("vm")["open_count"] == 0)
     client.close()
+
+
+def test_callbacks_in_process_are_the_same_holder_ops(images):
+    """`Mapper.open(..., ops=...)` in process: the callbacks are called directly, an exception
+    names the holder, and the registration ends with the open."""
+    from userdm import Mapper
+    (img,) = images()
+    m = Mapper()
+    try:
+        m.create("vm", f"0 {SECTORS} linear {img} 0")
+        ops = Recorder(fail_freeze=True)
+        info = m.open("vm", holder="inproc", ops=ops)
+        with pytest.raises(DMError) as exc:
+            m.suspend("vm")
+        assert exc.value.errno == errno.EIO and "holder inproc" in exc.value.message \
+            and "cannot flush the guest" in exc.value.message
+        assert not m.info("vm")["suspended"] and ops.calls == [("freeze",)]
+        ops.fail_freeze = False
+        m.suspend("vm")
+        m.resume("vm")
+        assert ops.calls == [("freeze",), ("freeze",), ("thaw",)]
+        os.close(info["fd"])
+        assert wait_until(lambda: m.info("vm")["open_count"] == 0)
+        m.suspend("vm")
+        m.resume("vm")
+        assert len(ops.calls) == 3
+    finally:
+        m.close()

@@ -206,8 +206,8 @@ class Client:
         `thaw()`, `sync()`, `notify_failure(offset, length, flags)`, `mark_dead(surprise)`),
         called from a thread of the result's `"ops"`, a `HolderChannel` (its own connection),
         each within `hook_timeout` seconds; `"ops"`'s `close()` ends the registration."""
-        args = dict(name=name, readonly=readonly, exclusive=exclusive, holder=holder, diskseq=diskseq,
-                    hook=hook, hook_timeout=hook_timeout)
+        args = {"name": name, "readonly": readonly, "exclusive": exclusive, "holder": holder, "diskseq": diskseq,
+                "hook": hook, "hook_timeout": hook_timeout}
         if ops is not None:
             return HolderChannel(self.path, ops, args).info
         return self.call("open", **args)  # type: ignore[no-any-return]

@@ -116,20 +116,10 @@ class RemoteHolder:
         except DMError as exc:
             log.warning("%s", exc.message)
 
-    def _logged(self, op: str, *args: Any) -> None:
-        try:
-            self.call(op, *args)
-        except DMError as exc:
-            log.error("%s", exc.message)
-
     def holder_ops(self) -> HolderOps:
         """The operations the client serves; the others are not registered (as a holder
         without them: no freeze, a failure it does not take)."""
-        def bound(op: str, fn: Callable[..., None]) -> Any:
-            return (lambda *args: fn(op, *args)) if op in self.ops else None
-        return HolderOps(mark_dead=bound("mark_dead", self._logged), sync=bound("sync", self.call),
-                         freeze=bound("freeze", self.call), thaw=bound("thaw", self._logged),
-                         notify_failure=bound("notify_failure", self.call))
+        return hooks.holder_ops(self.call, self.ops)
 
     def ready(self) -> None:
         with self._cond:

@@ -29,7 +29,7 @@ import os
 import signal
 import subprocess
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any
 
 from ..block.device import HolderOps
@@ -38,8 +38,10 @@ from ..errors import DMError
 log = logging.getLogger("userdm.hooks")
 
 SPAWN_LOCK = threading.Lock()
-#: seconds a hook may run (`open --hook-timeout`)
+#: seconds a hook may run (`open --hook-timeout`), and a client's callback (`open(ops=...)`)
 DEFAULT_TIMEOUT = 30.0
+#: the holder operations, as a callbacks object or mapping names them
+OPS = ("freeze", "thaw", "sync", "notify_failure", "mark_dead")
 
 
 def check_script(script: str) -> str:
@@ -83,24 +85,13 @@ class Hook:
             raise DMError(errno.EIO, f"hook {self.script} {op} of device {self.name} (holder {self.holder}) "
                           f"exited with {status}" + (f": {last[0]}" if last else ""))
 
-    def _logged(self, op: str, *args: str) -> None:
-        try:
-            self.run(op, *args)
-        except DMError as exc:
-            log.error("%s", exc.message)
+    def _op(self, op: str, *args: Any) -> None:
+        if op == "mark_dead":
+            args = ()  # the hook is told no more than that the device is gone
+        self.run(op.replace("_", "-"), *map(str, args))
 
     def holder_ops(self) -> HolderOps:
-        return HolderOps(
-            mark_dead=lambda surprise: self._logged("mark-dead"),
-            sync=lambda: self.run("sync"),
-            freeze=lambda: self.run("freeze"),
-            thaw=lambda: self._logged("thaw"),
-            notify_failure=lambda offset, length, flags: self.run("notify-failure", str(offset), str(length),
-                                                                  str(flags)))
-
-
-#: the holder operations, as a callbacks object or mapping names them
-OPS = ("freeze", "thaw", "sync", "notify_failure", "mark_dead")
+        return holder_ops(self._op)
 
 
 def callables_of(ops: object) -> dict[str, Callable[..., Any]]:
@@ -127,9 +118,25 @@ def failed(exc: BaseException, what: str) -> DMError:
     return DMError(err, f"{what} failed: {said[:300]}")
 
 
+def holder_ops(call: Callable[..., None], ops: Collection[str] = OPS) -> HolderOps:
+    """`HolderOps` whose operations named in `ops` are each `call(op, *args)` (the others are
+    not registered); a failed thaw or mark_dead is logged, as there is nothing left to undo."""
+    def logged(op: str, *args: Any) -> None:
+        try:
+            call(op, *args)
+        except DMError as exc:
+            log.error("%s", exc.message)
+
+    def bound(op: str, fn: Callable[..., None]) -> Any:
+        return (lambda *args: fn(op, *args)) if op in ops else None
+
+    return HolderOps(mark_dead=bound("mark_dead", logged), sync=bound("sync", call), freeze=bound("freeze", call),
+                     thaw=bound("thaw", logged), notify_failure=bound("notify_failure", call))
+
+
 def callbacks_ops(ops: object, name: str, holder: str) -> HolderOps:
     """`HolderOps` that call the callbacks of `ops` in this process: an exception fails the
-    operation naming the holder (a thaw's or mark_dead's is logged)."""
+    operation naming the holder."""
     found = callables_of(ops)
 
     def call(op: str, *args: Any) -> None:
@@ -138,14 +145,4 @@ def callbacks_ops(ops: object, name: str, holder: str) -> HolderOps:
         except Exception as exc:
             raise failed(exc, f"{op} of device {name} by holder {holder}") from None
 
-    def logged(op: str, *args: Any) -> None:
-        try:
-            call(op, *args)
-        except DMError as exc:
-            log.error("%s", exc.message)
-
-    def bound(op: str, fn: Callable[..., None]) -> Any:
-        return (lambda *args: fn(op, *args)) if op in found else None
-
-    return HolderOps(mark_dead=bound("mark_dead", logged), sync=bound("sync", call), freeze=bound("freeze", call),
-                     thaw=bound("thaw", logged), notify_failure=bound("notify_failure", call))
+    return holder_ops(call, found)
