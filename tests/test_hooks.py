@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -197,13 +198,24 @@ def release(info) -> None:
     os.close(info["fd"])
 
 
-def test_python_callbacks_record_freeze_and_thaw_around_a_suspend(daemon, images):
+@contextmanager
+def python_holder(daemon, images, timeout: float | None = None, **behaviour):
+    """Device `vm` held by holder `py-vm` with a `Recorder`'s callbacks: (client, recorder)."""
     (img,) = images()
     daemon.run("create", "vm", "--table", f"0 {SECTORS} linear {img} 0")
     client = daemon.connect()
-    ops = Recorder()
-    info = held(client, "vm", ops)
+    ops = Recorder(**behaviour)
+    info = held(client, "vm", ops, hook_timeout=timeout)
     try:
+        yield client, ops
+    finally:
+        ops.release.set()
+        release(info)
+        client.close()
+
+
+def test_python_callbacks_record_freeze_and_thaw_around_a_suspend(daemon, images):
+    with python_holder(daemon, images) as (client, ops):
         client.suspend("vm")
         assert ops.calls == [("freeze",)]
         client.resume("vm")
@@ -215,19 +227,11 @@ def test_python_callbacks_record_freeze_and_thaw_around_a_suspend(daemon, images
         with pytest.raises(DMError) as exc:
             client.open("vm", holder="py-vm", ops={"freeze": lambda: None})
         assert exc.value.errno == errno.EBUSY and "py-vm" in exc.value.message
-    finally:
-        release(info)
-    client.close()
 
 
 @pytest.mark.hostile
 def test_a_raising_freeze_callback_fails_the_suspend_naming_the_holder(daemon, images):
-    (img,) = images()
-    daemon.run("create", "vm", "--table", f"0 {SECTORS} linear {img} 0")
-    client = daemon.connect()
-    ops = Recorder(fail_freeze=True)
-    info = held(client, "vm", ops)
-    try:
+    with python_holder(daemon, images, fail_freeze=True) as (client, ops):
         with pytest.raises(DMError) as exc:
             client.suspend("vm")
         assert exc.value.errno == errno.EIO
@@ -236,29 +240,17 @@ def test_a_raising_freeze_callback_fails_the_suspend_naming_the_holder(daemon, i
         with client.open_device("vm") as dev:  # the device runs on
             dev.write(0, b"x" * 512)
         assert ops.calls == [("freeze",)]  # nothing was frozen, so nothing is thawed
-    finally:
-        release(info)
-    client.close()
 
 
 @pytest.mark.hostile
 def test_a_hanging_freeze_callback_times_out_and_is_thawed_when_it_ends(daemon, images):
-    (img,) = images()
-    daemon.run("create", "vm", "--table", f"0 {SECTORS} linear {img} 0")
-    client = daemon.connect()
-    ops = Recorder(hang_freeze=True)
-    info = held(client, "vm", ops, hook_timeout=0.5)
-    try:
+    with python_holder(daemon, images, timeout=0.5, hang_freeze=True) as (client, ops):
         with pytest.raises(DMError) as exc:
             client.suspend("vm")
         assert exc.value.errno == errno.ETIMEDOUT and "py-vm" in exc.value.message, exc.value
         assert not client.info("vm")["suspended"]
         ops.release.set()  # the freeze ends late: the thaw sent after the timeout follows it
         assert wait_until(lambda: ops.calls == [("freeze",), ("thaw",)])
-    finally:
-        ops.release.set()
-        release(info)
-    client.close()
 
 
 def test_notify_failure_at_the_bottom_reaches_the_top_callback_translated(daemon, images):
