@@ -477,8 +477,8 @@ class Mapper:
         callbacks instead (`hooks.callbacks_ops`; the control server passes the `HolderOps` of a
         holder outside the daemon, `userdm.control.holder_channel`)."""
         if (hook is not None or ops is not None) and not exclusive and holder is None:
-            raise DMError(errno.EINVAL, f"open {name} --hook: holder ops need an exclusive open "
-                          "(--exclusive or --holder ID)")
+            raise DMError(errno.EINVAL, f"open {name} {'--hook' if ops is None else 'with ops'}: holder ops need "
+                          "an exclusive open (--exclusive or --holder ID)")
         if hook is not None and ops is not None:
             raise DMError(errno.EINVAL, f"open {name}: a holder registers either a hook or ops, not both")
         md = self._find(name)
