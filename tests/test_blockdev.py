@@ -96,6 +96,16 @@ class Env:
         self.daemon.stop()
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_loop_device_left_by_the_module(tmp_path_factory) -> Iterator[None]:
+    """`losetup -a` before and after the whole module: no loop device over any directory of
+    this test session is left (others' loop devices on the machine are not ours to judge)."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(loops_under(base))
+    yield
+    assert wait_until(lambda: set(loops_under(base)) <= before), f"loop devices left: {loops_under(base)}"
+
+
 @pytest.fixture
 def env(tmp_path: Path) -> Iterator[Env]:
     e = Env(tmp_path)
@@ -166,6 +176,60 @@ def test_remove_while_mounted_is_ebusy_and_a_deferred_remove_fires_at_umount(env
     assert wait_until(lambda: not Path(f"/sys/block/{os.path.basename(loopdev)}/loop/backing_file").exists()
                       or str(env.base) not in Path(f"/sys/block/{os.path.basename(loopdev)}/loop/backing_file")
                       .read_text())
+
+
+def autoclear_with_opener(env: Env, name: str) -> tuple[object, int]:
+    """`create NAME --autoclear --blockdev` holding an open from its creation (seed 001)."""
+    img = env.image(name, 32 * MiB)
+    client = env.daemon.connect()
+    info = client.create(name, f"0 {32 * MiB * 2 // 1024} linear {img} 0", autoclear=True, blockdev=True,
+                         open_fd=True)
+    assert info["open_count"] == 2 and env.dev(name).exists()  # the creator's and the loop device's
+    return client, info["fd"]
+
+
+def gone(env: Env, name: str, loopdev: str) -> bool:
+    backing = Path(f"/sys/block/{os.path.basename(loopdev)}/loop/backing_file")
+    return name not in env.daemon.run("ls").stdout and not env.dev(name).exists() \
+        and (not backing.exists() or str(env.base) not in backing.read_text())
+
+
+def test_autoclear_does_not_count_the_block_device_but_counts_a_mount_on_it(env):
+    """The loop device is the daemon's own holder: an autoclear device whose other opens are
+    closed goes at once, unless a filesystem is mounted on its block device: then at umount."""
+    env.start()
+    _, fd = autoclear_with_opener(env, "vm1")
+    loopdev = loop_of(env, "vm1")
+    run("mkfs.ext4", "-q", str(env.dev("vm1")))  # an open and close of the block device: nothing goes
+    assert env.info("vm1")["open_count"] == 2  # the creator's and the loop device's
+    mnt = env.mount(str(env.dev("vm1")), "vm1")
+    os.close(fd)  # the creator lets go (or dies): the mount still holds the device
+    assert wait_until(lambda: env.info("vm1")["open_count"] == 1)
+    (mnt / "file").write_bytes(b"still here")
+    assert (mnt / "file").read_bytes() == b"still here" and "vm1" in env.daemon.run("ls").stdout
+    env.umount(mnt)  # the last user: the device goes, and its loop device with it
+    assert wait_until(lambda: gone(env, "vm1", loopdev)), env.daemon.run("ls").stdout
+    # unmounted: the creator's close is the last one
+    _, fd = autoclear_with_opener(env, "vm2")
+    loopdev = loop_of(env, "vm2")
+    os.close(fd)
+    assert wait_until(lambda: gone(env, "vm2", loopdev)), env.daemon.run("ls").stdout
+
+
+def test_an_open_after_the_creator_left_keeps_the_mounted_autoclear_device(env):
+    env.start()
+    client, fd = autoclear_with_opener(env, "vm")
+    loopdev = loop_of(env, "vm")
+    run("mkfs.ext4", "-q", str(env.dev("vm")))
+    mnt = env.mount(str(env.dev("vm")), "vm")
+    os.close(fd)
+    assert wait_until(lambda: env.info("vm")["open_count"] == 1)
+    again = client.open("vm")  # a user opens it again before the umount
+    env.umount(mnt)
+    assert env.info("vm")["block_device"] == loopdev and loop_of(env, "vm") == loopdev
+    run("fsck.ext4", "-fn", str(env.dev("vm")))  # the block device still works
+    os.close(again["fd"])
+    assert wait_until(lambda: gone(env, "vm", loopdev)), env.daemon.run("ls").stdout
 
 
 def test_unmounted_block_device_is_detached_by_remove(env):

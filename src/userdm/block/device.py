@@ -80,6 +80,7 @@ class BlockDevice:
         #: sysfs-like holders/ graph: the mapped devices whose tables use this device -> count
         self.holder_links: dict[object, int] = {}
         self._last_close_hooks: list[Callable[[BlockDevice], None]] = []
+        self._open_change_hooks: list[Callable[[BlockDevice], None]] = []
         #: set by `mark_dead`: opens fail with ENXIO and I/O with EIO from then on
         self.dead = False
         #: told about every `failure` and `dead` event record that reaches this device
@@ -155,7 +156,15 @@ class BlockDevice:
             handle = BlockOpen(self, write, holder)
             self.opens.append(handle)
         self.opened(handle)
+        for hook in list(self._open_change_hooks):
+            hook(self)
         return handle
+
+    def drop_holder_ops(self, ops: HolderOps) -> None:
+        """End the registration of `ops` (its holder is gone), if they are this device's."""
+        with self._opens_lock:
+            if self.holder_ops is ops:
+                self.holder_ops = None
 
     def _claim_for_partition(self, partition: "BlockDevice") -> None:
         """bd_may_claim/bd_finish_claiming for a partition of this whole disk: refused while
@@ -190,7 +199,7 @@ class BlockDevice:
             last = not self.opens
             hooks = list(self._last_close_hooks) if last else []
         self.closed(handle)
-        for hook in hooks:
+        for hook in [*self._open_change_hooks, *hooks]:
             hook(self)
 
     def closed(self, handle: "BlockOpen") -> None:
@@ -202,6 +211,11 @@ class BlockDevice:
 
     def on_last_close(self, hook: Callable[["BlockDevice"], None]) -> None:
         self._last_close_hooks.append(hook)
+
+    def on_open_change(self, hook: Callable[["BlockDevice"], None]) -> None:
+        """Call `hook(device)` after every open and close (once, however often it is given)."""
+        if hook not in self._open_change_hooks:
+            self._open_change_hooks.append(hook)
 
     # ---- failures and death (userdm.block.failure) ---------------------------------
 

@@ -16,6 +16,7 @@ from ..errors import DMError
 from . import paths, protocol
 from .dial import dial, refusal
 from .event_stream import EventStream
+from .holder_channel import HolderChannel
 
 
 class Client:
@@ -197,12 +198,19 @@ class Client:
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
              holder: str | None = None, diskseq: int | None = None, hook: str | None = None,
-             hook_timeout: float | None = None) -> dict[str, Any]:
+             hook_timeout: float | None = None, ops: object | None = None) -> dict[str, Any]:
         """An open of the device that lasts while the result's `"fd"` (an NBD client socket) or
         a copy of it stays open; only of the device with disk sequence number `diskseq` if
-        given (ENXIO otherwise); `hook`: a script the daemon runs as the holder's ops."""
-        return self.call("open", name=name, readonly=readonly, exclusive=exclusive,  # type: ignore[no-any-return]
-                         holder=holder, diskseq=diskseq, hook=hook, hook_timeout=hook_timeout)
+        given (ENXIO otherwise); `hook`: a script the daemon runs as the holder's ops.
+        `ops`: the holder's ops as callbacks (an object or mapping with any of `freeze()`,
+        `thaw()`, `sync()`, `notify_failure(offset, length, flags)`, `mark_dead(surprise)`),
+        called from a thread of the result's `"ops"`, a `HolderChannel` (its own connection),
+        each within `hook_timeout` seconds; `"ops"`'s `close()` ends the registration."""
+        args = {"name": name, "readonly": readonly, "exclusive": exclusive, "holder": holder, "diskseq": diskseq,
+                "hook": hook, "hook_timeout": hook_timeout}
+        if ops is not None:
+            return HolderChannel(self.path, ops, args).info
+        return self.call("open", **args)  # type: ignore[no-any-return]
 
     def era_changed(self, name: str, since: int, *, metadata_snapshot: bool = False) -> list[dict[str, Any]]:
         """The sector runs of an era device written since era `since`."""

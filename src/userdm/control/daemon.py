@@ -15,6 +15,7 @@ connections end; what is still not released by `STOP_TIMEOUT` is left to the pro
 
 from __future__ import annotations
 
+import errno
 import faulthandler
 import logging
 import os
@@ -92,6 +93,9 @@ class Daemon:
             control.nbd = self._start_nbd()
         if self.want_fuse:
             self._start_fuse(fuse_dir)
+        else:
+            self._no_block_devices(errno.EOPNOTSUPP, "the daemon runs without its FUSE export (--no-fuse), "
+                                   "over whose files block devices are made")
         self.mapper.restore()
         if self.example:
             ensure_example(self.mapper, self.state_dir)
@@ -120,9 +124,12 @@ class Daemon:
             from ..export.fuse import FuseExport, cleanup_stale
         except ImportError as exc:
             log.warning("FUSE export unavailable: %s", exc)
+            self._no_block_devices(errno.EOPNOTSUPP, f"the FUSE export is unavailable ({exc})")
             return
         if not os.path.exists("/dev/fuse"):
             log.warning("FUSE export unavailable: /dev/fuse does not exist")
+            self._no_block_devices(errno.ENODEV, "/dev/fuse does not exist (no FUSE export, over whose "
+                                   "files block devices are made)")
             return
         cleanup_stale(fuse_dir)
         fuse_dir.mkdir(exist_ok=True)
@@ -131,6 +138,8 @@ class Daemon:
             export.start()
         except Exception as exc:  # e.g. no permission to mount: run without the FUSE export
             log.warning("FUSE export unavailable: %s", exc)
+            self._no_block_devices(getattr(exc, "errno", None) or errno.EOPNOTSUPP,
+                                   f"the FUSE export could not be mounted ({exc})")
             return
         self._services.append(export)
         from ..export.blockdev import BlockDevices
@@ -140,15 +149,26 @@ class Daemon:
     def _start_blockdevs(self) -> None:
         """Block devices over the FUSE files (and lockfs), once the saved devices are back."""
         if not os.path.exists("/dev/loop-control"):
-            log.warning("block devices unavailable: /dev/loop-control does not exist")
+            self._no_block_devices(errno.ENODEV, "/dev/loop-control does not exist (no loop driver: "
+                                   "modprobe loop)")
             return
         try:
             self._blockdevs.start()
         except Exception as exc:  # e.g. no permission: run without them
-            log.warning("block devices unavailable: %s", exc)
             self._blockdevs.stop()
+            self._no_block_devices(getattr(exc, "errno", None) or errno.EOPNOTSUPP,
+                                   f"loop devices cannot be attached ({exc})")
             return
         self._services.append(self._blockdevs)
+
+    def _no_block_devices(self, err: int, why: str) -> None:
+        """This daemon serves no kernel block devices: `--block-devices` fails the start, and
+        `create --blockdev` is refused, with `err` and a sentence saying `why`."""
+        assert self.mapper is not None
+        self.mapper.no_block_devices = DMError(err, f"this daemon serves no kernel block devices: {why}")
+        if self.block_devices:
+            raise DMError(err, f"--block-devices: {why}")
+        log.warning("block devices unavailable: %s", why)
 
     def stop(self) -> None:
         """Stop serving and release the devices, within `STOP_TIMEOUT` seconds (see the module

@@ -188,17 +188,18 @@ def result_of(response: dict[str, Any]) -> Any:
     raise DMError.from_name(str(response.get("errno", "EIO")), str(response.get("message", "unknown error")))
 
 
-def dispatch(target: Any, message: dict[str, Any]) -> dict[str, Any]:
+def dispatch(target: Any, message: dict[str, Any], **extra: Any) -> dict[str, Any]:
     """Run one request against `target` (a Mapper) and build the response. Never raises:
     the request is checked against `schema.SCHEMA` first, so the Mapper sees only well-typed
-    arguments; an unexpected exception is logged and answered with EIO."""
+    arguments (and `extra`, what the control server adds: a holder's ops); an unexpected
+    exception is logged and answered with EIO."""
     cmd = message.get("cmd") if isinstance(message, dict) else None
     label = cmd if isinstance(cmd, str) and cmd in schema.SCHEMA else "request"
     try:
         cmd, args = schema.check_request(message)
         if cmd not in COMMANDS:
             raise DMError(errno.EINVAL, f"{cmd} is answered by the control server, not by the device mapper")
-        return ok(getattr(target, cmd)(**args))
+        return ok(getattr(target, cmd)(**{**args, **extra}))
     except DMError as exc:
         return error(exc)
     except (ValueError, TypeError, KeyError, OverflowError) as exc:

@@ -18,6 +18,7 @@ sentences quote at most a short prefix of the input (`userdm.errors.quoted`).
 | `U64`     | an integer from 0 to 2**64-1 (never a float or a boolean)                     |
 | `INT`     | an integer from -2**63 to 2**64-1 (a minor: its range is the registry's rule) |
 | `SECONDS` | a finite number of seconds from 0 to `threading.TIMEOUT_MAX`                  |
+| `OPS`     | holder operations a client serves: a non-empty list of distinct names of `hooks.OPS` |
 
 `X | None` is written `optional(X)`: the field may also be `null`.
 """
@@ -30,6 +31,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..dm.hooks import OPS as HOLDER_OPS
 from ..dm.names import UUID_MAX, check_name, check_uuid
 from ..errors import DMError, quoted
 
@@ -130,6 +132,18 @@ def SECONDS(value: object) -> float:
     return value
 
 
+def OPS(value: object) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise Mismatch(f"must be a non-empty list of holder operations ({', '.join(HOLDER_OPS)}), "
+                       f"not {_type_name(value)} {quoted(value)}")
+    for op in value:
+        if op not in HOLDER_OPS or not isinstance(op, str):
+            raise Mismatch(f"must list holder operations ({', '.join(HOLDER_OPS)}), not {quoted(op)}")
+    if len(set(value)) != len(value):
+        raise Mismatch(f"must list each holder operation once, not {quoted(value)}")
+    return value
+
+
 def optional(kind: Kind) -> Kind:
     def check(value: object) -> Any:
         return None if value is None else kind(value)
@@ -175,7 +189,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
     "find_name": {"uuid": Field(optional(LOOKUP_UUID)), "major": Field(optional(U64)),
                   "minor": Field(optional(U64))},
     "open": _named(readonly=BOOL, exclusive=BOOL, holder=optional(HOLDER), diskseq=optional(U64),
-                   hook=optional(REF), hook_timeout=optional(SECONDS)),
+                   hook=optional(REF), hook_timeout=optional(SECONDS), ops=optional(OPS)),
     "era_changed": _named(since=required(U64), metadata_snapshot=BOOL),
     "notify_failure": {"dev": required(REF), "offset": required(U64), "length": required(U64),
                        "flags": Field(U64)},

@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import DMError
 from . import protocol, schema
 from .event_stream import serve_events
+from .holder_channel import serve_holder
 
 log = logging.getLogger("userdm.control")
 
@@ -249,6 +250,10 @@ class ControlServer:
             return True
         if cmd in protocol.FD_COMMANDS:
             self._connect_nbd(conn)
+        elif cmd == "open" and args.get("ops") is not None:
+            # a holder outside the daemon: the connection carries its ops from now on
+            serve_holder(conn, self.target, args, lambda response: self._reply(conn, response))
+            return False
         elif cmd in protocol.STREAM_COMMANDS:
             conn.settimeout(self.limits.message_timeout)  # a reader that stops reading is dropped
             serve_events(conn, self.target, args)

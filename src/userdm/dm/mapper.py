@@ -26,6 +26,7 @@ import itertools
 import logging
 import os
 import stat
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -39,7 +40,7 @@ from ..version import __version__
 from . import state as state_file
 from .cycles import DependencyGraph
 from .events import EventLog
-from .hooks import Hook
+from .hooks import Hook, callbacks_ops
 from .interposer import InterposedView, attach, detach, interposed_device
 from .mapped import DM_MAJOR, MappedDevice
 from .names import MINOR_LIMIT, check_name, check_uuid
@@ -97,6 +98,10 @@ class Mapper:
         #: holders outside the core that a removal must let go first (the block devices):
         #: `release(device, deferred)` detaches them, or raises EBUSY (in use, not deferred)
         self.outside_holders: Any = None
+        #: why this daemon serves no kernel block devices (no FUSE, no /dev/loop-control):
+        #: `create --blockdev` is refused with it; None: the flag is taken (in process, it is
+        #: saved for a daemon that serves this state directory)
+        self.no_block_devices: DMError | None = None
         #: refuses tables that would make a device depend on itself (`userdm.dm.cycles`)
         self.graph = DependencyGraph(mapped_ref=self._mapped_ref, by_name=self._export_device,
                                      devices=lambda: list(self._devices.values()),
@@ -344,6 +349,9 @@ class Mapper:
             raise DMError(errno.EINVAL, f"--max-opens {max_opens!r}: the limit must be at least 1")
         if open_fd and table is None:
             raise DMError(errno.EINVAL, f"cannot open device {name} at creation without a table")
+        if blockdev and self.no_block_devices is not None:
+            raise DMError(self.no_block_devices.errno, f"create {quoted(str(name))} --blockdev: "
+                          f"{self.no_block_devices.message}")
         uuid = check_uuid(uuid)
         if name is not None:
             name = check_name(name)
@@ -457,7 +465,7 @@ class Mapper:
 
     def open(self, name: str, *, readonly: bool = False, exclusive: bool = False,
              holder: object | None = None, diskseq: int | None = None, hook: str | None = None,
-             hook_timeout: float | None = None) -> dict[str, Any]:
+             hook_timeout: float | None = None, ops: object | None = None) -> dict[str, Any]:
         """Open a device and return the open as `info["fd"]`, an NBD client socket the caller
         owns (`userdm open NAME -- CMD`). `exclusive` claims the device for a holder of its own,
         as an O_EXCL open does; `holder` claims it for that holder (the same holder may nest).
@@ -465,24 +473,37 @@ class Mapper:
         NAME is another device now: the one meant was removed, and NAME created again).
         With `hook` (an executable's absolute path; needs `exclusive` or `holder`) the holder
         registers holder ops that run that hook (`userdm.dm.hooks`), for at most
-        `hook_timeout` seconds each; EBUSY if the device has holder ops already."""
-        if hook is not None and not exclusive and holder is None:
-            raise DMError(errno.EINVAL, f"open {name} --hook: holder ops need an exclusive open "
-                          "(--exclusive or --holder ID)")
+        `hook_timeout` seconds each; EBUSY if the device has holder ops already. `ops` registers
+        callbacks instead (`hooks.callbacks_ops`; the control server passes the `HolderOps` of a
+        holder outside the daemon, `userdm.control.holder_channel`)."""
+        if (hook is not None or ops is not None) and not exclusive and holder is None:
+            raise DMError(errno.EINVAL, f"open {name} {'--hook' if ops is None else 'with ops'}: holder ops need "
+                          "an exclusive open (--exclusive or --holder ID)")
+        if hook is not None and ops is not None:
+            raise DMError(errno.EINVAL, f"open {name}: a holder registers either a hook or ops, not both")
         md = self._find(name)
         if diskseq is not None and md.diskseq != diskseq:
             raise DMError(errno.ENXIO, f"device {name} has disk sequence number {md.diskseq}, not {diskseq}: "
                           f"the device with diskseq {diskseq} no longer exists")
         if exclusive and holder is None:
             holder = f"exclusive open #{next(self._exclusive_opens)}"
-        ops = None
-        if hook is not None:
+        elif isinstance(holder, str):
+            holder = sys.intern(holder)  # an id that arrives twice is one holder: it nests
+        holder_ops = None
+        if hook is not None or ops is not None:
             if md.holder_ops is not None:
                 raise DMError(errno.EBUSY, f"device {name} already has holder operations registered "
                               f"(by {md.holders_description()})")
-            ops = Hook(hook, md.name, str(holder), hook_timeout).holder_ops()
-        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder, holder_ops=ops)
+            holder_ops = Hook(hook, md.name, str(holder), hook_timeout).holder_ops() if hook is not None \
+                else ops if isinstance(ops, HolderOps) else callbacks_ops(ops, md.name, str(holder))
+        fd = self._open_fd(md, write=not (readonly or md.read_only), holder=holder, holder_ops=holder_ops)
         return {**self._info(md), "fd": fd}
+
+    def drop_holder_ops(self, ops: HolderOps) -> None:
+        """The holder that registered `ops` is gone (a holder outside the daemon whose control
+        connection closed): its registration ends, its open may stay."""
+        for md in list(self._devices.values()):
+            md.drop_holder_ops(ops)
 
     def _open_fd(self, md: MappedDevice, *, write: bool, holder: object | None,
                  holder_ops: HolderOps | None = None) -> int:

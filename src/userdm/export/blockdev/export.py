@@ -12,6 +12,14 @@ The daemon's stop detaches every loop device it attached (a mounted one at its `
 next start attaches them again, after detaching loop devices that a crashed daemon left over
 its FUSE files.
 
+An autoclear device (removed at its last close) with a block device: the loop device's own
+open of the FUSE file is the daemon's, not a user's, so it does not keep the device; a mount
+on the loop device does. When the device's other opens are all closed, the loop device is
+marked LO_FLAGS_AUTOCLEAR: unused, it detaches at once (the mark's own close is its last),
+mounted, at the `umount`; either way its release of the FUSE file is the device's last close,
+which removes it. An open of the device before that clears the mark again. A device that nobody
+opened but through its block device stays, as an autoclear device never opened does.
+
 It is also the core's lockfs (`Mapper.lockfs`): `freeze(device)` freezes the filesystems
 mounted on any loop device over the device's FUSE file (`userdm.export.blockdev.lockfs`).
 """
@@ -34,6 +42,8 @@ log = logging.getLogger("userdm.blockdev")
 
 #: seconds a detach may take to complete (the loop device's last close, the FUSE release)
 DETACH_WAIT = 5.0
+#: opens of a mapped device that its loop device holds (its one open of the FUSE file)
+LOOP_OPENS = 1
 
 
 @dataclass
@@ -63,6 +73,7 @@ class BlockDevices:
         self.direct_io = direct_io
         self._attached: dict[object, _Attached] = {}
         self._lock = threading.RLock()
+        self._mark_lock = threading.Lock()  # LO_FLAGS_AUTOCLEAR changes, one at a time
         self._started = False
 
     # ---- lifecycle ------------------------------------------------------------------------
@@ -167,6 +178,8 @@ class BlockDevices:
             raise DMError(exc.errno or errno.EIO, f"cannot link {self.dev_dir}/{md.name}: {exc.strerror}") from None
         self._attached[md] = rec
         md.block_device = rec.path
+        if getattr(md, "autoclear", False):
+            md.on_open_change(self._opens_changed)
         log.info("%s is %s", md.name, rec.path)
 
     def _detach(self, md: Any, rec: _Attached) -> None:
@@ -212,13 +225,34 @@ class BlockDevices:
 
     def _cancel_autoclear(self, name: str) -> None:
         with self._lock:
-            for rec in self._attached.values():
-                if rec.name == name and rec.autoclear:
+            for md, rec in self._attached.items():
+                if rec.name == name and rec.autoclear and not (md.autoclear and md.open_count <= LOOP_OPENS):
                     try:
                         loop.set_autoclear(rec.number, False)
                         rec.autoclear = False
                     except DMError as exc:
                         log.error("%s", exc)
+
+    def _opens_changed(self, md: Any) -> None:
+        """An open or close of autoclear device `md`: mark its loop device LO_FLAGS_AUTOCLEAR
+        when the loop device's is the only open left, clear the mark when another one comes."""
+        with self._lock:
+            rec = self._attached.get(md)
+            if rec is None or md.deleting or md.deferred_remove:
+                return  # a deferred removal has marked it itself (`release`)
+            unused = md.open_count <= LOOP_OPENS
+            if unused == rec.autoclear:
+                return
+            rec.autoclear = unused
+        # not in this thread: it may be one the FUSE release that follows a detach needs
+        threading.Thread(target=self._mark, args=(rec,), name="blockdev-autoclear", daemon=True).start()
+
+    def _mark(self, rec: _Attached) -> None:
+        with self._mark_lock:  # the latest wish wins, whatever order the threads run in
+            try:
+                loop.set_autoclear(rec.number, rec.autoclear)
+            except (DMError, OSError) as exc:  # detached meanwhile
+                log.debug("autoclear of %s: %s", rec.path, exc)
 
     # ---- the core's hooks -----------------------------------------------------------------
 
