@@ -102,6 +102,8 @@ def test_parse_ref_spells_references_as_qemu_does():
     ("rbd:a/b/c/d", "4 names"),
     ("rbd:pool/img:novalue", "'novalue' is not KEY=VALUE"),
     ("rbd:pool/img:=x", "'=x' is not KEY=VALUE"),
+    ("rbd:pool/im\x00g", "NUL"),
+    ("rbd:" + "p/" * 5000 + "i", "5001 names"),
 ])
 def test_malformed_references_are_refused_with_einval(ref, words):
     e = err(parse_ref, ref)
@@ -207,28 +209,24 @@ def test_snapshot_read_through_the_daemon(ceph, image, served, tmp_path):
     name = image(SIZE)
     first = tmp_path / "first.raw"
     first.write_bytes(os.urandom(SIZE))
-    ceph.rbd("import", "--no-progress", str(first), f"{name}-tmp")   # a full image to copy from
-    try:
-        daemon.run("create", "live", "--table", f"0 {SIZE // 512} linear {ceph.ref(name)} 0")
-        run("nbdcopy", str(first), uri("live"))
-        daemon.run("remove", "live")
-        ceph.rbd("snap", "create", f"{name}@before")
-        daemon.run("create", "live", "--table", f"0 {SIZE // 512} linear {ceph.ref(name)} 0")
-        run("qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {SIZE}", uri("live"))
-        daemon.run("create", "snap", "--readonly", "--table",
-                   f"0 {SIZE // 512} linear {ceph.ref(name, 'before')} 0")
-        back = tmp_path / "back.raw"
-        run("nbdcopy", uri("snap"), str(back))
-        assert back.read_bytes() == first.read_bytes()
-        # the snapshot device refuses writes; the live image has the new data
-        res = run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4096", uri("snap"), check=False)
-        assert res.returncode != 0 or "failed" in res.stdout + res.stderr
-        daemon.run("remove", "live")
-        daemon.run("remove", "snap")
-        assert rbd_export(ceph, name, tmp_path / "now.raw") == b"\x5a" * SIZE
-        assert rbd_export(ceph, f"{name}@before", tmp_path / "then.raw") == first.read_bytes()
-    finally:
-        ceph.rbd("rm", "--no-progress", f"{name}-tmp")
+    daemon.run("create", "live", "--table", f"0 {SIZE // 512} linear {ceph.ref(name)} 0")
+    run("nbdcopy", str(first), uri("live"))
+    daemon.run("remove", "live")
+    ceph.rbd("snap", "create", f"{name}@before")
+    daemon.run("create", "live", "--table", f"0 {SIZE // 512} linear {ceph.ref(name)} 0")
+    run("qemu-io", "-f", "raw", "-c", f"write -P 0x5a 0 {SIZE}", uri("live"))
+    daemon.run("create", "snap", "--readonly", "--table",
+               f"0 {SIZE // 512} linear {ceph.ref(name, 'before')} 0")
+    back = tmp_path / "back.raw"
+    run("nbdcopy", uri("snap"), str(back))
+    assert back.read_bytes() == first.read_bytes()
+    # the snapshot device refuses writes; the live image has the new data
+    res = run("qemu-io", "-f", "raw", "-c", "write -P 0x11 0 4096", uri("snap"), check=False)
+    assert res.returncode != 0 and "Permission denied" in res.stderr   # a read-only export
+    daemon.run("remove", "live")
+    daemon.run("remove", "snap")
+    assert rbd_export(ceph, name, tmp_path / "now.raw") == b"\x5a" * SIZE
+    assert rbd_export(ceph, f"{name}@before", tmp_path / "then.raw") == first.read_bytes()
 
 
 def test_killing_the_osd_gives_eio_and_a_dead_event_and_the_daemon_serves_on(served, images, tmp_path):
@@ -260,3 +258,12 @@ def test_killing_the_osd_gives_eio_and_a_dead_event_and_the_daemon_serves_on(ser
         run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "read -P 0x44 0 64k", uri("local"))
         daemon.run("remove", "remote")
     assert daemon.run("info", "local").returncode == 0
+
+
+def test_the_daemon_refuses_bad_references_and_answers_on(ceph, served):
+    daemon, _ = served
+    for ref, words in [("rbd:img", "EINVAL"), (f"rbd:rbd/missing:conf={ceph.conf}", "ENOENT"),
+                       ("rbd:" + "x" * 3000, "EINVAL")]:
+        res = daemon.run("create", "bad", "--table", f"0 8 linear {ref} 0", check=False)
+        assert res.returncode == 1 and words in res.stderr and "rbd:" in res.stderr, res.stderr
+    assert daemon.run("ls").returncode == 0

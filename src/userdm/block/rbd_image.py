@@ -95,6 +95,8 @@ def parse_ref(ref: str) -> RBDSpec:
     if not ref.startswith(SCHEME + ":"):
         raise bad("not an rbd: reference")
     rest = ref[len(SCHEME) + 1:]
+    if "\x00" in rest:
+        raise bad("a NUL character")
     if rest.startswith("//"):
         raise bad("rbd: references have no '//' (qemu's spelling)")
     names: list[str] = []
