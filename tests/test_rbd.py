@@ -141,6 +141,7 @@ def test_read_write_flush_discard_zeroes_and_block_status(ceph, image, mapper, t
         dev.flush()
         assert dev.read(MiB, len(data)) == data
         dev.write_zeroes(2 * MiB, 4096)
+        dev.write_zeroes(3 * MiB, 8192, may_unmap=False)     # librbd's thick-provision flag
         dev.discard(8 * MiB, 4 * MiB)                  # whole 4 MiB objects: holes again
         status = dev.block_status(0, SIZE)
         assert sum(n for n, _ in status) == SIZE
@@ -152,6 +153,7 @@ def test_read_write_flush_discard_zeroes_and_block_status(ceph, image, mapper, t
     want = bytearray(SIZE)
     want[MiB:13 * MiB] = data
     want[2 * MiB:2 * MiB + 4096] = bytes(4096)
+    want[3 * MiB:3 * MiB + 8192] = bytes(8192)
     want[8 * MiB:12 * MiB] = bytes(4 * MiB)
     want[20 * MiB + 512:20 * MiB + 1536] = b"s" * 1024
     assert rbd_export(ceph, name, tmp_path / "out.raw") == bytes(want)
