@@ -93,6 +93,23 @@ def test_parse_ref_spells_references_as_qemu_does():
     assert parse_ref(r"rbd:p/we\@ird").image == "we@ird"
 
 
+def test_backing_stores_know_opaque_schemes_spelled_without_slashes():
+    from userdm.block.backing import BackingStores
+    from userdm.block.memory import MemoryDisk
+    stores = BackingStores()
+    made: list[str] = []
+    stores.register_scheme("mem", lambda ref: made.append(ref) or MemoryDisk(MiB, name=ref), opaque=True)
+    assert stores.scheme_of("mem:x/y") == "mem" and stores.is_scheme("mem:x/y")
+    assert stores.scheme_of("other:x/y") is None and stores.scheme_of("nbd://h/e") == "nbd"
+    first = stores.open("mem:x/y", write=True)
+    again = stores.open("mem:x/y", write=False)       # one device per reference
+    assert first.device is again.device and made == ["mem:x/y"]
+    e = err(lambda: stores.open("other:x/y", write=False))   # not a scheme: a relative path
+    assert e.errno == errno.EINVAL and "not an absolute path" in e.message
+    first.close()
+    again.close()
+
+
 @pytest.mark.parametrize("ref, words", [
     ("rbd:img", "no pool"),
     ("rbd://pool/img", "no '//'"),
@@ -251,11 +268,13 @@ def test_killing_the_osd_gives_eio_and_a_dead_event_and_the_daemon_serves_on(ser
         res = outcome[0]
         assert res.returncode != 0 or "failed" in res.stdout + res.stderr
         assert "Input/output error" in res.stdout + res.stderr
-        info = json.loads(daemon.run("info", "--json", "remote").stdout)
+        [info] = json.loads(daemon.run("info", "--json", "remote").stdout)
         events = [json.loads(line) for line in daemon.run("events").stdout.splitlines()]
         dead = [r for r in events if r["event"] == "dead"]
         assert [(r["name"], r["path"]) for r in dead] == [("remote", [ref, "remote"])]
-        assert info, info
+        assert info["dead"] is True
+        res = run("qemu-io", "-f", "raw", "-c", "read 0 4k", uri("remote"), check=False)
+        assert "Input/output error" in res.stdout + res.stderr    # at once now: the device is dead
         # the daemon keeps serving its other devices
         run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "read -P 0x44 0 64k", uri("local"))
         daemon.run("remove", "remote")
