@@ -120,7 +120,8 @@ def test_backing_stores_know_opaque_schemes_spelled_without_slashes():
     ("rbd:pool/img:novalue", "'novalue' is not KEY=VALUE"),
     ("rbd:pool/img:=x", "'=x' is not KEY=VALUE"),
     ("rbd:pool/im\x00g", "NUL"),
-    ("rbd:" + "p/" * 5000 + "i", "5001 names"),
+    ("rbd:" + "p/" * 2000 + "i", "2001 names"),
+    ("rbd:p/" + "i" * 5000, "longer than 4096 characters"),
 ])
 def test_malformed_references_are_refused_with_einval(ref, words):
     e = err(parse_ref, ref)

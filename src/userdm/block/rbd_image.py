@@ -39,6 +39,8 @@ from ..errors import DMError, clipped, quoted
 from .device import STATUS_HOLE, STATUS_ZERO, BlockDevice, BlockOpen
 
 SCHEME = "rbd"
+#: the longest reference taken (Ceph's pool, image and snapshot names are short)
+MAX_REF = 4096
 #: the largest piece of one librbd call; larger requests run as this many bytes per aio call
 CHUNK = 4 << 20
 #: aio pieces in flight per request at most
@@ -69,22 +71,30 @@ class RBDSpec:
     options: tuple[tuple[str, str], ...] = field(default=())
 
 
-def _split(text: str, seps: str) -> tuple[str, str | None, str]:
-    """The part of `text` before the first unescaped character of `seps` (with `\\` escapes
-    removed), that character (None at the end), and the rest after it."""
-    out: list[str] = []
-    i = 0
-    while i < len(text):
+def _tokens(text: str) -> list[tuple[str, str | None]]:
+    """`text` cut at its unescaped separators, in one pass: each piece (with `\\` escapes
+    removed) and the separator that ended it (None for the last). Before the first `@` or
+    `:`, `/`, `@` and `:` separate; after `@`, only `:`."""
+    out: list[tuple[str, str | None]] = []
+    piece: list[str] = []
+    seps = "/@:"
+    i, n = 0, len(text)
+    while i < n:
         c = text[i]
-        if c == "\\" and i + 1 < len(text):
-            out.append(text[i + 1])
+        if c == "\\" and i + 1 < n:
+            piece.append(text[i + 1])
             i += 2
             continue
         if c in seps:
-            return "".join(out), c, text[i + 1:]
-        out.append(c)
+            out.append(("".join(piece), c))
+            piece = []
+            if c != "/":
+                seps = ":"
+        else:
+            piece.append(c)
         i += 1
-    return "".join(out), None, ""
+    out.append(("".join(piece), None))
+    return out
 
 
 def parse_ref(ref: str) -> RBDSpec:
@@ -94,35 +104,34 @@ def parse_ref(ref: str) -> RBDSpec:
                        "rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:conf=PATH][:id=USER][:OPTION=VALUE]...)")
     if not ref.startswith(SCHEME + ":"):
         raise bad("not an rbd: reference")
+    if len(ref) > MAX_REF:
+        raise bad(f"longer than {MAX_REF} characters")
     rest = ref[len(SCHEME) + 1:]
     if "\x00" in rest:
         raise bad("a NUL character")
     if rest.startswith("//"):
         raise bad("rbd: references have no '//' (qemu's spelling)")
-    names: list[str] = []
+    tokens = _tokens(rest)
+    at = 0
+    while tokens[at][1] == "/" and at + 1 < len(tokens):
+        at += 1
+    names = [part for part, _sep in tokens[:at + 1]]
+    sep = tokens[at][1]
+    at += 1
     snapshot = None
-    while True:
-        part, sep, rest = _split(rest, "/@:")
-        names.append(part)
-        if sep == "/":
-            continue
-        if sep == "@":
-            snapshot, sep, rest = _split(rest, ":")
-            if not snapshot:
-                raise bad("an empty snapshot name after '@'")
-        break
+    if sep == "@":
+        snapshot, sep = tokens[at]
+        at += 1
+        if not snapshot:
+            raise bad("an empty snapshot name after '@'")
     if len(names) < 2:
         raise bad("no pool: the image must be named as POOL/IMAGE")
     if len(names) > 3:
         raise bad(f"{len(names)} names separated by '/' (POOL/IMAGE or POOL/NAMESPACE/IMAGE)")
     if not all(names):
         raise bad("an empty pool, namespace or image name")
-    segments: list[str] = []
-    while sep == ":":
-        segment, sep, rest = _split(rest, ":")
-        segments.append(segment)
     pairs: list[list[str]] = []
-    for segment in segments:
+    for segment, _sep in tokens[at:]:
         key, eq, value = segment.partition("=")
         if eq and key:
             pairs.append([key, value])
