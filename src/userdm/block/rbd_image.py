@@ -169,8 +169,8 @@ class RBDDevice(BlockDevice):
     def __init__(self, ref: str) -> None:
         self.spec = spec = parse_ref(ref)
         try:
-            import rados
-            import rbd
+            import rados  # type: ignore[import-not-found]
+            import rbd  # type: ignore[import-not-found]
         except ImportError as exc:
             raise DMError(errno.ENOPKG, f"{clipped(ref)}: Ceph's Python bindings are missing "
                           f"(install python3-rbd and python3-rados): {exc}") from None
@@ -182,7 +182,7 @@ class RBDDevice(BlockDevice):
         self._lock = threading.Lock()
         try:
             self._open_cluster(ref, rados)
-            self._open_image(ref, rados, rbd)
+            self._image = self._open_image(ref, rados, rbd)
             size = self._image.size()
         except BaseException:
             self._shutdown()
@@ -222,7 +222,7 @@ class RBDDevice(BlockDevice):
             raise DMError(errno.ENXIO, f"{clipped(ref)}: cannot reach the Ceph cluster (monitors "
                           f"{cluster.conf_get('mon_host') or 'unknown'}): {_reason(exc)}") from None
 
-    def _open_image(self, ref: str, rados: Any, rbd: Any) -> None:
+    def _open_image(self, ref: str, rados: Any, rbd: Any) -> Any:
         spec = self.spec
         try:
             self._ioctx = self._cluster.open_ioctx(spec.pool)
@@ -233,8 +233,8 @@ class RBDDevice(BlockDevice):
         if spec.namespace:
             self._ioctx.set_namespace(spec.namespace)
         try:
-            self._image = rbd.Image(self._ioctx, spec.image, snapshot=spec.snapshot,
-                                    read_only=spec.snapshot is not None)
+            return rbd.Image(self._ioctx, spec.image, snapshot=spec.snapshot,
+                             read_only=spec.snapshot is not None)
         except rbd.Error as exc:
             err = _errno_of(exc)
             where = f"pool {quoted(spec.pool)}" + (f" namespace {quoted(spec.namespace)}" if spec.namespace else "")
