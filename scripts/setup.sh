@@ -15,6 +15,7 @@ PACKAGES=(
   thin-provisioning-tools                     # thin_check/thin_dump/thin_restore check thin's metadata
   dmsetup   # its report engine (splitname, help) is the oracle for userdm's; it needs no kernel dm for those
   openssl                                      # scripts/tls-certs.sh: certificates for the NBD TLS tests
+  ceph-mon ceph-osd ceph-common python3-rbd python3-rados   # rbd: devices; tests start a throwaway one-node cluster
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

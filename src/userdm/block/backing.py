@@ -3,7 +3,8 @@
 The same file, block node or remote export named by several tables (or twice in one table)
 must be one device object, so that claims and the holders graph see one device. Devices are
 cached by inode (files), by device number (block nodes) or by URL (remote schemes, which the
-layers above register, e.g. `nbd://`). A device leaves the cache, and its file descriptor is
+layers above register, e.g. `nbd://`; an *opaque* scheme is spelled without `//`, as qemu spells
+`rbd:POOL/IMAGE`). A device leaves the cache, and its file descriptor is
 closed, when its last open closes.
 
 The cache lock is never held while a device is being created (connecting to a slow NBD
@@ -35,13 +36,25 @@ class BackingStores:
         #: keys whose device is being created outside the lock -> set when that is done
         self._opening: dict[object, threading.Event] = {}
         self._schemes: dict[str, SchemeFactory] = {}
+        #: schemes spelled `scheme:rest` (no `//`), like qemu's `rbd:`
+        self._opaque: set[str] = set()
         self.direct = direct
 
-    def register_scheme(self, scheme: str, factory: SchemeFactory) -> None:
+    def register_scheme(self, scheme: str, factory: SchemeFactory, *, opaque: bool = False) -> None:
+        """References `scheme://...` (or, `opaque`, `scheme:...`) are opened by `factory(ref)`."""
         self._schemes[scheme] = factory
+        if opaque:
+            self._opaque.add(scheme)
+
+    def scheme_of(self, ref: str) -> str | None:
+        """The scheme `ref` is spelled with (registered or not), None for a path."""
+        if "://" in ref:
+            return ref.split("://", 1)[0]
+        head, colon, _ = ref.partition(":")
+        return head if colon and head in self._opaque else None
 
     def is_scheme(self, ref: str) -> bool:
-        return "://" in ref and ref.split("://", 1)[0] in self._schemes
+        return self.scheme_of(ref) in self._schemes
 
     def open(self, ref: str, *, write: bool, holder: object | None = None,
              holder_ops: HolderOps | None = None) -> BlockOpen:
@@ -82,8 +95,8 @@ class BackingStores:
                 done.set()
 
     def _lookup(self, ref: str) -> tuple[object, BlockDevice | None]:
-        if "://" in ref:
-            scheme = ref.split("://", 1)[0]
+        scheme = self.scheme_of(ref)
+        if scheme is not None:
             if scheme not in self._schemes:
                 raise DMError(errno.EINVAL, f"{clipped(ref)}: unknown device reference scheme {quoted(scheme)}")
             key: object = ref
@@ -103,8 +116,9 @@ class BackingStores:
         return key, self._devices.get(key)
 
     def _create(self, ref: str) -> BlockDevice:
-        if "://" in ref:
-            return self._schemes[ref.split("://", 1)[0]](ref)
+        scheme = self.scheme_of(ref)
+        if scheme is not None:
+            return self._schemes[scheme](ref)
         return FileDisk(ref, direct=self.direct)
 
     def _evict(self, key: object, device: BlockDevice) -> None:

@@ -119,6 +119,8 @@ class Mapper:
             self.restore()
 
     def _register_schemes(self) -> None:
+        from ..block import rbd_image
+        rbd_image.register(self.backing)   # librbd itself is imported by the first rbd: open
         try:
             from ..nbd import client as nbd_client
         except ImportError:
@@ -192,7 +194,7 @@ class Mapper:
         md = self._mapped_ref(ref)
         if md is not None:
             return md.open(write=write, holder=holder), "{}:{}".format(*md.devno)
-        if ":" in ref and "/" not in ref:
+        if ":" in ref and "/" not in ref and not self.backing.is_scheme(ref):
             major, _, minor = ref.partition(":")
             if not (major.isdigit() and minor.isdigit()):
                 raise DMError(errno.EINVAL, f"{quoted(ref)} is not MAJOR:MINOR, an absolute path or a URL")
