@@ -109,6 +109,9 @@ LSEEK_OUT = struct.Struct("<Q")
 DIRENT = struct.Struct("<QQII")             # ino, off, namelen, type (+ name, padded to 8)
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")
 
+#: a whole READ or WRITE request's header and arguments, for the server's hot path
+READ_REQUEST = struct.Struct(IN_HEADER.format + READ_IN.format[1:])
+WRITE_REQUEST = READ_REQUEST
 #: a READ reply: the out header, then the data read into the buffer right after it
 READ_REPLY_HEADER = OUT_HEADER
 #: where WRITE's payload starts in its request

@@ -137,12 +137,14 @@ class Session:
         reply_view = memoryview(bytearray(REPLY_BUFFER))
         ep = select.epoll()
         ended = False
-        handle = self.ops.handle
+        serve = self.ops.serve
         try:
             ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
             ep.register(wake, select.EPOLLIN)
             while True:
                 with self._lock:
+                    if self._waiting >= MAX_IDLE:
+                        return
                     self._waiting += 1
                 try:
                     while True:
@@ -170,19 +172,15 @@ class Session:
                 if spawn:   # nobody is left waiting for the next request
                     self._spawn()
                 try:
-                    req = P.decode(req_view[:n])
+                    opcode, out = serve(req_view[:n], reply_view)
                 except P.ProtocolError as exc:
                     log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
                     continue
-                out = handle(req, reply_view)
                 if out is not None:
                     self._send(fd, out)
-                if req.opcode == P.DESTROY:
+                if opcode == P.DESTROY:
                     ended = True
                     return
-                with self._lock:
-                    if self._waiting >= MAX_IDLE:
-                        return
         except Exception:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
         finally:
