@@ -35,7 +35,7 @@ from collections.abc import Callable
 from ...errors import DMError
 from . import protocol as P
 from .ops import REPLY_BUFFER, REQUEST_BUFFER, DeviceOperations
-from .unmount import lazy_unmount
+from .unmount import is_fuse_mount, lazy_unmount
 
 log = logging.getLogger("userdm.fuse")
 
@@ -139,7 +139,10 @@ class Session:
         ended = False
         serve = self.ops.serve
         try:
-            ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
+            try:
+                ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
+            except PermissionError:    # severed before this thread started: fd is /dev/null
+                return
             ep.register(wake, select.EPOLLIN)
             while True:
                 with self._lock:
@@ -232,15 +235,16 @@ class Session:
         """Stop serving and sever the connection now (requests held by suspended devices fail
         for their callers), detach the mount lazily. Idempotent; never waits for a request."""
         with self._lock:
-            if self._fd < 0 or self._destroyed:
-                return
+            ended = self._fd < 0 or self._destroyed
             self._stopping = True
-        self._wake_all()
-        self._sever()
-        try:
-            lazy_unmount(self.mountpoint)
-        except DMError as exc:
-            log.debug("%s", exc)   # already unmounted
+        if not ended:
+            self._wake_all()
+            self._sever()
+        if not ended or is_fuse_mount(self.mountpoint):   # ended by `umount -f`: the mount stays
+            try:
+                lazy_unmount(self.mountpoint)
+            except DMError as exc:
+                log.debug("%s", exc)   # already unmounted
         for t in list(self.threads):
             if t is not threading.current_thread():
                 t.join(0.05 if t.is_alive() else None)   # idle threads leave at once
