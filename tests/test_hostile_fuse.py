@@ -14,7 +14,6 @@ import textwrap
 import pytest
 
 from conftest import wait_until
-from userdm import Mapper
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.hostile]
 
@@ -23,25 +22,9 @@ if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
 
 from userdm.export.fuse import FuseExport  # noqa: E402
 from userdm.export.fuse.unmount import fuse_mounts  # noqa: E402
+from test_fuse_io import served  # noqa: E402,F401  (mapper, export, backing): device `dev`, 4 MiB
 
 MiB = 1 << 20
-
-
-@pytest.fixture
-def served(tmp_path):
-    backing = tmp_path / "disk.img"
-    with open(backing, "wb") as f:
-        f.truncate(4 * MiB)
-    m = Mapper()
-    m.create("dev", f"0 {4 * MiB // 512} linear {backing} 0")
-    export = FuseExport(m, tmp_path / "mapper")
-    export.start()
-    try:
-        yield m, export
-    finally:
-        export.stop()
-        m.close()
-    assert export.mountpoint not in fuse_mounts()
 
 
 def child(code: str) -> subprocess.Popen[str]:
@@ -51,7 +34,7 @@ def child(code: str) -> subprocess.Popen[str]:
 
 
 def test_requests_the_server_does_not_know_fail_and_the_mount_serves_on(served):
-    m, export = served
+    m, export, _ = served
     mnt = export.mountpoint
     for call, err in ((lambda: os.mkdir(os.path.join(mnt, "d")), errno.ENOSYS),
                       (lambda: os.symlink("dev", os.path.join(mnt, "l")), errno.ENOSYS),
@@ -75,7 +58,7 @@ def test_requests_the_server_does_not_know_fail_and_the_mount_serves_on(served):
 def test_an_interrupted_request_completes_when_its_device_resumes(served):
     """A signal to a reader held by a suspended device makes the kernel send INTERRUPT; the
     server finishes the read after resume and the reader gets its data."""
-    m, export = served
+    m, export, _ = served
     path = os.path.join(export.mountpoint, "dev")
     with open(path, "r+b") as f:
         f.write(b"interrupted")
@@ -107,7 +90,7 @@ def test_an_interrupted_request_completes_when_its_device_resumes(served):
 def test_forced_unmount_from_outside_mid_io(served):
     """`umount -f` aborts the connection while a process writes and reads in a loop: its I/O
     fails (it does not hang), the export notices and closes the opens, the mapper carries on."""
-    m, export = served
+    m, export, _ = served
     path = os.path.join(export.mountpoint, "dev")
     writer = child(f"""
         import os
