@@ -185,8 +185,10 @@ def summarize_profile(raw: str, top: int = 30) -> str:
             for fr in set(frames):
                 cumulative[fr] = cumulative.get(fr, 0) + n
     rows = sorted(cumulative.items(), key=lambda kv: -kv[1])[:top]
-    return "\n".join(f"total {100 * c / total:5.1f}%  self {100 * own.get(name, 0) / total:5.1f}%  {name}"
-                     for name, c in rows)
+    total = max(total, 1)
+    lines = [f"total {100 * c / total:5.1f}%  self {100 * own.get(name, 0) / total:5.1f}%  {name}"
+             for name, c in rows]
+    return f"{total} samples\n" + "\n".join(lines)
 
 
 def main() -> int:
@@ -246,7 +248,8 @@ def main() -> int:
         for job in jobs:
             raw = f"{args.profile}.{job}.raw"
             if os.path.exists(raw):
-                print(f"\nprofile of the serving process during {job} (innermost frames, share of samples):")
+                print(f"\nprofile of the serving process during {job}: samples of the thread holding the GIL "
+                      f"(200/s over {args.runtime + 2}s at most; fewer: the GIL was free)")
                 print(summarize_profile(raw))
     return 0
 
