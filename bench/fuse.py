@@ -160,7 +160,11 @@ def measure(job: str, target: str, tmp: str, runtime: int, mib: int) -> float:
 
 def profiled(pid: int, out: str, runtime: int, what: Callable[[], None]) -> None:
     """Run `what` while py-spy samples the serving process `pid` (the thread holding the GIL)."""
-    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=os.path.dirname(sys.executable))
+    if spy is None:
+        print("py-spy not found (pip install py-spy): no profile", file=sys.stderr)
+        what()
+        return
     rec = subprocess.Popen([spy, "record", "-p", str(pid), "-o", out, "-f", "raw", "-d", str(runtime + 2),
                             "-r", "200", "--gil"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

@@ -12,7 +12,7 @@ header and a WRITE's data is a view of the request buffer: no copies besides the
 
 - a thread that takes a request while no other thread waits for the next one starts another
   (up to MAX_THREADS), so requests that block (I/O to a suspended device) never stop the rest;
-  threads beyond MAX_IDLE idle ones end;
+  a thread idle for IDLE_EXIT seconds ends while more than MAX_IDLE others wait;
 - the mount unmounted from outside: reads fail with ENODEV, the threads end and `on_end` runs;
 - `stop()` wakes the waiting threads (a pipe), severs the connection without waiting for
   requests held by suspended devices (every device fd is replaced by /dev/null: the kernel
@@ -41,7 +41,8 @@ log = logging.getLogger("userdm.fuse")
 
 MIN_THREADS = 2      # waiting at start: a loop device's 1 MiB request comes as two FUSE requests
 MAX_THREADS = 64     # requests served (or blocked in suspended devices) at once
-MAX_IDLE = 8         # idle threads kept
+MAX_IDLE = 8         # idle threads kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
+IDLE_EXIT = 10.0
 
 FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
 MS_NOSUID, MS_NODEV = 0x2, 0x4
@@ -146,8 +147,6 @@ class Session:
             ep.register(wake, select.EPOLLIN)
             while True:
                 with self._lock:
-                    if self._waiting >= MAX_IDLE:
-                        return
                     self._waiting += 1
                 try:
                     while True:
@@ -166,8 +165,13 @@ class Session:
                                 ended = True
                                 return
                             raise
-                        if any(f == wake for f, _ in ep.poll()):
+                        events = ep.poll(IDLE_EXIT)
+                        if any(f == wake for f, _ in events):
                             return
+                        if not events:
+                            with self._lock:
+                                if self._waiting > MAX_IDLE:   # long idle, and enough others wait
+                                    return
                 finally:
                     with self._lock:
                         self._waiting -= 1
