@@ -6,7 +6,7 @@ Both paths use the same backing file, in one run:
     userdm:   fio/dd -> /dev/loopB (direct-io) -> FUSE file -> userdm's FUSE server -> Mapper
               (linear) -> file
     baseline: the same with the FuseExport of another source tree (`--baseline-src`), e.g. the
-              libfuse export of an older commit, for before/after figures of one run
+              libfuse export of an older commit (with mfusepy installed), for before/after figures
 
 Jobs (the goals of issue 20 in brackets):
     4k-randread-qd16, 4k-randwrite-qd16 (>= 0.5x), 4k-randread-qd1 (>= 0.6x): fio libaio, direct
