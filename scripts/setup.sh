@@ -2,15 +2,15 @@
 # Installs everything userdm and its tests need on a fresh Debian 12 machine (run as root):
 # the third-party tools the interop tests drive, and a venv in .venv with userdm installed.
 # The venv is made from Debian's python3 with system site-packages, so that Debian's
-# python3-libnbd is importable next to userdm. The FUSE export uses libfuse3 (fuse3) through
-# mfusepy from PyPI (a dependency in pyproject.toml).
+# python3-libnbd is importable next to userdm. The FUSE export speaks the kernel's protocol
+# itself; fuse3 provides fusermount3 (lazy unmounts, tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PACKAGES=(
   python3 python3-venv python3-dev python3-libnbd
   nbdkit libnbd-bin qemu-utils fio
-  fuse3 libfuse3-dev pkg-config
+  fuse3
   e2fsprogs util-linux fdisk cryptsetup-bin   # cryptsetup: luksFormat/reencrypt oracles for crypt and LUKS
   thin-provisioning-tools                     # thin_check/thin_dump/thin_restore check thin's metadata
   dmsetup   # its report engine (splitname, help) is the oracle for userdm's; it needs no kernel dm for those

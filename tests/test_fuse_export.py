@@ -38,9 +38,9 @@ def missing_requirements(tools: tuple[str, ...] = TOOLS, nodes: tuple[str, ...] 
         if not os.path.exists(node):
             return f"needs {node}"
     try:
-        import userdm.export.fuse.libfuse  # noqa: F401  (mfusepy + libfuse3)
+        import userdm.export.fuse.server  # noqa: F401
     except (ImportError, OSError) as exc:
-        return f"needs mfusepy and libfuse3: {exc}"
+        return f"cannot load the FUSE server: {exc}"
     for tool in tools:
         if shutil.which(tool) is None:
             return f"needs {tool}"

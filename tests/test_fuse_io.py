@@ -21,10 +21,10 @@ if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 try:
     from userdm.export.fuse import FuseExport
-    from userdm.export.fuse.libfuse import MIN_THREADS
+    from userdm.export.fuse.server import MIN_THREADS
     from userdm.export.fuse.unmount import fuse_mounts
 except (ImportError, OSError) as _exc:
-    pytest.skip(f"needs mfusepy and libfuse3: {_exc}", allow_module_level=True)
+    pytest.skip(f"cannot load the FUSE server: {_exc}", allow_module_level=True)
 
 MiB = 1 << 20
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10

@@ -344,7 +344,6 @@ def test_cli_no_open_and_max_opens_over_nbd(daemon, images):
 def test_fuse_opens_obey_no_open_and_max_opens(tmp_path, images):
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         pytest.skip("needs root and /dev/fuse")
-    pytest.importorskip("mfusepy")
     from userdm.export.fuse import FuseExport
     (img,) = images()
     mnt = tmp_path / "mapper"

@@ -12,8 +12,8 @@ write opens fail with EACCES. Put a filesystem on a device with `losetup` on its
     ...
     export.stop()       # unmounted (lazily if a loop device still holds a file)
 
-Needs mfusepy (PyPI; ctypes declarations of libfuse3's API) and libfuse3 with fusermount3
-(Debian: fuse3).
+Speaks the kernel's FUSE protocol itself (`protocol.py`, `server.py`): needs /dev/fuse and
+root (it mounts with mount(2)); fusermount3 or umount for lazy unmounts.
 """
 
 from .unmount import cleanup_stale
@@ -22,8 +22,7 @@ __all__ = ["FuseExport", "cleanup_stale"]
 
 
 def __getattr__(name: str) -> object:
-    # mfusepy (and libfuse) are loaded on first use, so that `cleanup_stale` works (and the
-    # daemon starts with --no-fuse) on machines without them.
+    # loaded on first use: `cleanup_stale` needs none of the server
     if name == "FuseExport":
         from .export import FuseExport
         return FuseExport

@@ -6,11 +6,10 @@ mount lazily, so it works while loop devices are still attached to the files (th
 from then on, as after a daemon crash) and while requests wait on suspended devices (their
 callers get an error), and it closes every device open that the files held.
 
-The binding is libfuse3's high-level API through mfusepy's ctypes declarations, served by
-threads of our own (`libfuse.Session`): measured on this machine kind with `bench/fuse.py`
-against pyfuse3 (one trio thread that receives, dispatches to worker threads and replies),
-it moves about twice the data per second through a loop device (see bench/fuse.py).
-Several exports may run in one process.
+The kernel's FUSE protocol is spoken directly (`protocol.py`, sans-IO), by threads of our
+own on clones of the /dev/fuse fd (`server.Session`); `ops.DeviceOperations` answers the
+requests from `files.DeviceFiles`. No libfuse is involved. Several exports may run in one
+process.
 
 A process that serves an export and also opens its files must not start subprocesses with
 `close_fds=True` while such a file is open: Python 3.11 forks with vfork and keeps the GIL
@@ -29,8 +28,8 @@ from typing import Any
 from ...errors import DMError
 from ..source import ExportSource
 from .files import DeviceFiles
-from .libfuse import Session
-from .ops import LIB_OPTIONS, DeviceOperations
+from .ops import DeviceOperations
+from .server import Session
 from .unmount import cleanup_stale, is_fuse_mount
 
 log = logging.getLogger("userdm.fuse")
@@ -61,10 +60,7 @@ class FuseExport:
             if is_fuse_mount(self.mountpoint):
                 raise DMError(errno.EBUSY, f"{self.mountpoint} is already a FUSE mount in use "
                               "(is another userdm daemon running?)")
-            options = ["default_permissions", "fsname=userdm", "subtype=userdm", *LIB_OPTIONS]
-            if self.allow_other:
-                options.append("allow_other")
-            session = Session(self._ops.struct, self.mountpoint, options, on_end=self._ended)
+            session = Session(self._ops, self.mountpoint, allow_other=self.allow_other, on_end=self._ended)
             session.mount()
             self._session = session
             self.mapper.subscribe(self._on_event)
@@ -115,5 +111,6 @@ class FuseExport:
         if record.get("event") != "resume" or not record.get("resized"):
             return
         session = self._session
-        if session is not None and record.get("name"):
-            session.invalidate("/" + record["name"])
+        ino = self.files.inode_of(record["name"]) if record.get("name") else None
+        if session is not None and ino is not None:
+            session.invalidate(ino)

@@ -1,192 +1,228 @@
-"""libfuse high-level callbacks for the mount directory: a thin ctypes shell around `DeviceFiles`.
+"""The answers of the mount directory to FUSE requests: decoded requests in, reply bytes out.
 
-Every callback runs on one of the session's serving threads (`libfuse.Session`), so it may
-block: I/O to a suspended device waits in its thread while other threads serve the rest of
-the mount. `DMError`s become negative errnos. Reads go straight into libfuse's reply buffer
-and writes are taken straight from its request buffer (memoryviews over the C memory): the
-only copies are the kernel's and the device's own.
+`DeviceOperations.handle` maps each `protocol.Request` onto `DeviceFiles` and returns what the
+server writes back (or None when the kernel expects no reply). It never touches /dev/fuse, so
+it is driven by the server's threads and by tests alike. A READ is served into the caller's
+reply buffer (the data right after the 16-byte header: one write of the buffer answers it);
+a WRITE takes its data as a memoryview of the request buffer. `DMError`/`OSError` become the
+reply's errno; anything else is logged and answered with EIO.
 
-Every open uses `direct_io`: the kernel keeps no page cache for the files, so a table reload
-is visible to the next read and loop devices see exactly what the device holds. Attribute
-and entry timeouts are zero, so sizes and removals show at once. `nullpath_ok` spares libfuse
-building a path for I/O on open files.
+Every open uses `direct_io` (with parallel direct writes): the kernel keeps no page cache for
+the files, so a table reload is visible to the next read and loop devices see exactly what the
+device holds. Entry and attribute timeouts are zero, so sizes and removals show at once.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import functools
 import logging
 import os
+import stat
 from collections.abc import Callable
-from typing import Any
-
-import mfusepy
 
 from ...errors import DMError
-from .files import Attr, DeviceFiles
+from . import protocol as P
+from .files import ROOT_INODE, Attr, DeviceFiles
 
 log = logging.getLogger("userdm.fuse")
-
-#: libfuse options that go with these callbacks (parsed by fuse_new)
-LIB_OPTIONS = ["entry_timeout=0", "negative_timeout=0", "attr_timeout=0"]
 
 FALLOC_FL_KEEP_SIZE = 0x01
 FALLOC_FL_PUNCH_HOLE = 0x02
 FALLOC_FL_ZERO_RANGE = 0x10
 
-_PyBUF_READ, _PyBUF_WRITE = 0x100, 0x200
-_memory = ctypes.pythonapi.PyMemoryView_FromMemory
-_memory.restype, _memory.argtypes = ctypes.py_object, (ctypes.c_void_p, ctypes.c_ssize_t, ctypes.c_int)
+#: the largest READ/WRITE the kernel is allowed to send (max_pages of 4 KiB pages)
+MAX_PAGES = 256
+MAX_WRITE = MAX_PAGES * 4096
+#: the request buffer: the largest WRITE with its headers (and room for extensions)
+REQUEST_BUFFER = MAX_WRITE + 4096
+#: the reply buffer: the largest READ after its out header
+REPLY_BUFFER = P.OUT_HEADER_SIZE + MAX_WRITE
 
-_fi_p = ctypes.POINTER(mfusepy.fuse_file_info)
-#: read/write with the buffer as a plain address (ABI-identical to mfusepy's `char *`)
-_IO = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int64, _fi_p)
-
-
-def _errno_of(name: str, exc: BaseException) -> int:
-    if isinstance(exc, (DMError, OSError)) and exc.errno:
-        return exc.errno
-    log.error("FUSE %s failed", name, exc_info=exc)
-    return errno.EIO
-
-
-def _guard(name: str, fn: Callable[..., int]) -> Callable[..., int]:
-    """A callback that turns exceptions into -errno (ctypes would print and return 0)."""
-    @functools.wraps(fn)
-    def call(*args: Any) -> int:
-        try:
-            return fn(*args)
-        except BaseException as exc:  # noqa: BLE001 - nothing may escape into C
-            return -_errno_of(name, exc)
-    return call
+#: what we take of what the kernel offers at INIT (not ASYNC_READ: it is for readahead, which
+#: direct_io files do not do; it measured slower for loop devices); ATOMIC_O_TRUNC: O_TRUNC comes with OPEN,
+#: which ignores it as a block device does (else the kernel would send a SETATTR of size 0)
+WANT = P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.ASYNC_DIO | P.MAX_PAGES | P.PARALLEL_DIROPS
+MAX_BACKGROUND = 128         # async direct I/O in flight (loop devices queue up to 128 requests)
+CONGESTION_THRESHOLD = 96
 
 
-def _fill_stat(st: Any, attr: Attr) -> None:
-    st.st_ino = attr.ino
-    st.st_mode = attr.mode
-    st.st_nlink = attr.nlink
-    st.st_uid = attr.uid
-    st.st_gid = attr.gid
-    st.st_size = attr.size
-    st.st_blksize = 4096
-    st.st_blocks = attr.blocks
-    sec, nsec = divmod(attr.time_ns, 1_000_000_000)
-    for ts in (st.st_atimespec, st.st_mtimespec, st.st_ctimespec):
-        ts.tv_sec, ts.tv_nsec = sec, nsec
+def attr_fields(a: Attr) -> P.AttrFields:
+    return P.AttrFields(a.ino, a.size, a.blocks, a.time_ns, a.mode, a.nlink, a.uid, a.gid)
 
 
 class DeviceOperations:
-    """The callbacks of the mount directory, as a filled `mfusepy.fuse_operations`
-    (`struct`; the callback objects are kept alive by this object)."""
+    """The mount directory's FUSE requests answered from `files`."""
 
     def __init__(self, files: DeviceFiles) -> None:
         self.files = files
-        self.struct = mfusepy.fuse_operations()
-        self._keep: list[Any] = []
-        fields = dict((f[0], f[1]) for f in mfusepy.fuse_operations._fields_)
-        for name in ("getattr", "readdir", "open", "read", "write", "flush", "release", "fsync",
-                     "truncate", "chmod", "chown", "utimens", "statfs", "init", "fallocate", "lseek"):
-            fn = _guard(name, getattr(self, "_" + name))
-            if name in ("read", "write"):
-                cb = _IO(fn)
-                self._keep.append(cb)
-                cb = ctypes.cast(cb, fields[name])
-            elif name == "init":   # returns the session's private data pointer, not an errno
-                cb = fields[name](self._init)
-            else:
-                cb = fields[name](fn)
-            self._keep.append(cb)
-            setattr(self.struct, name, cb)
+        self.interrupts = 0          # INTERRUPTs received (answered by finishing the request)
+        self.destroyed = False
+        self._ops: dict[int, Callable[[P.Request], bytes | None]] = {
+            P.INIT: self._init, P.LOOKUP: self._lookup, P.GETATTR: self._getattr,
+            P.SETATTR: self._setattr, P.OPEN: self._open, P.WRITE: self._write,
+            P.STATFS: self._statfs, P.RELEASE: self._release, P.FSYNC: self._fsync,
+            P.FLUSH: self._ok, P.OPENDIR: self._opendir, P.READDIR: self._readdir,
+            P.READDIRPLUS: self._readdirplus, P.RELEASEDIR: self._ok, P.FSYNCDIR: self._ok,
+            P.FALLOCATE: self._fallocate, P.LSEEK: self._lseek, P.DESTROY: self._destroy,
+            P.FORGET: self._forget, P.BATCH_FORGET: self._forget, P.INTERRUPT: self._interrupt,
+        }
 
-    # ---- helpers -----------------------------------------------------------------------
+    def serve(self, message: memoryview, reply_buf: memoryview) -> tuple[int, bytes | memoryview | None]:
+        """(opcode, reply) for one message read from the device (see `handle`). READ and WRITE
+        take a short cut past `decode`: one unpack of header and arguments, no objects built.
+        Raises `protocol.ProtocolError` for a malformed message."""
+        n = len(message)
+        if n >= P.READ_REQUEST.size:
+            length, opcode, unique, _, _, _, _, extlen, _, fh, offset, size, _, _, _, _ = \
+                P.READ_REQUEST.unpack_from(message)
+            if length == n and not extlen:
+                try:
+                    if opcode == P.READ:
+                        size = min(size, len(reply_buf) - P.OUT_HEADER_SIZE)
+                        got = self.files.readinto(fh, offset, reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size])
+                        P.pack_read_header(reply_buf, unique, got)
+                        return opcode, reply_buf[:P.OUT_HEADER_SIZE + got]
+                    if opcode == P.WRITE and n - P.WRITE_DATA_OFFSET == size:
+                        done = self.files.write(fh, offset, message[P.WRITE_DATA_OFFSET:])
+                        return opcode, P.reply(unique, P.write_out(done))
+                except (DMError, OSError) as exc:
+                    return opcode, P.reply_error(unique, exc.errno or errno.EIO)
+                except Exception:  # noqa: BLE001 - one bad request must not end the serving thread
+                    log.exception("FUSE %s failed", P.OPCODE_NAMES[opcode])
+                    return opcode, P.reply_error(unique, errno.EIO)
+        req = P.decode(message)
+        return req.opcode, self.handle(req, reply_buf)
 
-    def _attr_of(self, path: bytes | None, fi: Any) -> Attr:
-        if fi:
-            return self.files.getattr(self.files.inode_of_handle(fi.contents.fh))
-        if path in (b"/", None):
-            return self.files.root_attr()
-        return self.files.lookup(os.fsdecode(path[1:]))
+    def handle(self, req: P.Request, reply_buf: memoryview) -> bytes | memoryview | None:
+        """The reply to `req` (None: none is due). A READ's reply is a view of `reply_buf`."""
+        try:
+            if req.opcode == P.READ:
+                return self._read(req, reply_buf)
+            op = self._ops.get(req.opcode)
+            if op is None or req.args is None:
+                return P.reply_error(req.unique, errno.ENOSYS)
+            return op(req)
+        except (DMError, OSError) as exc:
+            if req.opcode in P.NO_REPLY:
+                return None
+            return P.reply_error(req.unique, exc.errno or errno.EIO)
+        except Exception:  # noqa: BLE001 - one bad request must not end the serving thread
+            log.exception("FUSE %s failed", req.name)
+            return None if req.opcode in P.NO_REPLY else P.reply_error(req.unique, errno.EIO)
+
+    # ---- session -----------------------------------------------------------------------
+
+    def _init(self, req: P.Request) -> bytes:
+        init: P.InitIn = req.args
+        if init.major != P.KERNEL_VERSION:
+            # a newer major: answer with ours and let the kernel send INIT again (or give up)
+            return P.reply(req.unique, P.INIT_OUT.pack(P.KERNEL_VERSION, P.MINOR_VERSION,
+                                                       *([0] * 9)))
+        return P.reply(req.unique, P.init_out(init, want=WANT, max_write=MAX_WRITE, max_pages=MAX_PAGES,
+                                              max_background=MAX_BACKGROUND,
+                                              congestion_threshold=CONGESTION_THRESHOLD))
+
+    def _destroy(self, req: P.Request) -> bytes:
+        self.destroyed = True
+        return P.reply(req.unique)
+
+    def _forget(self, req: P.Request) -> None:
+        return None   # inodes live as long as their devices (DeviceFiles); no lookup counts kept
+
+    def _interrupt(self, req: P.Request) -> None:
+        # Device I/O cannot be abandoned halfway: the interrupted request completes (or waits
+        # for its suspended device) and is answered then, which the protocol allows.
+        self.interrupts += 1
+        return None
+
+    @staticmethod
+    def _ok(req: P.Request) -> bytes:
+        return P.reply(req.unique)
 
     # ---- directory ---------------------------------------------------------------------
 
-    def _init(self, conn: Any, cfg: Any) -> None:
-        try:
-            if cfg:
-                cfg.contents.use_ino = 1        # stat shows the inode numbers of DeviceFiles
-                cfg.contents.nullpath_ok = 1
-        except Exception:  # noqa: BLE001
-            log.exception("FUSE init failed")
-        return None
+    def _attr(self, nodeid: int) -> Attr:
+        return self.files.getattr(nodeid)
 
-    def _getattr(self, path: bytes | None, st: Any, fi: Any) -> int:
-        _fill_stat(st.contents, self._attr_of(path, fi))
-        return 0
+    def _lookup(self, req: P.Request) -> bytes:
+        if req.nodeid != ROOT_INODE:
+            raise DMError(errno.ENOTDIR, f"inode {req.nodeid} is not the mount directory")
+        name = os.fsdecode(req.args.name)
+        if name in (".", ".."):
+            attr = self.files.root_attr()
+        else:
+            attr = self.files.lookup(name)
+        return P.reply(req.unique, P.entry_out(attr_fields(attr)))
 
-    def _readdir(self, path: bytes | None, buf: int, filler: Any, offset: int, fi: Any, flags: int) -> int:
-        if path not in (b"/", None):
-            return -errno.ENOTDIR
-        for name in (".", ".."):
-            filler(buf, name.encode(), None, 0, 0)
-        for name, _attr in self.files.listdir():
-            if filler(buf, os.fsencode(name), None, 0, 0):
-                break
-        return 0
+    def _getattr(self, req: P.Request) -> bytes:
+        args: P.GetattrIn = req.args
+        ino = self.files.inode_of_handle(args.fh) if args.flags & P.GETATTR_FH else req.nodeid
+        return P.reply(req.unique, P.attr_out(attr_fields(self._attr(ino))))
 
-    def _statfs(self, path: bytes | None, stv: Any) -> int:
-        s = stv.contents
-        s.f_bsize = s.f_frsize = 4096
-        s.f_namemax = 127  # a dm name has at most 127 characters
-        return 0
+    def _setattr(self, req: P.Request) -> bytes:
+        args: P.SetattrIn = req.args
+        ino = self.files.inode_of_handle(args.fh) if args.valid & P.FATTR_FH else req.nodeid
+        attr = self._attr(ino)     # ENOENT for a name that went away
+        if args.valid & (P.FATTR_MODE | P.FATTR_UID | P.FATTR_GID):
+            raise DMError(errno.EPERM, "the mode and owner of a device file are fixed")
+        if args.valid & P.FATTR_SIZE:
+            self.files.check_size_change(ino, args.size)
+        # times are not kept: touch succeeds and changes nothing
+        return P.reply(req.unique, P.attr_out(attr_fields(attr)))
 
-    def _chmod(self, path: bytes | None, mode: int, fi: Any) -> int:
-        return -errno.EPERM
+    def _statfs(self, req: P.Request) -> bytes:
+        return P.reply(req.unique, P.statfs_out(bsize=4096, namelen=127))   # dm names: 127 characters
 
-    def _chown(self, path: bytes | None, uid: int, gid: int, fi: Any) -> int:
-        return -errno.EPERM
+    def _opendir(self, req: P.Request) -> bytes:
+        if req.nodeid != ROOT_INODE:
+            raise DMError(errno.ENOTDIR, f"inode {req.nodeid} is not a directory")
+        return P.reply(req.unique, P.open_out(0, 0))
 
-    def _utimens(self, path: bytes | None, times: Any, fi: Any) -> int:
-        self._attr_of(path, fi)   # ENOENT for a name that went away
-        return 0                  # times are not kept: touch succeeds and changes nothing
+    def _entries(self) -> list[tuple[bytes, Attr | None]]:
+        return [(b".", None), (b"..", None)] + [(os.fsencode(n), a) for n, a in self.files.listdir()]
 
-    def _truncate(self, path: bytes | None, size: int, fi: Any) -> int:
-        self.files.check_size_change(self._attr_of(path, fi).ino, size)
-        return 0
+    def _readdir(self, req: P.Request) -> bytes:
+        args: P.ReadIn = req.args
+        entries = [(name, a.ino if a else ROOT_INODE, (stat.S_IFREG if a else stat.S_IFDIR) >> 12)
+                   for name, a in self._entries()]
+        return P.reply(req.unique, P.dirents(entries, args.offset, args.size))
+
+    def _readdirplus(self, req: P.Request) -> bytes:
+        args: P.ReadIn = req.args
+        entries = [(name, attr_fields(a) if a else None, (stat.S_IFREG if a else stat.S_IFDIR) >> 12)
+                   for name, a in self._entries()]
+        return P.reply(req.unique, P.direntplus(entries, args.offset, args.size))
 
     # ---- files -------------------------------------------------------------------------
 
-    def _open(self, path: bytes | None, fi: Any) -> int:
-        info = fi.contents
-        if path in (b"/", None):
-            return -errno.EISDIR
-        ino = self.files.lookup(os.fsdecode(path[1:])).ino
-        info.fh = self.files.open(ino, (info.flags & os.O_ACCMODE) != os.O_RDONLY)
-        info.direct_io = 1
-        info.keep_cache = 0
-        return 0
+    def _open(self, req: P.Request) -> bytes:
+        if req.nodeid == ROOT_INODE:
+            raise DMError(errno.EISDIR, "the mount directory is not a device")
+        fh = self.files.open(req.nodeid, (req.args.flags & os.O_ACCMODE) != os.O_RDONLY)
+        return P.reply(req.unique, P.open_out(fh, P.FOPEN_DIRECT_IO | P.FOPEN_PARALLEL_DIRECT_WRITES))
 
-    def _read(self, path: bytes | None, buf: int, size: int, offset: int, fi: Any) -> int:
-        return self.files.readinto(fi.contents.fh, offset, _memory(buf, size, _PyBUF_WRITE))
+    def _read(self, req: P.Request, reply_buf: memoryview) -> memoryview:
+        args: P.ReadIn = req.args
+        size = min(args.size, len(reply_buf) - P.OUT_HEADER_SIZE)
+        n = self.files.readinto(args.fh, args.offset, reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size])
+        P.pack_read_header(reply_buf, req.unique, n)
+        return reply_buf[:P.OUT_HEADER_SIZE + n]
 
-    def _write(self, path: bytes | None, buf: int, size: int, offset: int, fi: Any) -> int:
-        return self.files.write(fi.contents.fh, offset, _memory(buf, size, _PyBUF_READ))
+    def _write(self, req: P.Request) -> bytes:
+        args: P.WriteIn = req.args
+        return P.reply(req.unique, P.write_out(self.files.write(args.fh, args.offset, args.data)))
 
-    def _flush(self, path: bytes | None, fi: Any) -> int:
-        return 0  # close(2) is not a flush of a block device; fsync is
+    def _fsync(self, req: P.Request) -> bytes:
+        self.files.fsync(req.args.fh)
+        return P.reply(req.unique)
 
-    def _fsync(self, path: bytes | None, datasync: int, fi: Any) -> int:
-        self.files.fsync(fi.contents.fh)
-        return 0
+    def _release(self, req: P.Request) -> bytes:
+        self.files.release(req.args.fh)   # a no-op after release_all
+        return P.reply(req.unique)
 
-    def _release(self, path: bytes | None, fi: Any) -> int:
-        self.files.release(fi.contents.fh)   # a no-op after release_all
-        return 0
-
-    def _fallocate(self, path: bytes | None, mode: int, offset: int, length: int, fi: Any) -> int:
-        if not fi:
-            return -errno.EBADF
-        fh = fi.contents.fh
+    def _fallocate(self, req: P.Request) -> bytes:
+        args: P.FallocateIn = req.args
+        fh, mode, offset, length = args.fh, args.mode, args.offset, args.length
         if mode == FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE:
             self.files.zero(fh, offset, length, may_unmap=True)
         elif mode & ~FALLOC_FL_KEEP_SIZE == FALLOC_FL_ZERO_RANGE:
@@ -194,12 +230,12 @@ class DeviceOperations:
         elif mode & ~FALLOC_FL_KEEP_SIZE == 0:
             # allocation: every byte of a device exists already; past the end it cannot grow
             if offset + length > self.files.getattr(self.files.inode_of_handle(fh)).size:
-                return -errno.EFBIG
+                raise DMError(errno.EFBIG, f"fallocate up to byte {offset + length} is past the end "
+                              "of the device")
         else:
-            return -errno.EOPNOTSUPP
-        return 0
+            raise DMError(errno.EOPNOTSUPP, f"fallocate mode {mode:#x} is not supported")
+        return P.reply(req.unique)
 
-    def _lseek(self, path: bytes | None, offset: int, whence: int, fi: Any) -> int:
-        if not fi:
-            return -errno.EBADF
-        return self.files.seek(fi.contents.fh, offset, whence)
+    def _lseek(self, req: P.Request) -> bytes:
+        args: P.LseekIn = req.args
+        return P.reply(req.unique, P.lseek_out(self.files.seek(args.fh, args.offset, args.whence)))

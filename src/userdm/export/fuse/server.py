@@ -1,0 +1,293 @@
+"""A thin FUSE server: /dev/fuse, mount(2), and threads that move messages to `DeviceOperations`.
+
+`Session.mount()` opens /dev/fuse and mounts it with the mount system call, as fusermount does
+for root (`fd=N,rootmode=40000,user_id=...,group_id=...`); no libfuse is involved. Each
+serving thread has its own clone of the device fd (FUSE_DEV_IOC_CLONE: the kernel answers a
+request only on the fd it was read from, so a thread held by a suspended device holds only
+its own request), its own preallocated request and reply buffers, and loops: read one
+request (nonblocking; when none is queued, wait in epoll with EPOLLEXCLUSIVE, so a request
+wakes one thread), `protocol.decode` it, let `ops.handle` answer it, write the reply in one
+`os.write`. A READ's data is read by the device straight into the reply buffer behind the
+header and a WRITE's data is a view of the request buffer: no copies besides the kernel's.
+
+- a thread that takes a request while no other thread waits for the next one starts another
+  (up to MAX_THREADS), so requests that block (I/O to a suspended device) never stop the rest;
+  a thread idle for IDLE_EXIT seconds ends while more than MAX_IDLE others wait;
+- the mount unmounted from outside: reads fail with ENODEV, the threads end and `on_end` runs;
+- `stop()` wakes the waiting threads (a pipe), severs the connection without waiting for
+  requests held by suspended devices (every device fd is replaced by /dev/null: the kernel
+  aborts the connection when its last one goes, failing what is pending; late replies go
+  nowhere), and detaches the mount lazily.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import os
+import select
+import struct
+import threading
+from collections.abc import Callable
+
+from ...errors import DMError
+from . import protocol as P
+from .ops import REPLY_BUFFER, REQUEST_BUFFER, DeviceOperations
+from .unmount import is_fuse_mount, lazy_unmount
+
+log = logging.getLogger("userdm.fuse")
+
+MIN_THREADS = 2      # waiting at start: a loop device's 1 MiB request comes as two FUSE requests
+MAX_THREADS = 64     # requests served (or blocked in suspended devices) at once
+MAX_IDLE = 8         # idle threads kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
+IDLE_EXIT = 10.0
+
+FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
+MS_NOSUID, MS_NODEV = 0x2, 0x4
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_mount = _libc.mount
+_mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
+_mount.restype = ctypes.c_int
+
+_EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
+_GONE = (errno.ENODEV, errno.ENOTCONN, errno.EBADF)   # the connection was aborted or unmounted
+
+
+def mount_fuse(fd: int, mountpoint: str, *, fsname: str, allow_other: bool) -> None:
+    """mount(2) the FUSE connection of `fd` at `mountpoint` (root's way, without fusermount)."""
+    data = (f"fd={fd},rootmode=40000,user_id={os.getuid()},group_id={os.getgid()},default_permissions"
+            + (",allow_other" if allow_other else ""))
+    if _mount(fsname.encode(), os.fsencode(mountpoint), f"fuse.{fsname}".encode(), MS_NOSUID | MS_NODEV,
+              data.encode()) != 0:
+        err = ctypes.get_errno()
+        raise DMError(err, f"cannot mount FUSE at {mountpoint}: {os.strerror(err)}")
+
+
+class Session:
+    """One FUSE connection mounted at `mountpoint`, its requests answered by `ops`."""
+
+    def __init__(self, ops: DeviceOperations, mountpoint: str, *, fsname: str = "userdm",
+                 allow_other: bool = False, on_end: Callable[[], None] = lambda: None) -> None:
+        self.ops = ops
+        self.mountpoint = mountpoint
+        self.fsname = fsname
+        self.allow_other = allow_other
+        self.on_end = on_end                  # called once when serving ended by itself (unmounted)
+        self._fd = -1                         # the connection's first fd (notifications go there)
+        self._fds: set[int] = set()           # every device fd still open (severed at stop)
+        self._wake: tuple[int, int] | None = None
+        self._lock = threading.Lock()
+        self._alive = 0         # serving threads
+        self._waiting = 0       # threads waiting for a request
+        self._stopping = False
+        self._destroyed = False
+        self.threads: list[threading.Thread] = []
+
+    # ---- start -------------------------------------------------------------------------
+
+    def mount(self) -> None:
+        """Open /dev/fuse, mount it, start the serving threads (they answer INIT)."""
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            mount_fuse(fd, self.mountpoint, fsname=self.fsname, allow_other=self.allow_other)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        self._fds.add(fd)
+        self._wake = os.pipe()
+        for _ in range(MIN_THREADS):
+            self._spawn()
+
+    def _clone(self) -> int:
+        """A new fd of the same connection (requests read on it are answered on it)."""
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.ioctl(fd, FUSE_DEV_IOC_CLONE, struct.pack("I", self._fd))
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _spawn(self) -> None:
+        """Start one serving thread (the caller holds no lock)."""
+        with self._lock:
+            if self._stopping or self._alive >= MAX_THREADS:
+                return
+            try:
+                fd = self._clone()
+            except OSError as exc:
+                log.error("FUSE at %s: cannot clone the device fd: %s", self.mountpoint, exc)
+                return
+            self._fds.add(fd)
+            self._alive += 1
+            t = threading.Thread(target=self._serve, args=(fd,), name="userdm-fuse", daemon=True)
+            self.threads = [x for x in self.threads if x.is_alive()] + [t]
+        t.start()
+
+    # ---- serving -----------------------------------------------------------------------
+
+    def _serve(self, fd: int) -> None:
+        assert self._wake is not None
+        wake = self._wake[0]
+        request = bytearray(REQUEST_BUFFER)
+        req_view = memoryview(request)
+        reply_view = memoryview(bytearray(REPLY_BUFFER))
+        ep = select.epoll()
+        ended = False
+        serve = self.ops.serve
+        try:
+            try:
+                ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
+            except PermissionError:    # severed before this thread started: fd is /dev/null
+                return
+            ep.register(wake, select.EPOLLIN)
+            while True:
+                with self._lock:
+                    self._waiting += 1
+                try:
+                    while True:
+                        try:
+                            n = os.readv(fd, (request,))
+                            if n == 0:                   # severed: the fd is /dev/null now
+                                ended = True
+                                return
+                            break
+                        except BlockingIOError:
+                            pass
+                        except InterruptedError:
+                            continue
+                        except OSError as exc:
+                            if exc.errno in _GONE:       # unmounted or aborted
+                                ended = True
+                                return
+                            raise
+                        events = ep.poll(IDLE_EXIT)
+                        if any(f == wake for f, _ in events):
+                            return
+                        if not events:
+                            with self._lock:
+                                if self._waiting > MAX_IDLE:   # long idle, and enough others wait
+                                    return
+                finally:
+                    with self._lock:
+                        self._waiting -= 1
+                        spawn = not self._waiting and not self._stopping and self._alive < MAX_THREADS
+                if spawn:   # nobody is left waiting for the next request
+                    self._spawn()
+                try:
+                    opcode, out = serve(req_view[:n], reply_view)
+                except P.ProtocolError as exc:
+                    log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
+                    continue
+                if out is not None:
+                    self._send(fd, out)
+                if opcode == P.DESTROY:
+                    ended = True
+                    return
+        except Exception:
+            log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
+        finally:
+            ep.close()
+            with self._lock:
+                self._alive -= 1
+                last = self._alive == 0
+                first_end = ended and not self._stopping
+                if first_end:
+                    self._stopping = True
+                self._fds.discard(fd)
+                os.close(fd)
+            if first_end:
+                self._end_by_itself()
+            if last:
+                self._destroy_if_stopped()
+
+    def _send(self, fd: int, out: bytes | memoryview) -> None:
+        try:
+            os.write(fd, out)
+        except OSError as exc:
+            # ENOENT: the request was interrupted and is gone; the others: the connection is
+            if exc.errno not in (errno.ENOENT, *_GONE):
+                log.error("FUSE at %s: cannot send a reply: %s", self.mountpoint, exc)
+
+    def _end_by_itself(self) -> None:
+        """The mount went away from outside (umount): wake the other threads too."""
+        log.info("FUSE at %s was unmounted", self.mountpoint)
+        self._wake_all()
+        try:
+            self.on_end()
+        except Exception:
+            log.exception("FUSE at %s: end callback failed", self.mountpoint)
+
+    # ---- notifications and stop --------------------------------------------------------
+
+    def invalidate(self, ino: int) -> None:
+        """Drop the kernel's cached attributes of inode `ino` (e.g. after a resize)."""
+        with self._lock:
+            if self._stopping or self._fd < 0:
+                return
+            try:
+                os.write(self._fd, P.notify_inval_inode(ino))
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:     # ENOENT: the kernel does not hold the inode
+                    log.warning("cannot invalidate the FUSE attributes of inode %d: %s", ino, exc)
+
+    def stop(self) -> None:
+        """Stop serving and sever the connection now (requests held by suspended devices fail
+        for their callers), detach the mount lazily. Idempotent; never waits for a request."""
+        with self._lock:
+            ended = self._fd < 0 or self._destroyed
+            self._stopping = True
+        if not ended:
+            self._wake_all()
+            self._sever()
+        if not ended or is_fuse_mount(self.mountpoint):   # ended by `umount -f`: the mount stays
+            try:
+                lazy_unmount(self.mountpoint)
+            except DMError as exc:
+                log.debug("%s", exc)   # already unmounted
+        for t in list(self.threads):
+            if t is not threading.current_thread():
+                t.join(0.05 if t.is_alive() else None)   # idle threads leave at once
+        with self._lock:
+            last = self._alive == 0
+        if last:
+            self._destroy_if_stopped()
+
+    def _wake_all(self) -> None:
+        """Make every waiting thread (and every later poll) return: the pipe stays readable."""
+        with self._lock:
+            if self._wake is not None:
+                os.write(self._wake[1], b"x")
+
+    def _sever(self) -> None:
+        """Replace every device fd by /dev/null: when the last goes, the kernel aborts the
+        connection (pending requests fail, loop devices on the files get EIO); replies that
+        threads still send later land in /dev/null."""
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            with self._lock:     # a thread closes its fd under the lock: never a reused number
+                for fd in self._fds:
+                    os.dup2(null, fd)
+        finally:
+            os.close(null)
+
+    def _destroy_if_stopped(self) -> None:
+        with self._lock:
+            if not self._stopping or self._destroyed or self._fd < 0 or self._alive:
+                return
+            self._destroyed = True
+            fd, self._fd = self._fd, -1
+            self._fds.discard(fd)
+            wake, self._wake = self._wake, None
+        os.close(fd)
+        for w in wake or ():
+            os.close(w)
+
+    @property
+    def serving(self) -> bool:
+        with self._lock:
+            return self._fd >= 0 and not self._stopping
