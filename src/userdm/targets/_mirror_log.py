@@ -1,0 +1,230 @@
+"""The mirror target's region logs (`dm-log.c`): which regions are in sync, and, for the
+`disk` log, which regions may differ between the legs after a crash.
+
+`CoreLog` keeps the sync bits in memory only. `DiskLog` adds the kernel's *clean bits*,
+kept on a log device: a region's bit is cleared, and the log written and flushed, before a
+write to that region reaches the legs (`mark`); it is set again lazily, once the region has
+had no write for a while, is in sync, and the legs have been flushed (`clean`). After a
+crash only the regions whose clean bit is clear are copied again.
+
+On-disk format (the kernel's, `dm-log.c`, all little-endian): sector 0 holds the header
+`u32 magic = 0x4D695272 ("rRiM"), u32 version = 2, u64 nr_regions`; the clean bitmap starts
+at byte 1024 (2 sectors in), one bit per region (bit `r % 8` of byte `r // 8`, set = clean),
+its length rounded up to 8 bytes; the whole area is rounded up to the log device's logical
+block size and rewritten as one piece. `disk_area(nr_regions, lbs)` gives its size.
+
+Rules at resume (the kernel's `disk_resume`): with `sync` or `nosync` in the table, or without
+the magic, the log starts afresh (every region out of sync, or with `nosync` every region
+clean); otherwise the clean bits on the device are the sync bits, and regions beyond the
+header's `nr_regions` (the device grew) are out of sync. A version other than 2 or a read
+error fails the log (`D`): every region is then out of sync. A failed write of the log marks
+it `D`, a failed flush `F`; the log is not used after that (the mirror decides what writes do).
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from collections.abc import Iterable
+
+from ..block.device import SECTOR
+from ..dm.target import TableDevice
+from ..errors import DMError
+
+log = logging.getLogger("userdm.targets.mirror")
+
+MAGIC = 0x4D695272
+VERSION = 2
+HEADER = struct.Struct("<IIQ")
+BITMAP_OFFSET = 2 * SECTOR
+
+
+def bitmap_bytes(nr_regions: int) -> int:
+    return -(-nr_regions // 64) * 8
+
+
+def disk_area(nr_regions: int, logical_block_size: int) -> int:
+    """Bytes of the log device the disk log uses (header and clean bitmap, rounded up)."""
+    need = BITMAP_OFFSET + bitmap_bytes(nr_regions)
+    return -(-need // logical_block_size) * logical_block_size
+
+
+class CoreLog:
+    """In-memory sync bits (`core`). The mirror's lock guards `sync` and `sync_count`."""
+
+    kind = "core"
+    failed = ""
+
+    def __init__(self, nr_regions: int, sync_arg: str) -> None:
+        self.nr_regions = nr_regions
+        self.sync_arg = sync_arg
+        synced = sync_arg == "nosync"
+        self.sync = bytearray([1 if synced else 0]) * nr_regions
+        self.sync_count = nr_regions if synced else 0
+
+    def set_sync(self, region: int, in_sync: bool) -> None:
+        if in_sync and not self.sync[region]:
+            self.sync[region] = 1
+            self.sync_count += 1
+        elif not in_sync and self.sync[region]:
+            self.sync[region] = 0
+            self.sync_count -= 1
+
+    def resume(self) -> None:
+        """A core log keeps its bits across suspend and resume (they are all it has)."""
+
+    def mark(self, regions: Iterable[int]) -> bool:
+        """Record that `regions` are about to be written; False if the log has failed."""
+        return True
+
+    def dirty_on_disk(self, region: int) -> bool:
+        return False
+
+    def clean(self, regions: list[int]) -> None:
+        """Record that `regions` are clean again (nothing for a core log)."""
+
+    def status(self) -> str:
+        return "1 core"
+
+    def table(self, region_size: int) -> str:
+        sync = f" {self.sync_arg}" if self.sync_arg else ""
+        return f"core {2 if self.sync_arg else 1} {region_size}{sync}"
+
+
+class DiskLog(CoreLog):
+    """Sync bits in memory plus clean bits on `dev` (`disk`), written with group commit:
+    writers that dirty regions while the log is being written share the next write."""
+
+    kind = "disk"
+
+    def __init__(self, nr_regions: int, sync_arg: str, dev: TableDevice) -> None:
+        super().__init__(nr_regions, sync_arg)
+        self.dev = dev
+        self.size = disk_area(nr_regions, dev.open.device.logical_block_size)
+        self._bits = bytearray(bitmap_bytes(nr_regions))   # clean bits, as on the device
+        self._cond = threading.Condition()
+        self._changes = 0         # clean bits cleared so far (dirtied regions)
+        self._written = 0         # ... of which the device has a flushed copy
+        self._busy = False        # someone is writing the log
+        self.failed = ""          # "", "D" (write or read error), "F" (flush error)
+
+    # ---- bits ---------------------------------------------------------------------------
+
+    def dirty_on_disk(self, region: int) -> bool:
+        return not self._bits[region >> 3] >> (region & 7) & 1
+
+    def _set_clean(self, region: int, clean: bool) -> None:
+        if clean:
+            self._bits[region >> 3] |= 1 << (region & 7)
+        else:
+            self._bits[region >> 3] &= ~(1 << (region & 7)) & 0xFF
+
+    # ---- resume: read the device ------------------------------------------------------------
+
+    def resume(self) -> None:
+        """Read the log (the kernel's `disk_resume`): the clean bits become the sync bits."""
+        buf = bytearray(self.size)
+        try:
+            if self.failed:
+                raise DMError(0, f"it failed before ({self.failed})")
+            self.dev.open.readinto(0, memoryview(buf))
+            magic, version, nr = HEADER.unpack_from(buf)
+            if self.sync_arg or magic != MAGIC:
+                nr = 0                          # a new log
+            elif version != VERSION:
+                raise DMError(0, f"incompatible disk log version {version} (userdm and the kernel use {VERSION})")
+            known = min(nr, self.nr_regions)
+            self._bits[:] = buf[BITMAP_OFFSET:BITMAP_OFFSET + len(self._bits)]
+        except DMError as exc:
+            log.warning("%s: the dirty region log cannot be read, every region is out of sync: %s",
+                        self.dev.name, exc)
+            self.failed = self.failed or "D"
+            known = 0
+        fresh = self.sync_arg == "nosync"
+        for r in range(known, self.nr_regions):
+            self._set_clean(r, fresh)
+        for r in range(self.nr_regions, len(self._bits) * 8):   # bits past the end stay clear
+            self._set_clean(r, False)
+        self.sync_count = 0
+        for r in range(self.nr_regions):
+            in_sync = 0 if self.dirty_on_disk(r) else 1
+            self.sync[r] = in_sync
+            self.sync_count += in_sync
+        if not self.failed:
+            with self._cond:
+                self._changes += 1
+            self._commit()
+
+    # ---- writing ----------------------------------------------------------------------------
+
+    def mark(self, regions: Iterable[int]) -> bool:
+        """Clear the clean bits of `regions`; return once the device holds them (flushed)."""
+        with self._cond:
+            if self.failed:
+                return False
+            for r in regions:
+                if not self.dirty_on_disk(r):
+                    self._set_clean(r, False)
+                    self._changes += 1
+            want = self._changes
+        if want > self._written:
+            self._commit(want)
+        return not self.failed
+
+    def clean(self, regions: list[int]) -> None:
+        """Set the clean bits of `regions` (the caller has flushed the legs first, as the
+        kernel's flush callback does) and write the log."""
+        if not regions or self.failed:
+            return
+        with self._cond:
+            for r in regions:
+                self._set_clean(r, True)
+            self._changes += 1
+        self._commit()
+
+    def _commit(self, want: int | None = None) -> None:
+        """Write and flush the log until it covers change number `want` (the latest if None)."""
+        with self._cond:
+            if want is None:
+                want = self._changes
+            while self._written < want and not self.failed:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                upto = self._changes
+                image = bytearray(self.size)
+                HEADER.pack_into(image, 0, MAGIC, VERSION, self.nr_regions)
+                image[BITMAP_OFFSET:BITMAP_OFFSET + len(self._bits)] = self._bits
+                self._cond.release()
+                failed = ""
+                try:
+                    try:
+                        self.dev.open.write(0, memoryview(image), False)
+                    except DMError as exc:
+                        failed = "D"
+                        log.warning("%s: writing the dirty region log failed: %s", self.dev.name, exc)
+                    else:
+                        try:
+                            self.dev.open.flush()
+                        except DMError as exc:
+                            failed = "F"
+                            log.warning("%s: flushing the dirty region log failed: %s", self.dev.name, exc)
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    if failed:
+                        self.failed = failed
+                    else:
+                        self._written = max(self._written, upto)
+                    self._cond.notify_all()
+
+    # ---- reporting --------------------------------------------------------------------------
+
+    def status(self) -> str:
+        return f"3 disk {self.dev.name} {self.failed or 'A'}"
+
+    def table(self, region_size: int) -> str:
+        sync = f" {self.sync_arg}" if self.sync_arg else ""
+        return f"disk {3 if self.sync_arg else 2} {self.dev.name} {region_size}{sync}"
