@@ -168,6 +168,8 @@ class MirrorTarget(Target):
             first = self.health[k] == "A"
             if first:
                 self.health[k] = kind
+                log.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
+                            self.legs[k].name, kind, exc)
             if k == self.default:
                 alive = self._healthy()
                 if alive:
