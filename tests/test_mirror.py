@@ -255,10 +255,12 @@ def test_a_failing_log_device_is_marked_and_keep_log_fails_writes(mapper, images
                          f"2 handle_errors keep_log\n")
     mapper.load("logdev", "0 128 error\n")
     mapper.resume("logdev")
+    events = mapper.info("mir")["event_nr"]
     with mapper.open_device("mir", write=True) as dev:
         with pytest.raises(DMError) as exc:
             dev.write(MiB, bytes(4096))
         assert exc.value.errno == errno.EIO and "keep_log" in str(exc.value)
+        assert mapper.info("mir")["event_nr"] == events + 1     # the log failed: an event
         assert mapper.status("mir")[0][3].split()[-6:-1] == ["1", "AA", "3", "disk", "253:0"]
         assert mapper.status("mir")[0][3].split()[-1] == "D"          # the log write failed
         assert dev.read(0, 4096) == bytes(4096)               # reads go on
@@ -268,6 +270,15 @@ def test_a_failing_log_device_is_marked_and_keep_log_fails_writes(mapper, images
         dev.write(MiB, b"\x11" * 4096)
         assert dev.read(MiB, 4096) == b"\x11" * 4096
     assert mapper.status("mir")[0][3].split()[-4:] == ["3", "disk", "253:0", "D"]
+
+
+@pytest.mark.hostile
+def test_too_many_regions_are_refused_before_any_memory_is_taken(mapper, images, logfile):
+    a, b = images(2, 1 << 40)                                 # sparse 1 TiB legs, 2-sector regions
+    for log in ("core 1 2", f"disk 2 {logfile} 2"):
+        with pytest.raises(DMError) as exc:
+            mapper.create("mir", f"0 {(1 << 40) // 512} mirror {log} 2 {a} 0 {b} 0\n")
+        assert exc.value.errno == errno.EINVAL and "1073741824 regions, at most 16777216" in str(exc.value)
 
 
 @pytest.mark.hostile

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from ..block.device import SECTOR
 from ..dm.target import TableDevice
@@ -98,9 +98,11 @@ class DiskLog(CoreLog):
 
     kind = "disk"
 
-    def __init__(self, nr_regions: int, sync_arg: str, dev: TableDevice) -> None:
+    def __init__(self, nr_regions: int, sync_arg: str, dev: TableDevice,
+                 event: Callable[[], None]) -> None:
         super().__init__(nr_regions, sync_arg)
         self.dev = dev
+        self._event = event       # the kernel raises a table event when the log fails
         self.size = disk_area(nr_regions, dev.open.device.logical_block_size)
         self._bits = bytearray(bitmap_bytes(nr_regions))   # clean bits, as on the device
         self._cond = threading.Condition()
@@ -139,7 +141,7 @@ class DiskLog(CoreLog):
         except DMError as exc:
             log.warning("%s: the dirty region log cannot be read, every region is out of sync: %s",
                         self.dev.name, exc)
-            self.failed = self.failed or "D"
+            self.fail("D")
             known = 0
         fresh = self.sync_arg == "nosync"
         for r in range(known, self.nr_regions):
@@ -154,7 +156,7 @@ class DiskLog(CoreLog):
         if not self.failed:
             with self._cond:
                 self._changes += 1
-            self._commit()
+            self.commit()
 
     # ---- writing ----------------------------------------------------------------------------
 
@@ -169,21 +171,21 @@ class DiskLog(CoreLog):
                     self._changes += 1
             want = self._changes
         if want > self._written:
-            self._commit(want)
+            self.commit(want)
         return not self.failed
 
     def clean(self, regions: list[int]) -> None:
-        """Set the clean bits of `regions` (the caller has flushed the legs first, as the
-        kernel's flush callback does) and write the log."""
+        """Set the clean bits of `regions` in memory (the caller has flushed the legs first,
+        as the kernel's flush callback does, and holds the mirror's lock, so that no write to
+        them starts meanwhile); `commit` writes them."""
         if not regions or self.failed:
             return
         with self._cond:
             for r in regions:
                 self._set_clean(r, True)
             self._changes += 1
-        self._commit()
 
-    def _commit(self, want: int | None = None) -> None:
+    def commit(self, want: int | None = None) -> None:
         """Write and flush the log until it covers change number `want` (the latest if None)."""
         with self._cond:
             if want is None:
@@ -215,10 +217,25 @@ class DiskLog(CoreLog):
                     self._cond.acquire()
                     self._busy = False
                     if failed:
-                        self.failed = failed
+                        self._cond.release()
+                        try:
+                            self.fail(failed)
+                        finally:
+                            self._cond.acquire()
                     else:
                         self._written = max(self._written, upto)
                     self._cond.notify_all()
+
+    def fail(self, kind: str) -> None:
+        """The log device failed (`D`) or could not be flushed (`F`), or it is gone: the log
+        is not used from now on; an event is raised the first time."""
+        with self._cond:
+            first = not self.failed
+            if first:
+                self.failed = kind
+            self._cond.notify_all()
+        if first:
+            self._event()
 
     # ---- reporting --------------------------------------------------------------------------
 

@@ -47,6 +47,7 @@ from ..errors import DMError
 from ._mirror_log import CoreLog, DiskLog, disk_area
 
 MAX_MIRRORS = 9
+MAX_REGIONS = 1 << 24
 #: seconds a region must go without writes before the cleaner marks it clean on the disk log
 CLEAN_INTERVAL = 0.5
 
@@ -92,6 +93,9 @@ class MirrorTarget(Target):
                 raise TargetError(f"Unrecognised sync argument to mirror log: {log_args[1]!r}")
             sync_arg = log_args[1]
         self.nr_regions = -(-length // self.region)
+        if self.nr_regions > MAX_REGIONS:
+            raise TargetError(f"Invalid region size {self.region}: {self.nr_regions} regions, at most "
+                              f"{MAX_REGIONS} (the log keeps a byte per region in memory): use a larger one")
         if kind == "disk":
             logdev = ctx.get_device(logref, 0, 0, role="log", region=False,
                                     lookup_error="Log device lookup failed")
@@ -100,7 +104,7 @@ class MirrorTarget(Target):
                 raise TargetError(f"log device {logdev.name} too small: need {need} bytes "
                                   f"for {self.nr_regions} regions, it has {logdev.open.size}")
             ctx.use_region(logdev, 0, need // SECTOR, "log")
-            self.log: CoreLog = DiskLog(self.nr_regions, sync_arg, logdev)
+            self.log: CoreLog = DiskLog(self.nr_regions, sync_arg, logdev, ctx.event)
         else:
             self.log = CoreLog(self.nr_regions, sync_arg)
         at = 2 + nlog
@@ -178,13 +182,19 @@ class MirrorTarget(Target):
             self._event()
 
     def device_lost(self, dev) -> bool:
-        """A leg died: with handle_errors and another healthy leg, mark it `D` and carry on."""
+        """A leg died: with handle_errors and another healthy leg, mark it `D` and carry on.
+        The disk log's device died: the log is marked `D` and the mirror carries on."""
         legs = [k for k, leg in enumerate(self.legs) if leg.device is dev]
-        if not self.handle_errors or not legs:
-            return False
-        with self._cond:
-            if not [k for k in self._healthy() if k not in legs]:
+        if legs:
+            if not self.handle_errors:
                 return False
+            with self._cond:
+                if not [k for k in self._healthy() if k not in legs]:
+                    return False
+        if isinstance(self.log, DiskLog) and self.log.dev.device is dev:
+            self.log.fail("D")
+        elif not legs:
+            return False
         for k in legs:
             self._fail(k, "D", DMError(errno.ENODEV, f"{self.legs[k].name} is gone"))
         return True
@@ -346,10 +356,12 @@ class MirrorTarget(Target):
                 return
         except DMError:
             return                          # without handle_errors: nothing marked clean
-        with self._cond:
+        with self._cond:                    # a write that starts after this re-marks its regions
             clean = [r for r in candidates if self._cleanable(r, final)]
             self._dirty.difference_update(clean)
-        self.log.clean(clean)
+            self.log.clean(clean)
+        if clean:
+            self.log.commit()
 
     # ---- resync -------------------------------------------------------------------------
 
