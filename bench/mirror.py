@@ -19,61 +19,21 @@ process and file it makes is removed at the end.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from contextlib import ExitStack
 from pathlib import Path
+
+from thin import Userdm, fio   # bench/thin.py: a daemon driven by the CLI, one fio job
 
 MiB = 1 << 20
 JOBS = (("4K randwrite qd16 (IOPS)", "randwrite", "4k", 16),
         ("4K randread qd16 (IOPS)", "randread", "4k", 16),
         ("1M write qd8 (MB/s)", "write", "1M", 8),
         ("1M read qd8 (MB/s)", "read", "1M", 8))
-
-
-class Userdm:
-    """A userdm daemon in its own runtime directory, driven by the CLI."""
-
-    def __init__(self, work: Path, stack: ExitStack) -> None:
-        self.env = {**os.environ, "USERDM_RUNTIME_DIR": str(work / "run"),
-                    "USERDM_STATE_DIR": str(work / "state")}
-        self.sock = work / "run" / "nbd.sock"
-        self.proc = subprocess.Popen([sys.executable, "-m", "userdm", "daemon", "--no-fuse"], env=self.env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        stack.callback(self.stop)
-        if "ready" not in self.proc.stdout.readline():
-            raise RuntimeError("userdm daemon did not start")
-
-    def __call__(self, *args: str) -> str:
-        return subprocess.run([sys.executable, "-m", "userdm", *args], env=self.env, check=True,
-                              capture_output=True, text=True).stdout
-
-    def uri(self, name: str) -> str:
-        return f"nbd+unix:///{name}?socket={self.sock}"
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-
-
-def fio(uri: str, work: Path, rw: str, bs: str, qd: int, size: int, runtime: float | None = None) -> float:
-    """MB/s (1 MiB jobs) or IOPS (4 KiB jobs) of one fio job."""
-    out = work / "fio.json"
-    cmd = ["fio", "--name=bench", "--ioengine=nbd", f"--uri={uri}", f"--rw={rw}", f"--bs={bs}",
-           f"--iodepth={qd}", f"--size={size}", f"--output={out}", "--output-format=json"]
-    if runtime:
-        cmd += ["--time_based", f"--runtime={runtime}", "--ramp_time=0.5"]
-    subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, cwd=work)
-    job = json.loads(out.read_text())["jobs"][0]
-    side = job["read"] if job["read"]["io_bytes"] else job["write"]
-    return side["bw_bytes"] / 1e6 if bs == "1M" else side["iops"]
 
 
 def main() -> None:
@@ -109,7 +69,6 @@ def main() -> None:
                 for name in devices:
                     results.setdefault(label, {}).setdefault(name, []).append(
                         fio(dm.uri(name), work, rw, bs, qd, size, args.runtime))
-        time.sleep(0.1)
         status = {name: dm("status", name).strip() for name in ("core", "disk")}
     print("two-leg mirror (legs: files in the same directory) against linear, one daemon, fio over NBD;")
     print("the machine is shared: compare the ratios, measured side by side, not the figures\n")

@@ -338,7 +338,7 @@ class MirrorTarget(Target):
             self._clean_pass(final=False)
 
     def _cleanable(self, r: int, final: bool) -> bool:
-        return (self.log.sync[r] and not self._writing.get(r) and r != self._recovering
+        return (bool(self.log.sync[r]) and not self._writing.get(r) and r != self._recovering
                 and (final or r not in self._touched))
 
     def _clean_pass(self, final: bool) -> None:
