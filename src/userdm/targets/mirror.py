@@ -38,6 +38,7 @@ completes, and the daemon's log says how many regions each resync copies.
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 import threading
 
@@ -65,8 +66,8 @@ class MirrorTarget(Target):
     name = "mirror"
     version = (1, 14, 0)
     __slots__ = ("legs", "offsets", "region", "nr_regions", "handle_errors", "keep_log", "log",
-                 "health", "default", "device_name", "_bases", "_cond", "_writing", "_touched",
-                 "_dirty", "_recovering", "_next", "_thread", "_cleaner", "_stop", "_quiet",
+                 "health", "_alive", "default", "device_name", "_bases", "_cond", "_writing", "_touched",
+                 "_dirty", "_recovering", "_turn", "_thread", "_cleaner", "_stop", "_quiet",
                  "_settled", "_event")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -139,6 +140,7 @@ class MirrorTarget(Target):
             if self.keep_log and not self.handle_errors:
                 raise TargetError("keep_log feature requires the handle_errors feature")
         self.health = ["A"] * nr
+        self._alive = tuple(range(nr))
         self.default = 0
         self.device_name = ctx.device_name
         self._bases = [o * SECTOR for o in self.offsets]
@@ -147,7 +149,7 @@ class MirrorTarget(Target):
         self._touched: set[int] = set()     # regions written since the cleaner last looked
         self._dirty: set[int] = set()       # regions whose clean bit is clear on the disk log
         self._recovering: int | None = None
-        self._next = 0
+        self._turn = itertools.count()      # round robin of balanced reads
         self._thread: threading.Thread | None = None
         self._cleaner: threading.Thread | None = None
         self._stop = False
@@ -161,8 +163,9 @@ class MirrorTarget(Target):
         rb = self.region * SECTOR
         return range(offset // rb, (offset + max(length, 1) - 1) // rb + 1)
 
-    def _healthy(self) -> list[int]:
-        return [k for k, h in enumerate(self.health) if h == "A"]
+    def _healthy(self) -> tuple[int, ...]:
+        """The legs not marked failed (kept up to date by `_fail`, read without the lock)."""
+        return self._alive
 
     def _fail(self, k: int, kind: str, exc: Exception) -> None:
         """A leg failed: with handle_errors mark it and raise an event, else pass the error on."""
@@ -172,6 +175,7 @@ class MirrorTarget(Target):
             first = self.health[k] == "A"
             if first:
                 self.health[k] = kind
+                self._alive = tuple(j for j, h in enumerate(self.health) if h == "A")
                 log.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
                             self.legs[k].name, kind, exc)
             if k == self.default:
@@ -202,18 +206,19 @@ class MirrorTarget(Target):
     # ---- data path ----------------------------------------------------------------------
 
     def readinto(self, offset: int, buf: memoryview) -> None:
-        regions = self._regions(offset, len(buf))
+        rb = self.region * SECTOR
+        first, last = offset // rb, (offset + max(len(buf), 1) - 1) // rb
         sync = self.log.sync
         while True:
-            with self._cond:
-                alive = self._healthy()
-                if not alive:
-                    raise DMError(errno.EIO, "mirror: every leg has failed")
-                if all(sync[r] for r in regions):
-                    self._next = (self._next + 1) % len(alive)
-                    k = alive[self._next]
-                else:
-                    k = self.default
+            # no lock: a leg marked or a region going out of sync meanwhile is what a read
+            # that has just been sent meets anyway (a failed read tries another leg)
+            alive = self._alive
+            if not alive:
+                raise DMError(errno.EIO, "mirror: every leg has failed")
+            if sync[first] and (first == last or all(sync[first:last + 1])):
+                k = alive[next(self._turn) % len(alive)]
+            else:
+                k = self.default
             try:
                 self.legs[k].open.readinto(self._bases[k] + offset, buf)
                 return
