@@ -29,15 +29,61 @@ import threading
 from collections.abc import Callable, Iterable
 
 from ..block.device import SECTOR
-from ..dm.target import TableDevice
+from ..dm.target import TableDevice, TargetContext, TargetError
 from ..errors import DMError
 
-log = logging.getLogger("userdm.targets.mirror")
+logger = logging.getLogger("userdm.targets.mirror")
 
 MAGIC = 0x4D695272
 VERSION = 2
 HEADER = struct.Struct("<IIQ")
 BITMAP_OFFSET = 2 * SECTOR
+#: the logs keep a byte per region in memory: a table that needs more regions is refused
+MAX_REGIONS = 1 << 24
+
+
+def count(text: str, what: str) -> int:
+    if not text.isascii() or not text.isdigit():
+        raise TargetError(f"{what}: {text!r} is not a number")
+    return int(text)
+
+
+def build_log(ctx: TargetContext, args: list[str], length: int) -> tuple[CoreLog, int, int]:
+    """The log a mirror table starts with (`core <1|2> <region_size> [sync|nosync]` or
+    `disk <2|3> <logdev> <region_size> [sync|nosync]`, the kernel's `create_dirty_log`) for a
+    target of `length` sectors: (log, region size, number of arguments it took)."""
+    kind = args[0]
+    if kind not in ("core", "disk"):
+        raise TargetError(f"Unrecognised dirty log type {kind!r} (core or disk)")
+    nlog = count(args[1], "log argument count")
+    counts = (1, 2) if kind == "core" else (2, 3)
+    if nlog not in counts or len(args) < 2 + nlog:
+        raise TargetError(f"Invalid {kind} log argument count {args[1]} ({counts[0]} or {counts[1]}, "
+                          f"then that many arguments)")
+    log_args = args[2:2 + nlog]
+    logref = log_args.pop(0) if kind == "disk" else ""
+    region = count(log_args[0], "region size")
+    if region < 2 or region > length or region & (region - 1):
+        raise TargetError(f"Invalid region size {log_args[0]}: a power of two from 2 to the "
+                          f"target's length ({length} sectors)")
+    sync_arg = ""
+    if len(log_args) == 2:
+        if log_args[1] not in ("sync", "nosync"):
+            raise TargetError(f"Unrecognised sync argument to mirror log: {log_args[1]!r}")
+        sync_arg = log_args[1]
+    nr_regions = -(-length // region)
+    if nr_regions > MAX_REGIONS:
+        raise TargetError(f"Invalid region size {region}: {nr_regions} regions, at most "
+                          f"{MAX_REGIONS} (the log keeps a byte per region in memory): use a larger one")
+    if kind == "core":
+        return CoreLog(nr_regions, sync_arg), region, 2 + nlog
+    dev = ctx.get_device(logref, 0, 0, role="log", region=False, lookup_error="Log device lookup failed")
+    need = disk_area(nr_regions, dev.open.device.logical_block_size)
+    if dev.open.size < need:
+        raise TargetError(f"log device {dev.name} too small: need {need} bytes "
+                          f"for {nr_regions} regions, it has {dev.open.size}")
+    ctx.use_region(dev, 0, need // SECTOR, "log")
+    return DiskLog(nr_regions, sync_arg, dev, ctx.event), region, 2 + nlog
 
 
 def bitmap_bytes(nr_regions: int) -> int:
@@ -139,7 +185,7 @@ class DiskLog(CoreLog):
             known = min(nr, self.nr_regions)
             self._bits[:] = buf[BITMAP_OFFSET:BITMAP_OFFSET + len(self._bits)]
         except DMError as exc:
-            log.warning("%s: the dirty region log cannot be read, every region is out of sync: %s",
+            logger.warning("%s: the dirty region log cannot be read, every region is out of sync: %s",
                         self.dev.name, exc)
             self.fail("D")
             known = 0
@@ -206,13 +252,13 @@ class DiskLog(CoreLog):
                         self.dev.open.write(0, memoryview(image), False)
                     except DMError as exc:
                         failed = "D"
-                        log.warning("%s: writing the dirty region log failed: %s", self.dev.name, exc)
+                        logger.warning("%s: writing the dirty region log failed: %s", self.dev.name, exc)
                     else:
                         try:
                             self.dev.open.flush()
                         except DMError as exc:
                             failed = "F"
-                            log.warning("%s: flushing the dirty region log failed: %s", self.dev.name, exc)
+                            logger.warning("%s: flushing the dirty region log failed: %s", self.dev.name, exc)
                 finally:
                     self._cond.acquire()
                     self._busy = False

@@ -45,20 +45,13 @@ import threading
 from ..block.device import SECTOR
 from ..dm.target import Target, TargetContext, TargetError, parse_sector, register
 from ..errors import DMError
-from ._mirror_log import CoreLog, DiskLog, disk_area
+from ._mirror_log import DiskLog, build_log, count
 
 MAX_MIRRORS = 9
-MAX_REGIONS = 1 << 24
 #: seconds a region must go without writes before the cleaner marks it clean on the disk log
 CLEAN_INTERVAL = 0.5
 
-log = logging.getLogger("userdm.targets.mirror")
-
-
-def _count(text: str, what: str) -> int:
-    if not text.isascii() or not text.isdigit():
-        raise TargetError(f"{what}: {text!r} is not a number")
-    return int(text)
+logger = logging.getLogger("userdm.targets.mirror")
 
 
 @register
@@ -74,44 +67,11 @@ class MirrorTarget(Target):
         super().__init__(ctx, begin, length, args)
         if len(args) < 3:
             raise TargetError("Invalid argument count: mirror needs a log, the mirror count and legs")
-        kind = args[0]
-        if kind not in ("core", "disk"):
-            raise TargetError(f"Unrecognised dirty log type {kind!r} (core or disk)")
-        nlog = _count(args[1], "log argument count")
-        counts = (1, 2) if kind == "core" else (2, 3)
-        if nlog not in counts or len(args) < 2 + nlog:
-            raise TargetError(f"Invalid {kind} log argument count {args[1]} ({counts[0]} or {counts[1]}, "
-                              f"then that many arguments)")
-        log_args = args[2:2 + nlog]
-        logref = log_args.pop(0) if kind == "disk" else ""
-        self.region = _count(log_args[0], "region size")
-        if self.region < 2 or self.region > length or self.region & (self.region - 1):
-            raise TargetError(f"Invalid region size {log_args[0]}: a power of two from 2 to the "
-                              f"target's length ({length} sectors)")
-        sync_arg = ""
-        if len(log_args) == 2:
-            if log_args[1] not in ("sync", "nosync"):
-                raise TargetError(f"Unrecognised sync argument to mirror log: {log_args[1]!r}")
-            sync_arg = log_args[1]
-        self.nr_regions = -(-length // self.region)
-        if self.nr_regions > MAX_REGIONS:
-            raise TargetError(f"Invalid region size {self.region}: {self.nr_regions} regions, at most "
-                              f"{MAX_REGIONS} (the log keeps a byte per region in memory): use a larger one")
-        if kind == "disk":
-            logdev = ctx.get_device(logref, 0, 0, role="log", region=False,
-                                    lookup_error="Log device lookup failed")
-            need = disk_area(self.nr_regions, logdev.open.device.logical_block_size)
-            if logdev.open.size < need:
-                raise TargetError(f"log device {logdev.name} too small: need {need} bytes "
-                                  f"for {self.nr_regions} regions, it has {logdev.open.size}")
-            ctx.use_region(logdev, 0, need // SECTOR, "log")
-            self.log: CoreLog = DiskLog(self.nr_regions, sync_arg, logdev, ctx.event)
-        else:
-            self.log = CoreLog(self.nr_regions, sync_arg)
-        at = 2 + nlog
+        self.log, self.region, at = build_log(ctx, args, length)
+        self.nr_regions = self.log.nr_regions
         if at >= len(args):
             raise TargetError("Invalid number of mirrors: missing")
-        nr = _count(args[at], "number of mirrors")
+        nr = count(args[at], "number of mirrors")
         if nr < 2 or nr > MAX_MIRRORS:
             raise TargetError(f"Invalid number of mirrors {nr} (2 to {MAX_MIRRORS})")
         at += 1
@@ -126,7 +86,7 @@ class MirrorTarget(Target):
             at += 2
         self.handle_errors = self.keep_log = False
         if at < len(args):
-            nf = _count(args[at], "feature count")
+            nf = count(args[at], "feature count")
             features = args[at + 1:]
             if len(features) != nf:
                 raise TargetError(f"Invalid number of features: {nf} announced, {len(features)} given")
@@ -176,7 +136,7 @@ class MirrorTarget(Target):
             if first:
                 self.health[k] = kind
                 self._alive = tuple(j for j, h in enumerate(self.health) if h == "A")
-                log.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
+                logger.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
                             self.legs[k].name, kind, exc)
             if k == self.default:
                 alive = self._healthy()
@@ -376,7 +336,7 @@ class MirrorTarget(Target):
         buf = bytearray(rb)
         sync = self.log.sync
         todo = self.nr_regions - self.log.sync_count
-        log.info("%s: mirror resync of %d of %d regions from leg %d (%s log)", self.device_name,
+        logger.info("%s: mirror resync of %d of %d regions from leg %d (%s log)", self.device_name,
                  todo, self.nr_regions, self.default, self.log.kind)
         copied = 0
         for r in range(self.nr_regions):
@@ -404,7 +364,7 @@ class MirrorTarget(Target):
                         self._dirty.add(r)      # the cleaner marks it clean on the disk log
                         copied += 1
                     self._cond.notify_all()
-        log.info("%s: mirror resync copied %d regions, %d/%d in sync", self.device_name, copied,
+        logger.info("%s: mirror resync copied %d regions, %d/%d in sync", self.device_name, copied,
                  self.log.sync_count, self.nr_regions)
         if self.log.sync_count == self.nr_regions:
             self._event()       # the kernel raises a table event when recovery completes
