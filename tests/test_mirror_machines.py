@@ -145,6 +145,8 @@ def test_a_crash_of_the_mirroring_daemon_resyncs_only_the_dirty_regions(tmp_path
         b.start()                                         # restores the table and resumes it
         assert wait_until(lambda: status(b)[-7:-4] == [f"{nr}/{nr}", "1", "AA"], 60)
         assert resync_counts(b, since) == [(len(dirty), nr)]
+        events = [json.loads(line)["event"] for line in b.run("events", "mir").stdout.splitlines()]
+        assert "table_event" in events                    # the resync completed
         assert wait_until(lambda: dirty_on_log(logdev, nr) == [], 30)
         l0, l1, s = leg0.read_bytes(), leg1.read_bytes(), src.read_bytes()
         regions = [slice(r * REGION, (r + 1) * REGION) for r in range(nr)]
