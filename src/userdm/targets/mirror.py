@@ -41,6 +41,7 @@ import errno
 import itertools
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 from ..block.device import SECTOR
 from ..dm.target import Target, TargetContext, TargetError, parse_sector, register
@@ -48,6 +49,8 @@ from ..errors import DMError
 from ._mirror_log import DiskLog, build_log, count
 
 MAX_MIRRORS = 9
+#: bytes from which a write goes to the legs in parallel (below, a thread hand-off costs more)
+PARALLEL_WRITE = 128 * 1024
 #: seconds a region must go without writes before the cleaner marks it clean on the disk log
 CLEAN_INTERVAL = 0.5
 
@@ -61,7 +64,7 @@ class MirrorTarget(Target):
     __slots__ = ("legs", "offsets", "region", "nr_regions", "handle_errors", "keep_log", "log",
                  "health", "_alive", "default", "device_name", "_bases", "_cond", "_writing", "_touched",
                  "_dirty", "_recovering", "_turn", "_thread", "_cleaner", "_stop", "_quiet",
-                 "_settled", "_event")
+                 "_settled", "_event", "_pool")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         super().__init__(ctx, begin, length, args)
@@ -110,6 +113,7 @@ class MirrorTarget(Target):
         self._dirty: set[int] = set()       # regions whose clean bit is clear on the disk log
         self._recovering: int | None = None
         self._turn = itertools.count()      # round robin of balanced reads
+        self._pool: ThreadPoolExecutor | None = None    # writes to legs 1.. of large writes
         self._thread: threading.Thread | None = None
         self._cleaner: threading.Thread | None = None
         self._stop = False
@@ -199,13 +203,7 @@ class MirrorTarget(Target):
             if not self.log.mark(regions) and self.keep_log:
                 raise DMError(errno.EIO, f"mirror: the dirty region log ({self.log.status()}) has "
                                          "failed and keep_log is set: the write is refused")
-            done = 0
-            for k in self._healthy():
-                try:
-                    self.legs[k].open.write(self._bases[k] + offset, data, fua)
-                    done += 1
-                except DMError as exc:
-                    self._fail(k, "D", exc)
+            done = self._write_legs(offset, data, fua)
             if not done:
                 raise DMError(errno.EIO, "mirror: the write reached no leg (every leg has failed)")
             if done < len(self.legs):
@@ -221,6 +219,38 @@ class MirrorTarget(Target):
                     else:
                         del self._writing[r]
                 self._cond.notify_all()
+
+    def _write_legs(self, offset: int, data: memoryview, fua: bool) -> int:
+        """Write to every healthy leg, large writes to all of them at once (as the kernel's
+        dm-io sends one bio per leg); the number of legs that took it."""
+        legs = self._alive
+        if len(data) >= PARALLEL_WRITE and len(legs) > 1:
+            pool = self._writers()
+            others = [(k, pool.submit(self._write_leg, k, offset, data, fua)) for k in legs[1:]]
+            results = [(legs[0], self._write_leg(legs[0], offset, data, fua))]
+            results += [(k, f.result()) for k, f in others]
+        else:
+            results = [(k, self._write_leg(k, offset, data, fua)) for k in legs]
+        done = 0
+        for k, exc in results:
+            if exc is None:
+                done += 1
+            else:
+                self._fail(k, "D", exc)
+        return done
+
+    def _write_leg(self, k: int, offset: int, data: memoryview, fua: bool) -> DMError | None:
+        try:
+            self.legs[k].open.write(self._bases[k] + offset, data, fua)
+            return None
+        except DMError as exc:
+            return exc
+
+    def _writers(self) -> ThreadPoolExecutor:
+        with self._cond:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(self.legs) - 1, thread_name_prefix="mirror-write")
+            return self._pool
 
     def flush(self) -> None:
         self._flush_legs()
@@ -275,6 +305,8 @@ class MirrorTarget(Target):
     def destroy(self) -> None:
         self._halt()
         self._settle()
+        if self._pool is not None:
+            self._pool.shutdown()
 
     def _halt(self) -> None:
         """Stop the resync and the cleaner threads (the kernel's `dm_rh_stop_recovery`)."""
