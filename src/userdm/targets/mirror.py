@@ -12,8 +12,9 @@ starts with no region in sync (every region in sync with `nosync`) and lives as 
 table; a disk log reads its clean bits from the log device at every resume, so that after a
 crash or a reload only the regions that were dirty are copied.
 
-A write goes to every healthy leg; while a region is being copied, writes to it wait (and
-the copy waits for writes in flight there), as the kernel's region hash delays them. With a
+A write goes to every healthy leg (from `PARALLEL_WRITE` bytes on, to all at once); while a
+region is being copied, writes to it wait (and the copy waits for writes in flight there), as
+the kernel's region hash delays them. With a
 disk log the region is first marked dirty on the log device (written and flushed, shared by
 concurrent writers); a cleaner thread marks regions clean again once they have had no write
 for `CLEAN_INTERVAL` seconds and the legs have been flushed, and at suspend. A write that
