@@ -623,56 +623,6 @@ def test_tls_on_lets_each_tcp_client_choose(tmp_path, certs):
         srv.stop()
 
 
-@pytest.mark.timeout(240)
-def test_a_mirror_leg_on_another_daemons_tls_export_survives_losing_it(tmp_path, certs):
-    """A mirror in daemon B over a local file and daemon A's TLS export, fio verify writing
-    through B: killing A mid-run costs fio nothing and the status shows the leg down; A
-    back and the mirror reloaded, the resync completes and the legs are byte-identical."""
-    need("fio")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    a = TLSDaemon(tmp_path / "a", certs, listen=f"127.0.0.1:{port}")
-    (tmp_path / "b").mkdir()
-    b = Daemon(tmp_path / "b")
-    fio = None
-    try:
-        b.start()
-        local = tmp_path / "local.img"
-        with open(local, "wb") as f:
-            f.truncate(SIZE)
-        table = f"0 {SIZE // 512} mirror core 1 1024 2 {local} 0 {a.tcp()} 0 1 handle_errors"
-        b.run("create", "mir", "--table", table)
-        assert wait_until(lambda: " 32/32 1 AA " in b.run("status", "mir").stdout, 60)
-        fio = subprocess.Popen(["fio", "--name=mirror", "--ioengine=nbd",
-                                f"--uri=nbd+unix:///mir?socket={b.runtime}/nbd.sock", "--rw=randwrite",
-                                "--bs=64k", "--iodepth=4", "--verify=crc32c", "--verify_backlog=32", "--verify_state_save=0",
-                                "--time_based", "--runtime=6", "--output-format=json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert wait_until(lambda: "mir" in b.run("info", "mir").stdout and
-                          int(b.run("info", "-c", "--noheadings", "-o", "open", "mir").stdout.strip() or 0) > 0, 30)
-        assert fio.poll() is None
-        a.d.stop(9)                                  # machine A is lost
-        out, err = fio.communicate(timeout=120)
-        assert fio.returncode == 0, err
-        job = json.loads(out[out.index("{"):])["jobs"][0]
-        assert job["error"] == 0 and job["write"]["io_bytes"] > 0
-        assert wait_until(lambda: " 1 AD 1 core" in b.run("status", "mir").stdout, 30)
-        a.d.start(*a.args)                           # A is back with its device
-        b.run("load", "mir", "--table", f"0 {SIZE // 512} linear {local} 0")   # drop the dead leg
-        b.run("resume", "mir")
-        b.run("load", "mir", "--table", table)       # and bring it back: a full resync
-        b.run("resume", "mir")
-        assert wait_until(lambda: " 32/32 1 AA 1 core" in b.run("status", "mir").stdout, 60)
-        assert same_bytes(local, a.image)
-    finally:
-        if fio is not None and fio.poll() is None:
-            fio.kill()
-            fio.wait()
-        b.stop()
-        a.stop()
-
-
 @pytest.mark.hostile
 @pytest.mark.timeout(180)
 def test_tls_clients_that_never_read_replies_are_held_by_the_budget_and_cut_off(tmp_path, images, certs):

@@ -7,6 +7,10 @@ layers above register, e.g. `nbd://`; an *opaque* scheme is spelled without `//`
 `rbd:POOL/IMAGE`). A device leaves the cache, and its file descriptor is
 closed, when its last open closes.
 
+A remote device that died (its server went away: `mark_dead`) leaves the cache when the
+reference is opened again, and the new open connects afresh (a mirror reloaded with its leg
+back); the dead one is closed when its last open closes.
+
 The cache lock is never held while a device is being created (connecting to a slow NBD
 server takes seconds): a reference being opened is marked in `_opening`, and a second open of
 the same reference waits for that one, while opens of other references go ahead.
@@ -38,6 +42,8 @@ class BackingStores:
         self._schemes: dict[str, SchemeFactory] = {}
         #: schemes spelled `scheme:rest` (no `//`), like qemu's `rbd:`
         self._opaque: set[str] = set()
+        #: dead remote devices taken out of the cache while still open
+        self._retired: set[BlockDevice] = set()
         self.direct = direct
 
     def register_scheme(self, scheme: str, factory: SchemeFactory, *, opaque: bool = False) -> None:
@@ -62,6 +68,13 @@ class BackingStores:
         while True:
             with self._lock:
                 key, device = self._lookup(ref)
+                if device is not None and device.dead and isinstance(key, str):
+                    if device.opens:                # a dead export: connect afresh
+                        del self._devices[key]
+                        self._retired.add(device)
+                    else:
+                        self._evict_locked(key, device)
+                    device = None
                 if device is not None:
                     try:
                         return device.open(write=write, holder=holder, holder_ops=holder_ops)
@@ -123,8 +136,12 @@ class BackingStores:
 
     def _evict(self, key: object, device: BlockDevice) -> None:
         with self._lock:
-            if not device.opens and self._devices.get(key) is device:
+            if device.opens:
+                return
+            if self._devices.get(key) is device:
                 del self._devices[key]
+            elif device in self._retired:
+                self._retired.discard(device)
             else:
                 return
         device.close_backing()  # outside the lock: closing a remote export may take a while

@@ -97,6 +97,8 @@ class MappedDevice(BlockDevice):
         self._in_flight = 0
         #: (ref, write, shared) -> [device, refcount]; shared by live and inactive tables
         self._table_devices: dict[tuple[str, bool, bool], list] = {}
+        #: id(device) -> [device, refcount]: dead devices still held by the table that had them
+        self._retired_devices: dict[int, list] = {}
         self._event_hook: Callable[[MappedDevice], None] = lambda md: None
         #: the holder was frozen by a suspend (the kernel's DMF_FROZEN)
         self._frozen = False
@@ -162,6 +164,12 @@ class MappedDevice(BlockDevice):
         shared = shared or self.shared
         key = (ref, write, shared)
         entry = self._table_devices.get(key)
+        if entry is not None and entry[0].open.device.dead:
+            # the device died (a lost NBD server): the table that holds it keeps it, a new
+            # table opens the reference afresh (a mirror reloaded with its leg back)
+            self._retired_devices[id(entry[0])] = entry
+            del self._table_devices[key]
+            entry = None
         if entry is None and self.graph is not None:
             self.graph.check_ref(self, ref)  # before the open: an open of a cycle may hang
         if entry is None and ref.startswith(interposer.PREFIX):
@@ -194,11 +202,15 @@ class MappedDevice(BlockDevice):
     def _put_device(self, dev: TableDevice) -> None:
         key = (dev.ref, dev.open.write_mode, dev.shared)
         entry = self._table_devices.get(key)
-        if entry is None:
-            return
+        slot: dict = self._table_devices
+        if entry is None or entry[0] is not dev:
+            key, slot = id(dev), self._retired_devices
+            entry = slot.get(key)
+            if entry is None:
+                return
         entry[1] -= 1
         if entry[1] == 0:
-            del self._table_devices[key]
+            del slot[key]
             below = dev.open.device
             (below.dev if isinstance(below, interposer.InterposedView) else below).unlink_holder(self)
             dev.open.close()
