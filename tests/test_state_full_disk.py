@@ -125,6 +125,8 @@ def test_a_refused_commit_changes_nothing_in_process(small_fs, images):
             (m.load, ("a", "0 16 zero"), {}), (m.remove, ("a",), {}), (m.rename, ("a", "z"), {}),
             (m.rename, ("b",), {"uuid": "UB"}), (m.resume, ("b",), {}),
             (m.remove, ("a",), {"deferred": True}), (m.wipe_table, ("a",), {}),
+            # a big table goes to a file of its own first: that write fails, and leaves nothing
+            (m.load, ("a", "\n".join(f"{i * 8} 8 zero" for i in range(100_000))), {}),
         ]:
             with pytest.raises(DMError) as exc:
                 call(*args, **kwargs)
@@ -133,6 +135,7 @@ def test_a_refused_commit_changes_nothing_in_process(small_fs, images):
         assert m.list() == before
         assert m.find_name(uuid="UA") == "a"
         assert "c" not in m.export_names() and m.info("b")["suspended"]
+        assert not any((small_fs / "state" / "tables").glob("*"))
         filler.unlink()
         m.create("c", "0 8 zero")  # the minor, name and uuid refused before are free
         m.rename("b", uuid="UB")

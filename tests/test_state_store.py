@@ -57,3 +57,27 @@ def test_a_change_the_database_refuses_carries_an_errno_and_changes_nothing(tmp_
     assert "cannot save the create" in str(info.value)
     assert [d.name for d in store.load()] == ["a"]
     store.close()
+
+
+def test_a_big_table_lives_in_its_own_file_and_no_file_outlives_its_row(tmp_path):
+    big = "\n".join(f"{i * 8} 8 linear /var/lib/userdm/disk.img {i * 8}" for i in range(40_000))
+    assert len(big) >= state.BIG_TABLE
+    tables = tmp_path / state.TABLE_DIR
+    store = state.StateStore(str(tmp_path))
+    store.commit("create", state.device(state.SavedDevice("big", 0, live=state.SavedTable(big, False))))
+    store.commit("load", state.put_table(0, "inactive", big + "\n", True))
+    assert len(list(tables.iterdir())) == 2
+    store.close()
+
+    (tables / "0123.table").write_text("a transaction that a crash cut short")
+    store = state.StateStore(str(tmp_path))
+    (dev,) = store.load()
+    assert dev.live == state.SavedTable(big, False) and dev.inactive == state.SavedTable(big + "\n", True)
+    assert len(list(tables.iterdir())) == 2       # the orphan is gone at start
+    store.commit("resume", state.promote(0))      # the inactive file replaces the live one
+    assert len(list(tables.iterdir())) == 1
+    (dev,) = store.load()
+    assert dev.live == state.SavedTable(big + "\n", True) and dev.inactive is None
+    store.commit("remove", state.drop_device(0))
+    assert list(tables.iterdir()) == []
+    store.close()

@@ -13,6 +13,13 @@ EIO, EROFS ...) and a sentence; the caller then applies nothing. A store that ca
 (full disk at start, say) still loads: the daemon serves its devices and every change is
 refused until the disk has room again.
 
+A table text of `BIG_TABLE` bytes or more (a million segments is 40-65 MB) is written to its own
+file, `STATE_DIR/tables/NAME.table`, and synced before its transaction, outside the store's
+lock; its row names the file. So committing it does not hold every other change for the
+hundreds of milliseconds that writing it takes. A file that no row names (a transaction that
+failed, a crash in between, a table dropped or replaced) is removed after the next commit and
+at start.
+
 Migration: a `devices.json` written by earlier versions (a `{"version": 1, "devices": [...]}`
 document, rewritten whole on every change) is copied into the database in one transaction at
 the first start, and removed once that commit is durable; its leftover `devices.json.tmp.PID`
@@ -28,6 +35,7 @@ import logging
 import os
 import sqlite3
 import threading
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,6 +44,9 @@ from ..errors import DMError
 log = logging.getLogger("userdm.state")
 
 DB_FILE = "state.db"
+TABLE_DIR = "tables"
+#: a table text this long or longer is kept in a file of its own (see the module docstring)
+BIG_TABLE = 1 << 20
 LEGACY_FILE = "devices.json"
 SCHEMA_VERSION = 1
 
@@ -48,14 +59,15 @@ _SCHEMA = (
     " event_nr INTEGER NOT NULL, blockdev INTEGER NOT NULL DEFAULT 0, diskseq INTEGER NOT NULL DEFAULT 0)",
     "CREATE TABLE IF NOT EXISTS tables ("
     " minor INTEGER NOT NULL, slot TEXT NOT NULL CHECK (slot IN ('live', 'inactive')),"
-    " text TEXT NOT NULL, read_only INTEGER NOT NULL, PRIMARY KEY (minor, slot))",
+    " text TEXT NOT NULL, read_only INTEGER NOT NULL, file TEXT, PRIMARY KEY (minor, slot))",
     "CREATE INDEX IF NOT EXISTS devices_by_seq ON devices (seq)",
     f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}')",
 )
 
 #: columns added after version 1 of the schema: added to an older database at start
 _ADDED_COLUMNS = (("devices", "blockdev", "INTEGER NOT NULL DEFAULT 0"),
-                  ("devices", "diskseq", "INTEGER NOT NULL DEFAULT 0"))
+                  ("devices", "diskseq", "INTEGER NOT NULL DEFAULT 0"),
+                  ("tables", "file", "TEXT"))
 
 #: device columns that `flags` may change
 FLAG_COLUMNS = frozenset({"name", "uuid", "no_open", "suspended", "deferred_remove", "event_nr"})
@@ -136,9 +148,12 @@ def diskseq(minor: int, value: int) -> list[Step]:
              " MAX(CAST(value AS INTEGER), CAST(excluded.value AS INTEGER))", (str(value),))]
 
 
+_PUT_TABLE = "INSERT OR REPLACE INTO tables (minor, slot, text, read_only, file) VALUES (?, ?, ?, ?, ?)"
+
+
 def put_table(minor: int, slot: str, text: str, read_only: bool) -> list[Step]:
-    return [("INSERT OR REPLACE INTO tables (minor, slot, text, read_only) VALUES (?, ?, ?, ?)",
-             (minor, slot, text, int(read_only)))]
+    """A table text in a slot (a big one goes to a file of its own at the commit)."""
+    return [(_PUT_TABLE, (minor, slot, text, int(read_only), None))]
 
 
 def drop_table(minor: int, slot: str) -> list[Step]:
@@ -190,6 +205,10 @@ class StateStore:
         #: changes waiting for the next group commit (see `commit`)
         self._queue_lock = threading.Lock()
         self._queue: list[_Ticket] = []
+        self.table_dir = os.path.join(state_dir, TABLE_DIR)
+        #: table files written for changes not committed yet (under `_queue_lock`): kept by cleanups
+        self._inflight: set[str] = set()
+        self._has_files = os.path.isdir(self.table_dir)
         self._db: sqlite3.Connection | None = None
         #: steps that must precede the next change: the schema, a JSON migration not yet committed
         self._pending: list[Step] = []
@@ -201,6 +220,8 @@ class StateStore:
         except (sqlite3.Error, OSError) as exc:
             log.error("cannot open the state store %s: %s; changes are refused until it opens", self.path, exc)
         self._prepare()
+        with self._lock:
+            self._cleanup()  # files of transactions that a crash cut short
 
     def _open(self) -> sqlite3.Connection:
         if self._db is None:
@@ -274,9 +295,11 @@ class StateStore:
             return []
         assert self._db is not None
         with self._lock:
+            file_col = "file" if self._has_column("tables", "file") else "NULL"
             tables: dict[tuple[int, str], SavedTable] = {
-                (minor, slot): SavedTable(text, bool(ro))
-                for minor, slot, text, ro in self._db.execute("SELECT minor, slot, text, read_only FROM tables")}
+                (minor, slot): SavedTable(self._read_table(file) if file else text, bool(ro))
+                for minor, slot, text, ro, file in self._db.execute(
+                    f"SELECT minor, slot, text, read_only, {file_col} FROM tables")}
             out = []
             for row in self._db.execute(
                     "SELECT minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended,"
@@ -289,6 +312,19 @@ class StateStore:
                                        tables.get((minor, "live")), tables.get((minor, "inactive")), seq,
                                        bool(blockdev), diskseq))
             return out
+
+    def _read_table(self, name: str) -> str:
+        path = os.path.join(self.table_dir, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+        except OSError as exc:  # restore then reports the table as not built, and keeps its row
+            log.error("cannot read the saved table %s: %s", path, exc)
+            return f"cannot read the saved table {path}: {exc.strerror}"
+
+    def _has_column(self, table: str, column: str) -> bool:
+        assert self._db is not None
+        return any(row[1] == column for row in self._db.execute(f"PRAGMA table_info({table})"))
 
     def last_diskseq(self) -> int:
         """The highest disk sequence number ever handed out (`Mapper` continues after it)."""
@@ -309,16 +345,85 @@ class StateStore:
         own savepoint, so that one failing change fails alone) with one sync, where one
         transaction each would pay one sync each. Every change still returns only once it is
         durable."""
-        ticket = _Ticket(what, [step for change in changes for step in change])
+        steps, files = self._spill(what, [step for change in changes for step in change])
+        ticket = _Ticket(what, steps)
         with self._queue_lock:
             self._queue.append(ticket)
-        with self._lock:
-            if not ticket.done:
+        try:
+            with self._lock:
+                if not ticket.done:
+                    with self._queue_lock:
+                        batch, self._queue = self._queue, []
+                    self._commit_batch(batch)
+        finally:
+            if files:
                 with self._queue_lock:
-                    batch, self._queue = self._queue, []
-                self._commit_batch(batch)
+                    self._inflight.difference_update(files)
+                if ticket.error is not None or not ticket.done:
+                    self._unlink_tables(files)
         if ticket.error is not None:
             raise ticket.error
+
+    def _spill(self, what: str, steps: list[Step]) -> tuple[list[Step], list[str]]:
+        """Write each big table text of `steps` to a synced file of its own (outside any lock)
+        and name the file in its step instead; DMError (nothing kept) if that fails."""
+        if not any(sql is _PUT_TABLE and len(params[2]) >= BIG_TABLE for sql, params in steps):
+            return steps, []
+        out: list[Step] = []
+        files: list[str] = []
+        try:
+            os.makedirs(self.table_dir, mode=0o700, exist_ok=True)
+            self._has_files = True
+            for sql, params in steps:
+                if sql is _PUT_TABLE and len(params[2]) >= BIG_TABLE:
+                    name = f"{uuid.uuid4().hex}.table"
+                    with self._queue_lock:
+                        self._inflight.add(name)
+                    files.append(name)
+                    fd = os.open(os.path.join(self.table_dir, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        with open(fd, "w", encoding="utf-8", closefd=False) as f:
+                            f.write(params[2])
+                        os.fsync(fd)
+                    finally:
+                        os.close(fd)
+                    params = (params[0], params[1], "", params[3], name)
+                out.append((sql, params))
+            _fsync_dir(self.table_dir)
+        except OSError as exc:
+            with self._queue_lock:
+                self._inflight.difference_update(files)
+            self._unlink_tables(files)
+            error = store_error(exc, what, self.table_dir)
+            log.warning("refused: %s", error)
+            raise error from None
+        return out, files
+
+    def _unlink_tables(self, names) -> None:
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.table_dir, name))
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                log.warning("cannot remove %s: %s", os.path.join(self.table_dir, name), exc)
+
+    def _remove_unnamed_tables(self) -> None:
+        """Table files that no row names (under `_lock`, after a commit and at start)."""
+        if not self._has_files or self._db is None:
+            return
+        try:
+            present = set(os.listdir(self.table_dir))
+        except FileNotFoundError:
+            self._has_files = False
+            return
+        if not present:
+            return
+        if self._has_column("tables", "file"):
+            present -= {row[0] for row in self._db.execute("SELECT file FROM tables WHERE file IS NOT NULL")}
+        with self._queue_lock:
+            present -= self._inflight
+        self._unlink_tables(sorted(present))
 
     def _commit_batch(self, batch: list[_Ticket]) -> None:
         """Commit the queued changes (under `_lock`) and mark each done, or failed with its error."""
@@ -337,9 +442,17 @@ class StateStore:
                 if t.error is None:
                     t.error = store_error(exc, t.what, self.path)
             log.warning("refused: %s", batch[0].error)
+        else:
+            self._cleanup()
         finally:
             for t in batch:
                 t.done = True
+
+    def _cleanup(self) -> None:
+        try:
+            self._remove_unnamed_tables()
+        except (sqlite3.Error, OSError) as exc:
+            log.warning("cannot remove unused table files in %s: %s", self.table_dir, exc)
 
     def _transaction(self, work: list[_Ticket]) -> None:
         db = self._open()

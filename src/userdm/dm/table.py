@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import gc
+import sys
 import threading
 from bisect import bisect_right
 from collections.abc import Iterator
@@ -266,8 +267,10 @@ def _release(ctx: TargetContext) -> None:
 
 
 def build_table(text: str, ctx: TargetContext) -> Table:
-    """Parse, check and construct a table. On any refusal, targets built so far are destroyed."""
-    with _collector_paused():
+    """Parse, check and construct a table. On any refusal, targets built so far are destroyed.
+    A big one (`BIG_BUILD` bytes of text) is built handing the interpreter over more often
+    (`_yielding_often`), so that other devices' I/O and requests wait less for the GIL."""
+    with _collector_paused(), _yielding_often(len(text) >= BIG_BUILD):
         return _build_table(text, ctx)
 
 
@@ -306,6 +309,45 @@ def _collector_paused() -> Iterator[None]:
                 if gc.get_count()[0] >= FREEZE_AT:
                     gc.freeze()
                 gc.enable()
+
+
+#: a table text this long is a big build (a million segments is 40-65 MB)
+BIG_BUILD = 1 << 20
+#: the interpreter's switch interval while big builds run (Python's default is 5 ms)
+BIG_BUILD_SWITCH = 0.0005
+_yielding = 0
+_usual_switch = 0.005
+
+
+@contextlib.contextmanager
+def _yielding_often(big: bool) -> Iterator[None]:
+    """While a big table is built, a thread that waits for the interpreter (a request of another
+    device, a control request) gets it within BIG_BUILD_SWITCH, not the usual 5 ms, and it
+    needs it several times per request. The interval is the process's: set by the first big
+    build and put back by the last."""
+    global _yielding, _usual_switch
+    if not big:
+        yield
+        return
+    with _paused_lock:
+        _yielding += 1
+        if _yielding == 1:
+            _usual_switch = sys.getswitchinterval()
+            sys.setswitchinterval(BIG_BUILD_SWITCH)
+    try:
+        yield
+    finally:
+        with _paused_lock:
+            _yielding -= 1
+            if _yielding == 0:
+                sys.setswitchinterval(_usual_switch)
+
+
+def _free_lines(lines: list) -> None:
+    """Free a big list a slice at a time: freeing a million parsed lines at once is one call
+    that holds the interpreter for ~80 ms."""
+    while lines:
+        del lines[-8192:]
 
 
 def _checked_type(line: TableLine, lines: int, types: int) -> type[Target]:
@@ -348,4 +390,5 @@ def _build_table(text: str, ctx: TargetContext) -> Table:
             target.destroy()
         _release(ctx)
         raise
+    _free_lines(lines)
     return Table(targets, ctx, text, frozenset(classes.values()))
