@@ -50,6 +50,9 @@ BIG_TABLE = 1 << 20
 LEGACY_FILE = "devices.json"
 SCHEMA_VERSION = 1
 
+#: the rows that name table files, found without a scan of every table (`_remove_unnamed_tables`)
+_FILE_INDEX = "CREATE INDEX IF NOT EXISTS tables_by_file ON tables (file) WHERE file IS NOT NULL"
+
 _SCHEMA = (
     "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
     "CREATE TABLE IF NOT EXISTS devices ("
@@ -61,6 +64,7 @@ _SCHEMA = (
     " minor INTEGER NOT NULL, slot TEXT NOT NULL CHECK (slot IN ('live', 'inactive')),"
     " text TEXT NOT NULL, read_only INTEGER NOT NULL, file TEXT, PRIMARY KEY (minor, slot))",
     "CREATE INDEX IF NOT EXISTS devices_by_seq ON devices (seq)",
+    _FILE_INDEX,
     f"INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', '{SCHEMA_VERSION}')",
 )
 
@@ -254,7 +258,7 @@ class StateStore:
         if not has_schema:
             self._pending += [(sql, ()) for sql in _SCHEMA]
         else:
-            self._pending += self._missing_columns()
+            self._pending += self._upgrade_steps()
         legacy_path = os.path.join(self.state_dir, LEGACY_FILE)
         if os.path.exists(legacy_path):
             if has_schema and self._meta("migrated") is not None:
@@ -272,14 +276,15 @@ class StateStore:
             except DMError as exc:
                 log.error("%s", exc)
 
-    def _missing_columns(self) -> list[Step]:
-        """ALTER TABLE steps for the columns that a database of an earlier version lacks."""
+    def _upgrade_steps(self) -> list[Step]:
+        """The steps that bring a database of an earlier version to this schema: the columns
+        it lacks, and the index over table files."""
+        steps: list[Step] = [(f"ALTER TABLE {table} ADD COLUMN {column} {decl}", ())
+                             for table, column, decl in _ADDED_COLUMNS if not self._has_column(table, column)]
         assert self._db is not None
-        steps: list[Step] = []
-        for table, column, decl in _ADDED_COLUMNS:
-            have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in have:
-                steps.append((f"ALTER TABLE {table} ADD COLUMN {column} {decl}", ()))
+        if self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'index' AND name = 'tables_by_file'").fetchone() \
+                is None:
+            steps.append((_FILE_INDEX, ()))
         return steps
 
     def _meta(self, key: str) -> str | None:
@@ -303,7 +308,8 @@ class StateStore:
             out = []
             for row in self._db.execute(
                     "SELECT minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended,"
-                    " deferred_remove, event_nr, " + ("0, 0" if self._missing_columns() else "blockdev, diskseq") +
+                    " deferred_remove, event_nr, " + ", ".join(
+                        c if self._has_column("devices", c) else "0" for c in ("blockdev", "diskseq")) +
                     " FROM devices ORDER BY seq"):
                 (minor, seq, name, uuid, shared, autoclear, max_opens, no_open, interpose, suspended, deferred,
                  nr, blockdev, diskseq) = row
@@ -332,8 +338,8 @@ class StateStore:
             return 0
         with self._lock:
             row = self._db.execute("SELECT value FROM meta WHERE key = 'diskseq'").fetchone()
-            have = {r[1] for r in self._db.execute("PRAGMA table_info(devices)")}
-            top = self._db.execute("SELECT MAX(diskseq) FROM devices").fetchone()[0] if "diskseq" in have else 0
+            top = self._db.execute("SELECT MAX(diskseq) FROM devices").fetchone()[0] \
+                if self._has_column("devices", "diskseq") else 0
         return max(int(row[0]) if row else 0, top or 0)
 
     def commit(self, what: str, *changes: list[Step]) -> None:
