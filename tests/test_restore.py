@@ -7,6 +7,7 @@ temporary file, no half device and no duplicate."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -286,6 +287,9 @@ def test_a_keyed_live_table_and_a_loaded_table_both_survive_restarts(tmp_path, i
         try:
             info = m.info("dev")
             assert info["restore_error"].startswith("ENOKEY") and not info["live"]
+            with pytest.raises(DMError) as refused:  # no key yet: refused, and nothing changes
+                m.resume("dev")
+            assert refused.value.errno == errno.EAGAIN
             m.suspend("dev")
             m.message("dev", 0, f"key set {key}")
             m.resume("dev")

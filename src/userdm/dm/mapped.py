@@ -111,9 +111,10 @@ class MappedDevice(BlockDevice):
         self.saved_inactive: tuple[str, bool] | None = None
         #: the saved state said suspended: a late restore of the live table suspends it again
         self.saved_suspended = False
-        #: the inactive table is the saved live table, back without its key (`restore.await_key`):
-        #: the store keeps it in the live slot, and its inactive slot is `saved_inactive`'s
-        self.inactive_is_saved_live = False
+        #: the saved live table, back without its key in the inactive slot (`restore.await_key`):
+        #: while it is there, the store keeps it in the live slot, and the store's inactive slot
+        #: is `saved_inactive`'s
+        self.keyless_live: Table | None = None
         #: a table was loaded since the restore: `resume` swaps it in rather than retrying the saved one
         self.loaded_since_restore = False
         #: why a saved table is not built ("ENOENT: ..."), shown by `info`
@@ -230,7 +231,6 @@ class MappedDevice(BlockDevice):
                 if self.graph is not None:
                     self.graph.check_table(self, table, keep=self.live)
                 old, self.inactive = self.inactive, table
-                self.inactive_is_saved_live = False
         except BaseException:
             table.destroy()
             raise
@@ -262,7 +262,6 @@ class MappedDevice(BlockDevice):
 
     def clear(self) -> None:
         old, self.inactive = self.inactive, None
-        self.inactive_is_saved_live = False
         if old is not None:
             old.destroy()
 
@@ -357,7 +356,6 @@ class MappedDevice(BlockDevice):
         for target in new.targets:
             target.preresume()
         self.live, self.inactive = new, None if from_inactive else self.inactive
-        self.inactive_is_saved_live = self.inactive_is_saved_live and not from_inactive
         self.size = new.size
         self.logical_block_size = new.logical_block_size
         self.read_only = new.read_only

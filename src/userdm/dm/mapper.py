@@ -623,7 +623,7 @@ class Mapper:
         old_live = md.live
         swap = md.inactive is not None
         # the saved live table back with its key: the store has it in the live slot already
-        keyed_live = swap and md.inactive_is_saved_live
+        keyed_live = swap and md.inactive is md.keyless_live
         if swap:
             self._commit("resume", [] if keyed_live else state_file.promote(md.minor),
                          state_file.flags(md.minor, suspended=False, event_nr=md.event_nr))
@@ -654,6 +654,7 @@ class Mapper:
                     log.error("cannot undo the failed resume of %s in the state store: %s", md.name, exc)
             raise
         self._attach(md)
+        md.keyless_live = None
         if keyed_live and md.saved_inactive is not None:
             try:  # the table saved beside it waited for the inactive slot
                 self._restorer.build(md)

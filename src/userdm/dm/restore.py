@@ -77,7 +77,8 @@ def await_key(md: MappedDevice, table: Any, *, saved_live: bool) -> None:
         if target.has_keys:
             target.forget_key()
     md.set_inactive(table)
-    md.inactive_is_saved_live = saved_live
+    if saved_live:
+        md.keyless_live = table
     kinds = "/".join(sorted({t.name for t in table.targets if t.has_keys}))
     md.restore_error = f"ENOKEY: {kinds} table needs its key again (keys are never saved)"
     log.info("%s: %s", md.name, md.restore_error)
