@@ -315,6 +315,13 @@ class BlockOpen:
                 failure.read_failed(self.device, offset, len(buf), exc)
             raise
 
+    def splice_into(self, offset: int, length: int, pipe: int) -> bool:
+        """Move the bytes into a pipe by reference, if the device can (see
+        `MappedDevice.splice_into`); False: read them instead (drain the pipe first)."""
+        self._check(offset, length, False)
+        splice = getattr(self.device, "splice_into", None)
+        return splice is not None and splice(offset, length, pipe)
+
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto(offset, buf)

@@ -511,6 +511,17 @@ class MappedDevice(BlockDevice):
         finally:
             self._leave(table)
 
+    def splice_into(self, offset: int, length: int, pipe: int) -> bool:
+        """Move the `length` bytes at `offset` into the pipe `pipe` by reference when they lie
+        whole in one file below a collapsed table (a FUSE reply then costs one copy, not two);
+        False otherwise, and the caller reads them (the pipe may hold a part: drain it)."""
+        table = self._enter()
+        try:
+            where = table.place(offset, length) if table.__class__ is collapse.Flat else None
+            return where is not None and collapse.splice_file(where[0], where[1], length, pipe)
+        finally:
+            self._leave(table)
+
     def write(self, offset: int, data: memoryview | bytes, fua: bool = False) -> None:
         table = self._enter()
         try:

@@ -211,6 +211,15 @@ class DeviceFiles:
             h.readinto(offset, buf if n == len(buf) else buf[:n])
         return n
 
+    def read_length(self, fh: int, offset: int, size: int) -> int:
+        """How many of `size` bytes at `offset` a read returns (short at the end, 0 past it)."""
+        return max(0, min(size, self._handle(fh).open.size - offset))
+
+    def splice_into(self, fh: int, offset: int, n: int, pipe: int) -> bool:
+        """Move `n` bytes (a `read_length`) into a pipe by reference if the device can; False:
+        read them instead, after draining the pipe."""
+        return self._handle(fh).open.splice_into(offset, n, pipe)
+
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         """Write what fits before the end of the device (a block device's short write); ENOSPC past it."""
         h = self._handle(fh).open

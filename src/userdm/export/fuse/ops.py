@@ -38,12 +38,25 @@ REQUEST_BUFFER = MAX_WRITE + 4096
 #: the reply buffer: the largest READ after its out header
 REPLY_BUFFER = P.OUT_HEADER_SIZE + MAX_WRITE
 
+#: READs this big are spliced from the file into the reply when they can (`splice_read`)
+SPLICE_MIN = 64 * 1024
+
 #: what we take of what the kernel offers at INIT (not ASYNC_READ: it is for readahead, which
 #: direct_io files do not do; it measured slower for loop devices); ATOMIC_O_TRUNC: O_TRUNC comes with OPEN,
 #: which ignores it as a block device does (else the kernel would send a SETATTR of size 0)
 WANT = P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.ASYNC_DIO | P.MAX_PAGES | P.PARALLEL_DIROPS
 MAX_BACKGROUND = 128         # async direct I/O in flight (loop devices queue up to 128 requests)
 CONGESTION_THRESHOLD = 96
+
+
+def drain(fd: int) -> None:
+    """Empty the pipe whose (nonblocking) read end is `fd`."""
+    while True:
+        try:
+            if not os.read(fd, 1 << 20):
+                return
+        except BlockingIOError:
+            return
 
 
 def attr_fields(a: Attr) -> P.AttrFields:
@@ -56,6 +69,7 @@ class DeviceOperations:
     def __init__(self, files: DeviceFiles) -> None:
         self.files = files
         self.interrupts = 0          # INTERRUPTs received (answered by finishing the request)
+        self.spliced = 0             # READs answered by splice (`_splice_read`)
         self.destroyed = False
         self._ops: dict[int, Callable[[P.Request], bytes | None]] = {
             P.INIT: self._init, P.LOOKUP: self._lookup, P.GETATTR: self._getattr,
@@ -67,9 +81,12 @@ class DeviceOperations:
             P.FORGET: self._forget, P.BATCH_FORGET: self._forget, P.INTERRUPT: self._interrupt,
         }
 
-    def serve(self, message: memoryview, reply_buf: memoryview) -> tuple[int, bytes | memoryview | None]:
+    def serve(self, message: memoryview, reply_buf: memoryview,
+              pipe: tuple[int, int, int] | None = None) -> tuple[int, bytes | memoryview | int | None]:
         """(opcode, reply) for one message read from the device (see `handle`). READ and WRITE
         take a short cut past `decode`: one unpack of header and arguments, no objects built.
+        With a `pipe` (read end, write end, room; empty), a big READ that fits may be answered
+        in the pipe: the reply is then the number of bytes waiting there, to splice to the device.
         Raises `protocol.ProtocolError` for a malformed message."""
         n = len(message)
         if n >= P.READ_REQUEST.size:
@@ -79,6 +96,10 @@ class DeviceOperations:
                 try:
                     if opcode == P.READ:
                         size = min(size, len(reply_buf) - P.OUT_HEADER_SIZE)
+                        if pipe is not None and SPLICE_MIN <= size <= pipe[2]:
+                            spliced = self._splice_read(unique, fh, offset, size, pipe)
+                            if spliced:
+                                return opcode, spliced
                         got = self.files.readinto(fh, offset, reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size])
                         P.pack_read_header(reply_buf, unique, got)
                         return opcode, reply_buf[:P.OUT_HEADER_SIZE + got]
@@ -92,6 +113,24 @@ class DeviceOperations:
                     return opcode, P.reply_error(unique, errno.EIO)
         req = P.decode(message)
         return req.opcode, self.handle(req, reply_buf)
+
+    def _splice_read(self, unique: int, fh: int, offset: int, size: int, pipe: tuple[int, int, int]) -> int:
+        """Answer a READ in `pipe`: the reply header, then the data by reference (one copy in
+        all, the kernel's into the reader's pages, where `readinto` + write make two). Returns
+        the reply's length, or 0 with the pipe empty: the device cannot splice it, read it."""
+        n = self.files.read_length(fh, offset, size)
+        header = bytearray(P.OUT_HEADER_SIZE)
+        P.pack_read_header(header, unique, n)
+        os.write(pipe[1], header)
+        try:
+            if not n or self.files.splice_into(fh, offset, n, pipe[1]):
+                self.spliced += 1
+                return P.OUT_HEADER_SIZE + n
+        except BaseException:
+            drain(pipe[0])
+            raise
+        drain(pipe[0])
+        return 0
 
     def handle(self, req: P.Request, reply_buf: memoryview) -> bytes | memoryview | None:
         """The reply to `req` (None: none is due). A READ's reply is a view of `reply_buf`."""
