@@ -9,6 +9,8 @@ request (nonblocking; when none is queued, wait in epoll with EPOLLEXCLUSIVE, so
 wakes one thread), `protocol.decode` it, let `ops.handle` answer it, write the reply in one
 `os.write`. A READ's data is read by the device straight into the reply buffer behind the
 header and a WRITE's data is a view of the request buffer: no copies besides the kernel's.
+A big READ that lies in one file is spliced instead (file -> the thread's pipe -> /dev/fuse:
+the page cache is copied once, straight into the reader's pages; `ops.SPLICE_MIN`).
 
 - a thread that takes a request while no other thread waits for the next one starts another,
   up to BUSY_THREADS: enough to keep both sides busy, not so many that they queue for the GIL
