@@ -14,6 +14,7 @@ import pytest
 
 from conftest import wait_until
 from userdm import Mapper
+from userdm.errors import DMError
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -212,6 +213,63 @@ def test_big_reads_are_spliced_from_the_file_and_read_what_the_device_holds(tmp_
         os.close(pipe[0])
         os.close(pipe[1])
         assert ops.spliced == 8 + (pipe[2] >= MiB)
+    finally:
+        export.stop()
+        m.close()
+
+
+def test_passthrough_opens_do_their_io_in_the_kernel_and_pin_their_device(tmp_path):
+    """With passthrough, an open of a device that maps one file byte for byte reads and writes
+    that file in the kernel (nothing reaches the server), and pins the device: suspend and a
+    reload's resume are refused with EBUSY until it closes. Other devices, and opens made
+    while the device is suspended, come through userdm; a deferred remove fires at the close."""
+    a = tmp_path / "a.img"
+    data = bytearray(os.urandom(8 * MiB))
+    a.write_bytes(data)
+    m = Mapper()
+    m.create("whole", f"0 {8 * MiB // 512} linear {a} 0")
+    m.create("off", f"0 {4 * MiB // 512} linear {a} {4 * MiB // 512}")      # not at offset 0
+    m.create("part", f"0 {4 * MiB // 512} linear {a} 0")                     # not the whole file
+    export = FuseExport(m, tmp_path / "mapper", passthrough=True)
+    export.start()
+    ops = export._ops
+    path = lambda name: os.path.join(export.mountpoint, name)   # noqa: E731
+    try:
+        fd = os.open(path("whole"), os.O_RDWR)
+        try:
+            assert (ops.passthrough_opens, m.device("whole").kernel_io_opens) == (1, 1)
+            assert os.pread(fd, 512 * 1024, 4096) == data[4096:4096 + 512 * 1024]
+            os.pwrite(fd, b"through the kernel", 100)
+            with open(a, "rb") as f:
+                f.seek(100)
+                assert f.read(18) == b"through the kernel"
+            data[100:118] = b"through the kernel"
+            assert ops.spliced == 0                          # the big read never came here
+            with pytest.raises(DMError) as refused:
+                m.suspend("whole")
+            assert refused.value.errno == errno.EBUSY and "whole" in str(refused.value)
+            m.load("whole", f"0 {8 * MiB // 512} zero")
+            with pytest.raises(DMError) as refused:
+                m.resume("whole")
+            assert refused.value.errno == errno.EBUSY
+            assert m.table("whole")[0][2] == "linear"
+            m.clear("whole")
+            for name in ("off", "part"):                     # these come through userdm
+                with open(path(name), "rb", buffering=0) as f:
+                    assert f.read(512 * 1024) == data[4 * MiB if name == "off" else 0:][:512 * 1024]
+            assert ops.passthrough_opens == 1 and ops.spliced == 2
+            m.remove("whole", deferred=True)
+        finally:
+            os.close(fd)
+        assert wait_until(lambda: "whole" not in m.export_names())   # the release fired the removal
+        m.suspend("off")
+        fd = os.open(path("off"), os.O_RDONLY)               # opened while suspended: held I/O
+        try:
+            m.resume("off")
+            assert os.pread(fd, 4096, 0) == data[4 * MiB:4 * MiB + 4096]
+            assert ops.passthrough_opens == 1
+        finally:
+            os.close(fd)
     finally:
         export.stop()
         m.close()

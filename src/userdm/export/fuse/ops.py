@@ -18,7 +18,9 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from ...errors import DMError
 from . import protocol as P
@@ -49,6 +51,14 @@ MAX_BACKGROUND = 128         # async direct I/O in flight (loop devices queue up
 CONGESTION_THRESHOLD = 96
 
 
+class BackingFiles(Protocol):
+    """What registers backing files with the kernel's FUSE connection (`server.Session`)."""
+
+    def open_backing(self, fd: int) -> int: ...
+
+    def close_backing(self, backing_id: int) -> None: ...
+
+
 def drain(fd: int) -> None:
     """Empty the pipe whose (nonblocking) read end is `fd`."""
     while True:
@@ -70,6 +80,12 @@ class DeviceOperations:
         self.files = files
         self.interrupts = 0          # INTERRUPTs received (answered by finishing the request)
         self.spliced = 0             # READs answered by splice (`_splice_read`)
+        #: registers backing files with the kernel for passthrough opens (the `Session`); None:
+        #: every open's I/O comes here
+        self.backing: BackingFiles | None = None
+        self.passthrough_opens = 0   # opens answered with FOPEN_PASSTHROUGH
+        self._backing_ids: dict[int, list[int]] = {}   # inode -> [backing id, passthrough opens]
+        self._lock = threading.Lock()
         self.destroyed = False
         self._ops: dict[int, Callable[[P.Request], bytes | None]] = {
             P.INIT: self._init, P.LOOKUP: self._lookup, P.GETATTR: self._getattr,
@@ -156,8 +172,11 @@ class DeviceOperations:
         if init.major != P.KERNEL_VERSION:
             # a newer major: answer with ours and let the kernel send INIT again (or give up)
             return P.reply(req.unique, P.INIT_OUT.pack(P.KERNEL_VERSION, P.MINOR_VERSION,
-                                                       *([0] * 9)))
-        return P.reply(req.unique, P.init_out(init, want=WANT, max_write=MAX_WRITE, max_pages=MAX_PAGES,
+                                                       *([0] * 10)))
+        with self._lock:
+            self._backing_ids.clear()     # a new connection: the old one's ids died with it
+        want = WANT | (P.PASSTHROUGH if self.backing is not None else 0)
+        return P.reply(req.unique, P.init_out(init, want=want, max_write=MAX_WRITE, max_pages=MAX_PAGES,
                                               max_background=MAX_BACKGROUND,
                                               congestion_threshold=CONGESTION_THRESHOLD))
 
@@ -237,8 +256,35 @@ class DeviceOperations:
     def _open(self, req: P.Request) -> bytes:
         if req.nodeid == ROOT_INODE:
             raise DMError(errno.EISDIR, "the mount directory is not a device")
-        fh = self.files.open(req.nodeid, (req.args.flags & os.O_ACCMODE) != os.O_RDONLY)
+        write = (req.args.flags & os.O_ACCMODE) != os.O_RDONLY
+        fh = self.files.open(req.nodeid, write)
+        backing_id = self._passthrough(req.nodeid, fh, write) if self.backing is not None else 0
+        if backing_id:
+            return P.reply(req.unique, P.open_out(fh, P.FOPEN_PASSTHROUGH, backing_id))
         return P.reply(req.unique, P.open_out(fh, P.FOPEN_DIRECT_IO | P.FOPEN_PARALLEL_DIRECT_WRITES))
+
+    def _passthrough(self, ino: int, fh: int, write: bool) -> int:
+        """The backing id for open `fh` to do its I/O in the kernel, straight on the file its
+        device maps byte for byte (pinned: `MappedDevice.pin_kernel_io`), or 0. Every
+        passthrough open of an inode shares one id (the kernel wants one backing file per
+        inode); it is closed with the inode's last passthrough open."""
+        fd = self.files.pin_kernel_io(fh, write)
+        if fd is None:
+            return 0
+        assert self.backing is not None
+        with self._lock:
+            entry = self._backing_ids.get(ino)
+            if entry is None:
+                try:
+                    entry = self._backing_ids[ino] = [self.backing.open_backing(fd), 0]
+                except OSError as exc:
+                    self.files.unpin_kernel_io(fh)
+                    log.warning("FUSE passthrough of inode %d refused by the kernel (%s); its I/O "
+                                "comes through userdm", ino, exc)
+                    return 0
+            entry[1] += 1
+            self.passthrough_opens += 1
+            return entry[0]
 
     def _read(self, req: P.Request, reply_buf: memoryview) -> memoryview:
         args: P.ReadIn = req.args
@@ -256,8 +302,25 @@ class DeviceOperations:
         return P.reply(req.unique)
 
     def _release(self, req: P.Request) -> bytes:
-        self.files.release(req.args.fh)   # a no-op after release_all
+        if self.files.release(req.args.fh):   # a no-op after release_all
+            self._drop_backing(req.nodeid)
         return P.reply(req.unique)
+
+    def _drop_backing(self, ino: int) -> None:
+        """One passthrough open of `ino` closed: its last closes the backing id."""
+        with self._lock:
+            entry = self._backing_ids.get(ino)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del self._backing_ids[ino]
+        if self.backing is not None:
+            try:
+                self.backing.close_backing(entry[0])
+            except OSError as exc:
+                log.debug("closing FUSE backing id %d: %s", entry[0], exc)
 
     def _fallocate(self, req: P.Request) -> bytes:
         args: P.FallocateIn = req.args

@@ -55,6 +55,9 @@ MAX_IDLE = 8         # idle threads kept beyond IDLE_EXIT seconds (not at once: 
 IDLE_EXIT = 10.0
 
 FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501   # _IOW(229, 1, struct fuse_backing_map)
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
+BACKING_MAP = struct.Struct("<iIQ")      # fd, flags, padding
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PAGE = 4096
 MS_NOSUID, MS_NODEV = 0x2, 0x4
@@ -303,6 +306,16 @@ class Session:
             self.on_end()
         except Exception:
             log.exception("FUSE at %s: end callback failed", self.mountpoint)
+
+    # ---- backing files (FUSE passthrough) ----------------------------------------------
+
+    def open_backing(self, fd: int) -> int:
+        """Register the file `fd` with the kernel for passthrough opens; returns its backing
+        id (needs CAP_SYS_ADMIN and a kernel with FUSE passthrough: OSError otherwise)."""
+        return fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_OPEN, bytearray(BACKING_MAP.pack(fd, 0, 0)), True)
+
+    def close_backing(self, backing_id: int) -> None:
+        fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("<I", backing_id)), True)
 
     # ---- notifications and stop --------------------------------------------------------
 
