@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import threads_held_by_suspends, wait_until
 from userdm import Mapper
 from userdm.errors import DMError
 
@@ -115,8 +115,7 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
                    for _ in range(BUSY_THREADS + 3)]
         for t in readers:
             t.start()
-        session = export._session
-        assert wait_until(lambda: session._alive - session._waiting >= len(readers))  # all held inside
+        assert wait_until(lambda: threads_held_by_suspends() >= len(readers))  # all held inside
         assert not got
         with open(os.path.join(export.mountpoint, "other"), "r+b") as f:
             f.write(b"served")
