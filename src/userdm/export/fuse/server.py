@@ -50,7 +50,7 @@ log = logging.getLogger("userdm.fuse")
 MIN_THREADS = 2      # waiting at start: a loop device's 1 MiB request comes as two FUSE requests
 BUSY_THREADS = 4     # threads started at once when none waits for the next request
 MAX_THREADS = 64     # requests served (or blocked in suspended devices) at once
-STALL_TICK = 0.002   # the watchdog's period while every thread is busy
+STALL_TICK = 0.001   # the watchdog's period while every thread is busy
 MAX_IDLE = 8         # idle threads kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
 IDLE_EXIT = 10.0
 
