@@ -73,7 +73,9 @@ class BlockDevice:
         self.logical_block_size = logical_block_size
         self.read_only = read_only
         self._opens_lock = threading.Lock()
-        self.opens: list[BlockOpen] = []
+        #: the open handles, in open order: a dict used as an ordered set, so a close is O(1)
+        #: (one file under 10,000 linear devices has 10,000 opens; a list's remove scanned them)
+        self.opens: dict[BlockOpen, None] = {}
         self.holder: object | None = None
         self.holder_count = 0
         self.holder_ops: HolderOps | None = None
@@ -154,7 +156,7 @@ class BlockDevice:
                 if holder_ops is not None:
                     self.holder_ops = holder_ops
             handle = BlockOpen(self, write, holder)
-            self.opens.append(handle)
+            self.opens[handle] = None
         self.opened(handle)
         for hook in list(self._open_change_hooks):
             hook(self)
@@ -188,7 +190,7 @@ class BlockDevice:
 
     def _close(self, handle: "BlockOpen") -> None:
         with self._opens_lock:
-            self.opens.remove(handle)
+            del self.opens[handle]
             if handle.holder is not None:
                 self.holder_count -= 1
                 if self.holder_count == 0:
