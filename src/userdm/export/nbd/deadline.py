@@ -46,9 +46,6 @@ class HandshakeDeadline:
         self._kernel = isinstance(sock, socket.socket)
         sock.settimeout(None)   # blocking: each call is one system call
 
-    def left(self) -> float | None:
-        return None if self.at is None else self.at - time.monotonic()
-
     def arm(self) -> bool:
         """Before a receive or send: limit it to what is left; False once nothing is."""
         if self.at is None:
