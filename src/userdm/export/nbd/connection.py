@@ -3,13 +3,15 @@
 The transmission phase has one reader thread and a small worker pool:
 - the reader receives requests in batches into one buffer (`recv_into`, many headers per
   system call under load) and runs small READs and WRITEs inline: a WRITE's payload is used
-  where it landed in the receive buffer, a READ's data goes into a preallocated arena, and
-  the replies of a batch leave in one `sendmsg` (header + data, no copies);
+  where it landed in the receive buffer, and the replies of a batch are written one after
+  the other into a preallocated arena (a READ's data right after its header), so that they
+  leave in one piece (one system call, and one TLS write);
 - big requests (over `inline_max`), FUA writes, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS go
   to worker threads with their own preallocated mmap buffers (only touched pages cost memory)
-  and are answered as they complete, so requests are in flight concurrently; if an inline
-  request turns out slow (a remote or suspended device), the reader dispatches everything
-  for a while;
+  and are answered as they complete, so requests are in flight concurrently; if inline
+  requests turn out slow while the process was idle (a remote or suspended device, not a
+  reader that waited for the GIL while other connections ran), the reader dispatches
+  everything for a while;
 - a big WRITE's payload is received (`recv_into`, MSG_WAITALL) straight into its task buffer:
   after one, the reader receives only the next request's header, so that a stream of big
   writes is never copied out of the batch buffer;
@@ -71,6 +73,7 @@ MAX_BATCH = 64                # replies per send
 SEND_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at net.core.wmem_max)
 SLOW_REQUEST = 0.0003        # SLOW_STREAK inline requests in a row slower than this ...
 SLOW_STREAK = 4
+OTHERS_BUSY = 0.5             # ... unless other threads of the process ran this share of that time
 SLOW_BACKOFF = 1000           # ... make the next this many requests go to the workers
 FAST_IN_FLIGHT = max(2, os.cpu_count() or 2)  # dispatched requests in flight while the device keeps up
 SLOW_WAIT = 0.005             # a reader that waited this long for a free slot: the device is slow
@@ -315,11 +318,13 @@ class Connection:
         check = export.check
         readinto = handle.readinto
         write = handle.write
+        device = handle.device   # its size is live (a resize); `handle.size` is a property over it
         unpack = REQUEST.unpack_from
         perf = time.perf_counter
         header_only = False  # receive just the next request header (see below)
         dispatch_until = 0   # while > 0: the device is slow, dispatch everything
         slow = 0             # inline requests in a row that were slow
+        window = (0.0, 0.0)  # when the first of them ended, and the CPU time of the other threads then
         last = 0.0           # when the last inline request ended (or the reader last waited)
         try:
             while not self._closing:
@@ -415,9 +420,9 @@ class Connection:
                     apos = run = replies = 0
                     last = perf()
                 reply = None
-                err = check(flags, cmd, offset, length, handle.size)
+                err = check(flags, cmd, offset, length, device.size)
                 if err:
-                    reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, handle.size), structured)
+                    reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, device.size), structured)
                 else:
                     try:
                         if cmd == _READ:
@@ -447,9 +452,13 @@ class Connection:
                 if now - last <= SLOW_REQUEST:
                     slow = 0
                 else:
+                    if not slow:
+                        window = (now, _cpu_of_others())
                     slow += 1
                     if slow >= SLOW_STREAK:
-                        dispatch_until, slow = SLOW_BACKOFF, 0
+                        slow = 0
+                        if _waited_for_device(window, now):
+                            dispatch_until = SLOW_BACKOFF
                 last = now
                 if replies >= MAX_BATCH:
                     self._send_batch(out, aview, run, apos)
@@ -699,6 +708,12 @@ class _WorkerPool:
             try:
                 data = buf.view[:length] if buf is not None else None
                 parts = execute(handle, export, check, flags, cmd, cookie, offset, length, data)
+                if buf is not None and cmd != _READ:
+                    # the payload is spent: the buffer serves the next request, which the client
+                    # may send as soon as it has this reply (a second buffer would stay held)
+                    data = _release(data)
+                    self._recycle(buf)
+                    buf = None
                 if not conn._aborted:
                     conn._send(parts)
                 parts = None
@@ -708,12 +723,7 @@ class _WorkerPool:
             except Exception:
                 log.exception("nbd: worker failed")
             finally:
-                if data is not None:
-                    try:
-                        data.release()
-                    except BufferError:
-                        pass
-                    data = None
+                data = _release(data)
                 if buf is not None:
                     self._recycle(buf)
                 self._done()
@@ -753,6 +763,30 @@ class _WorkerPool:
                 pass
         self.conn = None
         self.threads = []
+
+
+def _release(view: memoryview | None) -> None:
+    """Release a view of a task buffer (None); one still exported somewhere stays valid."""
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:
+            pass
+    return None
+
+
+def _cpu_of_others() -> float:
+    """CPU seconds the process's other threads have used (two system calls)."""
+    return time.process_time() - time.thread_time()
+
+
+def _waited_for_device(window: tuple[float, float], now: float) -> bool:
+    """Inline requests were slow from window[0] to `now`: was it the device (a remote or
+    suspended one: the process was idle meanwhile) rather than the other threads (other
+    connections, which take the GIL while this reader waits for it: dispatching would only
+    add hand-offs between threads)?"""
+    start, others = window
+    return _cpu_of_others() - others < OTHERS_BUSY * (now - start)
 
 
 def _failure(exc: Exception, cmd: int, cookie: int, structured: bool) -> bytes:
