@@ -67,7 +67,7 @@ log = logging.getLogger("userdm.nbd")
 _PAGE = mmap.PAGESIZE
 MAX_EXTENTS = 1024
 RECV_BUFFER = 80 * 1024  # batch receive buffer
-ARENA = 1024 * 1024           # inline READ data of one reply batch
+ARENA = 1024 * 1024           # the inline replies of one batch (READ headers and data)
 INLINE_MAX = 64 * 1024        # larger requests go to the workers
 MAX_BATCH = 64                # replies per send
 SEND_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at net.core.wmem_max)
@@ -327,7 +327,7 @@ class Connection:
         dispatch_until = 0   # while > 0: the device is slow, dispatch everything
         slow = 0             # inline requests in a row that were slow
         window = (0.0, 0.0)  # when the first of them ended, and the CPU time of the other threads then
-        last = 0.0           # when the last inline request ended (or the reader last waited)
+        last = perf()        # when the last inline request ended (or the reader last waited)
         try:
             while not self._closing:
                 if end - start < REQUEST_SIZE:
