@@ -73,7 +73,8 @@ MAX_BATCH = 64                # replies per send
 SEND_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at net.core.wmem_max)
 SLOW_REQUEST = 0.0003        # SLOW_STREAK inline requests in a row slower than this ...
 SLOW_STREAK = 4
-OTHERS_BUSY = 0.5             # ... unless other threads of the process ran this share of that time
+OTHERS_BUSY = 0.5             # ... unless other threads of the process ran, or this one waited
+                              # for a CPU, this share of that time
 SLOW_BACKOFF = 1000           # ... make the next this many requests go to the workers
 FAST_IN_FLIGHT = max(2, os.cpu_count() or 2)  # dispatched requests in flight while the device keeps up
 SLOW_WAIT = 0.005             # a reader that waited this long for a free slot: the device is slow
@@ -326,7 +327,7 @@ class Connection:
         header_only = False  # receive just the next request header (see below)
         dispatch_until = 0   # while > 0: the device is slow, dispatch everything
         slow = 0             # inline requests in a row that were slow
-        window = (0.0, 0.0)  # when the first of them ended, and the CPU time of the other threads then
+        window = (0.0, 0.0, 0.0)  # when the first of them ended, other threads' CPU time, time queued
         last = perf()        # when the last inline request ended (or the reader last waited)
         try:
             while not self._closing:
@@ -459,7 +460,7 @@ class Connection:
                     slow = 0
                 else:
                     if not slow:
-                        window = (now, _cpu_of_others())
+                        window = (now, _cpu_of_others(), _queued())
                     slow += 1
                     if slow >= SLOW_STREAK:
                         slow = 0
@@ -786,13 +787,23 @@ def _cpu_of_others() -> float:
     return time.process_time() - time.thread_time()
 
 
-def _waited_for_device(window: tuple[float, float], now: float) -> bool:
+def _queued() -> float:
+    """Seconds this thread has waited for a CPU while runnable (0 where the kernel does not say)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _waited_for_device(window: tuple[float, float, float], now: float) -> bool:
     """Inline requests were slow from window[0] to `now`: was it the device (a remote or
-    suspended one: the process was idle meanwhile) rather than the other threads (other
-    connections, which take the GIL while this reader waits for it: dispatching would only
-    add hand-offs between threads)?"""
-    start, others = window
-    return _cpu_of_others() - others < OTHERS_BUSY * (now - start)
+    suspended one: the process was idle meanwhile)? Not if the other threads ran (other
+    connections, which take the GIL while this reader waits for it) or this one waited for a
+    CPU (a loaded machine): dispatching would only add hand-offs between threads."""
+    start, others, queued = window
+    limit = OTHERS_BUSY * (now - start)
+    return _cpu_of_others() - others < limit and _queued() - queued < limit
 
 
 def _failure(exc: Exception, cmd: int, cookie: int, structured: bool) -> bytes:
