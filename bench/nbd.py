@@ -17,7 +17,7 @@ server against the peers. Usage:
 
     PYTHONPATH=src python3 bench/nbd.py [--mib 1024] [--runtime 3] [--rounds 3] [--dir DIR]
         [--jobs write,qd16] [--servers daemon,userdm,nbdkit] [--conns 1,4]
-        [--baseline-src DIR] [--tls] [--no-fuse]
+        [--baseline-src DIR [--baseline-as daemon]] [--tls] [--no-fuse]
 
 `--tls`: every NBD connection does STARTTLS (X.509 certificates made for the run by
 scripts/tls-certs.sh): userdm with `--tls-certificates`, `nbdkit --tls=require`, qemu-nbd
@@ -27,7 +27,12 @@ so fio runs with HOME set to the run's directory). The raw file is measured as w
 
 `--baseline-src` adds a second userdm server run from another source tree, for before/after
 figures taken in one run, e.g. with the last commit's code:
-`git archive HEAD src | tar -x -C /tmp/base && ... --baseline-src /tmp/base/src`.
+`git archive HEAD src | tar -x -C /tmp/base && ... --baseline-src /tmp/base/src`;
+`--baseline-as daemon` runs that tree as a `userdm daemon` (compare it with "daemon").
+
+After the rates, the CPU time each server process used per request is printed (user +
+system, read from /proc): on a shared machine it moves much less than the rates, which
+depend on how the scheduler places the client and the server on the CPUs.
 
 The file lives in /dev/shm by default: this machine runs DAMON proactive reclaim (kdamond),
 which evicts a file's page cache within seconds, so a file in /var/tmp is measured at the
@@ -89,10 +94,10 @@ def serve(sock: str, path: str, certs: str | None = None) -> None:
 
 
 def start_daemon(stack: ExitStack, work: str, path: str, src: str, certs: str | None,
-                 fuse: bool) -> str:
+                 fuse: bool) -> tuple[str, int]:
     """The real `userdm daemon` with its own runtime and state directories under `work` (FUSE
     on unless `fuse` is False), one linear device "bench" over `path` created through its
-    control socket; returns its NBD socket."""
+    control socket; returns its NBD socket and its PID."""
     run, state = os.path.join(work, "daemon-run"), os.path.join(work, "daemon-state")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(src), os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "userdm", "daemon", "--runtime-dir", run, "--state-dir", state]
@@ -109,7 +114,7 @@ def start_daemon(stack: ExitStack, work: str, path: str, src: str, certs: str | 
     size = os.path.getsize(path) // 512
     subprocess.run([sys.executable, "-m", "userdm", "create", "bench"], input=f"0 {size} linear {path} 0\n",
                    text=True, check=True, env={**env, "USERDM_RUNTIME_DIR": run})
-    return os.path.join(run, "nbd.sock")
+    return os.path.join(run, "nbd.sock"), proc.pid
 
 
 def wait_for(path: str, proc: subprocess.Popen, what: str) -> None:
@@ -133,10 +138,19 @@ def stop(proc: subprocess.Popen, grace: float) -> None:
             proc.wait()
 
 
-def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | None = None) -> None:
+def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | None = None) -> int:
+    """Start a server process that listens on `sock`; its PID."""
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     stack.callback(stop, proc, 10)
     wait_for(sock, proc, what)
+    return proc.pid
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` (all its threads, ended ones included)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str,
@@ -184,6 +198,8 @@ def main() -> None:
     ap.add_argument("--baseline-src", metavar="DIR",
                     help="also measure a userdm server run from the source tree DIR (e.g. an older commit's "
                          "src from `git archive`), as 'baseline', for before/after figures of one run")
+    ap.add_argument("--baseline-as", choices=("server", "daemon"), default="server",
+                    help="run the --baseline-src tree as the bench server (default) or as a `userdm daemon`")
     ap.add_argument("--tls", action="store_true",
                     help="NBD over TLS for every server (userdm, nbdkit --tls=require, qemu-nbd)")
     ap.add_argument("--conns", default="1,4", help="comma-separated connection counts (default: 1,4)")
@@ -218,25 +234,30 @@ def main() -> None:
         socks = {s: os.path.join(work, f"{s}.sock") for s in servers if s != "raw"}
         here = os.path.dirname(os.path.abspath(__file__))
         certs, fio_env = tls_setup(work, here) if args.tls else (None, None)
-        sources = {"userdm": os.path.join(here, "..", "src"), "baseline": args.baseline_src}
-        if "daemon" in servers:
-            socks["daemon"] = start_daemon(stack, work, path, sources["userdm"],
-                                           certs + "/server" if certs else None, not args.no_fuse)
+        sources = {"userdm": os.path.join(here, "..", "src"), "daemon": os.path.join(here, "..", "src"),
+                   "baseline": args.baseline_src}
+        pids: dict[str, int] = {}   # server -> its process, for its CPU time per request
+        for name in ("daemon", "baseline"):
+            if name in servers and (name == "daemon" or args.baseline_as == "daemon"):
+                os.makedirs(os.path.join(work, name), exist_ok=True)
+                socks[name], pids[name] = start_daemon(stack, os.path.join(work, name), path, sources[name],
+                                                       certs + "/server" if certs else None, not args.no_fuse)
         for name in ("userdm", "baseline"):
-            if name in servers:
+            if name in servers and name not in pids:
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(
                     [os.path.abspath(sources[name]), os.environ.get("PYTHONPATH", "")])}
-                start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks[name], path,
-                              *([certs + "/server"] if certs else [])],
-                      socks[name], f"{name} server", env)
+                pids[name] = start(stack, [sys.executable, os.path.abspath(__file__), "--serve", socks[name], path,
+                                           *([certs + "/server"] if certs else [])],
+                                   socks[name], f"{name} server", env)
         if "nbdkit" in servers:
             tls = ["--tls=require", f"--tls-certificates={certs}/server"] if certs else []
-            start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], *tls, "file", path], socks["nbdkit"], "nbdkit")
+            pids["nbdkit"] = start(stack, ["nbdkit", "-f", "-U", socks["nbdkit"], *tls, "file", path],
+                                   socks["nbdkit"], "nbdkit")
         if "qemu-nbd" in servers:
             tls = (["--object", f"tls-creds-x509,id=tls0,dir={certs}/server,endpoint=server,verify-peer=off",
                     "--tls-creds", "tls0"] if certs else [])
-            start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k",
-                          socks["qemu-nbd"], *tls, path], socks["qemu-nbd"], "qemu-nbd")
+            pids["qemu-nbd"] = start(stack, ["qemu-nbd", "-f", "raw", "--cache=writeback", "-t", "-e", "16", "-k",
+                                             socks["qemu-nbd"], *tls, path], socks["qemu-nbd"], "qemu-nbd")
         scheme = "nbds+unix" if certs else "nbd+unix"
         targets = {"daemon": f"{scheme}:///bench?socket={socks.get('daemon')}",
                    "userdm": f"{scheme}:///bench?socket={socks.get('userdm')}",
@@ -245,6 +266,7 @@ def main() -> None:
                    "qemu-nbd": f"{scheme}:///?socket={socks.get('qemu-nbd')}",
                    "raw": path}
         results: dict[tuple[str, str], list[float]] = {}
+        cpu: dict[tuple[str, str], list[float]] = {}   # server CPU microseconds per request
         out = os.path.join(work, "fio.json")
         runs = [(f"{label} x{c}" if c > 1 else label, rw, bs, qd, unit, c)
                 for c in conn_counts for label, rw, bs, qd, unit in jobs]
@@ -253,9 +275,13 @@ def main() -> None:
                 for server in servers:
                     if server == "raw" and (c > 1 or qd > 1 and rw.startswith("rand")):
                         continue          # psync has no queue depth
+                    before = cpu_seconds(pids[server]) if server in pids else 0.0
                     r = fio(targets[server], path, rw, bs, qd, args.runtime, size, out, fio_env, c)
                     value = r["bw_bytes"] / 1e6 if unit == "MB/s" else r["iops"]
                     results.setdefault((label, server), []).append(value)
+                    if server in pids and r["total_ios"]:   # the ramp's CPU time counts too: an upper bound
+                        cpu.setdefault((label, server), []).append(
+                            1e6 * (cpu_seconds(pids[server]) - before) / r["total_ios"])
                     print(f"round {rnd + 1} {label:21} {server:8} {value:10.0f} {unit}", flush=True)
         print()
         others = [s for s in ("nbdkit", "qemu-nbd", "baseline") if s in servers]
@@ -267,6 +293,13 @@ def main() -> None:
             cells = " ".join(f"{med[s]:9.0f}" if s in med else f"{'-':>9}" for s in servers)
             ratios = "".join(f"  {med[a] / med[b]:15.2f}" for a, b in pairs)
             print(f"{label:21} {cells}{ratios}   ({unit}, median of {args.rounds})")
+        measured = [s for s in servers if s in pids]
+        print(f"\nserver CPU time per request, microseconds (user + system of the server process over the "
+              f"run, ramp included, / requests; less noisy than the rates on a shared machine)")
+        print(f"{'job (xN: connections)':21} " + " ".join(f"{s:>9}" for s in measured))
+        for label, *_ in runs:
+            print(f"{label:21} " + " ".join(f"{statistics.median(cpu[(label, s)]):9.1f}" if (label, s) in cpu
+                                            else f"{'-':>9}" for s in measured))
 
 if __name__ == "__main__":
     main()

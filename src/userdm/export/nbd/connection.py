@@ -3,13 +3,15 @@
 The transmission phase has one reader thread and a small worker pool:
 - the reader receives requests in batches into one buffer (`recv_into`, many headers per
   system call under load) and runs small READs and WRITEs inline: a WRITE's payload is used
-  where it landed in the receive buffer, a READ's data goes into a preallocated arena, and
-  the replies of a batch leave in one `sendmsg` (header + data, no copies);
+  where it landed in the receive buffer, and the replies of a batch are written one after
+  the other into a preallocated arena (a READ's data right after its header), so that they
+  leave in one piece (one system call, and one TLS write);
 - big requests (over `inline_max`), FUA writes, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS go
   to worker threads with their own preallocated mmap buffers (only touched pages cost memory)
-  and are answered as they complete, so requests are in flight concurrently; if an inline
-  request turns out slow (a remote or suspended device), the reader dispatches everything
-  for a while;
+  and are answered as they complete, so requests are in flight concurrently; if inline
+  requests turn out slow while the process was idle (a remote or suspended device, not a
+  reader that waited for the GIL while other connections ran), the reader dispatches
+  everything for a while;
 - a big WRITE's payload is received (`recv_into`, MSG_WAITALL) straight into its task buffer:
   after one, the reader receives only the next request's header, so that a stream of big
   writes is never copied out of the batch buffer;
@@ -66,12 +68,14 @@ log = logging.getLogger("userdm.nbd")
 _PAGE = mmap.PAGESIZE
 MAX_EXTENTS = 1024
 RECV_BUFFER = 80 * 1024  # batch receive buffer
-ARENA = 1024 * 1024           # inline READ data of one reply batch
+ARENA = 1024 * 1024           # the inline replies of one batch (READ headers and data)
 INLINE_MAX = 64 * 1024        # larger requests go to the workers
-MAX_BATCH = 64                # reply parts per sendmsg
+MAX_BATCH = 64                # replies per send
 SEND_BUFFER = 4 * 1024 * 1024  # SO_SNDBUF asked for (the kernel caps it at net.core.wmem_max)
 SLOW_REQUEST = 0.0003        # SLOW_STREAK inline requests in a row slower than this ...
 SLOW_STREAK = 4
+OTHERS_BUSY = 0.5             # ... unless other threads of the process ran, or this one waited
+                              # for a CPU, this share of that time
 SLOW_BACKOFF = 1000           # ... make the next this many requests go to the workers
 FAST_IN_FLIGHT = max(2, os.cpu_count() or 2)  # dispatched requests in flight while the device keeps up
 SLOW_WAIT = 0.005             # a reader that waited this long for a free slot: the device is slow
@@ -83,6 +87,7 @@ _STRUCT_MAGIC = C.STRUCTURED_REPLY_MAGIC
 _DONE, _OFFSET_DATA = C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA
 _FUA = C.CMD_FLAG_FUA
 _WAITALL = socket.MSG_WAITALL
+_SIMPLE_SIZE = SIMPLE_REPLY.size
 
 
 class Connection:
@@ -306,22 +311,35 @@ class Connection:
         self._pending = b""
         arena = mmap.mmap(-1, ARENA)
         aview = memoryview(arena)
-        apos = 0
+        # the replies of a batch: inline ones are written into the arena one after the other
+        # (a READ's header right before its data), so that they leave as one piece; `out`
+        # holds what is complete before `run` (arena pieces, error replies)
+        apos = run = replies = 0
         out: list = []
+        structured = export.structured
+        hlen = DATA_CHUNK.size if structured else SIMPLE_REPLY.size
+        pack_chunk = DATA_CHUNK.pack_into
+        pack_simple = SIMPLE_REPLY.pack_into
         check = export.check
-        execute = self._execute
+        readinto = handle.readinto
+        write = handle.write
+        device = handle.device   # its size is live (a resize); `handle.size` is a property over it
+        block_mask = export.min_block - 1
+        writable = not export.read_only
         unpack = REQUEST.unpack_from
         perf = time.perf_counter
         header_only = False  # receive just the next request header (see below)
         dispatch_until = 0   # while > 0: the device is slow, dispatch everything
         slow = 0             # inline requests in a row that were slow
+        window = (0.0, 0.0, 0.0)  # when the first of them ended, other threads' CPU time, time queued
+        last = perf()        # when the last inline request ended (or the reader last waited)
         try:
             while not self._closing:
                 if end - start < REQUEST_SIZE:
-                    if out:
-                        self._send(out)
+                    if replies:
+                        self._send_batch(out, aview, run, apos)
                         out = []
-                        apos = 0
+                        apos = run = replies = 0
                     if start:
                         rview[:end - start] = rview[start:end]
                         end -= start
@@ -332,6 +350,7 @@ class Connection:
                     if n == 0:
                         break
                     end += n
+                    last = perf()
                     continue
                 magic, flags, cmd, cookie, offset, length = unpack(rbuf, start)
                 if magic != _REQUEST_MAGIC:
@@ -350,23 +369,24 @@ class Connection:
                     if inline:
                         need = REQUEST_SIZE + length
                         if end - start < need:
-                            if out:
-                                self._send(out)
+                            if replies:
+                                self._send_batch(out, aview, run, apos)
                                 out = []
-                                apos = 0
+                                apos = run = replies = 0
                             rview[:end - start] = rview[start:end]
                             end -= start
                             start = 0
                             end = self._recv_more(rview, end, need)
                             if end < 0:
                                 break
+                            last = perf()
                         data = rview[start + REQUEST_SIZE:start + need]
                         start += need
                     else:
-                        if out:
-                            self._send(out)
+                        if replies:
+                            self._send_batch(out, aview, run, apos)
                             out = []
-                            apos = 0
+                            apos = run = replies = 0
                         buf = pool.buffer(length)   # may wait for budget: nothing is read meanwhile
                         if buf is None:
                             break
@@ -380,46 +400,84 @@ class Connection:
                                 break
                         pool.submit(flags, cmd, cookie, offset, length, buf)
                         header_only = True
+                        last = perf()
                         continue
                     header_only = False
                 else:
                     header_only = False
                     start += REQUEST_SIZE
                     if not inline:
-                        if out:
-                            self._send(out)
+                        if replies:
+                            self._send_batch(out, aview, run, apos)
                             out = []
-                            apos = 0
+                            apos = run = replies = 0
                         buf = None
                         if cmd == _READ:   # a READ over the maximum is refused unread: no bigger buffer
                             buf = pool.buffer(min(length, max_payload))
                             if buf is None:
                                 break
                         pool.submit(flags, cmd, cookie, offset, length, buf)
+                        last = perf()
                         continue
-                    if cmd == _READ:
-                        if apos + length > ARENA:
-                            self._send(out)
-                            out = []
-                            apos = 0
-                        data = aview[apos:apos + length]
-                        apos += length
+                # an inline READ, WRITE or CACHE: its reply goes into the arena (a READ's data
+                # right after its header), or, if refused or failed, into `out` as it is
+                if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
+                    self._send_batch(out, aview, run, apos)
+                    out = []
+                    apos = run = replies = 0
+                    last = perf()
+                reply = None
+                if (not flags and length and not (offset | length) & block_mask and offset + length <= device.size
+                        and (cmd == _READ and length <= max_payload or cmd == _WRITE and writable)):
+                    err = 0   # what `check` says of a plain READ or WRITE inside the device, without the call
+                else:
+                    err = check(flags, cmd, offset, length, device.size)
+                if err:
+                    reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, device.size), structured)
+                else:
+                    try:
+                        if cmd == _READ:
+                            data = aview[apos + hlen:apos + hlen + length]
+                            readinto(offset, data)
+                        elif cmd == _WRITE:
+                            write(offset, data, False)
+                        # CMD_CACHE: a hint; the page cache of the underlying files does the caching
+                    except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
+                        reply = _failure(exc, cmd, cookie, structured)
+                if reply is not None:
+                    if apos > run:
+                        out.append(aview[run:apos])
+                        run = apos
+                    out.append(reply)
+                elif cmd == _READ:
+                    if structured:
+                        pack_chunk(arena, apos, _STRUCT_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset)
                     else:
-                        data = None
-                t0 = perf()
-                out += execute(handle, export, check, flags, cmd, cookie, offset, length, data)
-                if perf() - t0 <= SLOW_REQUEST:
+                        pack_simple(arena, apos, _SIMPLE_MAGIC, 0, cookie)
+                    apos += hlen + length
+                else:
+                    pack_simple(arena, apos, _SIMPLE_MAGIC, 0, cookie)
+                    apos += _SIMPLE_SIZE
+                replies += 1
+                now = perf()
+                if now - last <= SLOW_REQUEST:
                     slow = 0
                 else:
+                    if not slow:
+                        window = (now, _cpu_of_others(), _queued())
                     slow += 1
                     if slow >= SLOW_STREAK:
-                        dispatch_until, slow = SLOW_BACKOFF, 0
-                if len(out) >= MAX_BATCH:
-                    self._send(out)
+                        slow = 0
+                        if _waited_for_device(window, now):
+                            dispatch_until = SLOW_BACKOFF
+                last = now
+                if replies >= MAX_BATCH:
+                    self._send_batch(out, aview, run, apos)
                     out = []
-                    apos = 0
-            if out:
-                self._send(out)
+                    apos = run = replies = 0
+                    last = perf()
+            if replies:
+                self._send_batch(out, aview, run, apos)
         except ProtocolError as exc:
             log.info("nbd: protocol error from client, disconnecting: %s", exc)
             self.abort()
@@ -435,6 +493,12 @@ class Connection:
                 arena.close()
             except BufferError:   # a view still alive somewhere: the GC unmaps it later
                 pass
+
+    def _send_batch(self, out: list, aview: memoryview, run: int, end: int) -> None:
+        """Send the replies of a batch: `out`, then the arena from `run` to `end`."""
+        if end > run:
+            out.append(aview[run:end])
+        self._send(out)
 
     def _recv_exact(self, view: memoryview) -> bool:
         want = len(view)
@@ -476,13 +540,8 @@ class Connection:
                 extents = _block_status(handle, offset, length, bool(flags & C.CMD_FLAG_REQ_ONE))
                 return [block_status_chunk(cookie, export.meta_context, extents)]
             # CMD_CACHE: a hint; the page cache of the underlying files does the caching.
-        except DMError as exc:
-            return [error_reply(cookie, C.errno_to_wire(exc.errno), str(exc), structured)]
-        except OSError as exc:
-            return [error_reply(cookie, C.errno_to_wire(exc.errno or 5), str(exc), structured)]
         except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
-            log.exception("nbd: %s failed", C.CMD_NAMES.get(cmd, cmd))
-            return [error_reply(cookie, C.NBD_EIO, f"internal error: {exc}", structured)]
+            return [_failure(exc, cmd, cookie, structured)]
         return [SIMPLE_REPLY.pack(_SIMPLE_MAGIC, 0, cookie)]
 
 
@@ -660,6 +719,12 @@ class _WorkerPool:
             try:
                 data = buf.view[:length] if buf is not None else None
                 parts = execute(handle, export, check, flags, cmd, cookie, offset, length, data)
+                if buf is not None and cmd != _READ:
+                    # the payload is spent: the buffer serves the next request, which the client
+                    # may send as soon as it has this reply (a second buffer would stay held)
+                    data = _release(data)
+                    self._recycle(buf)
+                    buf = None
                 if not conn._aborted:
                     conn._send(parts)
                 parts = None
@@ -669,12 +734,7 @@ class _WorkerPool:
             except Exception:
                 log.exception("nbd: worker failed")
             finally:
-                if data is not None:
-                    try:
-                        data.release()
-                    except BufferError:
-                        pass
-                    data = None
+                data = _release(data)
                 if buf is not None:
                     self._recycle(buf)
                 self._done()
@@ -714,6 +774,50 @@ class _WorkerPool:
                 pass
         self.conn = None
         self.threads = []
+
+
+def _release(view: memoryview | None) -> None:
+    """Release a view of a task buffer (None); one still exported somewhere stays valid."""
+    if view is not None:
+        try:
+            view.release()
+        except BufferError:
+            pass
+    return None
+
+
+def _cpu_of_others() -> float:
+    """CPU seconds the process's other threads have used (two system calls)."""
+    return time.process_time() - time.thread_time()
+
+
+def _queued() -> float:
+    """Seconds this thread has waited for a CPU while runnable (0 where the kernel does not say)."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def _waited_for_device(window: tuple[float, float, float], now: float) -> bool:
+    """Inline requests were slow from window[0] to `now`: was it the device (a remote or
+    suspended one: the process was idle meanwhile)? Not if the other threads ran (other
+    connections, which take the GIL while this reader waits for it) or this one waited for a
+    CPU (a loaded machine): dispatching would only add hand-offs between threads."""
+    start, others, queued = window
+    limit = OTHERS_BUSY * (now - start)
+    return _cpu_of_others() - others < limit and _queued() - queued < limit
+
+
+def _failure(exc: Exception, cmd: int, cookie: int, structured: bool) -> bytes:
+    """The error reply of a request whose device call raised `exc`."""
+    if isinstance(exc, DMError):
+        return error_reply(cookie, C.errno_to_wire(exc.errno), str(exc), structured)
+    if isinstance(exc, OSError):
+        return error_reply(cookie, C.errno_to_wire(exc.errno or 5), str(exc), structured)
+    log.exception("nbd: %s failed", C.CMD_NAMES.get(cmd, cmd), exc_info=exc)
+    return error_reply(cookie, C.NBD_EIO, f"internal error: {exc}", structured)
 
 
 def _peer(sock) -> str:
