@@ -8,11 +8,12 @@ fio over NBD on Unix sockets, everything in one directory (/dev/shm by default):
 
 Jobs (each time-based, on space written before): 4 KiB random writes and reads at qd16,
 1 MiB sequential writes and reads at qd8. Region size 1024 sectors (512 KiB). Rounds
-interleave the devices (this machine's speed drifts; it is shared, so only the ratios
+interleave the devices, each round in another order (this machine's speed drifts; it is shared, so only the ratios
 measured side by side mean anything); medians are printed with the ratio mirror/linear.
 
 Goals from issue 15: at least 0.5x for writes and 1.0x for reads. Usage:
-`.venv/bin/python bench/mirror.py [--mib 256] [--runtime 3] [--rounds 3] [--dir DIR]`. Every
+`.venv/bin/python bench/mirror.py [--mib 256] [--runtime 3] [--rounds 3] [--jobs randread,...]
+[--dir DIR]`. Every
 process and file it makes is removed at the end.
 """
 
@@ -41,10 +42,13 @@ def main() -> None:
     ap.add_argument("--mib", type=int, default=256, help="size of each device in MiB")
     ap.add_argument("--runtime", type=float, default=3.0, help="seconds per job")
     ap.add_argument("--rounds", type=int, default=3, help="rounds; medians are printed")
+    ap.add_argument("--jobs", default="", help="comma-separated fio rw modes to run (default: all), "
+                    "e.g. randread,randwrite")
     ap.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else "/var/tmp")
     args = ap.parse_args()
     if shutil.which("fio") is None:
         sys.exit("bench/mirror.py needs fio")
+    jobs = [j for j in JOBS if not args.jobs or j[1] in args.jobs.split(",")]
     size = args.mib * MiB
     sectors = size // 512
     results: dict[str, dict[str, list[float]]] = {}
@@ -64,9 +68,9 @@ def main() -> None:
         devices = ("linear", "core", "disk")
         for name in devices:
             fio(dm.uri(name), work, "write", "1M", 8, size)       # reads see written space
-        for _ in range(args.rounds):
-            for label, rw, bs, qd in JOBS:
-                for name in devices:
+        for r in range(args.rounds):
+            for label, rw, bs, qd in jobs:
+                for name in devices[r % 3:] + devices[:r % 3]:   # no device always runs first
                     results.setdefault(label, {}).setdefault(name, []).append(
                         fio(dm.uri(name), work, rw, bs, qd, size, args.runtime))
         status = {name: dm("status", name).strip() for name in ("core", "disk")}

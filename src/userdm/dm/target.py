@@ -174,6 +174,10 @@ class Target:
     #: a remap with no state of its own but its opens and no suspend hooks (striped): a
     #: device stacked above may call it directly (`userdm.dm.collapse`)
     stateless_remap: ClassVar[bool] = False
+    #: reads are a remap that the target picks per request (`collapsed_read`: a mirror
+    #: spreads in-sync regions over its legs), writes are the target's own: when its devices
+    #: are files, the collapsed path (`userdm.dm.collapse`) calls it directly
+    remaps_reads: ClassVar[bool] = False
     __slots__ = ("begin", "length")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -280,6 +284,12 @@ class Target:
         whole, if it goes to one place unchanged (striped: a request inside one chunk); None
         otherwise. Only asked of `stateless_remap` targets (`userdm.dm.collapse`)."""
         return None
+
+    def collapsed_read(self, offset: int, buf: memoryview) -> bool:
+        """The read of a `remaps_reads` target on the collapsed path (`userdm.dm.collapse`):
+        True once `buf` holds it, False if it is better done through the table (an error
+        included: the table's path reports it)."""
+        return False
 
     # ---- lifecycle hooks ----------------------------------------------------------------
     def presuspend(self) -> None: ...
