@@ -8,13 +8,13 @@ fio over NBD on Unix sockets, everything in one directory (/dev/shm by default):
 
 Jobs (each time-based, on space written before): 4 KiB random writes and reads at qd16,
 1 MiB sequential writes and reads at qd8. Region size 1024 sectors (512 KiB). Rounds
-interleave the devices, each round in another order (this machine's speed drifts; it is shared, so only the ratios
-measured side by side mean anything); medians are printed with the ratio mirror/linear.
+interleave the devices, each round in another order (this machine's speed drifts; it is
+shared, so only the ratios measured side by side mean anything); the medians of the figures
+are printed, and the median over the rounds of each round's ratio mirror/linear.
 
 Goals from issue 15: at least 0.5x for writes and 1.0x for reads. Usage:
 `.venv/bin/python bench/mirror.py [--mib 256] [--runtime 3] [--rounds 3] [--jobs randread,...]
-[--dir DIR]`. Every
-process and file it makes is removed at the end.
+[--dir DIR]`. Every process and file it makes is removed at the end.
 """
 
 from __future__ import annotations
@@ -81,10 +81,12 @@ def main() -> None:
     print()
     width = max(len(k) for k in results)
     for label, row in results.items():
-        lin = statistics.median(row["linear"])
-        cells = "  ".join(f"mirror {name} {statistics.median(row[name]):9.1f} "
-                          f"({statistics.median(row[name]) / lin:4.2f}x)" for name in ("core", "disk"))
-        print(f"{label:<{width}}  linear {lin:9.1f}  {cells}")
+        # the ratio of each round (its runs are neighbours in time), then their median
+        ratios = {name: statistics.median(m / lin for m, lin in zip(row[name], row["linear"]))
+                  for name in ("core", "disk")}
+        cells = "  ".join(f"mirror {name} {statistics.median(row[name]):9.1f} ({ratios[name]:4.2f}x)"
+                          for name in ("core", "disk"))
+        print(f"{label:<{width}}  linear {statistics.median(row['linear']):9.1f}  {cells}")
 
 
 if __name__ == "__main__":

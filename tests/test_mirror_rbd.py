@@ -10,6 +10,8 @@ conftest.py: one cluster for the whole run).
   refused with the kernel's EINVAL, leaving the device suspended.
 - A mirror whose file and RBD legs both grew: the reload's disk log counts the new regions
   out of sync and the resync copies exactly those.
+- A mirror with handle_errors whose RBD leg's OSD is killed (its own cluster): the write that
+  meets it succeeds on the file leg, the leg is marked `D` with an event, and reads go on.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from ceph_cluster import Cluster
 from conftest import wait_until
 from userdm.errors import DMError
 
@@ -127,3 +130,24 @@ def test_a_mirror_whose_file_and_rbd_legs_grew_copies_the_new_regions(ceph, imag
     assert resyncs(caplog) == [(16, 16), (16, 32)]              # the new regions, no more
     mapper.remove("mir")
     assert rbd_export(ceph, name, tmp_path / "out.raw") == Path(leg0).read_bytes()
+
+
+@pytest.mark.timeout(180)
+def test_a_mirror_goes_on_when_its_rbd_legs_osd_dies(mapper, tmp_path):
+    leg0 = random_file(tmp_path / "leg0.img", 8 * MiB)
+    with Cluster() as own:                                 # its own cluster: the OSD is killed
+        own.rbd("create", "--size", "8M", "leg")
+        ref = own.ref("leg", rbd_cache="false", rados_osd_op_timeout="3", rados_mon_op_timeout="3")
+        mapper.create("mir", f"0 {8 * MiB // 512} mirror core 2 1024 nosync 2 {leg0} 0 {ref} 0 1 handle_errors")
+        events = mapper.info("mir")["event_nr"]
+        own.kill_osd()
+        data = os.urandom(64 * 1024)
+        with mapper.open_device("mir", write=True) as dev:
+            dev.write(MiB, data)                           # no error: the file leg took it
+            assert mapper.status("mir")[0][3].split()[3:6] == ["15/16", "1", "AD"]
+            assert mapper.info("mir")["event_nr"] > events
+            for _ in range(3):
+                assert dev.read(MiB, len(data)) == data    # never from the lost leg
+            dev.flush()
+        assert Path(leg0).read_bytes()[MiB:MiB + len(data)] == data
+        mapper.remove("mir")

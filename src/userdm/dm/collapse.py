@@ -259,8 +259,8 @@ def _bottom(target) -> bool:  # noqa: ANN001
     """A target a sink may call directly: a stateless remap, or a target that remaps its
     reads, straight onto files (it never waits for another mapped device, so a request in it
     never waits for a resume)."""
-    return (target.stateless_remap or target.remaps_reads) and all(isinstance(d.open.device, FileDisk) and not d.open.device.direct
-                                          for d in target.devices())
+    return (target.stateless_remap or target.remaps_reads) and all(
+        isinstance(d.open.device, FileDisk) and not d.open.device.direct for d in target.devices())
 
 
 def _read_only(sink):  # noqa: ANN001, ANN202

@@ -121,9 +121,10 @@ class TargetContext:
         is swapped in at resume (not at load: a device may grow in between): every area must
         lie on its device and be aligned to its logical block size. EINVAL with the kernel's
         message otherwise. Each device is asked for its size now (`refresh_size`: a file or
-        an RBD image grown since it was opened), as the kernel reads the capacity. The kernel skips a device of size 0; userdm refuses it (a mapped
-        device without a table, say one whose saved table is not restored yet), so that what
-        is built on it waits for it (`userdm.dm.restore`) instead of failing every I/O."""
+        an RBD image grown since it was opened), as the kernel reads the capacity. The kernel
+        skips a device of size 0; userdm refuses it (a mapped device without a table, say one
+        whose saved table is not restored yet), so that what is built on it waits for it
+        (`userdm.dm.restore`) instead of failing every I/O."""
         for device in {id(dev.open.device): dev.open.device for dev, *_ in self.areas}.values():
             device.refresh_size()
         for dev, start, length, line in self.areas:

@@ -20,7 +20,9 @@ concurrent writers); a cleaner thread marks regions clean again once they have h
 for `CLEAN_INTERVAL` seconds and the legs have been flushed, and at suspend. A write that
 missed a leg (failed or marked) leaves its regions out of sync, and dirty on the log, until a
 resume copies them. Reads of in-sync regions are balanced over the healthy legs (round
-robin); reads of other regions use the default mirror.
+robin); reads of other regions use the default mirror. Over files, reads take the collapsed
+path (`remaps_reads`, `collapsed_read`: one region check and one `preadv`, as linear's), and
+a leg's write is one `pwritev` (`FileSink`), its open doing it only when that fails.
 
 Errors: without `handle_errors` an error of any leg fails the I/O (EIO). With it, the leg
 is marked (`D` write, `R` read, `F` flush, `S` sync error), a table event is raised, and the
@@ -66,7 +68,8 @@ class MirrorTarget(Target):
     version = (1, 14, 0)
     remaps_reads = True
     __slots__ = ("legs", "offsets", "region", "nr_regions", "handle_errors", "keep_log", "log",
-                 "health", "_alive", "default", "device_name", "_bases", "_opens", "_files", "_sync", "_rbytes", "_disk_log", "_sweeping", "_cond", "_writing", "_touched",
+                 "health", "_alive", "default", "device_name", "_bases", "_opens", "_files",
+                 "_sync", "_rbytes", "_disk_log", "_sweeping", "_cond", "_writing", "_touched",
                  "_dirty", "_recovering", "_turn", "_thread", "_cleaner", "_stop", "_quiet",
                  "_settled", "_event", "_pool")
 
@@ -137,10 +140,6 @@ class MirrorTarget(Target):
 
     # ---- regions ------------------------------------------------------------------------
 
-    def _regions(self, offset: int, length: int) -> range:
-        rb = self.region * SECTOR
-        return range(offset // rb, (offset + max(length, 1) - 1) // rb + 1)
-
     def _healthy(self) -> tuple[int, ...]:
         """The legs not marked failed (kept up to date by `_fail`, read without the lock)."""
         return self._alive
@@ -187,9 +186,10 @@ class MirrorTarget(Target):
         """A read on the collapsed path (`userdm.dm.collapse`), as linear's: one region check
         and one system call on the next healthy leg; every other read is `readinto`'s."""
         rb = self._rbytes
-        r = offset // rb
+        first, last = offset // rb, (offset + len(buf) - 1) // rb
+        sync = self._sync
         alive = self._alive
-        if self._sync[r] and (offset + len(buf) - 1) // rb == r and alive:
+        if sync[first] and (first == last or all(sync[first:last + 1])) and alive:
             k = alive[next(self._turn) % len(alive)]
             leg = self._files[k]
             if leg is not None:                 # a file: always, on the collapsed path
