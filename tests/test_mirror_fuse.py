@@ -18,7 +18,8 @@ import pytest
 
 from conftest import Daemon, wait_until
 from test_fuse_export import fuse_daemon  # noqa: F401 (a fixture; skips the module without FUSE)
-from test_mirror_machines import dirty_on_log, fio, resync_counts, status, stop
+from test_mirror_machines import (crash_under_writes, dirty_on_log, mirror_with_a_kept_log, resync_counts,
+                                  status)
 from test_nbd_tls import need, random_file, run
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.interop]
@@ -47,25 +48,13 @@ def test_a_crash_resyncs_only_the_dirty_regions_of_a_log_and_leg_on_fuse(fuse_da
     loop = undo.losetup(str(a.runtime / "mapper" / "legdev"))
     (tmp_path / "b").mkdir()
     b = Daemon(tmp_path / "b")
-    job = None
     try:
         b.start()
-        legs = f"2 {leg0} 0 {loop} 0"
-        b.run("create", "mir", "--table", f"0 {size // 512} mirror disk 3 {fuse_log} 1024 nosync {legs}")
-        b.run("load", "mir", "--table", f"0 {size // 512} mirror disk 2 {fuse_log} 1024 {legs}")
-        b.run("resume", "mir")
-        assert status(b)[-7:] == [f"{nr}/{nr}", "1", "AA", "3", "disk", str(fuse_log), "A"]
-        uri = f"nbd+unix:///mir?socket={b.runtime}/nbd.sock"
+        uri = mirror_with_a_kept_log(b, size, fuse_log, f"2 {leg0} 0 {loop} 0")
         src = random_file(tmp_path / "src.img", size)
         run("nbdcopy", str(src), uri)                     # written and flushed
         assert wait_until(lambda: dirty_on_log(fuse_log, nr) == [], 30)   # cleaned when idle
-        job = fio(uri, "--rw=randwrite", f"--offset={8 * MiB}", f"--size={2 * MiB}",
-                  "--time_based", "--runtime=60")         # into regions 16 to 19
-        assert wait_until(lambda: dirty_on_log(fuse_log, nr) != [], 30)
-        b.stop(9)                                         # the mirroring daemon crashes
-        stop(job)
-        dirty = dirty_on_log(fuse_log, nr)
-        assert dirty and set(dirty) <= set(range(16, 20)), dirty
+        dirty = crash_under_writes(b, uri, fuse_log, nr, 8 * MiB, 2 * MiB)   # regions 16 to 19
         fd = os.open(loop, os.O_WRONLY)                   # a clean region made different on
         try:                                              # the loop leg: a resync of every
             os.pwrite(fd, b"\x5a" * 4096, 2 * REGION)     # region would copy it back
@@ -86,5 +75,4 @@ def test_a_crash_resyncs_only_the_dirty_regions_of_a_log_and_leg_on_fuse(fuse_da
         l0 = leg0.read_bytes()
         assert l0[:fio_area.start] == s[:fio_area.start] and l0[fio_area.stop:] == s[fio_area.stop:]
     finally:
-        stop(job)
         b.stop()
