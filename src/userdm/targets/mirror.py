@@ -44,6 +44,7 @@ import errno
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..block.device import SECTOR
@@ -69,7 +70,7 @@ class MirrorTarget(Target):
     remaps_reads = True
     __slots__ = ("legs", "offsets", "region", "nr_regions", "handle_errors", "keep_log", "log",
                  "health", "_alive", "default", "device_name", "_bases", "_opens", "_files",
-                 "_sync", "_rbytes", "_disk_log", "_sweeping", "_cond", "_writing", "_touched",
+                 "_sync", "_rbytes", "_file_turns", "_disk_log", "_sweeping", "_cond", "_writing", "_touched",
                  "_dirty", "_recovering", "_turn", "_thread", "_cleaner", "_stop", "_quiet",
                  "_settled", "_event", "_pool")
 
@@ -121,6 +122,7 @@ class MirrorTarget(Target):
                        if isinstance(o.device, FileDisk) and not o.device.direct else None
                        for o in self._opens]
         self._rbytes = self.region * SECTOR
+        self._file_turns = self._turns_over_files()
         self._disk_log = isinstance(self.log, DiskLog)
         self._sync = self.log.sync          # one array for the log's life (updated in place)
         self._cond = threading.Condition()
@@ -153,6 +155,7 @@ class MirrorTarget(Target):
             if first:
                 self.health[k] = kind
                 self._alive = tuple(j for j, h in enumerate(self.health) if h == "A")
+                self._file_turns = self._turns_over_files()
                 logger.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
                             self.legs[k].name, kind, exc)
             if k == self.default:
@@ -188,14 +191,21 @@ class MirrorTarget(Target):
         rb = self._rbytes
         first, last = offset // rb, (offset + len(buf) - 1) // rb
         sync = self._sync
-        alive = self._alive
-        if sync[first] and (first == last or all(sync[first:last + 1])) and alive:
-            k = alive[next(self._turn) % len(alive)]
-            leg = self._files[k]
-            if leg is not None:                 # a file: always, on the collapsed path
-                return leg.read(self._bases[k] + offset, buf)
+        if sync[first] and (first == last or all(sync[first:last + 1])):
+            turns = self._file_turns
+            if turns is not None:
+                read, base = next(turns)
+                return read(base + offset, buf)
         self.readinto(offset, buf)
         return True
+
+    def _turns_over_files(self) -> Iterator[tuple[Callable[[int, memoryview], bool], int]] | None:
+        """The round robin of the collapsed reads: (read, leg offset) of each healthy leg,
+        None unless they are all files (the collapsed path is then not taken) and one is."""
+        legs = [(self._files[k], self._bases[k]) for k in self._alive]
+        if not legs or any(f is None for f, _ in legs):
+            return None
+        return itertools.cycle([(f.read, base) for f, base in legs])
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         rb = self._rbytes
