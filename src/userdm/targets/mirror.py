@@ -202,10 +202,13 @@ class MirrorTarget(Target):
     def _turns_over_files(self) -> Iterator[tuple[Callable[[int, memoryview], bool], int]] | None:
         """The round robin of the collapsed reads: (read, leg offset) of each healthy leg,
         None unless they are all files (the collapsed path is then not taken) and one is."""
-        legs = [(self._files[k], self._bases[k]) for k in self._alive]
-        if not legs or any(f is None for f, _ in legs):
-            return None
-        return itertools.cycle([(f.read, base) for f, base in legs])
+        turns = []
+        for k in self._alive:
+            leg = self._files[k]
+            if leg is None:
+                return None
+            turns.append((leg.read, self._bases[k]))
+        return itertools.cycle(turns) if turns else None
 
     def readinto(self, offset: int, buf: memoryview) -> None:
         rb = self._rbytes
