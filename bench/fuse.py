@@ -7,6 +7,8 @@ Both paths use the same backing file, in one run:
               (linear) -> file
     baseline: the same with the FuseExport of another source tree (`--baseline-src`), e.g. the
               libfuse export of an older commit (with mfusepy installed), for before/after figures
+    passthrough: (`--passthrough`) userdm's export with FUSE passthrough: the device maps the
+              file byte for byte, so the kernel does the loop device's I/O on the file itself
 
 Jobs (the goals of issue 20 in brackets):
     4k-randread-qd16, 4k-randwrite-qd16 (>= 0.5x), 4k-randread-qd1 (>= 0.6x): fio libaio, direct
@@ -19,7 +21,7 @@ absolute figures are noisy, ratios measured side by side less so). `--profile` s
 serving process with py-spy during the 4 KiB jobs (py-spy on PATH or in the venv). Run as root:
 
     PYTHONPATH=src python3 bench/fuse.py [--mib 1024] [--rounds 3] [--runtime 5] [--dir /dev/shm]
-        [--jobs 4k-randread-qd16,...] [--baseline-src DIR] [--profile OUT.txt]
+        [--jobs 4k-randread-qd16,...] [--baseline-src DIR] [--passthrough] [--profile OUT.txt]
 
 Everything it creates (loop devices, mounts, processes, files) is removed at the end.
 """
@@ -58,14 +60,14 @@ GOALS = {"4k-randread-qd16": 0.5, "4k-randwrite-qd16": 0.5, "4k-randread-qd1": 0
          "1m-seqwrite": 0.8, "dd-1m-read": 0.8, "dd-1m-write": 0.8, EXT4_JOB: 0.5}
 
 
-def serve(mountpoint: str, path: str) -> None:
+def serve(mountpoint: str, path: str, passthrough: bool) -> None:
     """Helper mode: a Mapper with one linear device `bench` over `path`, exported at `mountpoint`."""
     from userdm import Mapper
     from userdm.export.fuse import FuseExport
 
     mapper = Mapper()
     mapper.create("bench", f"0 {os.path.getsize(path) // SECTOR} linear {path} 0")
-    export = FuseExport(mapper, mountpoint)
+    export = FuseExport(mapper, mountpoint, **({"passthrough": True} if passthrough else {}))
     export.start()
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -120,10 +122,11 @@ def ext4_on(dev: str, mnt: str) -> Iterator[str]:
         subprocess.run(["umount", mnt], check=False)
 
 
-def start_export(stack: ExitStack, src: str, mountpoint: str, backing: str) -> int:
+def start_export(stack: ExitStack, src: str, mountpoint: str, backing: str, passthrough: bool) -> int:
     """A `--serve` helper with `src` first on PYTHONPATH; returns its pid once its mount answers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(src), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mountpoint, backing],
+    proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mountpoint, backing,
+                             *(["--passthrough"] if passthrough else [])],
                             env=env, stdout=subprocess.PIPE, text=True)
 
     def stop() -> None:
@@ -203,11 +206,13 @@ def main() -> int:
     parser.add_argument("--dir", default="/dev/shm", help="where the backing file goes (default /dev/shm)")
     parser.add_argument("--jobs", default=",".join(ALL_JOBS), help="comma-separated subset of " + ",".join(ALL_JOBS))
     parser.add_argument("--baseline-src", metavar="DIR", help="also measure the FuseExport of this source tree")
+    parser.add_argument("--passthrough", action="store_true",
+                        help="also measure userdm's export with FUSE passthrough")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the serving process during the 4k jobs")
     parser.add_argument("--serve", nargs=2, metavar=("MOUNTPOINT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(*args.serve)
+        serve(*args.serve, args.passthrough)
         return 0
     if os.geteuid() != 0:
         print("bench/fuse.py needs root (loop devices, FUSE)", file=sys.stderr)
@@ -218,7 +223,8 @@ def main() -> int:
         parser.error(f"unknown jobs: {', '.join(sorted(unknown))}")
 
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    exports = {"userdm": here, **({"baseline": args.baseline_src} if args.baseline_src else {})}
+    exports = {"userdm": (here, False), **({"baseline": (args.baseline_src, False)} if args.baseline_src else {}),
+               **({"passthrough": (here, True)} if args.passthrough else {})}
     paths = ["plain", *exports]
     results: dict[tuple[str, str], list[float]] = {(p, j): [] for p in paths for j in jobs}
     with ExitStack() as stack:
@@ -226,7 +232,8 @@ def main() -> int:
         backing = os.path.join(tmp, "disk.img")
         subprocess.run(["dd", "if=/dev/zero", f"of={backing}", "bs=1M", f"count={args.mib}", "status=none"],
                        check=True)
-        pids = {name: start_export(stack, src, os.path.join(tmp, name), backing) for name, src in exports.items()}
+        pids = {name: start_export(stack, src, os.path.join(tmp, name), backing, pt)
+                for name, (src, pt) in exports.items()}
         for rnd in range(args.rounds):
             for job in jobs:
                 for path in paths:
@@ -241,13 +248,13 @@ def main() -> int:
 
     print(f"loop (direct-io) on a {args.mib} MiB file in {args.dir} against loop on the userdm FUSE file, "
           f"median of {args.rounds} interleaved rounds, {args.runtime}s fio jobs; shared machine: compare ratios")
-    print(f"{'job':<20}{'unit':>6}" + "".join(f"{p:>12}" for p in paths)
-          + "".join(f"{p + ' x':>12}" for p in exports) + f"{'goal':>7}")
+    print(f"{'job':<20}{'unit':>6}" + "".join(f"{p:>14}" for p in paths)
+          + "".join(f"{p + ' x':>14}" for p in exports) + f"{'goal':>7}")
     for job in jobs:
         unit = "IOPS" if job.startswith(("4k", "ext4")) else "MB/s"
         med = {p: statistics.median(results[(p, job)]) for p in paths}
-        print(f"{job:<20}{unit:>6}" + "".join(f"{med[p]:12.0f}" for p in paths)
-              + "".join(f"{med[p] / med['plain']:12.2f}" for p in exports) + f"{GOALS[job]:7.1f}")
+        print(f"{job:<20}{unit:>6}" + "".join(f"{med[p]:14.0f}" for p in paths)
+              + "".join(f"{med[p] / med['plain']:14.2f}" for p in exports) + f"{GOALS[job]:7.1f}")
     if args.profile:
         for job in jobs:
             raw = f"{args.profile}.{job}.raw"

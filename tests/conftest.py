@@ -90,6 +90,20 @@ def daemon(tmp_path: Path):
         d.stop()
 
 
+def threads_held_by_suspends() -> int:
+    """How many threads of this process wait for a suspended device to resume (inside
+    `MappedDevice._enter`): requests that reached the device and are held there."""
+    import sys
+    held = 0
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code.co_name == "_enter" and frame.f_code.co_filename.endswith("mapped.py"):
+                held += 1
+                break
+            frame = frame.f_back
+    return held
+
+
 def wait_until(predicate, timeout: float = 10.0) -> bool:
     """Poll a condition (for asynchronous effects; never used to measure time)."""
     deadline = time.monotonic() + timeout

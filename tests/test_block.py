@@ -27,6 +27,30 @@ def test_exclusive_claims_follow_the_kernel_rules():
     assert disk.open_count == 0
 
 
+def test_opens_closed_in_any_order_and_twice():
+    """Opens are kept in a list whose entries know their place (a close moves the last one
+    there): whatever order they close in, the list holds exactly the open ones, the last
+    close fires once, and closing a handle again changes nothing."""
+    disk = MemoryDisk(1 << 20)
+    last_closes = []
+    disk.on_last_close(last_closes.append)
+    handles = [disk.open(write=bool(i % 2)) for i in range(7)]
+    for i in (3, 0, 6, 1):
+        handles[i].close()
+        handles[i].close()
+        assert disk.open_count == len([h for h in handles if not h.closed])
+        assert set(map(id, disk.opens)) == {id(h) for h in handles if not h.closed}
+        assert all(disk.opens[h.slot] is h for h in disk.opens)
+    assert last_closes == []
+    for i in (5, 2, 4):
+        handles[i].close()
+    assert disk.open_count == 0 and disk.opens == [] and last_closes == [disk]
+    handles[4].close()
+    assert disk.open_count == 0 and last_closes == [disk]
+    disk.open().close()
+    assert last_closes == [disk, disk]
+
+
 def test_open_modes_and_bounds():
     disk = MemoryDisk(4096, read_only=True)
     with pytest.raises(DMError) as exc:

@@ -442,3 +442,34 @@ def test_stop_while_a_reader_waits_on_a_suspended_device(base, request):
     finally:
         export.stop()
         mapper.close()
+
+
+def test_ext4_on_a_passthrough_file_and_its_device_pinned_meanwhile(base, request):
+    """A loop device on a passthrough FUSE file (the kernel does its I/O on the file): ext4
+    made, filled, checked and read back; while the loop holds the file, the device refuses
+    suspend (EBUSY), and accepts it once the loop is gone."""
+    work = base / request.node.name
+    work.mkdir()
+    mapper = Mapper()
+    export = FuseExport(mapper, work / "mapper", passthrough=True)
+    undo = Undo()
+    export.start()
+    try:
+        disk = backing_file(work, "disk.img", 64 * MiB)
+        mapper.create("pt", f"0 {64 * MiB // 512} linear {disk} 0")
+        loop = undo.losetup(os.path.join(export.mountpoint, "pt"), "--direct-io=on")
+        with pytest.raises(DMError) as refused:
+            mapper.suspend("pt")
+        assert refused.value.errno == errno.EBUSY
+        undo.detach(loop)
+        wait_for(lambda: mapper.info("pt")["open_count"] == 0, "the loop device's close")
+        ext4_round_trip(mapper, export, undo, work, "pt")
+        assert export._ops.passthrough_opens >= 2
+        mapper.suspend("pt")
+        mapper.resume("pt")
+    finally:
+        try:
+            undo.close()
+        finally:
+            export.stop()
+            mapper.close()

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_until
+from conftest import threads_held_by_suspends, wait_until
 from userdm import Mapper
+from userdm.errors import DMError
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -21,7 +22,7 @@ if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 try:
     from userdm.export.fuse import FuseExport
-    from userdm.export.fuse.server import MIN_THREADS
+    from userdm.export.fuse.server import BUSY_THREADS, _reply_pipe
     from userdm.export.fuse.unmount import fuse_mounts
 except (ImportError, OSError) as _exc:
     pytest.skip(f"cannot load the FUSE server: {_exc}", allow_module_level=True)
@@ -111,11 +112,10 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
         m.suspend("dev")
         got: list[bytes] = []
         readers = [threading.Thread(target=lambda: got.append(os.pread(fd, 4, 0)))
-                   for _ in range(MIN_THREADS + 3)]
+                   for _ in range(BUSY_THREADS + 3)]
         for t in readers:
             t.start()
-        session = export._session
-        assert wait_until(lambda: session._alive - session._waiting >= len(readers))  # all held inside
+        assert wait_until(lambda: threads_held_by_suspends() >= len(readers))  # all held inside
         assert not got
         with open(os.path.join(export.mountpoint, "other"), "r+b") as f:
             f.write(b"served")
@@ -169,3 +169,106 @@ def test_unmounted_from_outside(served):
     assert wait_until(lambda: "dev" not in m.export_names())
     export.stop()
     assert export.mountpoint not in fuse_mounts()
+
+
+def test_big_reads_are_spliced_from_the_file_and_read_what_the_device_holds(tmp_path):
+    """READs of 64 KiB and more that lie in one file below a collapsed table are answered by
+    splice (file -> pipe -> /dev/fuse); the others (across two segments, a target that is not
+    a remap, past the end) fall back to a copy after the pipe is drained. Every read returns
+    exactly the device's bytes."""
+    a, b = tmp_path / "a.img", tmp_path / "b.img"
+    data = {p: os.urandom(8 * MiB) for p in (a, b)}
+    for p, d in data.items():
+        p.write_bytes(d)
+    da, db = data[a], data[b]
+    m = Mapper()
+    m.create("lin", f"0 4096 linear {a} 4096")                              # at 2 MiB of a
+    m.create("str", f"0 16384 striped 2 128 {a} 0 {b} 0")                   # 64 KiB chunks
+    m.create("two", f"0 2048 linear {a} 0\n2048 2048 linear {b} 0")         # 1 MiB of each
+    m.create("zero", "0 4096 zero")
+    expect = {
+        "lin": da[2 * MiB:4 * MiB],
+        "str": b"".join((da if i % 2 == 0 else db)[i // 2 * 65536:(i // 2 + 1) * 65536] for i in range(128)),
+        "two": da[:MiB] + db[:MiB],
+        "zero": bytes(2 * MiB),
+    }
+    export = FuseExport(m, tmp_path / "mapper")
+    export.start()
+    try:
+        ops = export._ops
+        for name, want in expect.items():
+            fd = os.open(os.path.join(export.mountpoint, name), os.O_RDONLY)
+            try:
+                for off, n in ((0, 65536), (4096, 200000), (MiB - 65536, 131072), (len(want) - 65536, MiB),
+                               (0, 512 * 1024)):
+                    assert os.pread(fd, n, off) == want[off:off + n], (name, off, n)
+            finally:
+                os.close(fd)
+        # spliced: lin 4 and the 1 MiB request where a pipe may grow past 1 MiB (pipe-max-size,
+        # or CAP_SYS_RESOURCE: the header takes a page), str 1 (the others cross a chunk), two 3
+        # (two cross the segments), zero none
+        pipe = _reply_pipe()
+        assert pipe is not None
+        os.close(pipe[0])
+        os.close(pipe[1])
+        assert ops.spliced == 8 + (pipe[2] >= MiB)
+    finally:
+        export.stop()
+        m.close()
+
+
+def test_passthrough_opens_do_their_io_in_the_kernel_and_pin_their_device(tmp_path):
+    """With passthrough, an open of a device that maps one file byte for byte reads and writes
+    that file in the kernel (nothing reaches the server), and pins the device: suspend and a
+    reload's resume are refused with EBUSY until it closes. Other devices, and opens made
+    while the device is suspended, come through userdm; a deferred remove fires at the close."""
+    a = tmp_path / "a.img"
+    data = bytearray(os.urandom(8 * MiB))
+    a.write_bytes(data)
+    m = Mapper()
+    m.create("whole", f"0 {8 * MiB // 512} linear {a} 0")
+    m.create("off", f"0 {4 * MiB // 512} linear {a} {4 * MiB // 512}")      # not at offset 0
+    m.create("part", f"0 {4 * MiB // 512} linear {a} 0")                     # not the whole file
+    export = FuseExport(m, tmp_path / "mapper", passthrough=True)
+    export.start()
+    ops = export._ops
+    path = lambda name: os.path.join(export.mountpoint, name)   # noqa: E731
+    try:
+        fd = os.open(path("whole"), os.O_RDWR)
+        try:
+            assert (ops.passthrough_opens, m.device("whole").kernel_io_opens) == (1, 1)
+            assert os.pread(fd, 512 * 1024, 4096) == data[4096:4096 + 512 * 1024]
+            os.pwrite(fd, b"through the kernel", 100)
+            with open(a, "rb") as f:
+                f.seek(100)
+                assert f.read(18) == b"through the kernel"
+            data[100:118] = b"through the kernel"
+            assert ops.spliced == 0                          # the big read never came here
+            with pytest.raises(DMError) as refused:
+                m.suspend("whole")
+            assert refused.value.errno == errno.EBUSY and "whole" in str(refused.value)
+            m.load("whole", f"0 {8 * MiB // 512} zero")
+            with pytest.raises(DMError) as refused:
+                m.resume("whole")
+            assert refused.value.errno == errno.EBUSY
+            assert m.table("whole")[0][2] == "linear"
+            m.clear("whole")
+            for name in ("off", "part"):                     # these come through userdm
+                with open(path(name), "rb", buffering=0) as f:
+                    assert f.read(512 * 1024) == data[4 * MiB if name == "off" else 0:][:512 * 1024]
+            assert ops.passthrough_opens == 1 and ops.spliced == 2
+            m.remove("whole", deferred=True)
+        finally:
+            os.close(fd)
+        assert wait_until(lambda: "whole" not in m.export_names())   # the release fired the removal
+        m.suspend("off")
+        fd = os.open(path("off"), os.O_RDONLY)               # opened while suspended: held I/O
+        try:
+            m.resume("off")
+            assert os.pread(fd, 4096, 0) == data[4 * MiB:4 * MiB + 4096]
+            assert ops.passthrough_opens == 1
+        finally:
+            os.close(fd)
+    finally:
+        export.stop()
+        m.close()

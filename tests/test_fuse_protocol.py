@@ -104,9 +104,10 @@ def test_init_reply_takes_the_lower_minor_and_only_offered_flags():
     offered = P.InitIn(7, 44, 65536, P.ASYNC_DIO | P.BIG_WRITES | P.INIT_EXT)
     out = P.init_out(offered, want=WANT, max_write=MAX_WRITE, max_pages=256, max_background=128,
                      congestion_threshold=96)
-    major, minor, readahead, flags, bg, cong, max_write, gran, pages, _, flags2 = P.INIT_OUT.unpack(out)
+    major, minor, readahead, flags, bg, cong, max_write, gran, pages, _, flags2, depth = P.INIT_OUT.unpack(out)
     assert (major, minor, readahead) == (7, P.MINOR_VERSION, 65536)
     assert flags == P.ASYNC_DIO | P.BIG_WRITES and flags2 == 0     # MAX_PAGES was not offered
+    assert depth == 0
     assert (bg, cong, max_write, gran, pages) == (128, 96, MAX_WRITE, 1, 256)
     old = P.InitIn(7, 31, 0, P.MAX_PAGES)
     assert P.INIT_OUT.unpack(P.init_out(old, want=WANT, max_write=MAX_WRITE, max_pages=256,

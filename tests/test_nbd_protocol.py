@@ -69,6 +69,36 @@ def test_unknown_client_flags_are_a_protocol_error():
     assert hs.state == "closed"
 
 
+def test_options_answer_the_same_whatever_the_receives_cut():
+    """The bytes of a whole negotiation (client flags, INFO, metadata contexts, GO, then an
+    early transmission request) give the same replies and the same leftover bytes whether
+    they come in one receive or a byte at a time."""
+    flags = struct.pack(">I", C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES)
+    stream = (flags + encode_option(C.OPT_STRUCTURED_REPLY)
+              + encode_go("vol0", (C.INFO_BLOCK_SIZE, C.INFO_NAME, C.INFO_DESCRIPTION), opt=C.OPT_INFO)
+              + encode_meta_context("vol0", ["base:"], opt=C.OPT_LIST_META_CONTEXT)
+              + encode_go("nope", opt=C.OPT_INFO) + encode_meta_context("vol0", [C.BASE_ALLOCATION])
+              + encode_go("vol0"))
+    early = b"early transmission bytes"
+    whole = ServerHandshake(Catalog())
+    at_once = whole.receive_data(stream + early)
+    bytewise = ServerHandshake(Catalog())
+    pieces = b"".join(bytewise.receive_data(stream[i:i + 1]) for i in range(len(stream)))
+    assert bytewise.state == whole.state == "transmission"
+    assert bytewise.receive_data(early) == b""
+    assert pieces == at_once and bytewise.unused_data() == whole.unused_data() == early
+    r = replies(at_once)
+    assert [t for _, t, _ in r] == [
+        C.REP_ACK,                                            # STRUCTURED_REPLY
+        C.REP_INFO, C.REP_INFO, C.REP_INFO, C.REP_ACK,        # INFO: export, name, block size
+        C.REP_META_CONTEXT, C.REP_ACK,                        # LIST_META_CONTEXT
+        C.REP_ERR_UNKNOWN,                                    # INFO of an unknown export
+        C.REP_META_CONTEXT, C.REP_ACK,                        # SET_META_CONTEXT
+        C.REP_INFO, C.REP_INFO, C.REP_ACK]                    # GO: export, block size
+    assert r[3][2] == struct.pack(">HIII", C.INFO_BLOCK_SIZE, 512, C.PREFERRED_BLOCK, C.MAX_PAYLOAD)
+    assert whole.export().meta_context == 1
+
+
 def test_list_and_unknown_option_keep_sync():
     hs = started()
     out = hs.receive_data(encode_option(99, b"junk") + encode_option(C.OPT_LIST))

@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nbd-listen", help="daemon: also serve NBD on TCP HOST:PORT (needs TLS, see --tls)")
     p.add_argument("--no-fuse", action="store_true", help="daemon: no FUSE directory")
     p.add_argument("--no-nbd", action="store_true", help="daemon: no NBD socket")
+    p.add_argument("--fuse-passthrough", action="store_true",
+                   help="daemon: the kernel does the I/O of FUSE files of devices that map one file byte "
+                        "for byte (their suspends are refused while such a file is open; docs/fuse.md)")
     p.add_argument("--block-devices", action="store_true",
                    help="daemon: a kernel block device (RUNTIME/dev/NAME) for every device with a live table")
     p.add_argument("--example", action="store_true",
@@ -742,7 +745,7 @@ def run_daemon(opts: argparse.Namespace) -> int:
     Daemon(paths.runtime_dir(opts.runtime_dir), paths.state_dir(opts.state_dir),
            nbd_listen=opts.nbd_listen, fuse=not opts.no_fuse, nbd=not opts.no_nbd,
            example=opts.example, control_limits=limits, nbd_limits=nbd_limits_,
-           block_devices=opts.block_devices, nbd_tls=tls).run()
+           block_devices=opts.block_devices, nbd_tls=tls, fuse_passthrough=opts.fuse_passthrough).run()
     return 0
 
 

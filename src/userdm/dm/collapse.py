@@ -45,12 +45,17 @@ MAX_SEGMENTS = 4096
 ENABLED = True
 _preadv = os.preadv
 _pwritev = os.pwritev
+_splice = os.splice
 
 
 class FileSink:
     """A file at the bottom of a linear chain: one system call per request."""
 
     __slots__ = ("disk", "fd", "writable", "read", "write")
+
+    def place(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset) of these bytes in the file (for `splice`), None if the file is dead."""
+        return None if self.disk.dead else (self.fd, offset)
 
     def __init__(self, disk: FileDisk, writable: bool) -> None:
         self.disk = disk
@@ -90,6 +95,13 @@ class TargetSink:
         stateless = target.stateless_remap
         self.read = self._read if stateless else target.collapsed_read
         self.write = _refuse if not writable else self._write if stateless else self._write_target
+
+    def place(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset) of these bytes if they lie whole in one live file, else None."""
+        where = self.target.locate(offset, length)
+        if where is None or where[0].device.dead:
+            return None
+        return where[0].device.fd, where[1]
 
     def _read(self, offset: int, buf: memoryview) -> bool:
         n = len(buf)
@@ -157,6 +169,14 @@ class Flat:
         self._sink = sink
         self.read, self.write = (self._read_one, self._write_one) if sink is not None else (self._read, self._write)
 
+    def place(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset) of the `length` bytes at `offset` if they lie whole in one file, else None."""
+        i = bisect_right(self.starts, offset) - 1
+        if offset + length > self.starts[i + 1]:
+            return None
+        sink = self._sink if self._sink is not None else self.segments[i][2]
+        return None if sink is None else sink.place(offset + self.deltas[i], length)
+
     def _read_one(self, offset: int, buf: memoryview) -> bool:
         i = bisect_right(self.starts, offset) - 1
         return offset + len(buf) <= self.starts[i + 1] and self._sink.read(offset + self.deltas[i], buf)
@@ -172,6 +192,21 @@ class Flat:
     def _write(self, offset: int, data: memoryview, fua: bool) -> bool:
         i = bisect_right(self.starts, offset) - 1
         return offset + len(data) <= self.starts[i + 1] and self.writes[i](offset + self.deltas[i], data, fua)
+
+
+def splice_file(fd: int, offset: int, length: int, pipe: int) -> bool:
+    """Move `length` bytes of file `fd` at `offset` into the pipe by reference (the pipe holds
+    page references, no copy). False if the file ended or failed: the pipe may hold a part."""
+    while length:
+        try:
+            n = _splice(fd, pipe, length, offset)
+        except OSError:
+            return False
+        if n <= 0:
+            return False
+        offset += n
+        length -= n
+    return True
 
 
 def _no(*args) -> bool:  # noqa: ANN002

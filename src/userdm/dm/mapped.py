@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import os
+import stat
 import threading
 from collections.abc import Callable
 
 from ..block.device import SECTOR, BlockDevice, BlockOpen, describe_holder
+from ..block.file import FileDisk
 from ..block.failure import merge_ranges
 from ..errors import DMError
 from . import collapse, interposer
@@ -95,6 +98,10 @@ class MappedDevice(BlockDevice):
         self._flat_stale = True
         self._blocked = False
         self._in_flight = 0
+        #: opens whose I/O the kernel does itself, straight to the file (`pin_kernel_io`), and
+        #: a suspend under way, which bars new ones
+        self.kernel_io_opens = 0
+        self._suspending = False
         #: (ref, write, shared) -> [device, refcount]; shared by live and inactive tables
         self._table_devices: dict[tuple[str, bool, bool], list] = {}
         #: id(device) -> [device, refcount]: dead devices still held by the table that had them
@@ -274,9 +281,23 @@ class MappedDevice(BlockDevice):
     def begin_suspend(self, *, nolockfs: bool = False) -> bool:
         """First step of suspend: freeze the holder, presuspend targets, hold new I/O.
 
-        Returns False if the device is already suspended or suspending."""
+        Returns False if the device is already suspended or suspending. EBUSY while opens do
+        I/O that a suspend cannot hold (`pin_kernel_io`)."""
         if self.suspended or self._blocked:
             return False
+        with self._cond:
+            if self.kernel_io_opens:
+                raise DMError(errno.EBUSY, f"device {self.name} has {self.kernel_io_opens} open(s) whose I/O "
+                              "the kernel does itself (FUSE passthrough), which a suspend cannot hold: "
+                              "close them first")
+            self._suspending = True
+        try:
+            return self._begin_suspend(nolockfs)
+        finally:
+            with self._cond:
+                self._suspending = False
+
+    def _begin_suspend(self, nolockfs: bool) -> bool:
         if self.live is not None and not nolockfs and self.holder_ops and self.holder_ops.freeze:
             self.holder_ops.freeze()
             self._frozen = True  # DMF_FROZEN: resume thaws only what suspend froze
@@ -295,6 +316,47 @@ class MappedDevice(BlockDevice):
             self._blocked = True
         self._drop_collapsed()
         return True
+
+    # ---- opens that do their I/O in the kernel (FUSE passthrough) ----------------------
+
+    def kernel_io_file(self, write: bool) -> int | None:
+        """The fd of the regular file that this device maps byte for byte (its live table is
+        one linear target at offset 0 of a file as big as the device, with no interposer), so
+        that the kernel may do an open's I/O on that file itself; None otherwise."""
+        table = self.live
+        if table is None or self.interposers or len(table.targets) != 1:
+            return None
+        through = table.targets[0].passthrough()
+        if through is None or through[1] != 0:
+            return None
+        open_ = through[0].open
+        disk = open_.device
+        if not isinstance(disk, FileDisk) or disk.dead or \
+                (write and (table.read_only or not open_.write_mode or disk.read_only)):
+            return None
+        try:
+            st = os.fstat(disk.fd)
+        except OSError:
+            return None
+        return disk.fd if stat.S_ISREG(st.st_mode) and st.st_size == self.size else None
+
+    def pin_kernel_io(self, write: bool) -> int | None:
+        """Count one more open whose reads and writes the kernel does on the file itself (a
+        FUSE passthrough open), if the device maps one file byte for byte (`kernel_io_file`)
+        and is not suspended or suspending; returns that file's fd, else None. While such
+        opens exist, suspends (and so reloads and interposers) are refused with EBUSY: they
+        could not hold that I/O. `unpin_kernel_io` when the open closes."""
+        with self._cond:
+            if self._blocked or self.suspended or self._suspending:
+                return None
+            fd = self.kernel_io_file(write)
+            if fd is not None:
+                self.kernel_io_opens += 1
+            return fd
+
+    def unpin_kernel_io(self) -> None:
+        with self._cond:
+            self.kernel_io_opens -= 1
 
     def drain(self) -> None:
         """Wait until no I/O is in flight (or until the suspend was undone)."""
@@ -508,6 +570,17 @@ class MappedDevice(BlockDevice):
                     return
                 table = self._through_table(table)
             table.readinto(offset, buf)
+        finally:
+            self._leave(table)
+
+    def splice_into(self, offset: int, length: int, pipe: int) -> bool:
+        """Move the `length` bytes at `offset` into the pipe `pipe` by reference when they lie
+        whole in one file below a collapsed table (a FUSE reply then costs one copy, not two);
+        False otherwise, and the caller reads them (the pipe may hold a part: drain it)."""
+        table = self._enter()
+        try:
+            where = table.place(offset, length) if table.__class__ is collapse.Flat else None
+            return where is not None and collapse.splice_file(where[0], where[1], length, pipe)
         finally:
             self._leave(table)
 

@@ -33,6 +33,11 @@ from .protocol import OPTION, OPTION_REPLY, Export, ProtocolError
 
 SERVER_HANDSHAKE_FLAGS = C.FLAG_FIXED_NEWSTYLE | C.FLAG_NO_ZEROES
 _U32 = struct.Struct(">I")
+_OPTION_SIZE = OPTION.size
+_OPTION_UNPACK = OPTION.unpack_from
+#: NBD_INFO_EXPORT in an NBD_REP_INFO reply, then NBD_INFO_BLOCK_SIZE in one and the final ACK
+_INFO_EXPORT_REPLY = struct.Struct(">QIIIHQH")
+_BLOCK_SIZE_AND_ACK = struct.Struct(">QIIIHIIIQIII")
 TLS_MODES = ("off", "on", "require")
 
 
@@ -143,37 +148,46 @@ class ServerHandshake:
                       min_block=info.min_block, max_payload=info.max_payload)
 
     def receive_data(self, data: bytes) -> bytes:
-        """Consume client bytes; return the bytes to send. ProtocolError: hang up."""
+        """Consume client bytes; return the bytes to send. ProtocolError: hang up.
+
+        Every whole option that `data` completes is answered, in order, in the returned bytes;
+        the options are read where they lie (one cut of the buffer at the end, not one per
+        option)."""
         if self.state == "starttls":
             raise ProtocolError("data received while the TLS handshake is due")
-        self._buf += data
+        buf = self._buf
+        buf += data
         out: list[bytes] = []
-        while not self.done and self.state != "starttls":
-            if self.state == "client_flags":
-                if len(self._buf) < 4:
+        pos, end = 0, len(buf)
+        try:
+            while self.state == "options" or self.state == "client_flags":
+                if self.state == "client_flags":
+                    if end - pos < 4:
+                        break
+                    flags = _U32.unpack_from(buf, pos)[0]
+                    pos += 4
+                    if flags & ~(C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES):
+                        self.state = "closed"
+                        raise ProtocolError(f"unknown client flags 0x{flags:x}")
+                    self.no_zeroes = bool(flags & C.FLAG_C_NO_ZEROES)
+                    self.state = "options"
+                    continue
+                if end - pos < _OPTION_SIZE:
                     break
-                flags = _U32.unpack_from(self._buf)[0]
-                del self._buf[:4]
-                if flags & ~(C.FLAG_C_FIXED_NEWSTYLE | C.FLAG_C_NO_ZEROES):
+                magic, opt, length = _OPTION_UNPACK(buf, pos)
+                if magic != C.IHAVEOPT:
                     self.state = "closed"
-                    raise ProtocolError(f"unknown client flags 0x{flags:x}")
-                self.no_zeroes = bool(flags & C.FLAG_C_NO_ZEROES)
-                self.state = "options"
-                continue
-            if len(self._buf) < OPTION.size:
-                break
-            magic, opt, length = OPTION.unpack_from(self._buf)
-            if magic != C.IHAVEOPT:
-                self.state = "closed"
-                raise ProtocolError(f"bad option magic 0x{magic:016x}")
-            if length > C.MAX_OPTION_LENGTH:
-                self.state = "closed"
-                raise ProtocolError(f"option {opt} with {length} bytes of data is too long")
-            if len(self._buf) < OPTION.size + length:
-                break
-            payload = bytes(self._buf[OPTION.size:OPTION.size + length])
-            del self._buf[:OPTION.size + length]
-            out.append(self._option(opt, payload))
+                    raise ProtocolError(f"bad option magic 0x{magic:016x}")
+                if length > C.MAX_OPTION_LENGTH:
+                    self.state = "closed"
+                    raise ProtocolError(f"option {opt} with {length} bytes of data is too long")
+                at = pos + _OPTION_SIZE
+                if end - at < length:
+                    break
+                pos = at + length
+                out.append(self._option(opt, bytes(buf[at:pos])))
+        finally:
+            del buf[:pos]   # what is left: a part of the next option, or bytes after the handshake
         return b"".join(out)
 
     def tls_started(self) -> None:
@@ -268,17 +282,17 @@ class ServerHandshake:
             info = self.catalog.select(name) if opt == C.OPT_GO else self.catalog.info(name)
         except Refused as exc:
             return self._error(opt, exc.reply, exc.message)
-        tflags = transmission_flags(info, self.structured)
-        out = [option_reply(opt, C.REP_INFO, struct.pack(">HQH", C.INFO_EXPORT, info.size, tflags))]
+        magic = C.OPT_REPLY_MAGIC
+        out = [_INFO_EXPORT_REPLY.pack(magic, opt, C.REP_INFO, 12, C.INFO_EXPORT, info.size,
+                                       transmission_flags(info, self.structured))]
         raw_name = wire_name(info.name) if C.INFO_NAME in requests else None
         if raw_name is not None:
             out.append(option_reply(opt, C.REP_INFO, struct.pack(">H", C.INFO_NAME) + raw_name))
         if C.INFO_DESCRIPTION in requests and info.description:
             out.append(option_reply(opt, C.REP_INFO, struct.pack(">H", C.INFO_DESCRIPTION)
                                     + info.description.encode()))
-        out.append(option_reply(opt, C.REP_INFO, struct.pack(
-            ">HIII", C.INFO_BLOCK_SIZE, info.min_block, info.preferred_block, info.max_payload)))
-        out.append(option_reply(opt, C.REP_ACK))
+        out.append(_BLOCK_SIZE_AND_ACK.pack(magic, opt, C.REP_INFO, 14, C.INFO_BLOCK_SIZE, info.min_block,
+                                            info.preferred_block, info.max_payload, magic, opt, C.REP_ACK, 0))
         if opt == C.OPT_GO:
             self.export_info = info
             self.state = "transmission"

@@ -11,6 +11,15 @@ own on clones of the /dev/fuse fd (`server.Session`); `ops.DeviceOperations` ans
 requests from `files.DeviceFiles`. No libfuse is involved. Several exports may run in one
 process.
 
+`passthrough=True` (`userdm daemon --fuse-passthrough`) lets the kernel do the reads and
+writes of an open itself, on the backing file, when the device maps one regular file byte for
+byte (one linear target at offset 0 of a file of the device's size): loop devices and qemu on
+such a file run at the file's speed. The price, while such an open exists: suspends (and so
+table reloads and interposers) of that device are refused with EBUSY, since they could not
+hold its I/O; and a write past the end of the file would extend it (the kernel does not
+check the device's size). Other devices, and opens made while a device is suspended, go
+through userdm as always.
+
 A process that serves an export and also opens its files must not start subprocesses with
 `close_fds=True` while such a file is open: Python 3.11 forks with vfork and keeps the GIL
 until the child execs, and the child's close of its copy of the file waits for a FLUSH that
@@ -39,10 +48,11 @@ class FuseExport:
     """One file per exported device of `mapper` in `mountpoint`, served until `stop()`."""
 
     def __init__(self, mapper: ExportSource, mountpoint: str | os.PathLike[str], *,
-                 allow_other: bool = False) -> None:
+                 allow_other: bool = False, passthrough: bool = False) -> None:
         self.mapper = mapper
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.allow_other = allow_other
+        self.passthrough = passthrough
         self.files = DeviceFiles(mapper)
         self._ops = DeviceOperations(self.files)
         self._session: Session | None = None
@@ -61,6 +71,7 @@ class FuseExport:
                 raise DMError(errno.EBUSY, f"{self.mountpoint} is already a FUSE mount in use "
                               "(is another userdm daemon running?)")
             session = Session(self._ops, self.mountpoint, allow_other=self.allow_other, on_end=self._ended)
+            self._ops.backing = session if self.passthrough else None
             session.mount()
             self._session = session
             self.mapper.subscribe(self._on_event)

@@ -53,6 +53,7 @@ class _Handle:
     ino: int
     device: MappedDevice
     open: BlockOpen
+    kernel_io: bool = False      # pinned: the kernel does this open's I/O (FUSE passthrough)
 
 
 class DeviceFiles:
@@ -171,12 +172,29 @@ class DeviceFiles:
     def inode_of_handle(self, fh: int) -> int:
         return self._handle(fh).ino
 
-    def release(self, fh: int) -> None:
-        """Close the device open behind `fh` (this may complete a deferred removal)."""
+    def pin_kernel_io(self, fh: int, write: bool) -> int | None:
+        """Let the kernel do the I/O of open `fh` on the file its device maps byte for byte:
+        that file's fd, with the device pinned (`MappedDevice.pin_kernel_io`), or None."""
+        h = self._handle(fh)
+        fd = h.device.pin_kernel_io(write)
+        h.kernel_io = fd is not None
+        return fd
+
+    def unpin_kernel_io(self, fh: int) -> None:
+        h = self._handle(fh)
+        if h.kernel_io:
+            h.kernel_io = False
+            h.device.unpin_kernel_io()
+
+    def release(self, fh: int) -> bool:
+        """Close the device open behind `fh` (this may complete a deferred removal). True if
+        it was a pinned one (`pin_kernel_io`)."""
         with self._lock:
             h = self._handles.pop(fh, None)
-        if h is not None:
-            h.open.close()
+        if h is None:
+            return False
+        self._close(h)
+        return h.kernel_io
 
     def release_all(self) -> int:
         """Close every open (when the mount goes away without release requests). Returns how many."""
@@ -184,8 +202,14 @@ class DeviceFiles:
             handles = list(self._handles.values())
             self._handles.clear()
         for h in handles:
-            h.open.close()
+            self._close(h)
         return len(handles)
+
+    @staticmethod
+    def _close(h: _Handle) -> None:
+        if h.kernel_io:
+            h.device.unpin_kernel_io()
+        h.open.close()
 
     @property
     def open_handles(self) -> int:
@@ -210,6 +234,15 @@ class DeviceFiles:
         if n:
             h.readinto(offset, buf if n == len(buf) else buf[:n])
         return n
+
+    def read_length(self, fh: int, offset: int, size: int) -> int:
+        """How many of `size` bytes at `offset` a read returns (short at the end, 0 past it)."""
+        return max(0, min(size, self._handle(fh).open.size - offset))
+
+    def splice_into(self, fh: int, offset: int, n: int, pipe: int) -> bool:
+        """Move `n` bytes (a `read_length`) into a pipe by reference if the device can; False:
+        read them instead, after draining the pipe."""
+        return self._handle(fh).open.splice_into(offset, n, pipe)
 
     def write(self, fh: int, offset: int, data: bytes | memoryview) -> int:
         """Write what fits before the end of the device (a block device's short write); ENOSPC past it."""

@@ -18,7 +18,9 @@ import errno
 import logging
 import os
 import stat
+import threading
 from collections.abc import Callable
+from typing import Protocol
 
 from ...errors import DMError
 from . import protocol as P
@@ -38,12 +40,33 @@ REQUEST_BUFFER = MAX_WRITE + 4096
 #: the reply buffer: the largest READ after its out header
 REPLY_BUFFER = P.OUT_HEADER_SIZE + MAX_WRITE
 
+#: READs this big are spliced from the file into the reply when they can (`splice_read`)
+SPLICE_MIN = 64 * 1024
+
 #: what we take of what the kernel offers at INIT (not ASYNC_READ: it is for readahead, which
 #: direct_io files do not do; it measured slower for loop devices); ATOMIC_O_TRUNC: O_TRUNC comes with OPEN,
 #: which ignores it as a block device does (else the kernel would send a SETATTR of size 0)
 WANT = P.ATOMIC_O_TRUNC | P.BIG_WRITES | P.ASYNC_DIO | P.MAX_PAGES | P.PARALLEL_DIROPS
 MAX_BACKGROUND = 128         # async direct I/O in flight (loop devices queue up to 128 requests)
 CONGESTION_THRESHOLD = 96
+
+
+class BackingFiles(Protocol):
+    """What registers backing files with the kernel's FUSE connection (`server.Session`)."""
+
+    def open_backing(self, fd: int) -> int: ...
+
+    def close_backing(self, backing_id: int) -> None: ...
+
+
+def drain(fd: int) -> None:
+    """Empty the pipe whose (nonblocking) read end is `fd`."""
+    while True:
+        try:
+            if not os.read(fd, 1 << 20):
+                return
+        except BlockingIOError:
+            return
 
 
 def attr_fields(a: Attr) -> P.AttrFields:
@@ -56,6 +79,13 @@ class DeviceOperations:
     def __init__(self, files: DeviceFiles) -> None:
         self.files = files
         self.interrupts = 0          # INTERRUPTs received (answered by finishing the request)
+        self.spliced = 0             # READs answered by splice (`_splice_read`)
+        #: registers backing files with the kernel for passthrough opens (the `Session`); None:
+        #: every open's I/O comes here
+        self.backing: BackingFiles | None = None
+        self.passthrough_opens = 0   # opens answered with FOPEN_PASSTHROUGH
+        self._backing_ids: dict[int, list[int]] = {}   # inode -> [backing id, passthrough opens]
+        self._lock = threading.Lock()
         self.destroyed = False
         self._ops: dict[int, Callable[[P.Request], bytes | None]] = {
             P.INIT: self._init, P.LOOKUP: self._lookup, P.GETATTR: self._getattr,
@@ -67,9 +97,12 @@ class DeviceOperations:
             P.FORGET: self._forget, P.BATCH_FORGET: self._forget, P.INTERRUPT: self._interrupt,
         }
 
-    def serve(self, message: memoryview, reply_buf: memoryview) -> tuple[int, bytes | memoryview | None]:
+    def serve(self, message: memoryview, reply_buf: memoryview,
+              pipe: tuple[int, int, int] | None = None) -> tuple[int, bytes | memoryview | int | None]:
         """(opcode, reply) for one message read from the device (see `handle`). READ and WRITE
         take a short cut past `decode`: one unpack of header and arguments, no objects built.
+        With a `pipe` (read end, write end, room; empty), a big READ that fits may be answered
+        in the pipe: the reply is then the number of bytes waiting there, to splice to the device.
         Raises `protocol.ProtocolError` for a malformed message."""
         n = len(message)
         if n >= P.READ_REQUEST.size:
@@ -79,6 +112,10 @@ class DeviceOperations:
                 try:
                     if opcode == P.READ:
                         size = min(size, len(reply_buf) - P.OUT_HEADER_SIZE)
+                        if pipe is not None and SPLICE_MIN <= size <= pipe[2]:
+                            spliced = self._splice_read(unique, fh, offset, size, pipe)
+                            if spliced:
+                                return opcode, spliced
                         got = self.files.readinto(fh, offset, reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size])
                         P.pack_read_header(reply_buf, unique, got)
                         return opcode, reply_buf[:P.OUT_HEADER_SIZE + got]
@@ -92,6 +129,24 @@ class DeviceOperations:
                     return opcode, P.reply_error(unique, errno.EIO)
         req = P.decode(message)
         return req.opcode, self.handle(req, reply_buf)
+
+    def _splice_read(self, unique: int, fh: int, offset: int, size: int, pipe: tuple[int, int, int]) -> int:
+        """Answer a READ in `pipe`: the reply header, then the data by reference (one copy in
+        all, the kernel's into the reader's pages, where `readinto` + write make two). Returns
+        the reply's length, or 0 with the pipe empty: the device cannot splice it, read it."""
+        n = self.files.read_length(fh, offset, size)
+        header = bytearray(P.OUT_HEADER_SIZE)
+        P.pack_read_header(header, unique, n)
+        os.write(pipe[1], header)
+        try:
+            if not n or self.files.splice_into(fh, offset, n, pipe[1]):
+                self.spliced += 1
+                return P.OUT_HEADER_SIZE + n
+        except BaseException:
+            drain(pipe[0])
+            raise
+        drain(pipe[0])
+        return 0
 
     def handle(self, req: P.Request, reply_buf: memoryview) -> bytes | memoryview | None:
         """The reply to `req` (None: none is due). A READ's reply is a view of `reply_buf`."""
@@ -117,8 +172,11 @@ class DeviceOperations:
         if init.major != P.KERNEL_VERSION:
             # a newer major: answer with ours and let the kernel send INIT again (or give up)
             return P.reply(req.unique, P.INIT_OUT.pack(P.KERNEL_VERSION, P.MINOR_VERSION,
-                                                       *([0] * 9)))
-        return P.reply(req.unique, P.init_out(init, want=WANT, max_write=MAX_WRITE, max_pages=MAX_PAGES,
+                                                       *([0] * 10)))
+        with self._lock:
+            self._backing_ids.clear()     # a new connection: the old one's ids died with it
+        want = WANT | (P.PASSTHROUGH if self.backing is not None else 0)
+        return P.reply(req.unique, P.init_out(init, want=want, max_write=MAX_WRITE, max_pages=MAX_PAGES,
                                               max_background=MAX_BACKGROUND,
                                               congestion_threshold=CONGESTION_THRESHOLD))
 
@@ -198,8 +256,35 @@ class DeviceOperations:
     def _open(self, req: P.Request) -> bytes:
         if req.nodeid == ROOT_INODE:
             raise DMError(errno.EISDIR, "the mount directory is not a device")
-        fh = self.files.open(req.nodeid, (req.args.flags & os.O_ACCMODE) != os.O_RDONLY)
+        write = (req.args.flags & os.O_ACCMODE) != os.O_RDONLY
+        fh = self.files.open(req.nodeid, write)
+        backing_id = self._passthrough(req.nodeid, fh, write) if self.backing is not None else 0
+        if backing_id:
+            return P.reply(req.unique, P.open_out(fh, P.FOPEN_PASSTHROUGH, backing_id))
         return P.reply(req.unique, P.open_out(fh, P.FOPEN_DIRECT_IO | P.FOPEN_PARALLEL_DIRECT_WRITES))
+
+    def _passthrough(self, ino: int, fh: int, write: bool) -> int:
+        """The backing id for open `fh` to do its I/O in the kernel, straight on the file its
+        device maps byte for byte (pinned: `MappedDevice.pin_kernel_io`), or 0. Every
+        passthrough open of an inode shares one id (the kernel wants one backing file per
+        inode); it is closed with the inode's last passthrough open."""
+        fd = self.files.pin_kernel_io(fh, write)
+        if fd is None:
+            return 0
+        assert self.backing is not None
+        with self._lock:
+            entry = self._backing_ids.get(ino)
+            if entry is None:
+                try:
+                    entry = self._backing_ids[ino] = [self.backing.open_backing(fd), 0]
+                except OSError as exc:
+                    self.files.unpin_kernel_io(fh)
+                    log.warning("FUSE passthrough of inode %d refused by the kernel (%s); its I/O "
+                                "comes through userdm", ino, exc)
+                    return 0
+            entry[1] += 1
+            self.passthrough_opens += 1
+            return entry[0]
 
     def _read(self, req: P.Request, reply_buf: memoryview) -> memoryview:
         args: P.ReadIn = req.args
@@ -217,8 +302,25 @@ class DeviceOperations:
         return P.reply(req.unique)
 
     def _release(self, req: P.Request) -> bytes:
-        self.files.release(req.args.fh)   # a no-op after release_all
+        if self.files.release(req.args.fh):   # a no-op after release_all
+            self._drop_backing(req.nodeid)
         return P.reply(req.unique)
+
+    def _drop_backing(self, ino: int) -> None:
+        """One passthrough open of `ino` closed: its last closes the backing id."""
+        with self._lock:
+            entry = self._backing_ids.get(ino)
+            if entry is None:
+                return
+            entry[1] -= 1
+            if entry[1]:
+                return
+            del self._backing_ids[ino]
+        if self.backing is not None:
+            try:
+                self.backing.close_backing(entry[0])
+            except OSError as exc:
+                log.debug("closing FUSE backing id %d: %s", entry[0], exc)
 
     def _fallocate(self, req: P.Request) -> bytes:
         args: P.FallocateIn = req.args

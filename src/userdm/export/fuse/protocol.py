@@ -55,11 +55,13 @@ ASYNC_DIO = 1 << 15
 PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
+PASSTHROUGH = 1 << 37      # opens may name a backing file the kernel does I/O on (7.40)
 
 # OPEN reply flags
 FOPEN_DIRECT_IO = 1 << 0
 FOPEN_KEEP_CACHE = 1 << 1
 FOPEN_PARALLEL_DIRECT_WRITES = 1 << 6
+FOPEN_PASSTHROUGH = 1 << 7
 
 # SETATTR valid bits
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1 << 0, 1 << 1, 1 << 2, 1 << 3
@@ -83,7 +85,7 @@ OUT_HEADER_SIZE = OUT_HEADER.size   # 16
 
 INIT_IN = struct.Struct("<IIII")            # major, minor, max_readahead, flags (then flags2 since 7.36)
 INIT_IN_FLAGS2 = struct.Struct("<I")
-INIT_OUT = struct.Struct("<IIIIHHIIHHI28x")  # ... max_pages, map_alignment, flags2, unused[7]
+INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # ... max_pages, map_alignment, flags2, max_stack_depth
 FORGET_IN = struct.Struct("<Q")
 BATCH_FORGET_IN = struct.Struct("<II")
 FORGET_ONE = struct.Struct("<QQ")
@@ -371,8 +373,8 @@ def attr_out(a: AttrFields, valid_ns: int = 0) -> bytes:
     return ATTR_OUT.pack(sec, nsec, 0) + pack_attr(a)
 
 
-def open_out(fh: int, open_flags: int) -> bytes:
-    return OPEN_OUT.pack(fh, open_flags, 0)
+def open_out(fh: int, open_flags: int, backing_id: int = 0) -> bytes:
+    return OPEN_OUT.pack(fh, open_flags, backing_id)
 
 
 def write_out(size: int) -> bytes:
@@ -389,13 +391,14 @@ def lseek_out(offset: int) -> bytes:
 
 def init_out(init: InitIn, *, want: int, max_write: int, max_pages: int, max_background: int,
              congestion_threshold: int) -> bytes:
-    """INIT's answer: our version (the lower minor of both), the wanted flags the kernel offers."""
+    """INIT's answer: our version (the lower minor of both), the wanted flags the kernel offers.
+    With PASSTHROUGH, backing files are one filesystem deep (max_stack_depth 1)."""
     flags = init.flags & want
     if flags >> 32:
         flags |= INIT_EXT
     return INIT_OUT.pack(KERNEL_VERSION, min(init.minor, MINOR_VERSION), init.max_readahead,
                          flags & 0xFFFFFFFF, max_background, congestion_threshold, max_write, 1,
-                         max_pages, 0, flags >> 32)
+                         max_pages, 0, flags >> 32, 1 if flags & PASSTHROUGH else 0)
 
 
 def _dirent(ino: int, off: int, name: bytes, dtype: int) -> bytes:

@@ -9,10 +9,16 @@ request (nonblocking; when none is queued, wait in epoll with EPOLLEXCLUSIVE, so
 wakes one thread), `protocol.decode` it, let `ops.handle` answer it, write the reply in one
 `os.write`. A READ's data is read by the device straight into the reply buffer behind the
 header and a WRITE's data is a view of the request buffer: no copies besides the kernel's.
+A big READ that lies in one file is spliced instead (file -> the thread's pipe -> /dev/fuse:
+the page cache is copied once, straight into the reader's pages; `ops.SPLICE_MIN`).
 
-- a thread that takes a request while no other thread waits for the next one starts another
-  (up to MAX_THREADS), so requests that block (I/O to a suspended device) never stop the rest;
-  a thread idle for IDLE_EXIT seconds ends while more than MAX_IDLE others wait;
+- a thread that takes a request while no other thread waits for the next one starts another,
+  up to BUSY_THREADS: enough to keep both sides busy, not so many that they queue for the GIL
+  (threads waiting for the GIL count as busy; starting one per request grew to 60 threads at
+  qd16, no faster). Beyond that a watchdog grows the pool, one thread per STALL_TICK while every
+  thread is busy and one of them has served the same request for a whole tick, up to
+  MAX_THREADS: requests that block (I/O to a suspended device, a slow backend) never stop the
+  rest. A thread idle for IDLE_EXIT seconds ends while more than MAX_IDLE others wait;
 - the mount unmounted from outside: reads fail with ENODEV, the threads end and `on_end` runs;
 - `stop()` wakes the waiting threads (a pipe), severs the connection without waiting for
   requests held by suspended devices (every device fd is replaced by /dev/null: the kernel
@@ -25,26 +31,35 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import itertools
 import logging
 import os
 import select
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from ...errors import DMError
 from . import protocol as P
-from .ops import REPLY_BUFFER, REQUEST_BUFFER, DeviceOperations
+from .ops import REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
 from .unmount import is_fuse_mount, lazy_unmount
 
 log = logging.getLogger("userdm.fuse")
 
 MIN_THREADS = 2      # waiting at start: a loop device's 1 MiB request comes as two FUSE requests
+BUSY_THREADS = 4     # threads started at once when none waits for the next request
 MAX_THREADS = 64     # requests served (or blocked in suspended devices) at once
+STALL_TICK = 0.001   # the watchdog's period while every thread is busy
 MAX_IDLE = 8         # idle threads kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
 IDLE_EXIT = 10.0
 
 FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501   # _IOW(229, 1, struct fuse_backing_map)
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
+BACKING_MAP = struct.Struct("<iIQ")      # fd, flags, padding
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PAGE = 4096
 MS_NOSUID, MS_NODEV = 0x2, 0x4
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -54,6 +69,24 @@ _mount.restype = ctypes.c_int
 
 _EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _GONE = (errno.ENODEV, errno.ENOTCONN, errno.EBADF)   # the connection was aborted or unmounted
+
+
+def _reply_pipe() -> tuple[int, int, int] | None:
+    """(read end, write end, room for data) of a pipe for `DeviceOperations` to splice big
+    READ replies into: as big as the largest reply, or as /proc/sys/fs/pipe-max-size allows
+    (1 MiB by default: a loop device's 512 KiB requests fit); the header takes a page of it.
+    None if no pipe of at least a splice's worth can be had (then every READ is copied)."""
+    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    for size in (REPLY_BUFFER, 1 << 20, 256 << 10):
+        try:
+            room = fcntl.fcntl(w, F_SETPIPE_SZ, size) - PAGE
+        except OSError:
+            continue
+        if room >= SPLICE_MIN:
+            return r, w, room
+    os.close(r)
+    os.close(w)
+    return None
 
 
 def mount_fuse(fd: int, mountpoint: str, *, fsname: str, allow_other: bool) -> None:
@@ -85,6 +118,9 @@ class Session:
         self._stopping = False
         self._destroyed = False
         self.threads: list[threading.Thread] = []
+        self._serial = itertools.count(1)     # numbers the requests taken
+        self._serving: list[list[int]] = []   # per thread: [number of the request it serves, or 0]
+        self._all_busy = threading.Event()    # set when a thread took a request and none waits
 
     # ---- start -------------------------------------------------------------------------
 
@@ -101,6 +137,7 @@ class Session:
         self._wake = os.pipe()
         for _ in range(MIN_THREADS):
             self._spawn()
+        threading.Thread(target=self._watch, name="userdm-fuse-watchdog", daemon=True).start()
 
     def _clone(self) -> int:
         """A new fd of the same connection (requests read on it are answered on it)."""
@@ -133,6 +170,10 @@ class Session:
     def _serve(self, fd: int) -> None:
         assert self._wake is not None
         wake = self._wake[0]
+        pipe = _reply_pipe()
+        serving = [0]
+        serial = self._serial
+        all_busy = self._all_busy
         request = bytearray(REQUEST_BUFFER)
         req_view = memoryview(request)
         reply_view = memoryview(bytearray(REPLY_BUFFER))
@@ -145,6 +186,8 @@ class Session:
             except PermissionError:    # severed before this thread started: fd is /dev/null
                 return
             ep.register(wake, select.EPOLLIN)
+            with self._lock:
+                self._serving.append(serving)
             while True:
                 with self._lock:
                     self._waiting += 1
@@ -175,15 +218,23 @@ class Session:
                 finally:
                     with self._lock:
                         self._waiting -= 1
-                        spawn = not self._waiting and not self._stopping and self._alive < MAX_THREADS
+                        none_waits = not self._waiting and not self._stopping
+                        spawn = none_waits and self._alive < BUSY_THREADS
+                if none_waits and not all_busy.is_set():
+                    all_busy.set()
                 if spawn:   # nobody is left waiting for the next request
                     self._spawn()
+                serving[0] = next(serial)
                 try:
-                    opcode, out = serve(req_view[:n], reply_view)
+                    opcode, out = serve(req_view[:n], reply_view, pipe)
                 except P.ProtocolError as exc:
                     log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
                     continue
-                if out is not None:
+                finally:
+                    serving[0] = 0
+                if out.__class__ is int:
+                    self._splice(fd, out, pipe)
+                elif out is not None:
                     self._send(fd, out)
                 if opcode == P.DESTROY:
                     ended = True
@@ -192,7 +243,11 @@ class Session:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
         finally:
             ep.close()
+            for end in (pipe or ())[:2]:
+                os.close(end)
             with self._lock:
+                if serving in self._serving:
+                    self._serving.remove(serving)
                 self._alive -= 1
                 last = self._alive == 0
                 first_end = ended and not self._stopping
@@ -205,11 +260,41 @@ class Session:
             if last:
                 self._destroy_if_stopped()
 
+    def _watch(self) -> None:
+        """Grow the pool while every thread is busy and one is stuck on a request (see above)."""
+        seen: dict[int, int] = {}   # id of a thread's slot -> the request it served a tick ago
+        while True:
+            self._all_busy.wait()
+            time.sleep(STALL_TICK)
+            with self._lock:
+                if self._stopping:
+                    return
+                if self._waiting:
+                    self._all_busy.clear()
+                    seen.clear()
+                    continue
+                now = {id(slot): slot for slot in self._serving}
+                stuck = any(slot[0] and seen.get(key) == slot[0] for key, slot in now.items())
+                seen = {key: slot[0] for key, slot in now.items()}
+                spawn = stuck and self._alive < MAX_THREADS
+            if spawn:
+                self._spawn()
+
     def _send(self, fd: int, out: bytes | memoryview) -> None:
         try:
             os.write(fd, out)
         except OSError as exc:
             # ENOENT: the request was interrupted and is gone; the others: the connection is
+            if exc.errno not in (errno.ENOENT, *_GONE):
+                log.error("FUSE at %s: cannot send a reply: %s", self.mountpoint, exc)
+
+    def _splice(self, fd: int, length: int, pipe: tuple[int, int, int]) -> None:
+        """Send the reply of `length` bytes waiting in `pipe` (one splice: the kernel takes a
+        reply whole); what a failure leaves in the pipe is drained."""
+        try:
+            os.splice(pipe[0], fd, length)
+        except OSError as exc:
+            drain(pipe[0])
             if exc.errno not in (errno.ENOENT, *_GONE):
                 log.error("FUSE at %s: cannot send a reply: %s", self.mountpoint, exc)
 
@@ -221,6 +306,16 @@ class Session:
             self.on_end()
         except Exception:
             log.exception("FUSE at %s: end callback failed", self.mountpoint)
+
+    # ---- backing files (FUSE passthrough) ----------------------------------------------
+
+    def open_backing(self, fd: int) -> int:
+        """Register the file `fd` with the kernel for passthrough opens; returns its backing
+        id (needs CAP_SYS_ADMIN and a kernel with FUSE passthrough: OSError otherwise)."""
+        return fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_OPEN, bytearray(BACKING_MAP.pack(fd, 0, 0)), True)
+
+    def close_backing(self, backing_id: int) -> None:
+        fcntl.ioctl(self._fd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(struct.pack("<I", backing_id)), True)
 
     # ---- notifications and stop --------------------------------------------------------
 
@@ -241,6 +336,7 @@ class Session:
         with self._lock:
             ended = self._fd < 0 or self._destroyed
             self._stopping = True
+        self._all_busy.set()    # the watchdog sees _stopping and ends
         if not ended:
             self._wake_all()
             self._sever()

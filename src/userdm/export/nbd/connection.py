@@ -54,6 +54,7 @@ from collections.abc import Callable
 from ...errors import DMError
 from ...nbd import constants as C
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
+from .deadline import HandshakeDeadline
 from .limits import Budget, NBDLimits
 from ...nbd.handshake import ServerHandshake
 from ...nbd.tls import TLSHandshakeError, TLSStream
@@ -199,34 +200,37 @@ class Connection:
 
     def _handshake(self) -> bool:
         """The handshake, within `handshake_deadline` in all (each receive and send may take
-        only what is left of it): a client that sends a byte now and then is closed too."""
+        only what is left of it, see `HandshakeDeadline`): a client that sends a byte now and
+        then is closed too. Each option costs one receive and one send (all the replies of
+        what one receive brought), the least a round trip can cost."""
         sock = self.sock
-        limit = self.handshake_deadline
-        deadline = None if limit is None else time.monotonic() + limit
-        sock.settimeout(limit)
-        hs = ServerHandshake(self.catalog, self.tls_mode)
-        sock.sendall(hs.greeting())
-        while not hs.done and not self._closing:
-            if hs.state == "starttls":
-                sock = self._start_tls(hs, deadline)
-                continue
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    log.debug("nbd: handshake not finished within %gs, closing", limit)
-                    return False
-                sock.settimeout(left)
-            data = sock.recv(65536)
-            if not data:
+        clock = HandshakeDeadline(sock, self.handshake_deadline)
+        try:
+            hs = ServerHandshake(self.catalog, self.tls_mode)
+            if not clock.arm():
                 return False
-            out = hs.receive_data(data)
-            if out:
-                if deadline is not None:
-                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
-                sock.sendall(out)
+            sock.sendall(hs.greeting())
+            while not hs.done and not self._closing:
+                if hs.state == "starttls":
+                    clock.clear()
+                    sock = self._start_tls(hs, clock.at)
+                    clock.follow(sock)
+                    continue
+                if not clock.arm():
+                    log.debug("nbd: handshake not finished within %gs, closing", clock.limit)
+                    return False
+                data = sock.recv(65536)
+                if not data:
+                    return False
+                out = hs.receive_data(data)
+                if out:
+                    if not clock.arm():
+                        return False
+                    sock.sendall(out)
+        finally:
+            clock.clear()
         if hs.state != "transmission" or self._closing:
             return False
-        sock.settimeout(None)
         self.export = hs.export()
         self._pending = hs.unused_data()
         return True

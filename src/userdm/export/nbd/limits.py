@@ -7,8 +7,8 @@ the byte budgets that hold requests back.
   handed out through the control socket (`connect_nbd`, `create --exec`/`open`) are not
   counted: the control plane bounds those.
 - `handshake_deadline`: seconds a listener's connection has to finish its handshake, however
-  slowly it sends; then it is closed. Sockets that carry an existing open (`BoundCatalog`)
-  have no deadline.
+  slowly it sends; then it is closed (within 0.1 s after it: `deadline.py`). Sockets that
+  carry an existing open (`BoundCatalog`) have no deadline.
 - `connection_bytes` and `total_bytes`: payload buffer bytes that requests of one connection,
   and of all connections together, may hold. A request over the budget waits (its connection
   stops reading from its socket until bytes are freed); it is never refused for that. Both
