@@ -112,3 +112,41 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
+
+
+# ---- Ceph (tests/test_rbd.py, tests/test_mirror_rbd.py) ----------------------------------------
+
+
+@pytest.fixture(scope="session")
+def ceph():
+    """One throwaway single-node cluster for the whole run (tests/ceph_cluster.py); stopped by
+    PID and removed even on failure."""
+    from ceph_cluster import Cluster
+    cluster = Cluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+_image_names = iter(range(1 << 30))
+
+
+@pytest.fixture
+def image(ceph):
+    """image(size) -> the name of a new RBD image in the test pool (removed afterwards)."""
+    made: list[str] = []
+
+    def make(size: int = 32 << 20) -> str:
+        name = f"img{next(_image_names)}"
+        ceph.rbd("create", "--size", f"{size >> 20}M", name)
+        made.append(name)
+        return name
+    yield make
+    for name in made:
+        try:
+            ceph.rbd("snap", "purge", name)
+            ceph.rbd("rm", "--no-progress", name)
+        except RuntimeError:
+            pass

@@ -60,6 +60,31 @@ def stop(proc: subprocess.Popen | None) -> None:
         proc.wait()
 
 
+def mirror_with_a_kept_log(b: Daemon, size: int, logdev: Path, legs: str) -> str:
+    """Create `mir` on `b` with a new disk log (`nosync`), then reload it without `nosync`
+    (which starts a new log at every resume, as in the kernel): the table to keep. Its URI."""
+    b.run("create", "mir", "--table", f"0 {size // 512} mirror disk 3 {logdev} 1024 nosync {legs}")
+    b.run("load", "mir", "--table", f"0 {size // 512} mirror disk 2 {logdev} 1024 {legs}")
+    b.run("resume", "mir")
+    nr = size // REGION
+    assert status(b)[-7:] == [f"{nr}/{nr}", "1", "AA", "3", "disk", str(logdev), "A"]
+    return f"nbd+unix:///mir?socket={b.runtime}/nbd.sock"
+
+
+def crash_under_writes(b: Daemon, uri: str, logdev: Path, nr: int, offset: int, length: int) -> list[int]:
+    """fio writes into [offset, offset + length) until the log holds dirty regions, then `b`
+    is SIGKILLed: the regions dirty on the log, checked to lie in that range."""
+    job = fio(uri, "--rw=randwrite", f"--offset={offset}", f"--size={length}", "--time_based", "--runtime=60")
+    try:
+        assert wait_until(lambda: dirty_on_log(logdev, nr) != [], 30)
+        b.stop(9)                                         # the mirroring daemon crashes
+    finally:
+        stop(job)
+    dirty = dirty_on_log(logdev, nr)
+    assert dirty and set(dirty) <= set(range(offset // REGION, (offset + length) // REGION)), dirty
+    return dirty
+
+
 def opened(d: Daemon) -> bool:
     return int(d.run("info", "-c", "--noheadings", "-o", "open", "mir").stdout.strip() or 0) > 0
 
@@ -118,26 +143,13 @@ def test_a_crash_of_the_mirroring_daemon_resyncs_only_the_dirty_regions(tmp_path
     for path, n in ((leg0, size), (leg1, size), (logdev, 4096)):
         with open(path, "wb") as f:
             f.truncate(n)
-    job = None
     try:
         b.start()
-        legs = f"2 {leg0} 0 {leg1} 0"
-        b.run("create", "mir", "--table", f"0 {size // 512} mirror disk 3 {logdev} 1024 nosync {legs}")
-        # nosync starts a new log at every resume (as in the kernel): the table to keep has none
-        b.run("load", "mir", "--table", f"0 {size // 512} mirror disk 2 {logdev} 1024 {legs}")
-        b.run("resume", "mir")
-        assert status(b)[-7:-4] == [f"{nr}/{nr}", "1", "AA"]
-        uri = f"nbd+unix:///mir?socket={b.runtime}/nbd.sock"
+        uri = mirror_with_a_kept_log(b, size, logdev, f"2 {leg0} 0 {leg1} 0")
         src = random_file(tmp_path / "src.img", size)
         run("nbdcopy", str(src), uri)                     # written and flushed (nbdcopy flushes)
         assert wait_until(lambda: dirty_on_log(logdev, nr) == [], 30)   # idle: cleaned on the log
-        job = fio(uri, "--rw=randwrite", f"--offset={16 * MiB}", f"--size={4 * MiB}",
-                  "--time_based", "--runtime=60")         # into regions 32 to 39
-        assert wait_until(lambda: dirty_on_log(logdev, nr) != [], 30)
-        b.stop(9)                                         # the mirroring daemon crashes
-        stop(job)
-        dirty = dirty_on_log(logdev, nr)
-        assert dirty and set(dirty) <= set(range(32, 40)), dirty
+        dirty = crash_under_writes(b, uri, logdev, nr, 16 * MiB, 4 * MiB)   # regions 32 to 39
         with open(leg1, "r+b") as f:                      # a clean region made different: a
             f.seek(2 * REGION)                            # resync of everything would copy it
             f.write(b"\x5a" * 4096)
@@ -158,5 +170,4 @@ def test_a_crash_of_the_mirroring_daemon_resyncs_only_the_dirty_regions(tmp_path
         data = back.read_bytes()
         assert data[:2 * REGION] == s[:2 * REGION] and data[fio_area.stop:] == s[fio_area.stop:]
     finally:
-        stop(job)
         b.stop()

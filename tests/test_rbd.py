@@ -26,39 +26,7 @@ from ceph_cluster import Cluster  # noqa: E402
 
 MiB = 1 << 20
 SIZE = 32 * MiB
-
-
-@pytest.fixture(scope="session")
-def ceph():
-    """One throwaway cluster for the whole run; stopped by PID and removed even on failure."""
-    cluster = Cluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.stop()
-
-
-_names = iter(range(1 << 30))
-
-
-@pytest.fixture
-def image(ceph):
-    """image(size) -> the name of a new RBD image in the test pool (removed afterwards)."""
-    made: list[str] = []
-
-    def make(size: int = SIZE) -> str:
-        name = f"img{next(_names)}"
-        ceph.rbd("create", "--size", f"{size // MiB}M", name)
-        made.append(name)
-        return name
-    yield make
-    for name in made:
-        try:
-            ceph.rbd("snap", "purge", name)
-            ceph.rbd("rm", "--no-progress", name)
-        except RuntimeError:
-            pass
+# the fixtures `ceph` (one cluster for the whole run) and `image` are in conftest.py
 
 
 def run(*cmd: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:

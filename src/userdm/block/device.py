@@ -129,6 +129,12 @@ class BlockDevice:
     def close_backing(self) -> None:
         """Called when the last open closes and nobody caches the device any more."""
 
+    def refresh_size(self) -> None:
+        """Take the size the backing store has now (a file or an RBD image grown or shrunk
+        behind the device's back), as the kernel reads a disk's capacity when a table is
+        swapped in: `TargetContext.check_areas` asks at every resume. Devices whose size
+        cannot change under them (a mapped device, an NBD export) keep it."""
+
     # ---- opens and claims ----------------------------------------------------------
 
     def check_open(self, write: bool) -> None:

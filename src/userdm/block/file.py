@@ -88,6 +88,16 @@ class FileDisk(BlockDevice):
     def devno(self) -> tuple[int, int] | None:
         return self._rdev
 
+    def refresh_size(self) -> None:
+        try:
+            if self.is_block:
+                size = struct.unpack("Q", fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8))[0]
+            else:
+                size = os.fstat(self.fd).st_size
+        except OSError:
+            return                  # closed or gone: its I/O says so
+        self.size = size - size % 512
+
     # ---- data path ------------------------------------------------------------------
 
     def readinto(self, offset: int, buf: memoryview) -> None:

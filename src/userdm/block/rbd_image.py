@@ -260,6 +260,14 @@ class RBDDevice(BlockDevice):
                           "image is read-only and cannot be opened for writing")
         return super().open(write=write, holder=holder, holder_ops=holder_ops)
 
+    def refresh_size(self) -> None:
+        """librbd follows the image's header: a `rbd resize` elsewhere shows here."""
+        try:
+            size = self._call("size", 0, 0, self._image.size)
+        except (DMError, AttributeError):
+            return                  # unreachable or closed: its I/O says so
+        self.size = size - size % 512
+
     # ---- errors -----------------------------------------------------------------------
 
     def _failed(self, what: str, offset: int, length: int, err: int, reason: str) -> DMError:

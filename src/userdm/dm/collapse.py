@@ -8,7 +8,9 @@ segments, each with a *sink* that does the I/O in one step:
 
 - a linear chain that ends on a file (`FileSink`): `preadv`/`pwritev` on its descriptor;
 - a striped target straight onto files, at the bottom of a chain or in the device's own
-  table (`TargetSink`): the target itself.
+  table (`TargetSink`): the target itself;
+- a target whose reads are a remap it picks per request (`Target.remaps_reads`: a mirror)
+  straight onto files (`TargetSink` too): reads are its `collapsed_read`, writes its own.
 Everything else has no sink: such requests go through the table as before.
 
 A chain is followed through a mapped device only while the device is plain (not a partition,
@@ -80,17 +82,19 @@ class FileSink:
 
 
 class TargetSink:
-    """A stateless remap onto files (`_bottom`): a request that `locate` places whole is one
-    system call; the target does the others (its errors are the request's, as through the
-    table)."""
+    """A target straight onto files (`_bottom`). A stateless remap: a request that `locate`
+    places whole is one system call, the target does the others (its errors are the
+    request's, as through the table). A `remaps_reads` target: its `collapsed_read`, and
+    its own writes."""
 
     __slots__ = ("target", "writable", "read", "write")
 
     def __init__(self, target, writable: bool) -> None:  # noqa: ANN001 - a Target
         self.target = target
         self.writable = writable
-        self.read = self._read
-        self.write = self._write if writable else _refuse
+        stateless = target.stateless_remap
+        self.read = self._read if stateless else target.collapsed_read
+        self.write = _refuse if not writable else self._write if stateless else self._write_target
 
     def place(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, offset) of these bytes if they lie whole in one live file, else None."""
@@ -127,6 +131,10 @@ class TargetSink:
             return _pwritev(disk.fd, [data], at) == n
         except OSError:
             return False
+
+    def _write_target(self, offset: int, data: memoryview, fua: bool) -> bool:
+        self.target.write(offset, data, fua)
+        return True
 
 
 def _refuse(offset: int, data: memoryview, fua: bool) -> bool:
@@ -283,10 +291,11 @@ def _one_file(table) -> Flat | None:  # noqa: ANN001
 
 
 def _bottom(target) -> bool:  # noqa: ANN001
-    """A target a sink may call directly: a stateless remap straight onto files (it never
-    waits for another mapped device, so a request in it never waits for a resume)."""
-    return target.stateless_remap and all(isinstance(d.open.device, FileDisk) and not d.open.device.direct
-                                          for d in target.devices())
+    """A target a sink may call directly: a stateless remap, or a target that remaps its
+    reads, straight onto files (it never waits for another mapped device, so a request in it
+    never waits for a resume)."""
+    return (target.stateless_remap or target.remaps_reads) and all(
+        isinstance(d.open.device, FileDisk) and not d.open.device.direct for d in target.devices())
 
 
 def _read_only(sink):  # noqa: ANN001, ANN202

@@ -120,9 +120,13 @@ class TargetContext:
         """The kernel's device_area_is_invalid, run by dm_calculate_queue_limits when a table
         is swapped in at resume (not at load: a device may grow in between): every area must
         lie on its device and be aligned to its logical block size. EINVAL with the kernel's
-        message otherwise. The kernel skips a device of size 0; userdm refuses it (a mapped
-        device without a table, say one whose saved table is not restored yet), so that what
-        is built on it waits for it (`userdm.dm.restore`) instead of failing every I/O."""
+        message otherwise. Each device is asked for its size now (`refresh_size`: a file or
+        an RBD image grown since it was opened), as the kernel reads the capacity. The kernel
+        skips a device of size 0; userdm refuses it (a mapped device without a table, say one
+        whose saved table is not restored yet), so that what is built on it waits for it
+        (`userdm.dm.restore`) instead of failing every I/O."""
+        for device in {id(dev.open.device): dev.open.device for dev, *_ in self.areas}.values():
+            device.refresh_size()
         for dev, start, length, line in self.areas:
             size = dev.open.size // SECTOR
             where = f" (table line {line})" if line else ""
@@ -174,6 +178,10 @@ class Target:
     #: a remap with no state of its own but its opens and no suspend hooks (striped): a
     #: device stacked above may call it directly (`userdm.dm.collapse`)
     stateless_remap: ClassVar[bool] = False
+    #: reads are a remap that the target picks per request (`collapsed_read`: a mirror
+    #: spreads in-sync regions over its legs), writes are the target's own: when its devices
+    #: are files, the collapsed path (`userdm.dm.collapse`) calls it directly
+    remaps_reads: ClassVar[bool] = False
     __slots__ = ("begin", "length")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
@@ -280,6 +288,12 @@ class Target:
         whole, if it goes to one place unchanged (striped: a request inside one chunk); None
         otherwise. Only asked of `stateless_remap` targets (`userdm.dm.collapse`)."""
         return None
+
+    def collapsed_read(self, offset: int, buf: memoryview) -> bool:
+        """The read of a `remaps_reads` target on the collapsed path (`userdm.dm.collapse`):
+        True once `buf` holds it, False if it is better done through the table (an error
+        included: the table's path reports it)."""
+        return False
 
     # ---- lifecycle hooks ----------------------------------------------------------------
     def presuspend(self) -> None: ...

@@ -20,7 +20,9 @@ concurrent writers); a cleaner thread marks regions clean again once they have h
 for `CLEAN_INTERVAL` seconds and the legs have been flushed, and at suspend. A write that
 missed a leg (failed or marked) leaves its regions out of sync, and dirty on the log, until a
 resume copies them. Reads of in-sync regions are balanced over the healthy legs (round
-robin); reads of other regions use the default mirror.
+robin); reads of other regions use the default mirror. Over files, reads take the collapsed
+path (`remaps_reads`, `collapsed_read`: one region check and one `preadv`, as linear's), and
+a leg's write is one `pwritev` (`FileSink`), its open doing it only when that fails.
 
 Errors: without `handle_errors` an error of any leg fails the I/O (EIO). With it, the leg
 is marked (`D` write, `R` read, `F` flush, `S` sync error), a table event is raised, and the
@@ -42,9 +44,12 @@ import errno
 import itertools
 import logging
 import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 from ..block.device import SECTOR
+from ..block.file import FileDisk
+from ..dm.collapse import FileSink
 from ..dm.target import Target, TargetContext, TargetError, parse_sector, register
 from ..errors import DMError
 from ._mirror_log import DiskLog, build_log, count
@@ -62,8 +67,10 @@ logger = logging.getLogger("userdm.targets.mirror")
 class MirrorTarget(Target):
     name = "mirror"
     version = (1, 14, 0)
+    remaps_reads = True
     __slots__ = ("legs", "offsets", "region", "nr_regions", "handle_errors", "keep_log", "log",
-                 "health", "_alive", "default", "device_name", "_bases", "_cond", "_writing", "_touched",
+                 "health", "_alive", "default", "device_name", "_bases", "_opens", "_files",
+                 "_sync", "_rbytes", "_file_turns", "_disk_log", "_sweeping", "_cond", "_writing", "_touched",
                  "_dirty", "_recovering", "_turn", "_thread", "_cleaner", "_stop", "_quiet",
                  "_settled", "_event", "_pool")
 
@@ -108,11 +115,22 @@ class MirrorTarget(Target):
         self.default = 0
         self.device_name = ctx.device_name
         self._bases = [o * SECTOR for o in self.offsets]
+        self._opens = [leg.open for leg in self.legs]
+        #: per leg on a file, its one-system-call read and write (False: the open does it,
+        #: and reports what went wrong)
+        self._files = [FileSink(o.device, o.write_mode and not o.device.read_only)
+                       if isinstance(o.device, FileDisk) and not o.device.direct else None
+                       for o in self._opens]
+        self._rbytes = self.region * SECTOR
+        self._file_turns = self._turns_over_files()
+        self._disk_log = isinstance(self.log, DiskLog)
+        self._sync = self.log.sync          # one array for the log's life (updated in place)
         self._cond = threading.Condition()
         self._writing: dict[int, int] = {}
         self._touched: set[int] = set()     # regions written since the cleaner last looked
         self._dirty: set[int] = set()       # regions whose clean bit is clear on the disk log
         self._recovering: int | None = None
+        self._sweeping = False              # the resync runs (it waits for writes to end)
         self._turn = itertools.count()      # round robin of balanced reads
         self._pool: ThreadPoolExecutor | None = None    # writes to legs 1.. of large writes
         self._thread: threading.Thread | None = None
@@ -123,10 +141,6 @@ class MirrorTarget(Target):
         self._event = ctx.event
 
     # ---- regions ------------------------------------------------------------------------
-
-    def _regions(self, offset: int, length: int) -> range:
-        rb = self.region * SECTOR
-        return range(offset // rb, (offset + max(length, 1) - 1) // rb + 1)
 
     def _healthy(self) -> tuple[int, ...]:
         """The legs not marked failed (kept up to date by `_fail`, read without the lock)."""
@@ -141,6 +155,7 @@ class MirrorTarget(Target):
             if first:
                 self.health[k] = kind
                 self._alive = tuple(j for j, h in enumerate(self.health) if h == "A")
+                self._file_turns = self._turns_over_files()
                 logger.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
                             self.legs[k].name, kind, exc)
             if k == self.default:
@@ -170,10 +185,35 @@ class MirrorTarget(Target):
 
     # ---- data path ----------------------------------------------------------------------
 
+    def collapsed_read(self, offset: int, buf: memoryview) -> bool:
+        """A read on the collapsed path (`userdm.dm.collapse`), as linear's: one region check
+        and one system call on the next healthy leg; every other read is `readinto`'s."""
+        rb = self._rbytes
+        first, last = offset // rb, (offset + len(buf) - 1) // rb
+        sync = self._sync
+        if sync[first] and (first == last or all(sync[first:last + 1])):
+            turns = self._file_turns
+            if turns is not None:
+                read, base = next(turns)
+                return read(base + offset, buf)
+        self.readinto(offset, buf)
+        return True
+
+    def _turns_over_files(self) -> Iterator[tuple[Callable[[int, memoryview], bool], int]] | None:
+        """The round robin of the collapsed reads: (read, leg offset) of each healthy leg,
+        None unless they are all files (the collapsed path is then not taken) and one is."""
+        turns = []
+        for k in self._alive:
+            leg = self._files[k]
+            if leg is None:
+                return None
+            turns.append((leg.read, self._bases[k]))
+        return itertools.cycle(turns) if turns else None
+
     def readinto(self, offset: int, buf: memoryview) -> None:
-        rb = self.region * SECTOR
+        rb = self._rbytes
         first, last = offset // rb, (offset + max(len(buf), 1) - 1) // rb
-        sync = self.log.sync
+        sync = self._sync
         while True:
             # no lock: a leg marked or a region going out of sync meanwhile is what a read
             # that has just been sent meets anyway (a failed read tries another leg)
@@ -191,17 +231,20 @@ class MirrorTarget(Target):
                 self._fail(k, "R", exc)       # handle_errors: try another leg
 
     def write(self, offset: int, data: memoryview, fua: bool) -> None:
-        regions = self._regions(offset, len(data))
+        rb = self._rbytes
+        first, last = offset // rb, (offset + max(len(data), 1) - 1) // rb
+        regions = range(first, last + 1)
+        writing = self._writing
         with self._cond:
-            while self._recovering is not None and self._recovering in regions:
+            while self._recovering is not None and first <= self._recovering <= last:
                 self._cond.wait()
             for r in regions:
-                self._writing[r] = self._writing.get(r, 0) + 1
-            if isinstance(self.log, DiskLog):
+                writing[r] = writing.get(r, 0) + 1
+            if self._disk_log:
                 self._touched.update(regions)
                 self._dirty.update(regions)
         try:
-            if not self.log.mark(regions) and self.keep_log:
+            if self._disk_log and not self.log.mark(regions) and self.keep_log:
                 raise DMError(errno.EIO, f"mirror: the dirty region log ({self.log.status()}) has "
                                          "failed and keep_log is set: the write is refused")
             done = self._write_legs(offset, data, fua)
@@ -214,12 +257,13 @@ class MirrorTarget(Target):
         finally:
             with self._cond:
                 for r in regions:
-                    n = self._writing[r] - 1
+                    n = writing[r] - 1
                     if n:
-                        self._writing[r] = n
+                        writing[r] = n
                     else:
-                        del self._writing[r]
-                self._cond.notify_all()
+                        del writing[r]
+                if self._sweeping:          # only the resync waits for writes to end
+                    self._cond.notify_all()
 
     def _write_legs(self, offset: int, data: memoryview, fua: bool) -> int:
         """Write to every healthy leg, large writes to all of them at once (as the kernel's
@@ -230,19 +274,28 @@ class MirrorTarget(Target):
             others = [(k, pool.submit(self._write_leg, k, offset, data, fua)) for k in legs[1:]]
             results = [(legs[0], self._write_leg(legs[0], offset, data, fua))]
             results += [(k, f.result()) for k, f in others]
+            failed = [(k, e) for k, e in results if e is not None]
         else:
-            results = [(k, self._write_leg(k, offset, data, fua)) for k in legs]
-        done = 0
-        for k, exc in results:
-            if exc is None:
-                done += 1
-            else:
-                self._fail(k, "D", exc)
-        return done
+            failed = []
+            opens, bases, files = self._opens, self._bases, self._files
+            for k in legs:
+                at = bases[k] + offset
+                leg = files[k]
+                if leg is not None and leg.write(at, data, fua):
+                    continue
+                try:
+                    opens[k].write(at, data, fua)
+                except DMError as exc:
+                    failed.append((k, exc))
+            if not failed:
+                return len(legs)
+        for k, e in failed:
+            self._fail(k, "D", e)
+        return len(legs) - len(failed)
 
     def _write_leg(self, k: int, offset: int, data: memoryview, fua: bool) -> DMError | None:
         try:
-            self.legs[k].open.write(self._bases[k] + offset, data, fua)
+            self._opens[k].write(self._bases[k] + offset, data, fua)
             return None
         except DMError as exc:
             return exc
@@ -281,7 +334,7 @@ class MirrorTarget(Target):
         with self._cond:
             self.log.resume()
             self._dirty = {r for r in range(self.nr_regions) if self.log.dirty_on_disk(r)} \
-                if isinstance(self.log, DiskLog) else set()
+                if self._disk_log else set()
             self._touched.clear()
 
     def resume(self) -> None:
@@ -292,7 +345,7 @@ class MirrorTarget(Target):
         if self.log.sync_count < self.nr_regions:
             self._thread = threading.Thread(target=self._resync, name="mirror-resync", daemon=True)
             self._thread.start()
-        if isinstance(self.log, DiskLog):
+        if self._disk_log:
             self._quiet.clear()
             self._cleaner = threading.Thread(target=self._clean_loop, name="mirror-cleaner", daemon=True)
             self._cleaner.start()
@@ -342,7 +395,8 @@ class MirrorTarget(Target):
     def _clean_pass(self, final: bool) -> None:
         """Regions dirty on the log that had no write since the last pass and are in sync:
         flush the legs, then mark them clean (those still idle) in one write of the log."""
-        if not isinstance(self.log, DiskLog) or self.log.failed:
+        log = self.log
+        if not isinstance(log, DiskLog) or log.failed:
             return
         with self._cond:
             candidates = [r for r in self._dirty if self._cleanable(r, final)]
@@ -357,17 +411,27 @@ class MirrorTarget(Target):
         with self._cond:                    # a write that starts after this re-marks its regions
             clean = [r for r in candidates if self._cleanable(r, final)]
             self._dirty.difference_update(clean)
-            self.log.clean(clean)
+            log.clean(clean)
         if clean:
-            self.log.commit()
+            log.commit()
 
     # ---- resync -------------------------------------------------------------------------
 
     def _resync(self) -> None:
-        rb = self.region * SECTOR
+        with self._cond:
+            self._sweeping = True
+        try:
+            self._sweep()
+        finally:
+            with self._cond:
+                self._sweeping = False
+
+    def _sweep(self) -> None:
+        """One pass over the regions out of sync, copying each from the default mirror."""
+        rb = self._rbytes
         total = self.length * SECTOR
         buf = bytearray(rb)
-        sync = self.log.sync
+        sync = self._sync
         todo = self.nr_regions - self.log.sync_count
         logger.info("%s: mirror resync of %d of %d regions from leg %d (%s log)", self.device_name,
                  todo, self.nr_regions, self.default, self.log.kind)
@@ -443,6 +507,6 @@ class MirrorTarget(Target):
 
     def devices(self):
         devs = list(self.legs)
-        if isinstance(self.log, DiskLog):
+        if self._disk_log:
             devs.append(self.log.dev)
         return devs
