@@ -97,7 +97,10 @@ class TargetSink:
         self.write = _refuse if not writable else self._write if stateless else self._write_target
 
     def place(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, offset) of these bytes if they lie whole in one live file, else None."""
+        """(fd, offset) of these bytes if they lie whole in one live file, else None (always
+        for a `remaps_reads` target: its leg is chosen per read)."""
+        if not self.target.stateless_remap:
+            return None
         where = self.target.locate(offset, length)
         if where is None or where[0].device.dead:
             return None
