@@ -18,6 +18,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -137,12 +138,11 @@ def base(tmp_path_factory) -> Iterator[Path]:
     assert not leftover_mounts, leftover_mounts
 
 
-@pytest.fixture
-def env(base, request) -> Iterator[tuple[Mapper, FuseExport, Undo, Path]]:
-    work = base / request.node.name
-    work.mkdir()
+@contextmanager
+def exported(work: Path, **options: bool) -> Iterator[tuple[Mapper, FuseExport, Undo, Path]]:
+    """A mapper exported in work/mapper, and the undo list, all undone at the end."""
     mapper = Mapper()
-    export = FuseExport(mapper, work / "mapper")
+    export = FuseExport(mapper, work / "mapper", **options)
     undo = Undo()
     export.start()
     try:
@@ -153,6 +153,14 @@ def env(base, request) -> Iterator[tuple[Mapper, FuseExport, Undo, Path]]:
         finally:
             export.stop()
             mapper.close()
+
+
+@pytest.fixture
+def env(base, request) -> Iterator[tuple[Mapper, FuseExport, Undo, Path]]:
+    work = base / request.node.name
+    work.mkdir()
+    with exported(work) as made:
+        yield made
 
 
 def backing_file(work: Path, name: str, size: int) -> str:
@@ -450,11 +458,7 @@ def test_ext4_on_a_passthrough_file_and_its_device_pinned_meanwhile(base, reques
     suspend (EBUSY), and accepts it once the loop is gone."""
     work = base / request.node.name
     work.mkdir()
-    mapper = Mapper()
-    export = FuseExport(mapper, work / "mapper", passthrough=True)
-    undo = Undo()
-    export.start()
-    try:
+    with exported(work, passthrough=True) as (mapper, export, undo, _):
         disk = backing_file(work, "disk.img", 64 * MiB)
         mapper.create("pt", f"0 {64 * MiB // 512} linear {disk} 0")
         loop = undo.losetup(os.path.join(export.mountpoint, "pt"), "--direct-io=on")
@@ -467,9 +471,3 @@ def test_ext4_on_a_passthrough_file_and_its_device_pinned_meanwhile(base, reques
         assert export._ops.passthrough_opens >= 2
         mapper.suspend("pt")
         mapper.resume("pt")
-    finally:
-        try:
-            undo.close()
-        finally:
-            export.stop()
-            mapper.close()
