@@ -75,8 +75,13 @@ def _reply_pipe() -> tuple[int, int, int] | None:
     """(read end, write end, room for data) of a pipe for `DeviceOperations` to splice big
     READ replies into: as big as the largest reply, or as /proc/sys/fs/pipe-max-size allows
     (1 MiB by default: a loop device's 512 KiB requests fit); the header takes a page of it.
-    None if no pipe of at least a splice's worth can be had (then every READ is copied)."""
-    r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    None if no pipe of at least a splice's worth can be had, or none at all (out of file
+    descriptors): then every READ is copied."""
+    try:
+        r, w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        log.warning("FUSE: no pipe to splice reads into (%s); reads are copied", exc)
+        return None
     for size in (REPLY_BUFFER, 1 << 20, 256 << 10):
         try:
             room = fcntl.fcntl(w, F_SETPIPE_SZ, size) - PAGE
