@@ -22,7 +22,7 @@ if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 try:
     from userdm.export.fuse import FuseExport
-    from userdm.export.fuse.server import BUSY_THREADS, _reply_pipe
+    from userdm.export.fuse.server import MIN_THREADS, _reply_pipe
     from userdm.export.fuse.unmount import fuse_mounts
 except (ImportError, OSError) as _exc:
     pytest.skip(f"cannot load the FUSE server: {_exc}", allow_module_level=True)
@@ -112,7 +112,7 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
         m.suspend("dev")
         got: list[bytes] = []
         readers = [threading.Thread(target=lambda: got.append(os.pread(fd, 4, 0)))
-                   for _ in range(BUSY_THREADS + 3)]
+                   for _ in range(MIN_THREADS + 5)]
         for t in readers:
             t.start()
         assert wait_until(lambda: threads_held_by_suspends() >= len(readers))  # all held inside

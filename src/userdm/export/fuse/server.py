@@ -4,21 +4,25 @@
 for root (`fd=N,rootmode=40000,user_id=...,group_id=...`); no libfuse is involved. Each
 serving thread has its own clone of the device fd (FUSE_DEV_IOC_CLONE: the kernel answers a
 request only on the fd it was read from, so a thread held by a suspended device holds only
-its own request), its own preallocated request and reply buffers, and loops: read one
-request (nonblocking; when none is queued, wait in epoll with EPOLLEXCLUSIVE, so a request
-wakes one thread), `protocol.decode` it, let `ops.handle` answer it, write the reply in one
-`os.write`. A READ's data is read by the device straight into the reply buffer behind the
-header and a WRITE's data is a view of the request buffer: no copies besides the kernel's.
-A big READ that lies in one file is spliced instead (file -> the thread's pipe -> /dev/fuse:
-the page cache is copied once, straight into the reader's pages; `ops.SPLICE_MIN`).
+its own request) and its own preallocated request and reply buffers.
 
-- a thread that takes a request while no other thread waits for the next one starts another,
-  up to BUSY_THREADS: enough to keep both sides busy, not so many that they queue for the GIL
-  (threads waiting for the GIL count as busy; starting one per request grew to 60 threads at
-  qd16, no faster). Beyond that a watchdog grows the pool, one thread per STALL_TICK while every
-  thread is busy and one of them has served the same request for a whole tick, up to
-  MAX_THREADS: requests that block (I/O to a suspended device, a slow backend) never stop the
-  rest. A thread idle for IDLE_EXIT seconds ends while more than MAX_IDLE others wait;
+The threads take turns (leader/followers): one thread at a time, the leader, reads requests
+(nonblocking; when none is queued it waits in epoll) and serves each itself: `ops.serve`
+answers it, the reply leaves in one `os.write`. The others wait on a condition to lead. No
+request is handed between threads, and only one thread wants the GIL, so a stream of small
+requests costs no thread wake-ups (with several threads reading the device, GIL and lock
+hand-offs cost more CPU than serving: measured in docs/fuse.md). A READ's data is read by the
+device straight into the reply buffer behind the header and a WRITE's data is a view of the
+request buffer: no copies besides the kernel's. A big READ that lies in one file is spliced
+instead (file -> the thread's pipe -> /dev/fuse: the page cache is copied once, straight into
+the reader's pages; `ops.SPLICE_MIN`).
+
+- the leader steps down before it serves a big request (a copy of 64 KiB or more): another
+  thread reads the next one meanwhile, so big reads and writes are copied on both CPUs;
+- a watchdog deposes a leader that has served one request for a whole STALL_TICK (I/O to a
+  suspended device, a slow backend): a follower, or a new thread, leads, up to MAX_THREADS
+  threads; the deposed one follows when its request is done. Requests that block never stop
+  the rest. A follower idle for IDLE_EXIT seconds ends while MAX_IDLE others wait;
 - the mount unmounted from outside: reads fail with ENODEV, the threads end and `on_end` runs;
 - `stop()` wakes the waiting threads (a pipe), severs the connection without waiting for
   requests held by suspended devices (every device fd is replaced by /dev/null: the kernel
@@ -47,12 +51,14 @@ from .unmount import is_fuse_mount, lazy_unmount
 
 log = logging.getLogger("userdm.fuse")
 
-MIN_THREADS = 2      # waiting at start: a loop device's 1 MiB request comes as two FUSE requests
-BUSY_THREADS = 4     # threads started at once when none waits for the next request
-MAX_THREADS = 64     # requests served (or blocked in suspended devices) at once
-STALL_TICK = 0.001   # the watchdog's period while every thread is busy
-MAX_IDLE = 8         # idle threads kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
+MIN_THREADS = 2      # at start: the leader and one follower
+MAX_THREADS = 64     # requests served (or held in suspended devices) at once
+STALL_TICK = 0.001   # a leader serving one request for a whole tick is deposed
+SPIN_READS = 0      # after a request, the leader tries this many reads before it sleeps
+PARK_TICKS = 100     # the watchdog parks after this many ticks found the leader waiting
+MAX_IDLE = 4         # followers kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
 IDLE_EXIT = 10.0
+_BIG = struct.Struct("<4xI48xI")   # a request's opcode, and a READ's size
 
 FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501   # _IOW(229, 1, struct fuse_backing_map)
@@ -67,7 +73,6 @@ _mount = _libc.mount
 _mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p)
 _mount.restype = ctypes.c_int
 
-_EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)
 _GONE = (errno.ENODEV, errno.ENOTCONN, errno.EBADF)   # the connection was aborted or unmounted
 
 
@@ -118,14 +123,16 @@ class Session:
         self._fds: set[int] = set()           # every device fd still open (severed at stop)
         self._wake: tuple[int, int] | None = None
         self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)   # followers wait on it to lead
         self._alive = 0         # serving threads
-        self._waiting = 0       # threads waiting for a request
+        self._followers = 0     # threads waiting to lead
+        self._leader: list[int] | None = None   # the leading thread's slot: [request it serves, or 0]
         self._stopping = False
         self._destroyed = False
         self.threads: list[threading.Thread] = []
         self._serial = itertools.count(1)     # numbers the requests taken
-        self._serving: list[list[int]] = []   # per thread: [number of the request it serves, or 0]
-        self._all_busy = threading.Event()    # set when a thread took a request and none waits
+        self._parked = False                  # the watchdog waits for `_active`
+        self._active = threading.Event()
 
     # ---- start -------------------------------------------------------------------------
 
@@ -176,74 +183,65 @@ class Session:
         assert self._wake is not None
         wake = self._wake[0]
         pipe = _reply_pipe()
-        serving = [0]
+        slot = [0]                 # the number of the request this thread serves, or 0
         serial = self._serial
-        all_busy = self._all_busy
         request = bytearray(REQUEST_BUFFER)
         req_view = memoryview(request)
         reply_view = memoryview(bytearray(REPLY_BUFFER))
         ep = select.epoll()
         ended = False
         serve = self.ops.serve
+        big = _BIG.unpack_from
         try:
             try:
-                ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
+                ep.register(fd, select.EPOLLIN)
             except PermissionError:    # severed before this thread started: fd is /dev/null
                 return
             ep.register(wake, select.EPOLLIN)
-            with self._lock:
-                self._serving.append(serving)
-            while True:
-                with self._lock:
-                    self._waiting += 1
-                try:
-                    while True:
-                        try:
-                            n = os.readv(fd, (request,))
-                            if n == 0:                   # severed: the fd is /dev/null now
-                                ended = True
-                                return
-                            break
-                        except BlockingIOError:
-                            pass
-                        except InterruptedError:
+            while self._follow(slot):
+                spins = 0
+                while self._leader is slot:      # lead: read the next request and serve it
+                    try:
+                        n = os.readv(fd, (request,))
+                    except BlockingIOError:
+                        if spins:                    # just served one: the next may be close
+                            spins -= 1
                             continue
-                        except OSError as exc:
-                            if exc.errno in _GONE:       # unmounted or aborted
-                                ended = True
-                                return
-                            raise
-                        events = ep.poll(IDLE_EXIT)
-                        if any(f == wake for f, _ in events):
+                        if any(f == wake for f, _ in ep.poll()):
                             return
-                        if not events:
-                            with self._lock:
-                                if self._waiting > MAX_IDLE:   # long idle, and enough others wait
-                                    return
-                finally:
-                    with self._lock:
-                        self._waiting -= 1
-                        none_waits = not self._waiting and not self._stopping
-                        spawn = none_waits and self._alive < BUSY_THREADS
-                if none_waits and not all_busy.is_set():
-                    all_busy.set()
-                if spawn:   # nobody is left waiting for the next request
-                    self._spawn()
-                serving[0] = next(serial)
-                try:
-                    opcode, out = serve(req_view[:n], reply_view, pipe)
-                except P.ProtocolError as exc:
-                    log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
-                    continue
-                finally:
-                    serving[0] = 0
-                if out.__class__ is int:
-                    self._splice(fd, out, pipe)
-                elif out is not None:
-                    self._send(fd, out)
-                if opcode == P.DESTROY:
-                    ended = True
-                    return
+                        continue
+                    except InterruptedError:
+                        continue
+                    except OSError as exc:
+                        if exc.errno in _GONE:       # unmounted or aborted
+                            ended = True
+                            return
+                        raise
+                    if n == 0:                       # severed: the fd is /dev/null now
+                        ended = True
+                        return
+                    slot[0] = next(serial)
+                    spins = SPIN_READS
+                    if self._parked:                 # after slot[0]: see `_watch`
+                        self._unpark()
+                    if n >= _BIG.size:
+                        opcode, size = big(request)
+                        if n > SPLICE_MIN or (opcode == P.READ and size >= SPLICE_MIN):
+                            self._step_down(slot)    # another thread reads while this one copies
+                    try:
+                        opcode, out = serve(req_view[:n], reply_view, pipe)
+                    except P.ProtocolError as exc:
+                        log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
+                        continue
+                    finally:
+                        slot[0] = 0
+                    if out.__class__ is int:
+                        self._splice(fd, out, pipe)
+                    elif out is not None:
+                        self._send(fd, out)
+                    if opcode == P.DESTROY:
+                        ended = True
+                        return
         except Exception:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
         finally:
@@ -251,13 +249,15 @@ class Session:
             for end in (pipe or ())[:2]:
                 os.close(end)
             with self._lock:
-                if serving in self._serving:
-                    self._serving.remove(serving)
+                if self._leader is slot:
+                    self._leader = None
+                    self._cond.notify()
                 self._alive -= 1
                 last = self._alive == 0
                 first_end = ended and not self._stopping
                 if first_end:
                     self._stopping = True
+                    self._cond.notify_all()
                 self._fds.discard(fd)
                 os.close(fd)
             if first_end:
@@ -265,25 +265,64 @@ class Session:
             if last:
                 self._destroy_if_stopped()
 
+    def _follow(self, slot: list[int]) -> bool:
+        """Wait until no thread leads, then lead (True); False: this thread ends (stopping, or
+        it waited IDLE_EXIT seconds while MAX_IDLE others wait too)."""
+        with self._cond:
+            while self._leader is not None and not self._stopping:
+                self._followers += 1
+                woken = self._cond.wait(IDLE_EXIT)
+                self._followers -= 1
+                if not woken and self._leader is not None and self._followers >= MAX_IDLE:
+                    return False
+            if self._stopping:
+                return False
+            self._leader = slot
+            return True
+
+    def _step_down(self, slot: list[int]) -> None:
+        """Stop leading: a waiting thread (or a new one) reads the next request."""
+        with self._cond:
+            if self._leader is not slot:
+                return
+            self._leader = None
+            spawn = not self._followers
+            if not spawn:
+                self._cond.notify()
+        if spawn:
+            self._spawn()
+
+    def _unpark(self) -> None:
+        """The leader took a request: make sure the watchdog watches."""
+        self._parked = False
+        self._active.set()
+
     def _watch(self) -> None:
-        """Grow the pool while every thread is busy and one is stuck on a request (see above)."""
-        seen: dict[int, int] = {}   # id of a thread's slot -> the request it served a tick ago
+        """Depose a leader that has served the same request for a whole STALL_TICK (a suspended
+        device, a slow backend): another thread leads meanwhile. After PARK_TICKS ticks that
+        found the leader waiting for requests, park until it takes one. (The leader sets its
+        slot, then looks at `_parked`; this sets `_parked`, then looks at the slot: one of the
+        two sees the other's write.)"""
+        last = 0
+        idle = 0
         while True:
-            self._all_busy.wait()
             time.sleep(STALL_TICK)
-            with self._lock:
-                if self._stopping:
-                    return
-                if self._waiting:
-                    self._all_busy.clear()
-                    seen.clear()
-                    continue
-                now = {id(slot): slot for slot in self._serving}
-                stuck = any(slot[0] and seen.get(key) == slot[0] for key, slot in now.items())
-                seen = {key: slot[0] for key, slot in now.items()}
-                spawn = stuck and self._alive < MAX_THREADS
-            if spawn:
-                self._spawn()
+            if self._stopping:
+                return
+            leader = self._leader
+            current = leader[0] if leader is not None else -1
+            if current > 0 and current == last:
+                self._step_down(leader)
+            idle = idle + 1 if current == 0 else 0
+            last = current
+            if idle >= PARK_TICKS:
+                idle = 0
+                self._active.clear()
+                self._parked = True
+                leader = self._leader
+                if leader is not None and not leader[0] and not self._stopping:
+                    self._active.wait()
+                self._parked = False
 
     def _send(self, fd: int, out: bytes | memoryview) -> None:
         try:
@@ -341,7 +380,7 @@ class Session:
         with self._lock:
             ended = self._fd < 0 or self._destroyed
             self._stopping = True
-        self._all_busy.set()    # the watchdog sees _stopping and ends
+        self._active.set()      # the watchdog sees _stopping and ends
         if not ended:
             self._wake_all()
             self._sever()
@@ -359,10 +398,13 @@ class Session:
             self._destroy_if_stopped()
 
     def _wake_all(self) -> None:
-        """Make every waiting thread (and every later poll) return: the pipe stays readable."""
+        """Make every waiting thread (and every later poll) return: the pipe stays readable;
+        followers and a parked watchdog wake too (they see `_stopping`)."""
         with self._lock:
             if self._wake is not None:
                 os.write(self._wake[1], b"x")
+            self._cond.notify_all()
+        self._active.set()
 
     def _sever(self) -> None:
         """Replace every device fd by /dev/null: when the last goes, the kernel aborts the
