@@ -9,6 +9,9 @@ Both paths use the same backing file, in one run:
               libfuse export of an older commit (with mfusepy installed), for before/after figures
     passthrough: (`--passthrough`) userdm's export with FUSE passthrough: the device maps the
               file byte for byte, so the kernel does the loop device's I/O on the file itself
+    bindfs:   fio/dd -> /dev/loopC (direct-io) -> bindfs's mirror of the file (a C FUSE daemon on
+              libfuse3, one thread, direct_io) -> file: what the kernel's FUSE path costs on this
+              machine without Python (when bindfs is installed; `--no-bindfs` leaves it out)
 
 Jobs (the goals of issue 20 in brackets):
     4k-randread-qd16, 4k-randwrite-qd16 (>= 0.5x), 4k-randread-qd1 (>= 0.6x): fio libaio, direct
@@ -145,6 +148,14 @@ def start_export(stack: ExitStack, src: str, mountpoint: str, backing: str, pass
     return proc.pid
 
 
+def start_bindfs(stack: ExitStack, source: str, mountpoint: str) -> None:
+    """bindfs (C, libfuse3, single-threaded: its multithreaded mode measured 3x slower here)
+    mirrors `source` at `mountpoint` with direct_io, as userdm's files are."""
+    os.makedirs(mountpoint)
+    subprocess.run(["bindfs", "-o", "direct_io", source, mountpoint], check=True)
+    stack.callback(lambda: subprocess.run(["umount", "-l", mountpoint], check=False, capture_output=True))
+
+
 def measure(job: str, target: str, tmp: str, runtime: int, mib: int) -> float:
     """One job on the file `target` through a fresh loop device."""
     with loop(target) as dev:
@@ -208,6 +219,7 @@ def main() -> int:
     parser.add_argument("--baseline-src", metavar="DIR", help="also measure the FuseExport of this source tree")
     parser.add_argument("--passthrough", action="store_true",
                         help="also measure userdm's export with FUSE passthrough")
+    parser.add_argument("--no-bindfs", action="store_true", help="leave out the C FUSE daemon (bindfs)")
     parser.add_argument("--profile", metavar="OUT", help="py-spy the serving process during the 4k jobs")
     parser.add_argument("--serve", nargs=2, metavar=("MOUNTPOINT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -225,19 +237,25 @@ def main() -> int:
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
     exports = {"userdm": (here, False), **({"baseline": (args.baseline_src, False)} if args.baseline_src else {}),
                **({"passthrough": (here, True)} if args.passthrough else {})}
-    paths = ["plain", *exports]
+    c_fuse = not args.no_bindfs and shutil.which("bindfs") is not None
+    paths = ["plain", *exports, *(["bindfs"] if c_fuse else [])]
+    compared = paths[1:]
     results: dict[tuple[str, str], list[float]] = {(p, j): [] for p in paths for j in jobs}
     with ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir, prefix="userdm-fuse-bench-"))
-        backing = os.path.join(tmp, "disk.img")
+        os.mkdir(os.path.join(tmp, "data"))
+        backing = os.path.join(tmp, "data", "disk.img")
         subprocess.run(["dd", "if=/dev/zero", f"of={backing}", "bs=1M", f"count={args.mib}", "status=none"],
                        check=True)
         pids = {name: start_export(stack, src, os.path.join(tmp, name), backing, pt)
                 for name, (src, pt) in exports.items()}
+        if c_fuse:
+            start_bindfs(stack, os.path.join(tmp, "data"), os.path.join(tmp, "bindfs"))
         for rnd in range(args.rounds):
             for job in jobs:
                 for path in paths:
-                    target = backing if path == "plain" else os.path.join(tmp, path, "bench")
+                    target = (backing if path == "plain" else os.path.join(tmp, "bindfs", "disk.img")
+                              if path == "bindfs" else os.path.join(tmp, path, "bench"))
 
                     def one(path: str = path, job: str = job, target: str = target) -> None:
                         results[(path, job)].append(measure(job, target, tmp, args.runtime, args.mib))
@@ -249,12 +267,14 @@ def main() -> int:
     print(f"loop (direct-io) on a {args.mib} MiB file in {args.dir} against loop on the userdm FUSE file, "
           f"median of {args.rounds} interleaved rounds, {args.runtime}s fio jobs; shared machine: compare ratios")
     print(f"{'job':<20}{'unit':>6}" + "".join(f"{p:>14}" for p in paths)
-          + "".join(f"{p + ' x':>14}" for p in exports) + f"{'goal':>7}")
+          + "".join(f"{p + ' x':>14}" for p in compared) + f"{'goal':>7}"
+          + (f"{'userdm/bindfs':>15}" if c_fuse else ""))
     for job in jobs:
         unit = "IOPS" if job.startswith(("4k", "ext4")) else "MB/s"
         med = {p: statistics.median(results[(p, job)]) for p in paths}
         print(f"{job:<20}{unit:>6}" + "".join(f"{med[p]:14.0f}" for p in paths)
-              + "".join(f"{med[p] / med['plain']:14.2f}" for p in exports) + f"{GOALS[job]:7.1f}")
+              + "".join(f"{med[p] / med['plain']:14.2f}" for p in compared) + f"{GOALS[job]:7.1f}"
+              + (f"{med['userdm'] / med['bindfs']:15.2f}" if c_fuse else ""))
     if args.profile:
         for job in jobs:
             raw = f"{args.profile}.{job}.raw"

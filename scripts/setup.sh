@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 PACKAGES=(
   python3 python3-venv python3-dev python3-libnbd
   nbdkit libnbd-bin qemu-utils fio
-  fuse3
+  fuse3 bindfs                                 # bindfs: bench/fuse.py's C FUSE daemon, the reference for what FUSE costs
   e2fsprogs util-linux fdisk cryptsetup-bin   # cryptsetup: luksFormat/reencrypt oracles for crypt and LUKS
   thin-provisioning-tools                     # thin_check/thin_dump/thin_restore check thin's metadata
   dmsetup   # its report engine (splitname, help) is the oracle for userdm's; it needs no kernel dm for those

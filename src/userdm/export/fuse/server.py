@@ -54,7 +54,6 @@ log = logging.getLogger("userdm.fuse")
 MIN_THREADS = 2      # at start: the leader and one follower
 MAX_THREADS = 64     # requests served (or held in suspended devices) at once
 STALL_TICK = 0.001   # a leader serving one request for a whole tick is deposed
-SPIN_READS = 0      # after a request, the leader tries this many reads before it sleeps
 PARK_TICKS = 100     # the watchdog parks after this many ticks found the leader waiting
 MAX_IDLE = 4         # followers kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
 IDLE_EXIT = 10.0
@@ -199,14 +198,10 @@ class Session:
                 return
             ep.register(wake, select.EPOLLIN)
             while self._follow(slot):
-                spins = 0
                 while self._leader is slot:      # lead: read the next request and serve it
                     try:
                         n = os.readv(fd, (request,))
                     except BlockingIOError:
-                        if spins:                    # just served one: the next may be close
-                            spins -= 1
-                            continue
                         if any(f == wake for f, _ in ep.poll()):
                             return
                         continue
@@ -221,7 +216,6 @@ class Session:
                         ended = True
                         return
                     slot[0] = next(serial)
-                    spins = SPIN_READS
                     if self._parked:                 # after slot[0]: see `_watch`
                         self._unpark()
                     if n >= _BIG.size:
