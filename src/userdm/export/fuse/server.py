@@ -42,6 +42,7 @@ import select
 import struct
 import threading
 import time
+from time import monotonic
 from collections.abc import Callable
 
 from ...errors import DMError
@@ -54,9 +55,11 @@ log = logging.getLogger("userdm.fuse")
 MIN_THREADS = 2      # at start: the leader and one follower
 MAX_THREADS = 64     # requests served (or held in suspended devices) at once
 STALL_TICK = 0.001   # a leader serving one request for a whole tick is deposed
+BIG_WINDOW = 0.01    # after a big request, threads that served one read beside the leader this long
 PARK_TICKS = 100     # the watchdog parks after this many ticks found the leader waiting
 MAX_IDLE = 4         # followers kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
 IDLE_EXIT = 10.0
+_EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)   # a request wakes one of the threads reading
 _BIG = struct.Struct("<4xI48xI")   # a request's opcode, and a READ's size
 
 FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
@@ -130,6 +133,7 @@ class Session:
         self._destroyed = False
         self.threads: list[threading.Thread] = []
         self._serial = itertools.count(1)     # numbers the requests taken
+        self._big_until = 0.0                 # (monotonic) until then, threads back from big requests read too
         self._parked = False                  # the watchdog waits for `_active`
         self._active = threading.Event()
 
@@ -193,16 +197,22 @@ class Session:
         big = _BIG.unpack_from
         try:
             try:
-                ep.register(fd, select.EPOLLIN)
+                ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
             except PermissionError:    # severed before this thread started: fd is /dev/null
                 return
             ep.register(wake, select.EPOLLIN)
             while self._follow(slot):
-                while self._leader is slot:      # lead: read the next request and serve it
+                while True:     # lead (or, while big requests come, read beside the leader)
                     try:
                         n = os.readv(fd, (request,))
                     except BlockingIOError:
-                        if any(f == wake for f, _ in ep.poll()):
+                        # (only now: a thread woken for a request reads it before it may go)
+                        timeout = None
+                        if self._leader is not slot:
+                            timeout = self._big_until - monotonic()
+                            if timeout <= 0:
+                                break            # follow
+                        if any(f == wake for f, _ in ep.poll(timeout)):
                             return
                         continue
                     except InterruptedError:
@@ -221,6 +231,7 @@ class Session:
                     if n >= _BIG.size:
                         opcode, size = big(request)
                         if n > SPLICE_MIN or (opcode == P.READ and size >= SPLICE_MIN):
+                            self._big_until = monotonic() + BIG_WINDOW
                             self._step_down(slot)    # another thread reads while this one copies
                     try:
                         opcode, out = serve(req_view[:n], reply_view, pipe)
@@ -236,6 +247,8 @@ class Session:
                     if opcode == P.DESTROY:
                         ended = True
                         return
+                    if self._leader is not slot and monotonic() >= self._big_until:
+                        break                    # deposed, or back from a big request: follow
         except Exception:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
         finally:
