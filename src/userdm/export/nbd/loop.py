@@ -97,6 +97,11 @@ class ServeLoop:
                 self._watchdog.start()
         return True
 
+    def served(self) -> int:
+        """How many connections the loop serves now."""
+        with self._lock:
+            return len(self._conns)
+
     def _remove(self, conn: "Connection") -> None:
         """With `_lock` held: take `conn` out of the loop."""
         fd = conn.fd
