@@ -301,3 +301,31 @@ def test_disc_eof_and_stop_from_the_loop(two_devices):
     finally:
         for c in clients:
             c.close()
+
+
+def test_client_that_reads_no_replies_leaves_the_loop_and_is_cut_off(tmp_path, images):
+    """A connection in the loop that pipelines small READs and never reads the replies:
+    the loop does not wait for its socket (the rest of the batch goes to a thread of its
+    own, which waits at most --nbd-reply-timeout and then hangs up); the others go on."""
+    from userdm.export.nbd.limits import NBDLimits
+    m = Mapper()
+    m.create("vol", f"0 {16 * MiB // 512} linear {images(1, 16 * MiB)[0]} 0\n")
+    srv = NBDServer(m, unix_path=tmp_path / "nbd.sock", limits=NBDLimits(reply_timeout=2))
+    srv.start()
+    clients = [Client.plain(srv.unix_path, "vol") for _ in range(3)]
+    try:
+        in_loop(srv, clients, 3)
+        greedy = clients[0]
+        greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.sock.sendall(b"".join(encode_request(C.CMD_READ, k, k % 256 * 4096, 4096) for k in range(4000)))
+        for i in range(200):
+            for j, c in enumerate(clients[1:]):
+                c.check((i * 2 + j) * 4096 % (16 * MiB), os.urandom(4096))
+        assert wait_until(lambda: srv.connection_count() == 2, 60)
+        for c in clients[1:]:
+            c.check(0, os.urandom(4096))
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+        m.close()

@@ -712,9 +712,20 @@ class Connection:
         """Send a batch's replies without waiting (loop); False if the socket did not take
         them whole: the rest is kept (`_unsent`, or the TLS stream's backlog), and the thread
         that goes on sends it first."""
+        sock = self.sock
+        if not out and sock.__class__ is socket.socket:    # the usual batch: one piece of the arena
+            try:
+                sent = sock.send(aview[run:end], _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent == end - run:
+                return True
+            self._unsent = [aview[run + max(sent, 0):end]]   # an error: the thread meets it again
+            return False
         if end > run:
             out.append(aview[run:end])
-        sock = self.sock
         try:
             sent = sock.sendmsg(out, (), _DONTWAIT)
         except BlockingIOError:
