@@ -193,7 +193,8 @@ def certs(tmp_path_factory) -> Path:
 
 
 def test_tls_and_plain_clients_share_the_loop(tmp_path, images, certs):
-    """Two TLS clients and two plaintext ones in the loop at once, each pipelining 32
+    """By default, TLS connections keep their own threads. With `loop.tls`, two TLS clients
+    and two plaintext ones are in the loop at once, each pipelining 32
     writes and then 32 reads (several TLS records per receive: the loop serves what the
     session holds without waiting for the socket), every byte checked."""
     m = Mapper()
@@ -205,6 +206,16 @@ def test_tls_and_plain_clients_share_the_loop(tmp_path, images, certs):
     clients: list[Client] = []
     try:
         url = f"nbds+unix:///vol?socket={path}&tls-certificates={certs / 'client'}"
+        # by default TLS connections keep their threads: only the plaintext ones join
+        tls = NBDConnection(parse_url(url), url, client_context(certs / "client", check_hostname=False))
+        tls.sock.settimeout(30)
+        plain = [Client.plain(path, "vol") for _ in range(2)]
+        in_loop(srv, [Client(tls.sock, tls.structured), *plain], 2)
+        tls.sock.close()
+        for c in plain:
+            c.close()
+        assert wait_until(lambda: srv.connection_count() == 0, 20)
+        srv.loop.tls = True
         for _ in range(2):
             conn = NBDConnection(parse_url(url), url, client_context(certs / "client", check_hostname=False))
             assert conn.sock.__class__.__name__ == "TLSStream"

@@ -254,8 +254,10 @@ class TLSStream:
                 if got:
                     return got
                 raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
-            if self._out.pending and self._wlock.acquire(blocking=False):
-                try:       # the session wants to answer something (TLS 1.3 key update)
+            # the session wants to answer something (TLS 1.3 key update); a caller that must
+            # not wait leaves it in the session: the next send takes it along
+            if self._out.pending and not flags & socket.MSG_DONTWAIT and self._wlock.acquire(blocking=False):
+                try:
                     self._send_out()
                 finally:
                     self._wlock.release()

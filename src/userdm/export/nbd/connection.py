@@ -1,6 +1,10 @@
 """One NBD client connection: the handshake, then the transmission phase.
 
-The transmission phase has one reader thread and a small worker pool:
+The transmission phase has one reader thread and a small worker pool (while two or more
+connections are open, the server's event loop serves the small requests of all of them in
+one thread instead, see `loop.py` and `loop_pass`; the connection goes back to a thread of
+its own for anything else, and its state - the batch buffer, the arena, replies not yet
+sent - lives on the object so that either can go on where the other stopped):
 - the reader receives requests in batches into one buffer (`recv_into`, many headers per
   system call under load) and runs small READs and WRITEs inline: a WRITE's payload is used
   where it landed in the receive buffer, and the replies of a batch are written one after
@@ -395,6 +399,8 @@ class Connection:
         sock = self.sock
         pool = self._pool
         lp = self._loop
+        if lp is not None and sock.__class__ is TLSStream and not lp.tls:
+            lp = None    # TLS stays in its own thread (see loop.py)
         start, end = self._start, self._end
         # the replies of a batch: inline ones are written into the arena one after the other
         # (a READ's header right before its data), so that they leave as one piece; `out`
