@@ -108,6 +108,26 @@ def two_devices(tmp_path, images):
         m.close()
 
 
+def run_all(clients: list[Client], work) -> None:
+    """`work(index, client)` for every client in a thread of its own, at once; fails with
+    the first error any of them raised (each has a 30 s socket timeout)."""
+    errors: list[BaseException] = []
+
+    def run(index: int, c: Client) -> None:
+        try:
+            work(index, c)
+        except BaseException as exc:   # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(i, c)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not errors, errors
+    assert not any(t.is_alive() for t in threads)
+
+
 def in_loop(srv: NBDServer, clients: list[Client], n: int) -> list[bytes]:
     """One write and read on each client (client i at block i), then wait until the loop
     serves `n` connections (a connection joins it when its thread next waits for a
@@ -222,36 +242,26 @@ def test_tls_and_plain_clients_share_the_loop(tmp_path, images, certs):
             conn.sock.settimeout(30)
             clients.append(Client(conn.sock, conn.structured))
         clients += [Client.plain(path, "vol") for _ in range(2)]
-        errors: list[BaseException] = []
 
         def work(index: int, c: Client) -> None:
-            try:
-                base = index * 8 * MiB
-                blocks = [os.urandom(4096) for _ in range(32)]
-                for round_ in range(4):
-                    at = base + round_ * 32 * 4096
-                    # 32 writes in one send (132 KiB: more than one receive buffer of the
-                    # server, so whole TLS records stay in the session after its first pass)
-                    first = c.cookie + 1
-                    c.sock.sendall(b"".join(encode_request(C.CMD_WRITE, first + i, at + i * 4096, 4096) + b
-                                            for i, b in enumerate(blocks)))
-                    c.cookie += 32
-                    for k in range(first, first + 32):
-                        c.reply(k)
-                    cookies = [c.send_read(at + i * 4096, 4096) for i in range(32)]
-                    for k, b in zip(cookies, blocks):
-                        assert c.reply(k, 4096) == b
-            except BaseException as exc:   # noqa: BLE001 - reported by the test
-                errors.append(exc)
+            base = index * 8 * MiB
+            blocks = [os.urandom(4096) for _ in range(32)]
+            for round_ in range(4):
+                at = base + round_ * 32 * 4096
+                # 32 writes in one send (132 KiB: more than one receive buffer of the
+                # server, so whole TLS records stay in the session after its first pass)
+                first = c.cookie + 1
+                c.sock.sendall(b"".join(encode_request(C.CMD_WRITE, first + i, at + i * 4096, 4096) + b
+                                        for i, b in enumerate(blocks)))
+                c.cookie += 32
+                for k in range(first, first + 32):
+                    c.reply(k)
+                cookies = [c.send_read(at + i * 4096, 4096) for i in range(32)]
+                for k, b in zip(cookies, blocks):
+                    assert c.reply(k, 4096) == b
 
         in_loop(srv, clients, 4)
-        threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert not any(t.is_alive() for t in threads)
+        run_all(clients, work)
         assert srv.loop.served() == 4
     finally:
         for c in clients:
@@ -265,23 +275,13 @@ def test_many_connections_through_the_loop(two_devices):
     close, the loop and the server forget them."""
     _, srv = two_devices
     clients = [Client.plain(srv.unix_path, f"vol{i % 2}") for i in range(64)]
-    errors: list[BaseException] = []
 
     def work(index: int, c: Client) -> None:
-        try:
-            for i in range(20):
-                c.check((index // 2 * 20 + i) * 4096, os.urandom(4096))
-        except BaseException as exc:   # noqa: BLE001 - reported by the test
-            errors.append(exc)
+        for i in range(20):
+            c.check((index // 2 * 20 + i) * 4096, os.urandom(4096))
 
     try:
-        threads = [threading.Thread(target=work, args=(i, c)) for i, c in enumerate(clients)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert not errors, errors
-        assert not any(t.is_alive() for t in threads)
+        run_all(clients, work)
         assert wait_until(lambda: srv.loop.served() == 64, 20), srv.loop.served()
     finally:
         for c in clients:
