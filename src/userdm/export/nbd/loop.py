@@ -12,9 +12,9 @@ to a thread of its own (`Connection.resume_threaded`), which serves it as before
 it back once it has run only small requests for a while (`Connection` decides when).
 
 A device call may wait (a suspended device, a slow remote one): the loop must never stall
-the other connections for it. A watchdog thread looks every TICK seconds whether the loop
-thread has been in one connection's pass, without finishing a request, for more than STALL
-seconds; then it takes that connection out of the loop and starts a new loop thread for
+the other connections for it. A watchdog thread looks every TICK seconds (IDLE_TICK at most
+while the loop has nothing to do) whether the loop thread has been in one connection's
+pass, without finishing a request, for more than STALL seconds; then it takes that connection out of the loop and starts a new loop thread for
 the others. The stuck thread, once its request returns, goes on serving that connection
 alone, in a thread of its own, as if it had been handed over (see `_run`).
 
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("userdm.nbd")
 
-TICK = 0.01      # how often the watchdog looks while connections are in the loop
+TICK = 0.01      # how often the watchdog looks while the loop serves requests ...
+IDLE_TICK = 0.25  # ... and at most while it has connections but nothing to do
 STALL = 0.05     # a pass that has not finished a request for this long is taken out of the loop
 
 
@@ -65,6 +66,8 @@ class ServeLoop:
         #: the connection whose pass runs, and when its last request ended (or the pass began)
         self.current: "Connection | None" = None
         self.since = 0.0
+        #: passes run (the watchdog looks less often while this does not move)
+        self.passes = 0
         #: the connection the watchdog took from a stuck loop thread
         self.stolen: "Connection | None" = None
         #: connections in the transmission phase; `crowded`: two or more
@@ -164,6 +167,7 @@ class ServeLoop:
                         return self._adopt()
                     self.current = conn
                     self.since = perf()
+                    self.passes += 1
                 try:
                     stay = conn.loop_pass(self, gen)
                 except Exception:   # noqa: BLE001 - a bug must not stop the loop for everyone
@@ -191,11 +195,17 @@ class ServeLoop:
 
     def _watch(self) -> None:
         perf = time.perf_counter
+        tick, passes = TICK, -1
         while not self._stopping:
             if not self._nonempty.wait(1.0):
                 continue
-            time.sleep(TICK)
+            time.sleep(tick)
             conn, since = self.current, self.since
+            if conn is None and self.passes == passes:
+                tick = min(tick * 2, IDLE_TICK)   # idle connections: no 100 wake-ups a second
+            else:
+                tick = TICK
+            passes = self.passes
             if conn is None or perf() - since < STALL:
                 continue
             with self._lock:
