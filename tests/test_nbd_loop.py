@@ -141,37 +141,47 @@ def in_loop(srv: NBDServer, clients: list[Client], n: int) -> list[bytes]:
 
 
 def test_suspended_device_does_not_hold_the_other_connections(two_devices):
-    """A READ of a suspended device, run by the loop, waits for the resume; the watchdog
-    gives the other connections a new loop thread meanwhile: they go on with their I/O."""
+    """READs of a suspended device, run by the loop, wait for the resume; each time, the
+    watchdog gives the other connections a new loop thread: they go on with their I/O.
+    Two connections get stuck one after the other; after the resume both go on, each
+    served by the thread that was stuck in it, and come back to the loop."""
     m, srv = two_devices
-    held = Client.plain(srv.unix_path, "vol0")
+    held = [Client.plain(srv.unix_path, "vol0") for _ in range(2)]
     others = [Client.plain(srv.unix_path, "vol1") for _ in range(2)]
-    try:
-        in_loop(srv, [held, *others], 3)
-        data = os.urandom(4096)
-        held.check(8192, data)
-        m.suspend("vol0")
-        cookie = held.send_read(8192, 4096)
-        for round_ in range(100):
+
+    def others_go_on() -> None:
+        for round_ in range(50):
             for i, c in enumerate(others):
                 c.check((round_ * 2 + i) * 4096, os.urandom(4096))
-        assert srv.loop.gen >= 1                  # the loop thread was replaced
-        held.sock.setblocking(False)
-        with pytest.raises(BlockingIOError):      # still held, not failed
-            held.sock.recv(1)
-        held.sock.settimeout(30)
+
+    try:
+        in_loop(srv, [*held, *others], 4)
+        data = os.urandom(4096)
+        held[0].check(8192, data)
+        m.suspend("vol0")
+        cookies = []
+        for k, c in enumerate(held):
+            cookies.append(c.send_read(8192, 4096))
+            others_go_on()
+            assert srv.loop.gen >= k + 1          # the loop thread was replaced
+        for c in held:
+            c.sock.setblocking(False)
+            with pytest.raises(BlockingIOError):  # still held, not failed
+                c.sock.recv(1)
+            c.sock.settimeout(30)
         m.resume("vol0")
-        assert held.reply(cookie, 4096) == data
-        # served by a thread of its own now, and back in the loop after enough small requests
+        for c, cookie in zip(held, cookies):
+            assert c.reply(cookie, 4096) == data
+        # served by threads of their own now, and back in the loop after enough small requests
         for i in range(300):
-            held.check(i * 4096 % MiB, os.urandom(4096))
-        assert wait_until(lambda: srv.loop.served() == 3, 20)
-        for i, c in enumerate(others):
-            c.check(i * 4096, os.urandom(4096))
+            for c in held:
+                c.check(i * 4096 % MiB, os.urandom(4096))
+        assert wait_until(lambda: srv.loop.served() == 4, 20)
+        others_go_on()
     finally:
         if m.info("vol0")["suspended"]:
             m.resume("vol0")
-        for c in (held, *others):
+        for c in (*held, *others):
             c.close()
 
 

@@ -56,6 +56,7 @@ class ServeLoop:
         self._epoll = select.epoll()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
         self._conns: dict[int, "Connection"] = {}
         self._ready: collections.deque["Connection"] = collections.deque()
@@ -68,8 +69,8 @@ class ServeLoop:
         self.since = 0.0
         #: passes run (the watchdog looks less often while this does not move)
         self.passes = 0
-        #: the connection the watchdog took from a stuck loop thread
-        self.stolen: "Connection | None" = None
+        #: the connection the watchdog took from each stuck loop thread (by its generation)
+        self._stolen: dict[int, "Connection"] = {}
         #: connections in the transmission phase; `crowded`: two or more
         self.active = 0
         self.crowded = False
@@ -150,9 +151,8 @@ class ServeLoop:
                 continue
             if self._stopping:
                 return
-            if ready:
-                events = events + [(c.fd, 0) for c in ready]
-                ready.clear()
+            while ready:     # (other threads append: take them one by one)
+                events.append((ready.popleft().fd, 0))
             for fd, _ in events:
                 conn = conns.get(fd)
                 if conn is None:
@@ -164,7 +164,7 @@ class ServeLoop:
                     continue   # handed over or taken out since the wait
                 with lock:
                     if self.gen != gen:
-                        return self._adopt()
+                        return self._adopt(gen)
                     self.current = conn
                     self.since = perf()
                     self.passes += 1
@@ -175,7 +175,7 @@ class ServeLoop:
                     conn.abort()
                     stay = False
                 if self.gen != gen:
-                    return self._adopt()
+                    return self._adopt(gen)
                 self.current = None
                 if stay:
                     if conn.tls and conn.buffered():
@@ -185,11 +185,12 @@ class ServeLoop:
                     self._remove(conn)
                 threading.Thread(target=conn.resume_threaded, name="nbd-conn", daemon=True).start()
 
-    def _adopt(self) -> None:
-        """This loop thread was stuck and replaced: serve the connection the watchdog took
-        out of the loop (the one this thread was serving) in this thread, alone."""
+    def _adopt(self, gen: int) -> None:
+        """The loop thread of generation `gen` was stuck and replaced: serve the connection
+        the watchdog took out of the loop (the one this thread was serving) in this
+        thread, alone."""
         with self._lock:
-            conn, self.stolen = self.stolen, None
+            conn = self._stolen.pop(gen, None)
         if conn is not None:
             conn.resume_threaded()
 
@@ -213,8 +214,8 @@ class ServeLoop:
                     continue
                 log.debug("nbd: a request held the loop for %.3fs; a new loop thread serves the "
                           "other connections", perf() - since)
+                self._stolen[self.gen] = conn
                 self.gen += 1
-                self.stolen = conn
                 self.current = None
                 self._remove(conn)
                 self._start_thread()
