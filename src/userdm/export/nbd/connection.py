@@ -56,20 +56,17 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
 from ...errors import DMError
 from ...nbd import constants as C
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .deadline import HandshakeDeadline
 from .limits import Budget, NBDLimits
+from .loop import ServeLoop
 from ...nbd.handshake import ServerHandshake
 from ...nbd.tls import TLSHandshakeError, TLSStream
 from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
                        block_status_chunk, clip_extents, error_reply)
-
-if TYPE_CHECKING:
-    from .loop import ServeLoop
 
 log = logging.getLogger("userdm.nbd")
 
@@ -108,7 +105,7 @@ class Connection:
                  on_close: Callable[["Connection"], None] = lambda c: None,
                  limits: NBDLimits | None = None, total: Budget | None = None,
                  tls_mode: str = "off", tls_context: ssl.SSLContext | None = None,
-                 loop: "ServeLoop | None" = None) -> None:
+                 loop: ServeLoop | None = None) -> None:
         limits = limits or NBDLimits()
         self.sock: socket.socket | TLSStream = sock
         #: nbdkit's --tls mode of this connection, and the server's context (None: off)
@@ -600,7 +597,7 @@ class Connection:
             out.append(aview[run:end])
         self._send(out)
 
-    def loop_pass(self, lp: "ServeLoop", gen: int) -> bool:
+    def loop_pass(self, lp: ServeLoop, gen: int) -> bool:
         """Serve what has arrived, for the loop (`loop.py`): small READs, WRITEs and CACHEs
         whose bytes are here, their replies in one non-blocking send. True: wait for more
         in the loop; False: a thread of its own must go on (a request for the workers, EOF,

@@ -37,16 +37,26 @@ import select
 import socket
 import threading
 import time
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .connection import Connection
+from typing import Protocol
 
 log = logging.getLogger("userdm.nbd")
 
 TICK = 0.01      # how often the watchdog looks while the loop serves requests ...
 IDLE_TICK = 0.25  # ... and at most while it has connections but nothing to do
 STALL = 0.05     # a pass that has not finished a request for this long is taken out of the loop
+
+
+class Connection(Protocol):
+    """What the loop needs of a connection (`connection.Connection`)."""
+
+    sock: socket.socket
+    fd: int
+    tls: bool
+
+    def buffered(self) -> bool: ...
+    def loop_pass(self, lp: "ServeLoop", gen: int) -> bool: ...
+    def resume_threaded(self) -> None: ...
+    def abort(self) -> None: ...
 
 
 class ServeLoop:
@@ -58,19 +68,19 @@ class ServeLoop:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._epoll.register(self._wake_r, select.EPOLLIN)
-        self._conns: dict[int, "Connection"] = {}
-        self._ready: collections.deque["Connection"] = collections.deque()
+        self._conns: dict[int, Connection] = {}
+        self._ready: collections.deque[Connection] = collections.deque()
         self._lock = threading.Lock()
         self._nonempty = threading.Event()
         #: which loop thread owns the loop (a new one starts when the watchdog takes over)
         self.gen = 0
         #: the connection whose pass runs, and when its last request ended (or the pass began)
-        self.current: "Connection | None" = None
+        self.current: Connection | None = None
         self.since = 0.0
         #: passes run (the watchdog looks less often while this does not move)
         self.passes = 0
         #: the connection the watchdog took from each stuck loop thread (by its generation)
-        self._stolen: dict[int, "Connection"] = {}
+        self._stolen: dict[int, Connection] = {}
         #: connections in the transmission phase; `crowded`: two or more
         self.active = 0
         self.crowded = False
@@ -88,7 +98,7 @@ class ServeLoop:
             self.active += delta
             self.crowded = self.active >= 2
 
-    def add(self, conn: "Connection") -> bool:
+    def add(self, conn: Connection) -> bool:
         """Serve `conn` from the loop (its thread hands it over); False if stopping."""
         fd = conn.fd = conn.sock.fileno()
         conn.tls = conn.sock.__class__ is not socket.socket
@@ -113,7 +123,7 @@ class ServeLoop:
         with self._lock:
             return len(self._conns)
 
-    def _remove(self, conn: "Connection") -> None:
+    def _remove(self, conn: Connection) -> None:
         """With `_lock` held: take `conn` out of the loop."""
         fd = conn.fd
         if self._conns.get(fd) is conn:
