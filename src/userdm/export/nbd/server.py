@@ -10,9 +10,9 @@ from the Unix socket may upgrade when certificates are configured, handed-in soc
 The export name is the device name; NBD_OPT_LIST lists the devices that have a live table.
 Each connection holds one open of its device (see `catalog.py`) and is served by a small
 thread pool (see `connection.py`); while several connections are open, their small
-requests are served by one event loop thread (see `loop.py`). CAN_MULTI_CONN is advertised: every connection to a
-device goes to the same in-process device object, so a flush on one covers writes that
-completed on all of them.
+requests are served by one event loop thread (see `loop.py`). CAN_MULTI_CONN is
+advertised: every connection to a device goes to the same in-process device object, so a
+flush on one covers writes that completed on all of them.
 
 What clients may cost is bounded by `NBDLimits` (see `limits.py`): connections from the
 listeners beyond `max_connections` are closed at once, handshakes have a deadline, and the
