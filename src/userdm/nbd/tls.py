@@ -18,6 +18,12 @@ socket methods the NBD code uses (`recv_into` with an optional length, `recv`, `
 `sendmsg`, `settimeout`, `setsockopt`, `shutdown`, `close`), so the plaintext and the TLS
 paths are the same code above it.
 
+An event loop uses the stream without blocking: `recv_into(..., MSG_DONTWAIT)` raises
+BlockingIOError when neither the session nor the socket has a byte, `sendmsg(parts,
+MSG_DONTWAIT)` encrypts every part and keeps the ciphertext the socket did not take (the
+next send, or `flush()`, sends it first), and `buffered()` says whether the session holds
+data that a wait on the socket would not announce.
+
 PSK: Python 3.11's `ssl` module has no pre-shared key API (3.13 adds one); only X.509
 certificates are supported here.
 """
@@ -145,6 +151,10 @@ class TLSStream:
         self._rview = memoryview(self._rbuf)
         self._eof = False
         self._closed = False
+        #: ciphertext a non-blocking send left behind (sent first by the next send)
+        self._backlog = b""
+        #: the last read found only part of a record in `_in` (cleared when more arrives)
+        self._starved = False
 
     # ---- handshake -------------------------------------------------------------------
 
@@ -174,11 +184,12 @@ class TLSStream:
             raise TLSHandshakeError(errno.ETIMEDOUT, "TLS handshake not finished in time")
         return left
 
-    def _fill(self, deadline: float | None = None) -> bool:
-        """Receive ciphertext into the session; False at EOF."""
+    def _fill(self, deadline: float | None = None, flags: int = 0) -> bool:
+        """Receive ciphertext into the session; False at EOF (BlockingIOError with
+        MSG_DONTWAIT when the socket has nothing)."""
         if deadline is not None:
             self.raw.settimeout(self._left(deadline))
-        n = self.raw.recv_into(self._rbuf)
+        n = self.raw.recv_into(self._rbuf, 0, flags)
         if n == 0:
             with self._lock:
                 self._in.write_eof()
@@ -186,6 +197,7 @@ class TLSStream:
             return False
         with self._lock:
             self._in.write(self._rview[:n])
+            self._starved = False
         return True
 
     def _flush_out(self, deadline: float | None = None) -> None:
@@ -216,7 +228,8 @@ class TLSStream:
 
     def recv_into(self, buffer, nbytes: int = 0, flags: int = 0) -> int:
         """Decrypted bytes into `buffer` (at most `nbytes` if given), at least one unless
-        at EOF (0). `flags` (MSG_WAITALL) is accepted and ignored: the callers loop."""
+        at EOF (0). MSG_WAITALL is accepted and ignored (the callers loop); with
+        MSG_DONTWAIT, BlockingIOError when no byte can be had without waiting."""
         view = buffer if type(buffer) is memoryview and buffer.format == "B" else memoryview(buffer).cast("B")
         want = nbytes or len(view)
         if want <= 0:
@@ -234,21 +247,28 @@ class TLSStream:
                             return got      # the peer's close_notify: end of stream
                         got += n
             except ssl.SSLWantReadError:
-                pass
+                self._starved = True
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                 return got
             except ssl.SSLError as exc:
                 if got:
                     return got
                 raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
-            if self._out.pending and self._wlock.acquire(blocking=False):
-                try:       # the session wants to answer something (TLS 1.3 key update)
+            # the session wants to answer something (TLS 1.3 key update); a caller that must
+            # not wait leaves it in the session: the next send takes it along
+            if self._out.pending and not flags & socket.MSG_DONTWAIT and self._wlock.acquire(blocking=False):
+                try:
                     self._send_out()
                 finally:
                     self._wlock.release()
             if got or self._eof:
                 return got
-            self._fill()     # at EOF the next round says so (ragged or clean)
+            self._fill(None, flags & socket.MSG_DONTWAIT)   # at EOF the next round says so
+
+    def buffered(self) -> bool:
+        """Whether the session holds plaintext, or whole records not yet decrypted, that
+        no wait on the socket would announce."""
+        return bool(self._c.pending() or (self._in.pending and not self._starved))
 
     def recv(self, n: int) -> bytes:
         buf = bytearray(n)
@@ -260,11 +280,25 @@ class TLSStream:
     def sendall(self, data) -> None:
         self.sendmsg([data])
 
-    def sendmsg(self, parts) -> int:
+    def sendmsg(self, parts, ancdata=(), flags: int = 0) -> int:
         """Encrypt and send every part (in order, nothing interleaved); the total length.
         Parts under RECORD bytes are joined (a batch of small replies: one record, one
-        system call); the ciphertext of big parts leaves every SEND_CHUNK bytes."""
+        system call); the ciphertext of big parts leaves every SEND_CHUNK bytes. With
+        MSG_DONTWAIT (and parts under SEND_CHUNK in all), what the socket does not take
+        at once stays in the backlog: `backlog` says how much."""
         total = 0
+        if flags & socket.MSG_DONTWAIT:
+            with self._wlock:
+                self._encrypt(parts[0] if len(parts) == 1 else b"".join(parts))
+                with self._lock:
+                    out = self._out.read()
+                out = self._backlog + out if self._backlog else out
+                try:
+                    sent = self.raw.send(out, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                self._backlog = out[sent:] if sent < len(out) else b""
+                return sum(len(p) for p in parts)
         with self._wlock:
             small: list = []
             for part in parts:
@@ -300,11 +334,23 @@ class TLSStream:
                 raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
 
     def _send_out(self) -> None:
-        """With `_wlock` held: send the ciphertext made so far."""
+        """With `_wlock` held: send the ciphertext made so far (after the backlog)."""
         with self._lock:
             out = self._out.read()
+        if self._backlog:
+            out, self._backlog = self._backlog + out, b""
         if out:
             self.raw.sendall(out)
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of ciphertext a non-blocking send left behind."""
+        return len(self._backlog)
+
+    def flush(self) -> None:
+        """Send the backlog, waiting for the socket (its send timeout applies)."""
+        with self._wlock:
+            self._send_out()
 
     # ---- the socket ------------------------------------------------------------------
 

@@ -1,6 +1,10 @@
 """One NBD client connection: the handshake, then the transmission phase.
 
-The transmission phase has one reader thread and a small worker pool:
+The transmission phase has one reader thread and a small worker pool (while two or more
+connections are open, the server's event loop serves the small requests of all of them in
+one thread instead, see `loop.py` and `loop_pass`; the connection goes back to a thread of
+its own for anything else, and its state - the batch buffer, the arena, replies not yet
+sent - lives on the object so that either can go on where the other stopped):
 - the reader receives requests in batches into one buffer (`recv_into`, many headers per
   system call under load) and runs small READs and WRITEs inline: a WRITE's payload is used
   where it landed in the receive buffer, and the replies of a batch are written one after
@@ -58,6 +62,7 @@ from ...nbd import constants as C
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .deadline import HandshakeDeadline
 from .limits import Budget, NBDLimits
+from .loop import ServeLoop
 from ...nbd.handshake import ServerHandshake
 from ...nbd.tls import TLSHandshakeError, TLSStream
 from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
@@ -79,6 +84,7 @@ OTHERS_BUSY = 0.5             # ... unless other threads of the process ran, or 
 SLOW_BACKOFF = 1000           # ... make the next this many requests go to the workers
 FAST_IN_FLIGHT = max(2, os.cpu_count() or 2)  # dispatched requests in flight while the device keeps up
 SLOW_WAIT = 0.005             # a reader that waited this long for a free slot: the device is slow
+LOOP_AFTER = 256              # inline requests in a row after which a connection may join the loop
 
 _READ, _WRITE, _DISC, _CACHE = C.CMD_READ, C.CMD_WRITE, C.CMD_DISC, C.CMD_CACHE
 _REQUEST_MAGIC = C.REQUEST_MAGIC
@@ -87,6 +93,7 @@ _STRUCT_MAGIC = C.STRUCTURED_REPLY_MAGIC
 _DONE, _OFFSET_DATA = C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA
 _FUA = C.CMD_FLAG_FUA
 _WAITALL = socket.MSG_WAITALL
+_DONTWAIT = socket.MSG_DONTWAIT
 _SIMPLE_SIZE = SIMPLE_REPLY.size
 
 
@@ -97,7 +104,8 @@ class Connection:
                  inline_max: int = INLINE_MAX, catalog: MapperCatalog | BoundCatalog | None = None,
                  on_close: Callable[["Connection"], None] = lambda c: None,
                  limits: NBDLimits | None = None, total: Budget | None = None,
-                 tls_mode: str = "off", tls_context: ssl.SSLContext | None = None) -> None:
+                 tls_mode: str = "off", tls_context: ssl.SSLContext | None = None,
+                 loop: ServeLoop | None = None) -> None:
         limits = limits or NBDLimits()
         self.sock: socket.socket | TLSStream = sock
         #: nbdkit's --tls mode of this connection, and the server's context (None: off)
@@ -123,14 +131,30 @@ class Connection:
         self._aborted = False
         self._closed = False
         self._pool: _WorkerPool | None = None
-        self._workers: list[threading.Thread] = []
+        self._done = threading.Event()
+        #: the server's event loop (None: always a thread of its own), see `loop.py`
+        self._loop = loop
+        self._in_loop_count = False     # counted in the loop's `active`
+        self.fd = -1            # the socket's descriptor, and whether it speaks TLS (set by the loop)
+        self.tls = False
+        # the transmission state, kept here while the loop serves the connection: the batch
+        # receive buffer (requests from `_start` to `_end`), the reply arena, replies a
+        # non-blocking send left behind, and how many requests go to the workers next
+        self._rbuf = bytearray(0)
+        self._rview = memoryview(self._rbuf)
+        self._start = self._end = 0
+        self._arena: mmap.mmap | None = None
+        self._aview: memoryview | None = None
+        self._unsent: list = []
+        self._dispatch_until = 0
+        self._slow = 0
+        self._window = (0.0, 0.0, 0.0)
+        self._fast: tuple | None = None
 
     # ---- lifetime -------------------------------------------------------------------
 
     def start(self) -> None:
-        t = threading.Thread(target=self._serve, name="nbd-conn", daemon=True)
-        self._workers.append(t)
-        t.start()
+        threading.Thread(target=self._serve, name="nbd-conn", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop reading requests; in-flight ones finish (the server is stopping)."""
@@ -161,11 +185,15 @@ class Connection:
         return self._closing
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait for the reader and the workers, `timeout` seconds in all; True once closed."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for t in list(self._workers):
-            t.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        """Wait until the connection is closed (its workers ended), `timeout` seconds at
+        most; True once closed."""
+        self._done.wait(timeout)
         return self._closed
+
+    def buffered(self) -> bool:
+        """The TLS session holds data that no wait on the socket would announce."""
+        sock = self.sock
+        return sock.__class__ is TLSStream and sock.buffered()
 
     def _serve(self) -> None:
         try:
@@ -175,11 +203,31 @@ class Connection:
                 log.debug("nbd handshake ended: %s", exc)
                 ok = False
             if ok:
-                self._transmission()
+                self._begin_transmission()
+                if self._transmission(fresh=True):
+                    return    # the loop serves it now
         except Exception:
             log.exception("nbd: connection failed")
-        finally:
-            self._closing = True
+        self._finish()
+
+    def resume_threaded(self) -> None:
+        """Serve the connection in this thread, from where the loop left it (see `loop.py`)."""
+        try:
+            if self._transmission():
+                return
+        except Exception:
+            log.exception("nbd: connection failed")
+        self._finish()
+
+    def _finish(self) -> None:
+        self._closing = True
+        try:
+            if self._pool is not None:
+                self._pool.finish()
+                self._pool = None   # no cycle between the connection and its pool
+            if self._in_loop_count and self._loop is not None:
+                self._in_loop_count = False
+                self._loop.entered(-1)
             if getattr(self.catalog, "open_until_eof", False):
                 self._wait_for_eof()
             self.catalog.close()
@@ -187,8 +235,18 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+            self._fast = None
+            self._unsent = []
+            if self._aview is not None:
+                try:
+                    self._aview.release()
+                    self._arena.close()
+                except BufferError:   # a view still alive somewhere: the GC unmaps it later
+                    pass
+        finally:
             self._closed = True
             self.on_close(self)
+            self._done.set()
 
     def _wait_for_eof(self) -> None:
         """A socket that carries an open (BoundCatalog) keeps it after NBD_CMD_DISC until every
@@ -285,15 +343,14 @@ class Connection:
             end += n
         return end
 
-    def _transmission(self) -> None:
-        """The reader loop: parse requests from a batch buffer, run small ones inline and
-        batch their replies, hand big or slow ones to the worker pool."""
+    def _begin_transmission(self) -> None:
+        """The handshake is over: the buffers, socket options and workers of the transmission
+        phase (kept until the connection ends, whoever serves it)."""
         export = self.export
         handle = self.catalog.handle
         assert export is not None and handle is not None
         sock = self.sock
-        pool = self._pool = _WorkerPool(self, handle, export)
-        max_payload = export.max_payload
+        self._pool = _WorkerPool(self, handle, export)
         try:   # room for a whole big reply: its sendmsg then copies once and does not block
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
         except OSError:
@@ -303,43 +360,83 @@ class Connection:
         secs = self.reply_timeout
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO,
                         struct.pack("ll", int(secs), int((secs % 1) * 1_000_000)))
-        inline_max = min(self.inline_max, RECV_BUFFER - REQUEST_SIZE)
-        rbuf = bytearray(RECV_BUFFER)
-        rview = memoryview(rbuf)
-        start, end = 0, len(self._pending)
-        rview[:end] = self._pending
+        self._rbuf = bytearray(RECV_BUFFER)
+        self._rview = memoryview(self._rbuf)
+        self._start, self._end = 0, len(self._pending)
+        self._rview[:self._end] = self._pending
         self._pending = b""
-        arena = mmap.mmap(-1, ARENA)
-        aview = memoryview(arena)
+        self._arena = mmap.mmap(-1, ARENA)
+        self._aview = memoryview(self._arena)
+        structured = export.structured
+        # what every pass uses, in one tuple (one unpacking per pass of the loop)
+        self._fast = (self._rbuf, self._rview, self._arena, self._aview, export, structured,
+                      DATA_CHUNK.size if structured else SIMPLE_REPLY.size, export.check,
+                      handle.readinto, handle.write, handle.device, export.min_block - 1,
+                      not export.read_only, min(self.inline_max, RECV_BUFFER - REQUEST_SIZE),
+                      export.max_payload)
+        if self._loop is not None:
+            self._in_loop_count = True
+            self._loop.entered(1)
+
+    def _send_unsent(self) -> None:
+        """Send what a non-blocking send of the loop left behind (first, in order)."""
+        if self._unsent:
+            parts, self._unsent = self._unsent, []
+            self._send(parts)
+        if self.sock.__class__ is TLSStream and self.sock.backlog:
+            self.sock.flush()
+
+    def _transmission(self, fresh: bool = False) -> bool:
+        """The reader loop: parse requests from a batch buffer, run small ones inline and
+        batch their replies, hand big or slow ones to the worker pool. Returns True when it
+        handed the connection to the server's loop, False when the connection ended."""
+        (rbuf, rview, arena, aview, export, structured, hlen, check, readinto, write, device,
+         block_mask, writable, inline_max, max_payload) = self._fast
+        handle = self.catalog.handle
+        sock = self.sock
+        pool = self._pool
+        lp = self._loop
+        if lp is not None and sock.__class__ is TLSStream and not lp.tls:
+            lp = None    # TLS stays in its own thread (see loop.py)
+        start, end = self._start, self._end
         # the replies of a batch: inline ones are written into the arena one after the other
         # (a READ's header right before its data), so that they leave as one piece; `out`
         # holds what is complete before `run` (arena pieces, error replies)
         apos = run = replies = 0
         out: list = []
-        structured = export.structured
-        hlen = DATA_CHUNK.size if structured else SIMPLE_REPLY.size
         pack_chunk = DATA_CHUNK.pack_into
         pack_simple = SIMPLE_REPLY.pack_into
-        check = export.check
-        readinto = handle.readinto
-        write = handle.write
-        device = handle.device   # its size is live (a resize); `handle.size` is a property over it
-        block_mask = export.min_block - 1
-        writable = not export.read_only
         unpack = REQUEST.unpack_from
         perf = time.perf_counter
         header_only = False  # receive just the next request header (see below)
-        dispatch_until = 0   # while > 0: the device is slow, dispatch everything
+        dispatch_until = self._dispatch_until   # while > 0: the device is slow, dispatch everything
+        self._dispatch_until = 0
         slow = 0             # inline requests in a row that were slow
         window = (0.0, 0.0, 0.0)  # when the first of them ended, other threads' CPU time, time queued
         last = perf()        # when the last inline request ended (or the reader last waited)
+        # inline requests since the last dispatched one: after LOOP_AFTER of them the
+        # connection may join the loop (a stream of big requests stays here)
+        run_inline = LOOP_AFTER if fresh else 0
+        to_loop = False
         try:
+            self._send_unsent()
             while not self._closing:
                 if end - start < REQUEST_SIZE:
                     if replies:
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
+                    if (run_inline >= LOOP_AFTER and lp is not None and lp.crowded and not header_only
+                            and not dispatch_until and not pool.busy()):
+                        # small requests only, and other connections: the loop serves it now
+                        if start:
+                            rview[:end - start] = rview[start:end]
+                            end -= start
+                            start = 0
+                        self._start, self._end = start, end
+                        if lp.add(self):
+                            to_loop = True
+                            return True
                     if start:
                         rview[:end - start] = rview[start:end]
                         end -= start
@@ -400,6 +497,7 @@ class Connection:
                                 break
                         pool.submit(flags, cmd, cookie, offset, length, buf)
                         header_only = True
+                        run_inline = 0
                         last = perf()
                         continue
                     header_only = False
@@ -417,10 +515,13 @@ class Connection:
                             if buf is None:
                                 break
                         pool.submit(flags, cmd, cookie, offset, length, buf)
+                        run_inline = 0
                         last = perf()
                         continue
                 # an inline READ, WRITE or CACHE: its reply goes into the arena (a READ's data
                 # right after its header), or, if refused or failed, into `out` as it is
+                # (`loop_pass` has the same steps written out: a call per request would cost
+                # a tenth of a 4 KiB request; change both together)
                 if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
                     self._send_batch(out, aview, run, apos)
                     out = []
@@ -459,6 +560,7 @@ class Connection:
                     pack_simple(arena, apos, _SIMPLE_MAGIC, 0, cookie)
                     apos += _SIMPLE_SIZE
                 replies += 1
+                run_inline += 1
                 now = perf()
                 if now - last <= SLOW_REQUEST:
                     slow = 0
@@ -484,21 +586,174 @@ class Connection:
         except OSError as exc:
             log.debug("nbd: connection ended: %s", exc)
         finally:
-            self._closing = True
-            pool.finish()
-            self._pool = None   # no cycle between the connection and its pool
             out = data = None
-            try:
-                aview.release()
-                arena.close()
-            except BufferError:   # a view still alive somewhere: the GC unmaps it later
-                pass
+            if not to_loop:
+                self._closing = True
+        return False
 
     def _send_batch(self, out: list, aview: memoryview, run: int, end: int) -> None:
         """Send the replies of a batch: `out`, then the arena from `run` to `end`."""
         if end > run:
             out.append(aview[run:end])
         self._send(out)
+
+    def loop_pass(self, lp: ServeLoop, gen: int) -> bool:
+        """Serve what has arrived, for the loop (`loop.py`): small READs, WRITEs and CACHEs
+        whose bytes are here, their replies in one non-blocking send. True: wait for more
+        in the loop; False: a thread of its own must go on (a request for the workers, EOF,
+        DISC, a protocol error, a send the socket did not take whole, a slow device, or the
+        watchdog took the connection out of the loop); the state is saved either way."""
+        (rbuf, rview, arena, aview, export, structured, hlen, check, readinto, write, device,
+         block_mask, writable, inline_max, max_payload) = self._fast
+        start, end = self._start, self._end
+        if self._closing:
+            return False
+        if start:
+            rview[:end - start] = rview[start:end]
+            end -= start
+            start = 0
+        try:
+            n = self.sock.recv_into(rview[end:], 0, _DONTWAIT)
+        except BlockingIOError:
+            n = -1      # nothing after all (a TLS record not complete yet)
+        except OSError as exc:
+            return False    # the thread meets the error again and ends the connection
+        if n == 0:
+            return False    # EOF: the thread ends the connection
+        if n > 0:
+            end += n
+        perf = time.perf_counter
+        last = perf()
+        apos = run = replies = 0
+        out: list = []
+        stay = True
+        slow = self._slow
+        while end - start >= REQUEST_SIZE:
+            magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(rbuf, start)
+            if (magic != _REQUEST_MAGIC or flags & _FUA or length > inline_max
+                    or not (cmd == _READ or cmd == _WRITE or cmd == _CACHE)):
+                stay = False     # the thread runs it (or refuses it, or disconnects)
+                break
+            if cmd == _WRITE:
+                need = REQUEST_SIZE + length
+                if end - start < need:
+                    break        # the rest of its payload has not arrived
+                data = rview[start + REQUEST_SIZE:start + need]
+                start += need
+            else:
+                start += REQUEST_SIZE
+            if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
+                if not self._send_nowait(out, aview, run, apos):
+                    stay = False
+                    break
+                out = []
+                apos = run = replies = 0
+            # the inline steps of `_transmission`, written out (change both together)
+            reply = None
+            if (not flags and length and not (offset | length) & block_mask and offset + length <= device.size
+                    and (cmd == _READ and length <= max_payload or cmd == _WRITE and writable)):
+                err = 0
+            else:
+                err = check(flags, cmd, offset, length, device.size)
+            if err:
+                reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, device.size), structured)
+            else:
+                try:
+                    if cmd == _READ:
+                        readinto(offset, aview[apos + hlen:apos + hlen + length])
+                    elif cmd == _WRITE:
+                        write(offset, data, False)
+                except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
+                    reply = _failure(exc, cmd, cookie, structured)
+            if reply is not None:
+                if apos > run:
+                    out.append(aview[run:apos])
+                    run = apos
+                out.append(reply)
+            elif cmd == _READ:
+                if structured:
+                    DATA_CHUNK.pack_into(arena, apos, _STRUCT_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset)
+                else:
+                    SIMPLE_REPLY.pack_into(arena, apos, _SIMPLE_MAGIC, 0, cookie)
+                apos += hlen + length
+            else:
+                SIMPLE_REPLY.pack_into(arena, apos, _SIMPLE_MAGIC, 0, cookie)
+                apos += _SIMPLE_SIZE
+            replies += 1
+            if lp.gen != gen:
+                stay = False     # the watchdog took it out of the loop: this thread goes on with it
+                break
+            now = perf()
+            lp.since = now
+            if now - last <= SLOW_REQUEST:
+                slow = 0
+            else:
+                if not slow:
+                    self._window = (now, _cpu_of_others(), _queued())
+                slow += 1
+                if slow >= SLOW_STREAK:
+                    slow = 0
+                    if _waited_for_device(self._window, now):
+                        self._dispatch_until = SLOW_BACKOFF   # the thread sends them to the workers
+                        stay = False
+                        break
+            last = now
+            if replies >= MAX_BATCH:
+                if not self._send_nowait(out, aview, run, apos):
+                    stay = False
+                    break
+                out = []
+                apos = run = replies = 0
+                last = perf()
+        data = None
+        self._slow = slow
+        self._start, self._end = start, end
+        if replies and not self._send_nowait(out, aview, run, apos):
+            stay = False
+        if stay and not lp.crowded:
+            stay = False     # alone again: a thread of its own serves it at less cost
+        return stay
+
+    def _send_nowait(self, out: list, aview: memoryview, run: int, end: int) -> bool:
+        """Send a batch's replies without waiting (loop); False if the socket did not take
+        them whole: the rest is kept (`_unsent`, or the TLS stream's backlog), and the thread
+        that goes on sends it first."""
+        sock = self.sock
+        if not out and sock.__class__ is socket.socket:    # the usual batch: one piece of the arena
+            try:
+                sent = sock.send(aview[run:end], _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = -1
+            if sent == end - run:
+                return True
+            self._unsent = [aview[run + max(sent, 0):end]]   # an error: the thread meets it again
+            return False
+        if end > run:
+            out.append(aview[run:end])
+        try:
+            sent = sock.sendmsg(out, (), _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._unsent = out      # the thread meets the error when it sends them
+            return False
+        if sock.__class__ is TLSStream:
+            return not sock.backlog
+        total = sum(len(p) for p in out)
+        if sent >= total:
+            return True
+        rest = []
+        for p in out:
+            n = len(p)
+            if sent >= n:
+                sent -= n
+                continue
+            rest.append(memoryview(p)[sent:] if sent else p)
+            sent = 0
+        self._unsent = rest
+        return False
 
     def _recv_exact(self, view: memoryview) -> bool:
         want = len(view)
@@ -633,6 +888,10 @@ class _WorkerPool:
                 if not self._slow_left:
                     self._limit = self._fast_limit
 
+    def busy(self) -> bool:
+        """Tasks are in flight (a hint, read without the lock)."""
+        return self._in_flight > 0
+
     def _done(self) -> None:
         with self._lock:
             self._in_flight -= 1
@@ -705,7 +964,6 @@ class _WorkerPool:
                 return
             t = threading.Thread(target=self._run, args=(task,), name="nbd-worker", daemon=True)
             self.threads.append(t)
-        self.conn._workers.append(t)
         t.start()
 
     def _run(self, task: tuple | None) -> None:

@@ -9,9 +9,10 @@ from the Unix socket may upgrade when certificates are configured, handed-in soc
 
 The export name is the device name; NBD_OPT_LIST lists the devices that have a live table.
 Each connection holds one open of its device (see `catalog.py`) and is served by a small
-thread pool (see `connection.py`). CAN_MULTI_CONN is advertised: every connection to a
-device goes to the same in-process device object, so a flush on one covers writes that
-completed on all of them.
+thread pool (see `connection.py`); while several connections are open, their small
+requests are served by one event loop thread (see `loop.py`). CAN_MULTI_CONN is
+advertised: every connection to a device goes to the same in-process device object, so a
+flush on one covers writes that completed on all of them.
 
 What clients may cost is bounded by `NBDLimits` (see `limits.py`): connections from the
 listeners beyond `max_connections` are closed at once, handshakes have a deadline, and the
@@ -38,6 +39,7 @@ from ..source import ExportSource
 from .catalog import BoundCatalog
 from .connection import Connection
 from .limits import Budget, NBDLimits
+from .loop import ServeLoop
 from .tls import ServerTLS
 
 log = logging.getLogger("userdm.nbd")
@@ -74,6 +76,8 @@ class NBDServer:
         self._connections: set[Connection] = set()
         self._lock = threading.Lock()
         self._stopping = False
+        #: one thread serving the small requests of every connection while there are several
+        self.loop = ServeLoop()
         #: the TCP address actually bound (port 0 picks a free port)
         self.tcp_address: tuple[str, int] | None = None
 
@@ -149,6 +153,7 @@ class NBDServer:
             if not conn.join(STOP_GRACE):
                 conn.abort()
                 conn.join(STOP_GRACE)
+        self.loop.stop()
         if self.unix_path is not None:
             try:
                 os.unlink(self.unix_path)
@@ -239,7 +244,8 @@ class NBDServer:
         control socket passes to a client: no TLS). False if stopping."""
         conn = Connection(sock, self.mapper, threads=self.threads_per_connection, catalog=catalog,
                           on_close=self._forget, limits=self.limits, total=self.budget,
-                          tls_mode=tls_mode, tls_context=self.tls.context if tls_mode != "off" else None)
+                          tls_mode=tls_mode, tls_context=self.tls.context if tls_mode != "off" else None,
+                          loop=self.loop)
         conn.counted = counted
         with self._lock:
             if self._stopping:
