@@ -55,6 +55,7 @@ log = logging.getLogger("userdm.fuse")
 MIN_THREADS = 2      # at start: the leader and one follower
 MAX_THREADS = 64     # requests served (or held in suspended devices) at once
 STALL_TICK = 0.001   # a leader serving one request for a whole tick is deposed
+BIG_THREADS = 4      # threads that serve big requests at once (more only queue for the GIL)
 BIG_WINDOW = 0.01    # after a big request, threads that served one read beside the leader this long
 PARK_TICKS = 100     # the watchdog parks after this many ticks found the leader waiting
 MAX_IDLE = 4         # followers kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
@@ -232,7 +233,7 @@ class Session:
                         opcode, size = big(request)
                         if n > SPLICE_MIN or (opcode == P.READ and size >= SPLICE_MIN):
                             self._big_until = monotonic() + BIG_WINDOW
-                            self._step_down(slot)    # another thread reads while this one copies
+                            self._step_down(slot, BIG_THREADS)   # another reads while this copies
                     try:
                         opcode, out = serve(req_view[:n], reply_view, pipe)
                     except P.ProtocolError as exc:
@@ -287,13 +288,14 @@ class Session:
             self._leader = slot
             return True
 
-    def _step_down(self, slot: list[int]) -> None:
-        """Stop leading: a waiting thread (or a new one) reads the next request."""
+    def _step_down(self, slot: list[int], most: int = MAX_THREADS) -> None:
+        """Stop leading: a waiting thread (or a new one, while fewer than `most` serve) reads
+        the next request."""
         with self._cond:
             if self._leader is not slot:
                 return
             self._leader = None
-            spawn = not self._followers
+            spawn = not self._followers and self._alive < most
             if not spawn:
                 self._cond.notify()
         if spawn:
