@@ -18,7 +18,11 @@ instead (file -> the thread's pipe -> /dev/fuse: the page cache is copied once, 
 the reader's pages; `ops.SPLICE_MIN`).
 
 - the leader steps down before it serves a big request (a copy of 64 KiB or more): another
-  thread reads the next one meanwhile, so big reads and writes are copied on both CPUs;
+  thread reads the next one meanwhile (a new one only while fewer than BIG_THREADS serve), so
+  big reads and writes are copied on both CPUs. For BIG_WINDOW after a big request, the
+  threads back from one read beside the leader instead of waiting to lead: a stream of big
+  requests is served like a pool, with no hand-off per request. A thread woken in epoll
+  always reads before it may stop reading (EPOLLEXCLUSIVE gives a request's wake-up to one);
 - a watchdog deposes a leader that has served one request for a whole STALL_TICK (I/O to a
   suspended device, a slow backend): a follower, or a new thread, leads, up to MAX_THREADS
   threads; the deposed one follows when its request is done. Requests that block never stop
