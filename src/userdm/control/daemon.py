@@ -31,6 +31,8 @@ from .server import ControlLimits, ControlServer, claim_socket_path
 
 log = logging.getLogger("userdm.daemon")
 
+#: how often the main thread looks for a signal that another thread received
+SIGNAL_POLL = 0.25
 #: seconds that stopping may take before the daemon exits anyway (stuck devices)
 STOP_TIMEOUT = 10.0
 #: seconds that exports may take to finish their requests before held I/O is failed
@@ -218,8 +220,11 @@ class Daemon:
 
     def run(self) -> None:
         """Start, announce readiness on stdout, serve until a signal, stop."""
+        signalled: list[int] = []
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stopping.set())
+            # no lock in a handler: it runs between two bytecodes of the main thread, which
+            # may be holding the Event's own lock
+            signal.signal(sig, lambda num, _frame: signalled.append(num))
         try:
             self.start()
         except BaseException:
@@ -230,8 +235,12 @@ class Daemon:
             names = ", ".join(self.mapper.export_names()) or "none"
             print(f"userdm daemon ready: runtime {self.runtime_dir}, state {self.state_dir}, "
                   f"devices: {names}", flush=True)
-            while not self.stopping.wait(3600):
+            # Python runs signal handlers in the main thread, but only when it runs: a signal
+            # the kernel delivers to another thread does not wake a main thread blocked in a
+            # lock, so it looks every SIGNAL_POLL seconds (seen: SIGTERM ignored for minutes)
+            while not signalled and not self.stopping.wait(SIGNAL_POLL):
                 pass
+            self.stopping.set()
         finally:
             if not self.stop():
                 logging.shutdown()
