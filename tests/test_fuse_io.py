@@ -22,7 +22,7 @@ if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 try:
     from userdm.export.fuse import FuseExport
-    from userdm.export.fuse.server import MIN_THREADS, _reply_pipe
+    from userdm.export.fuse.server import BIG_THREADS, MIN_THREADS, _reply_pipe
     from userdm.export.fuse.unmount import fuse_mounts
 except (ImportError, OSError) as _exc:
     pytest.skip(f"cannot load the FUSE server: {_exc}", allow_module_level=True)
@@ -127,6 +127,44 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
         for t in readers:
             t.join(30)
         assert got == [b"held"] * len(readers)
+    finally:
+        os.close(fd)
+
+
+def test_big_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_path):
+    """Big reads (served beside the leader, by at most BIG_THREADS threads started for them)
+    held by a suspended device, more of them than that: another device is still served."""
+    m, export, backing = served
+    other = tmp_path / "other.img"
+    with open(other, "wb") as f:
+        f.truncate(MiB)
+    m.create("other", f"0 {MiB // 512} linear {other} 0")
+    fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"big" * 1000, 0)
+        m.suspend("dev")
+        got: list[bytes] = []
+        readers = [threading.Thread(target=lambda: got.append(os.pread(fd, 256 * 1024, 0)[:3000]))
+                   for _ in range(BIG_THREADS + 3)]
+        for t in readers:
+            t.start()
+        assert wait_until(lambda: threads_held_by_suspends() >= len(readers))  # all held inside
+
+        def use_other() -> None:
+            with open(os.path.join(export.mountpoint, "other"), "r+b") as f:
+                f.write(b"served")
+                f.seek(0)
+                other_read.append(f.read(6))
+        other_read: list[bytes] = []
+        other_user = threading.Thread(target=use_other, daemon=True)   # a starved mount: fail, not hang
+        other_user.start()
+        other_user.join(30)
+        assert other_read == [b"served"], "the other device was not served while big reads were held"
+        assert not got
+        m.resume("dev")
+        for t in readers:
+            t.join(30)
+        assert got == [b"big" * 1000] * len(readers)
     finally:
         os.close(fd)
 

@@ -299,11 +299,17 @@ class Session:
             if self._leader is not slot:
                 return
             self._leader = None
-            spawn = not self._followers and self._alive < most
-            if not spawn:
-                self._cond.notify()
+            spawn = self._call_follower(most)
         if spawn:
             self._spawn()
+
+    def _call_follower(self, most: int) -> bool:
+        """With `_cond` held and no leader: wake a follower to lead; True if none waits and
+        fewer than `most` threads serve (the caller starts one, without the lock)."""
+        if self._followers:
+            self._cond.notify()
+            return False
+        return self._alive < most
 
     def _unpark(self) -> None:
         """The leader took a request: make sure the watchdog watches."""
@@ -326,6 +332,11 @@ class Session:
             current = leader[0] if leader is not None else -1
             if current > 0 and current == last:
                 self._step_down(leader)
+            elif current == last == -1:      # nobody led for a whole tick (big requests held)
+                with self._cond:
+                    spawn = self._leader is None and not self._stopping and self._call_follower(MAX_THREADS)
+                if spawn:
+                    self._spawn()
             idle = idle + 1 if current == 0 else 0
             last = current
             if idle >= PARK_TICKS:
