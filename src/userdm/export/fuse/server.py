@@ -39,7 +39,6 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
-import itertools
 import logging
 import os
 import select
@@ -137,7 +136,7 @@ class Session:
         self._stopping = False
         self._destroyed = False
         self.threads: list[threading.Thread] = []
-        self._serial = itertools.count(1)     # numbers the requests taken
+        self._taken = 0                       # requests taken (numbers them; may miss one in a race)
         self._big_until = 0.0                 # (monotonic) until then, threads back from big requests read too
         self._parked = False                  # the watchdog waits for `_active`
         self._active = threading.Event()
@@ -192,7 +191,6 @@ class Session:
         wake = self._wake[0]
         pipe = _reply_pipe()
         slot = [0]                 # the number of the request this thread serves, or 0
-        serial = self._serial
         request = bytearray(REQUEST_BUFFER)
         req_view = memoryview(request)
         reply_view = memoryview(bytearray(REPLY_BUFFER))
@@ -230,7 +228,7 @@ class Session:
                     if n == 0:                       # severed: the fd is /dev/null now
                         ended = True
                         return
-                    slot[0] = next(serial)
+                    slot[0] = self._taken = self._taken + 1
                     if self._parked:                 # after slot[0]: see `_watch`
                         self._unpark()
                     if n >= _BIG.size:
@@ -324,6 +322,7 @@ class Session:
         two sees the other's write.)"""
         last = 0
         idle = 0
+        taken = 0
         while True:
             time.sleep(STALL_TICK)
             if self._stopping:
@@ -332,13 +331,14 @@ class Session:
             current = leader[0] if leader is not None else -1
             if current > 0 and current == last:
                 self._step_down(leader)
-            elif current == last == -1:      # nobody led for a whole tick (big requests held)
+            elif current == last == -1 and self._taken == taken:
+                # nobody led, and no thread took a request, for a whole tick (big ones held)
                 with self._cond:
                     spawn = self._leader is None and not self._stopping and self._call_follower(MAX_THREADS)
                 if spawn:
                     self._spawn()
             idle = idle + 1 if current == 0 else 0
-            last = current
+            last, taken = current, self._taken
             if idle >= PARK_TICKS:
                 idle = 0
                 self._active.clear()
