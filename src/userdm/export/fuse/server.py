@@ -25,8 +25,10 @@ the reader's pages; `ops.SPLICE_MIN`).
   always reads before it may stop reading (EPOLLEXCLUSIVE gives a request's wake-up to one);
 - a watchdog deposes a leader that has served one request for a whole STALL_TICK (I/O to a
   suspended device, a slow backend): a follower, or a new thread, leads, up to MAX_THREADS
-  threads; the deposed one follows when its request is done. Requests that block never stop
-  the rest. A follower idle for IDLE_EXIT seconds ends while MAX_IDLE others wait;
+  threads; the deposed one follows when its request is done. When nobody leads and no thread
+  took a request for a whole tick (big requests held: the leader stepped down without a new
+  thread), it calls a follower or starts a thread. Requests that block never stop the rest.
+  A follower idle for IDLE_EXIT seconds ends while MAX_IDLE others wait;
 - the mount unmounted from outside: reads fail with ENODEV, the threads end and `on_end` runs;
 - `stop()` wakes the waiting threads (a pipe), severs the connection without waiting for
   requests held by suspended devices (every device fd is replaced by /dev/null: the kernel
