@@ -98,9 +98,14 @@ def test_seek_data_and_seek_hole_follow_the_backing_file(served):
         os.close(fd)
 
 
-def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_path):
-    """More readers than the export starts threads with wait on a suspended device; the
-    directory and another device are served meanwhile; all complete after resume."""
+@pytest.mark.parametrize("length, data, readers", [
+    (4, b"held", MIN_THREADS + 5),                          # more than the export starts with
+    (256 * 1024, b"big" * 1000, BIG_THREADS + 3),           # more than start for big requests
+], ids=["small", "big"])
+def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_path, length, data, readers):
+    """More readers than the threads the export starts for them wait on a suspended device
+    (big reads are served beside the leader, by at most BIG_THREADS threads started for
+    them); the directory and another device are served meanwhile; all complete after resume."""
     m, export, backing = served
     other = tmp_path / "other.img"
     with open(other, "wb") as f:
@@ -108,63 +113,34 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
     m.create("other", f"0 {MiB // 512} linear {other} 0")
     fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDWR)
     try:
-        os.pwrite(fd, b"held", 0)
+        os.pwrite(fd, data, 0)
         m.suspend("dev")
         got: list[bytes] = []
-        readers = [threading.Thread(target=lambda: got.append(os.pread(fd, 4, 0)))
-                   for _ in range(MIN_THREADS + 5)]
-        for t in readers:
+        threads = [threading.Thread(target=lambda: got.append(os.pread(fd, length, 0)[:len(data)]))
+                   for _ in range(readers)]
+        for t in threads:
             t.start()
-        assert wait_until(lambda: threads_held_by_suspends() >= len(readers))  # all held inside
+        assert wait_until(lambda: threads_held_by_suspends() >= len(threads))  # all held inside
         assert not got
-        with open(os.path.join(export.mountpoint, "other"), "r+b") as f:
-            f.write(b"served")
-            f.seek(0)
-            assert f.read(6) == b"served"
-        assert sorted(os.listdir(export.mountpoint)) == ["dev", "other"]
-        assert not got
-        m.resume("dev")
-        for t in readers:
-            t.join(30)
-        assert got == [b"held"] * len(readers)
-    finally:
-        os.close(fd)
-
-
-def test_big_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_path):
-    """Big reads (served beside the leader, by at most BIG_THREADS threads started for them)
-    held by a suspended device, more of them than that: another device is still served."""
-    m, export, backing = served
-    other = tmp_path / "other.img"
-    with open(other, "wb") as f:
-        f.truncate(MiB)
-    m.create("other", f"0 {MiB // 512} linear {other} 0")
-    fd = os.open(os.path.join(export.mountpoint, "dev"), os.O_RDWR)
-    try:
-        os.pwrite(fd, b"big" * 1000, 0)
-        m.suspend("dev")
-        got: list[bytes] = []
-        readers = [threading.Thread(target=lambda: got.append(os.pread(fd, 256 * 1024, 0)[:3000]))
-                   for _ in range(BIG_THREADS + 3)]
-        for t in readers:
-            t.start()
-        assert wait_until(lambda: threads_held_by_suspends() >= len(readers))  # all held inside
 
         def use_other() -> None:
             with open(os.path.join(export.mountpoint, "other"), "r+b") as f:
                 f.write(b"served")
                 f.seek(0)
                 other_read.append(f.read(6))
+            listing.append(sorted(os.listdir(export.mountpoint)))
         other_read: list[bytes] = []
+        listing: list[list[str]] = []
         other_user = threading.Thread(target=use_other, daemon=True)   # a starved mount: fail, not hang
         other_user.start()
         other_user.join(30)
-        assert other_read == [b"served"], "the other device was not served while big reads were held"
+        assert other_read == [b"served"], "the other device was not served while reads were held"
+        assert listing == [["dev", "other"]]
         assert not got
         m.resume("dev")
-        for t in readers:
+        for t in threads:
             t.join(30)
-        assert got == [b"big" * 1000] * len(readers)
+        assert got == [data] * len(threads)
     finally:
         os.close(fd)
 
