@@ -4,7 +4,9 @@ Both paths use the same backing file, in one run:
 
     plain:    fio/dd -> /dev/loopA (direct-io) -> file
     userdm:   fio/dd -> /dev/loopB (direct-io) -> FUSE file -> userdm's FUSE server -> Mapper
-              (linear) -> file
+              (linear) -> file, requests through FUSE over io_uring (the bench turns the
+              kernel's `enable_uring` on for its run and back off after)
+    devfuse:  the same, requests read from /dev/fuse (`--no-devfuse` leaves it out)
     baseline: the same with the FuseExport of another source tree (`--baseline-src`), e.g. the
               libfuse export of an older commit (with mfusepy installed), for before/after figures
     passthrough: (`--passthrough`) userdm's export with FUSE passthrough: the device maps the
@@ -63,14 +65,39 @@ GOALS = {"4k-randread-qd16": 0.5, "4k-randwrite-qd16": 0.5, "4k-randread-qd1": 0
          "1m-seqwrite": 0.8, "dd-1m-read": 0.8, "dd-1m-write": 0.8, EXT4_JOB: 0.5}
 
 
-def serve(mountpoint: str, path: str, passthrough: bool) -> None:
+URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+
+
+@contextmanager
+def uring_enabled() -> Iterator[bool]:
+    """The kernel's FUSE over io_uring turned on for the run (if it has it), as it was after."""
+    try:
+        with open(URING_PARAMETER) as f:
+            was = f.read().strip()
+    except OSError:
+        yield False
+        return
+    try:
+        if was != "Y":
+            with open(URING_PARAMETER, "w") as f:
+                f.write("Y")
+        yield True
+    finally:
+        if was != "Y":
+            with open(URING_PARAMETER, "w") as f:
+                f.write(was)
+
+
+def serve(mountpoint: str, path: str, passthrough: bool, uring: bool) -> None:
     """Helper mode: a Mapper with one linear device `bench` over `path`, exported at `mountpoint`."""
     from userdm import Mapper
     from userdm.export.fuse import FuseExport
 
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})   # for sigwait, in every thread
     mapper = Mapper()
     mapper.create("bench", f"0 {os.path.getsize(path) // SECTOR} linear {path} 0")
-    export = FuseExport(mapper, mountpoint, **({"passthrough": True} if passthrough else {}))
+    export = FuseExport(mapper, mountpoint, **({"passthrough": True} if passthrough else {}),
+                        **({} if uring else {"uring": False}))
     export.start()
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -125,11 +152,11 @@ def ext4_on(dev: str, mnt: str) -> Iterator[str]:
         subprocess.run(["umount", mnt], check=False)
 
 
-def start_export(stack: ExitStack, src: str, mountpoint: str, backing: str, passthrough: bool) -> int:
+def start_export(stack: ExitStack, src: str, mountpoint: str, backing: str, flags: list[str]) -> int:
     """A `--serve` helper with `src` first on PYTHONPATH; returns its pid once its mount answers."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([os.path.abspath(src), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", mountpoint, backing,
-                             *(["--passthrough"] if passthrough else [])],
+                             *flags],
                             env=env, stdout=subprocess.PIPE, text=True)
 
     def stop() -> None:
@@ -220,11 +247,13 @@ def main() -> int:
     parser.add_argument("--passthrough", action="store_true",
                         help="also measure userdm's export with FUSE passthrough")
     parser.add_argument("--no-bindfs", action="store_true", help="leave out the C FUSE daemon (bindfs)")
+    parser.add_argument("--no-devfuse", action="store_true", help="leave out userdm reading /dev/fuse")
+    parser.add_argument("--no-uring", action="store_true", help=argparse.SUPPRESS)   # for --serve
     parser.add_argument("--profile", metavar="OUT", help="py-spy the serving process during the 4k jobs")
     parser.add_argument("--serve", nargs=2, metavar=("MOUNTPOINT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(*args.serve, args.passthrough)
+        serve(*args.serve, args.passthrough, not args.no_uring)
         return 0
     if os.geteuid() != 0:
         print("bench/fuse.py needs root (loop devices, FUSE)", file=sys.stderr)
@@ -235,20 +264,23 @@ def main() -> int:
         parser.error(f"unknown jobs: {', '.join(sorted(unknown))}")
 
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    exports = {"userdm": (here, False), **({"baseline": (args.baseline_src, False)} if args.baseline_src else {}),
-               **({"passthrough": (here, True)} if args.passthrough else {})}
+    exports = {"userdm": (here, []), **({} if args.no_devfuse else {"devfuse": (here, ["--no-uring"])}),
+               **({"baseline": (args.baseline_src, [])} if args.baseline_src else {}),
+               **({"passthrough": (here, ["--passthrough"])} if args.passthrough else {})}
     c_fuse = not args.no_bindfs and shutil.which("bindfs") is not None
     paths = ["plain", *exports, *(["bindfs"] if c_fuse else [])]
     compared = paths[1:]
     results: dict[tuple[str, str], list[float]] = {(p, j): [] for p in paths for j in jobs}
     with ExitStack() as stack:
+        if not stack.enter_context(uring_enabled()):
+            print("this kernel has no FUSE over io_uring: userdm reads /dev/fuse", file=sys.stderr)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir, prefix="userdm-fuse-bench-"))
         os.mkdir(os.path.join(tmp, "data"))
         backing = os.path.join(tmp, "data", "disk.img")
         subprocess.run(["dd", "if=/dev/zero", f"of={backing}", "bs=1M", f"count={args.mib}", "status=none"],
                        check=True)
-        pids = {name: start_export(stack, src, os.path.join(tmp, name), backing, pt)
-                for name, (src, pt) in exports.items()}
+        pids = {name: start_export(stack, src, os.path.join(tmp, name), backing, flags)
+                for name, (src, flags) in exports.items()}
         if c_fuse:
             start_bindfs(stack, os.path.join(tmp, "data"), os.path.join(tmp, "bindfs"))
         for rnd in range(args.rounds):

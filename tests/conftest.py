@@ -114,6 +114,47 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
     return predicate()
 
 
+# ---- FUSE over io_uring -----------------------------------------------------------------------
+
+FUSE_URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def fuse_uring_enabled():
+    """Turn the kernel's FUSE over io_uring on for the run (it is off by default), as it was
+    after: FUSE exports take it when the kernel offers it, so every FUSE test covers it, and
+    those parametrized with `fuse_transport` cover /dev/fuse too. True if the kernel has it."""
+    try:
+        with open(FUSE_URING_PARAMETER) as f:
+            was = f.read().strip()
+    except OSError:
+        yield False
+        return
+    try:
+        if was != "Y":
+            with open(FUSE_URING_PARAMETER, "w") as f:
+                f.write("Y")
+        yield True
+    except OSError:          # not root
+        yield False
+    finally:
+        if was != "Y":
+            try:
+                with open(FUSE_URING_PARAMETER, "w") as f:
+                    f.write(was)
+            except OSError:
+                pass
+
+
+@pytest.fixture(params=["uring", "devfuse"])
+def fuse_transport(request, fuse_uring_enabled) -> dict[str, bool]:
+    """FuseExport options for each way requests come: through io_uring (skipped when the kernel
+    has none) and read from /dev/fuse."""
+    if request.param == "uring" and not fuse_uring_enabled:
+        pytest.skip("this kernel has no FUSE over io_uring")
+    return {"uring": request.param == "uring"}
+
+
 # ---- Ceph (tests/test_rbd.py, tests/test_mirror_rbd.py) ----------------------------------------
 
 

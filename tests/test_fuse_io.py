@@ -22,7 +22,7 @@ if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 try:
     from userdm.export.fuse import FuseExport
-    from userdm.export.fuse.server import BIG_THREADS, MIN_THREADS, _reply_pipe
+    from userdm.export.fuse.server import BIG_THREADS, MIN_THREADS, RING_ENTRIES, _reply_pipe
     from userdm.export.fuse.unmount import fuse_mounts
 except (ImportError, OSError) as _exc:
     pytest.skip(f"cannot load the FUSE server: {_exc}", allow_module_level=True)
@@ -32,15 +32,17 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x
 
 
 @pytest.fixture
-def served(tmp_path):
-    """(mapper, export, backing file) with device `dev` (4 MiB linear over a sparse file)."""
+def served(tmp_path, fuse_transport):
+    """(mapper, export, backing file) with device `dev` (4 MiB linear over a sparse file), for
+    each FUSE transport (io_uring, /dev/fuse)."""
     backing = tmp_path / "disk.img"
     with open(backing, "wb") as f:
         f.truncate(4 * MiB)
     m = Mapper()
     m.create("dev", f"0 {4 * MiB // 512} linear {backing} 0")
-    export = FuseExport(m, tmp_path / "mapper")
+    export = FuseExport(m, tmp_path / "mapper", **fuse_transport)
     export.start()
+    assert (export._session.ring_entries > 0) == fuse_transport["uring"]
     try:
         yield m, export, backing
     finally:
@@ -101,11 +103,13 @@ def test_seek_data_and_seek_hole_follow_the_backing_file(served):
 @pytest.mark.parametrize("length, data, readers", [
     (4, b"held", MIN_THREADS + 5),                          # more than the export starts with
     (256 * 1024, b"big" * 1000, BIG_THREADS + 3),           # more than start for big requests
-], ids=["small", "big"])
+    (4, b"many", 2 * RING_ENTRIES + 4),                     # more than a ring queue starts with
+], ids=["small", "big", "many"])
 def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_path, length, data, readers):
     """More readers than the threads the export starts for them wait on a suspended device
     (big reads are served beside the leader, by at most BIG_THREADS threads started for
-    them); the directory and another device are served meanwhile; all complete after resume."""
+    them), and more than the entries an io_uring queue starts with; the directory and another
+    device are served meanwhile; all complete after resume."""
     m, export, backing = served
     other = tmp_path / "other.img"
     with open(other, "wb") as f:
@@ -118,9 +122,9 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
         got: list[bytes] = []
         threads = [threading.Thread(target=lambda: got.append(os.pread(fd, length, 0)[:len(data)]))
                    for _ in range(readers)]
-        for t in threads:
-            t.start()
-        assert wait_until(lambda: threads_held_by_suspends() >= len(threads))  # all held inside
+        for i, t in enumerate(threads):   # one after the other: requests that come at once while
+            t.start()                     # no io_uring entry is free wait in the kernel's queue
+            assert wait_until(lambda: threads_held_by_suspends() > i)   # held inside the device
         assert not got
 
         def use_other() -> None:
@@ -141,6 +145,8 @@ def test_requests_held_by_a_suspended_device_do_not_stop_the_mount(served, tmp_p
         for t in threads:
             t.join(30)
         assert got == [data] * len(threads)
+        session = export._session
+        assert (session._rings.taken > len(threads)) == (session.ring_entries > 0)   # they came by the ring
     finally:
         os.close(fd)
 
@@ -206,7 +212,7 @@ def test_big_reads_are_spliced_from_the_file_and_read_what_the_device_holds(tmp_
         "two": da[:MiB] + db[:MiB],
         "zero": bytes(2 * MiB),
     }
-    export = FuseExport(m, tmp_path / "mapper")
+    export = FuseExport(m, tmp_path / "mapper", uring=False)   # through io_uring, every read is copied
     export.start()
     try:
         ops = export._ops
@@ -231,7 +237,7 @@ def test_big_reads_are_spliced_from_the_file_and_read_what_the_device_holds(tmp_
         m.close()
 
 
-def test_passthrough_opens_do_their_io_in_the_kernel_and_pin_their_device(tmp_path):
+def test_passthrough_opens_do_their_io_in_the_kernel_and_pin_their_device(tmp_path, fuse_transport):
     """With passthrough, an open of a device that maps one file byte for byte reads and writes
     that file in the kernel (nothing reaches the server), and pins the device: suspend and a
     reload's resume are refused with EBUSY until it closes. Other devices, and opens made
@@ -243,7 +249,7 @@ def test_passthrough_opens_do_their_io_in_the_kernel_and_pin_their_device(tmp_pa
     m.create("whole", f"0 {8 * MiB // 512} linear {a} 0")
     m.create("off", f"0 {4 * MiB // 512} linear {a} {4 * MiB // 512}")      # not at offset 0
     m.create("part", f"0 {4 * MiB // 512} linear {a} 0")                     # not the whole file
-    export = FuseExport(m, tmp_path / "mapper", passthrough=True)
+    export = FuseExport(m, tmp_path / "mapper", passthrough=True, **fuse_transport)
     export.start()
     ops = export._ops
     path = lambda name: os.path.join(export.mountpoint, name)   # noqa: E731
@@ -270,7 +276,8 @@ def test_passthrough_opens_do_their_io_in_the_kernel_and_pin_their_device(tmp_pa
             for name in ("off", "part"):                     # these come through userdm
                 with open(path(name), "rb", buffering=0) as f:
                     assert f.read(512 * 1024) == data[4 * MiB if name == "off" else 0:][:512 * 1024]
-            assert ops.passthrough_opens == 1 and ops.spliced == 2
+            # (big reads are spliced from /dev/fuse; through io_uring they are copied)
+            assert ops.passthrough_opens == 1 and ops.spliced == (0 if fuse_transport["uring"] else 2)
             m.remove("whole", deferred=True)
         finally:
             os.close(fd)

@@ -209,3 +209,63 @@ def test_well_framed_garbage_gets_a_reply_for_its_unique_or_none(ops, opcode, no
         return
     length, error, got = P.OUT_HEADER.unpack_from(out)
     assert length == len(out) and got == unique and -4096 < error <= 0
+
+
+# ---- FUSE over io_uring entries (`DeviceOperations.serve_entry`) ------------------------------
+
+def ring_answer(ops: DeviceOperations, opcode: int, arg0: bytes, rest: bytes = b"", unique: int = 7,
+                nodeid: int = 1, length: int | None = None) -> tuple[int, int, int, bytes]:
+    """Lay a request out in a ring entry as the kernel does (in header, the first argument in
+    op_in, the others in the payload), serve it; (length, error, unique, reply body)."""
+    header = memoryview(bytearray(P.RING_HEADER_SIZE))
+    payload = memoryview(bytearray(MAX_WRITE))
+    if length is None:
+        length = P.IN_HEADER_SIZE + len(arg0) + len(rest)
+    P.IN_HEADER.pack_into(header, 0, length, opcode, unique, nodeid, 0, 0, 0, 0, 0)
+    header[P.RING_OP_IN:P.RING_OP_IN + len(arg0)] = arg0
+    payload[:len(rest)] = rest
+    P.RING_ENT.pack_into(header, P.RING_ENT_IN_OUT, 0, unique, len(rest), 0)
+    got = ops.serve_entry(header, payload, memoryview(bytearray(REPLY_BUFFER)))
+    out_len, error, out_unique = P.OUT_HEADER.unpack_from(header)
+    body_len = P.RING_ENT.unpack_from(header, P.RING_ENT_IN_OUT)[2]
+    assert got == out_unique
+    return out_len, error, out_unique, bytes(payload[:body_len])
+
+
+def test_ring_entries_are_answered_as_the_device_messages_are(ops):
+    """The same requests, laid out in an entry, get the replies `serve` gives: the out header in
+    the header buffer, the arguments or data in the payload with its size."""
+    _, error, _, entry = ring_answer(ops, P.LOOKUP, b"", b"dev\0", unique=1)
+    assert error == 0 and entry == answer(ops, header(P.LOOKUP, b"dev\0", unique=1))[16:]
+    ino = P.ENTRY_OUT.unpack_from(entry)[0]
+    _, error, _, opened = ring_answer(ops, P.OPEN, P.OPEN_IN.pack(2, 0), unique=3, nodeid=ino)
+    fh = P.OPEN_OUT.unpack_from(opened)[0]
+    write = P.WRITE_IN.pack(fh, 4096, 5, 0, 0, 0, 0)
+    assert ring_answer(ops, P.WRITE, write, b"hello", unique=4) == (24, 0, 4, P.write_out(5))
+    read = P.READ_IN.pack(fh, 4096, 8, 0, 0, 0, 0)
+    assert ring_answer(ops, P.READ, read, unique=5) == (24, 0, 5, b"hello\0\0\0")
+    assert ring_answer(ops, P.READ, P.READ_IN.pack(fh, MiB, 8, 0, 0, 0, 0), unique=6) == (16, 0, 6, b"")
+    assert ring_answer(ops, 9999, b"", b"x" * 13, unique=8)[1] == -errno.ENOSYS
+    assert ring_answer(ops, P.RELEASE, P.RELEASE_IN.pack(fh, 0, 0, 0), unique=9) == (16, 0, 9, b"")
+    assert ring_answer(ops, P.READ, read, unique=10)[1] == -errno.EBADF
+
+
+def test_malformed_ring_entries_get_an_error_for_their_unique(ops):
+    """An entry whose in header disagrees with its payload size (a first argument longer than
+    op_in, a length shorter than the header) is answered with EIO: an entry is always committed."""
+    assert ring_answer(ops, P.GETATTR, b"", b"", length=P.IN_HEADER_SIZE + 300)[1:3] == (-errno.EIO, 7)
+    assert ring_answer(ops, P.GETATTR, b"", b"abc", length=10)[1:3] == (-errno.EIO, 7)
+    assert ring_answer(ops, P.LOOKUP, b"", b"no nul", unique=11)[1:3] == (-errno.EIO, 11)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(opcode=st.sampled_from([*P.OPCODE_NAMES, 0, 5, 35, 9999]), nodeid=st.integers(0, 5),
+       arg0=st.binary(max_size=128), rest=st.binary(max_size=200), unique=st.integers(1, 2**64 - 1),
+       extra=st.integers(-60, 60))
+def test_garbage_in_ring_entries_gets_a_reply_for_its_unique(ops, opcode, nodeid, arg0, rest, unique, extra):
+    if opcode in (P.DESTROY, P.INIT):
+        return
+    length = max(0, P.IN_HEADER_SIZE + len(arg0) + len(rest) + extra)
+    out_len, error, got, body = ring_answer(ops, opcode, arg0, rest, unique=unique, nodeid=nodeid, length=length)
+    assert got == unique and -4096 < error <= 0
+    assert out_len == 16 + len(body) and (not error or not body)

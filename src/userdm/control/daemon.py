@@ -65,13 +65,16 @@ class Daemon:
     def __init__(self, runtime_dir: Path, state_dir: Path, *, nbd_listen: str | None = None,
                  fuse: bool = True, nbd: bool = True, example: bool = False,
                  control_limits: ControlLimits | None = None, nbd_limits: Any = None,
-                 block_devices: bool = False, nbd_tls: Any = None, fuse_passthrough: bool = False) -> None:
+                 block_devices: bool = False, nbd_tls: Any = None, fuse_passthrough: bool = False,
+                 fuse_uring: bool = True) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.nbd_listen = parse_listen(nbd_listen) if nbd_listen else None
         self.want_fuse = fuse
         #: FUSE files of devices that map one file byte for byte do their I/O in the kernel
         self.fuse_passthrough = fuse_passthrough
+        #: FUSE over io_uring when the kernel offers it
+        self.fuse_uring = fuse_uring
         self.want_nbd = nbd
         self.example = example
         #: every device with a live table gets a kernel block device (else only `create --blockdev`)
@@ -137,7 +140,7 @@ class Daemon:
             return
         cleanup_stale(fuse_dir)
         fuse_dir.mkdir(exist_ok=True)
-        export = FuseExport(self.mapper, fuse_dir, passthrough=self.fuse_passthrough)
+        export = FuseExport(self.mapper, fuse_dir, passthrough=self.fuse_passthrough, uring=self.fuse_uring)
         try:
             export.start()
         except Exception as exc:  # e.g. no permission to mount: run without the FUSE export

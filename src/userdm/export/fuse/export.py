@@ -48,11 +48,12 @@ class FuseExport:
     """One file per exported device of `mapper` in `mountpoint`, served until `stop()`."""
 
     def __init__(self, mapper: ExportSource, mountpoint: str | os.PathLike[str], *,
-                 allow_other: bool = False, passthrough: bool = False) -> None:
+                 allow_other: bool = False, passthrough: bool = False, uring: bool = True) -> None:
         self.mapper = mapper
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.allow_other = allow_other
         self.passthrough = passthrough
+        self.uring = uring
         self.files = DeviceFiles(mapper)
         self._ops = DeviceOperations(self.files)
         self._session: Session | None = None
@@ -70,7 +71,8 @@ class FuseExport:
             if is_fuse_mount(self.mountpoint):
                 raise DMError(errno.EBUSY, f"{self.mountpoint} is already a FUSE mount in use "
                               "(is another userdm daemon running?)")
-            session = Session(self._ops, self.mountpoint, allow_other=self.allow_other, on_end=self._ended)
+            session = Session(self._ops, self.mountpoint, allow_other=self.allow_other, on_end=self._ended,
+                              ring=self.uring)
             self._ops.backing = session if self.passthrough else None
             session.mount()
             self._session = session

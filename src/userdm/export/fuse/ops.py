@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -59,6 +60,17 @@ class BackingFiles(Protocol):
     def close_backing(self, backing_id: int) -> None: ...
 
 
+_RING_IN = struct.Struct("<IIQ")    # an entry's in header: len, opcode, unique
+_U32 = struct.Struct("<I")
+
+
+def _ring_error(header: memoryview, unique: int, err: int) -> int:
+    """An error reply in a ring entry (no payload); returns `unique`."""
+    P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE, -(err if 0 < err < 4096 else errno.EIO), unique)
+    _U32.pack_into(header, P.RING_PAYLOAD_SIZE, 0)
+    return unique
+
+
 def drain(fd: int) -> None:
     """Empty the pipe whose (nonblocking) read end is `fd`."""
     while True:
@@ -84,6 +96,10 @@ class DeviceOperations:
         #: every open's I/O comes here
         self.backing: BackingFiles | None = None
         self.passthrough_opens = 0   # opens answered with FOPEN_PASSTHROUGH
+        #: take FUSE over io_uring when the kernel offers it (the server then registers ring
+        #: entries); `ring` says whether the last INIT agreed to it
+        self.want_ring = False
+        self.ring = False
         self._backing_ids: dict[int, list[int]] = {}   # inode -> [backing id, passthrough opens]
         self._lock = threading.Lock()
         self.destroyed = False
@@ -130,6 +146,55 @@ class DeviceOperations:
         req = P.decode(message)
         return req.opcode, self.handle(req, reply_buf)
 
+    def serve_entry(self, header: memoryview, payload: memoryview, reply_buf: memoryview) -> int:
+        """Answer the request in a FUSE-over-io_uring entry in place, as `serve` answers one read
+        from the device: the out header goes into `header`, the reply's arguments or data into
+        `payload`, their length into the entry's payload_sz. READ reads straight into the
+        payload and WRITE writes from it; anything else is put together as the device would
+        carry it and goes through `decode` and `handle` (a malformed one gets EIO: an entry
+        must always be answered). Returns the request's unique (the commit names it)."""
+        length, opcode, unique = _RING_IN.unpack_from(header)
+        psz = _U32.unpack_from(header, P.RING_PAYLOAD_SIZE)[0]
+        try:
+            if opcode == P.READ:
+                fh, offset, size, _ = P.RING_RW_IN.unpack_from(header, P.RING_OP_IN)
+                got = self.files.readinto(fh, offset, payload[:size])
+                P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE + got, 0, unique)
+                _U32.pack_into(header, P.RING_PAYLOAD_SIZE, got)
+                return unique
+            if opcode == P.WRITE:
+                fh, offset, size, _ = P.RING_RW_IN.unpack_from(header, P.RING_OP_IN)
+                if size == psz:
+                    done = self.files.write(fh, offset, payload[:psz])
+                    P.WRITE_OUT.pack_into(payload, 0, done, 0)
+                    P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE + P.WRITE_OUT.size, 0, unique)
+                    _U32.pack_into(header, P.RING_PAYLOAD_SIZE, P.WRITE_OUT.size)
+                    return unique
+        except (DMError, OSError) as exc:
+            return _ring_error(header, unique, exc.errno or errno.EIO)
+        except Exception:  # noqa: BLE001 - one bad request must not end the serving thread
+            log.exception("FUSE %s failed", P.OPCODE_NAMES.get(opcode, opcode))
+            return _ring_error(header, unique, errno.EIO)
+        arg = length - P.IN_HEADER_SIZE - psz
+        if not 0 <= arg <= P.RING_ENT_IN_OUT - P.RING_OP_IN or psz > len(payload):
+            log.error("FUSE: dropped a malformed io_uring request (opcode %d, length %d, payload %d)",
+                      opcode, length, psz)
+            return _ring_error(header, unique, errno.EIO)
+        message = b"".join((header[:P.IN_HEADER_SIZE], header[P.RING_OP_IN:P.RING_OP_IN + arg], payload[:psz]))
+        try:
+            req = P.decode(memoryview(message))
+        except P.ProtocolError as exc:
+            log.error("FUSE: dropped a malformed io_uring request: %s", exc)
+            return _ring_error(header, unique, errno.EIO)
+        out = self.handle(req, reply_buf)
+        if out is None:
+            return _ring_error(header, unique, errno.EIO)
+        body = len(out) - P.OUT_HEADER_SIZE
+        header[:P.OUT_HEADER_SIZE] = out[:P.OUT_HEADER_SIZE]
+        payload[:body] = out[P.OUT_HEADER_SIZE:]
+        _U32.pack_into(header, P.RING_PAYLOAD_SIZE, body)
+        return unique
+
     def _splice_read(self, unique: int, fh: int, offset: int, size: int, pipe: tuple[int, int, int]) -> int:
         """Answer a READ in `pipe`: the reply header, then the data by reference (one copy in
         all, the kernel's into the reader's pages, where `readinto` + write make two). Returns
@@ -175,7 +240,8 @@ class DeviceOperations:
                                                        *([0] * 10)))
         with self._lock:
             self._backing_ids.clear()     # a new connection: the old one's ids died with it
-        want = WANT | (P.PASSTHROUGH if self.backing is not None else 0)
+        want = WANT | (P.PASSTHROUGH if self.backing is not None else 0) | (P.OVER_IO_URING if self.want_ring else 0)
+        self.ring = bool(init.flags & want & P.OVER_IO_URING)
         return P.reply(req.unique, P.init_out(init, want=want, max_write=MAX_WRITE, max_pages=MAX_PAGES,
                                               max_background=MAX_BACKGROUND,
                                               congestion_threshold=CONGESTION_THRESHOLD))

@@ -56,6 +56,7 @@ PARALLEL_DIROPS = 1 << 18
 MAX_PAGES = 1 << 22
 INIT_EXT = 1 << 30
 PASSTHROUGH = 1 << 37      # opens may name a backing file the kernel does I/O on (7.40)
+OVER_IO_URING = 1 << 41    # requests may come through io_uring commands (7.42)
 
 # OPEN reply flags
 FOPEN_DIRECT_IO = 1 << 0
@@ -118,6 +119,22 @@ WRITE_REQUEST = READ_REQUEST
 READ_REPLY_HEADER = OUT_HEADER
 #: where WRITE's payload starts in its request
 WRITE_DATA_OFFSET = IN_HEADER_SIZE + WRITE_IN.size
+
+
+# ---- FUSE over io_uring (`fuse_uring_req_header`, `fuse_uring_cmd_req`) ---------------------
+
+#: a ring entry's header buffer: the in header (the out header on commit) in a 128-byte field,
+#: the opcode's first argument in the next 128 bytes, then `fuse_uring_ent_in_out`; every other
+#: argument and the data travel in the entry's payload buffer
+RING_OP_IN = 128
+RING_ENT_IN_OUT = 256
+RING_HEADER_SIZE = 288
+#: fuse_uring_ent_in_out: flags, commit_id (the request's unique), payload_sz, padding, reserved
+RING_ENT = struct.Struct("<QQII8x")
+RING_PAYLOAD_SIZE = RING_ENT_IN_OUT + 16     # where payload_sz lies in the header buffer
+RING_REGISTER, RING_COMMIT_AND_FETCH = 1, 2
+#: a READ or WRITE in a ring entry: the in header's first 16 bytes ... and the op_in argument
+RING_RW_IN = struct.Struct("<QQII")        # fh, offset, size, flags (READ_IN / WRITE_IN's start)
 
 
 class ProtocolError(Exception):

@@ -29,8 +29,18 @@ the reader's pages; `ops.SPLICE_MIN`).
   took a request for a whole tick (big requests held: the leader stepped down without a new
   thread), it calls a follower or starts a thread. Requests that block never stop the rest.
   A follower idle for IDLE_EXIT seconds ends while MAX_IDLE others wait;
+- FUSE over io_uring (when the kernel offers it at INIT and `ring` is on): after INIT the
+  session registers RING_ENTRIES entries per CPU queue (`RingEntry`: header and payload
+  buffers) with an io_uring (`uring.Ring`), and a second team of threads serves them the same
+  way: its leader submits the commits pushed so far and waits in the ring for completions
+  (entries that got requests), then serves them in place (`ops.serve_entry`) and pushes each
+  commit, which also fetches the entry's next request. One system call thus answers a batch
+  and fetches the next; a thread that no longer leads submits its own commit at once. More
+  entries are registered while fewer than RING_SPARE of a queue wait, since requests held by
+  suspended devices hold their entries. INTERRUPT and FORGET still come on /dev/fuse;
 - the mount unmounted from outside: reads fail with ENODEV, the threads end and `on_end` runs;
-- `stop()` wakes the waiting threads (a pipe), severs the connection without waiting for
+- `stop()` wakes the waiting threads (a pipe, a NOP in the ring), closes the ring (its
+  commands hold the connection), severs the connection without waiting for
   requests held by suspended devices (every device fd is replaced by /dev/null: the kernel
   aborts the connection when its last one goes, failing what is pending; late replies go
   nowhere), and detaches the mount lazily.
@@ -42,17 +52,20 @@ import ctypes
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import select
 import struct
 import threading
 import time
 from time import monotonic
+from collections import deque
 from collections.abc import Callable
 
 from ...errors import DMError
 from . import protocol as P
-from .ops import REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
+from .ops import MAX_WRITE, REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
+from .uring import Ring
 from .unmount import is_fuse_mount, lazy_unmount
 
 log = logging.getLogger("userdm.fuse")
@@ -65,8 +78,16 @@ BIG_WINDOW = 0.01    # after a big request, threads that served one read beside 
 PARK_TICKS = 100     # the watchdog parks after this many ticks found the leader waiting
 MAX_IDLE = 4         # followers kept beyond IDLE_EXIT seconds (not at once: no churn of threads)
 IDLE_EXIT = 10.0
+RING_THREADS = MAX_THREADS   # threads serving ring entries at most (they never end: see `_serve_ring`)
+RING_ENTRIES = 16    # ring entries registered per queue at first
+RING_SPARE = 8       # more are registered while fewer than this many of a queue's wait for requests
+RING_MAX_ENTRIES = 128   # per queue
+RING_WAKE = 1 << 63  # the user_data of NOPs that wake a thread waiting in the ring
 _EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)   # a request wakes one of the threads reading
 _BIG = struct.Struct("<4xI48xI")   # a request's opcode, and a READ's size
+_U32 = struct.Struct("<I")
+#: a ring entry's opcode, READ's size (in op_in) and the payload's size
+_RING_BIG = struct.Struct(f"<4xI{P.RING_OP_IN + 16 - 8}xI{P.RING_PAYLOAD_SIZE - P.RING_OP_IN - 20}xI")
 
 FUSE_DEV_IOC_CLONE = 0x8004E500        # _IOR(229, 0, uint32_t)
 FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501   # _IOW(229, 1, struct fuse_backing_map)
@@ -82,6 +103,51 @@ _mount.argtypes = (ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_u
 _mount.restype = ctypes.c_int
 
 _GONE = (errno.ENODEV, errno.ENOTCONN, errno.EBADF)   # the connection was aborted or unmounted
+
+
+class Team:
+    """The bookkeeping of one group of serving threads that take turns leading: the /dev/fuse
+    readers, or the threads serving io_uring entries. The condition's lock is the session's."""
+
+    def __init__(self, lock: threading.Lock, max_threads: int) -> None:
+        self.cond = threading.Condition(lock)   # followers wait on it to lead
+        self.max_threads = max_threads
+        self.alive = 0         # serving threads
+        self.followers = 0     # threads waiting to lead
+        self.leader: list[int] | None = None   # the leading thread's slot: [request it serves, or 0]
+        self.taken = 0         # requests taken (numbers them; may miss one in a race)
+        self.big_until = 0.0   # (monotonic) until then, threads back from big requests read too
+
+
+def _possible_cpus() -> int:
+    """How many CPUs the kernel may ever run (one FUSE ring queue each)."""
+    try:
+        with open("/sys/devices/system/cpu/possible") as f:
+            return int(f.read().strip().split(",")[-1].split("-")[-1]) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1
+
+
+class RingEntry:
+    """One FUSE-over-io_uring entry: its header and payload buffers and the iovec naming them."""
+
+    __slots__ = ("index", "qid", "header", "payload", "iovecs", "_memory", "_iov")
+
+    def __init__(self, index: int, qid: int) -> None:
+        self.index = index
+        self.qid = qid
+        self._memory = mmap.mmap(-1, PAGE + MAX_WRITE)   # untouched pages cost nothing
+        view = memoryview(self._memory)
+        self.header = view[:P.RING_HEADER_SIZE]
+        self.payload = view[PAGE:]
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._memory))
+        self._iov = (ctypes.c_uint64 * 4)(base, P.RING_HEADER_SIZE, base + PAGE, MAX_WRITE)
+        self.iovecs = ctypes.addressof(self._iov)
+
+    def big(self) -> bool:
+        """A READ or WRITE whose copy is SPLICE_MIN bytes or more."""
+        opcode, size, payload = _RING_BIG.unpack_from(self.header)
+        return payload >= SPLICE_MIN or (opcode == P.READ and size >= SPLICE_MIN)
 
 
 def _reply_pipe() -> tuple[int, int, int] | None:
@@ -121,27 +187,34 @@ class Session:
     """One FUSE connection mounted at `mountpoint`, its requests answered by `ops`."""
 
     def __init__(self, ops: DeviceOperations, mountpoint: str, *, fsname: str = "userdm",
-                 allow_other: bool = False, on_end: Callable[[], None] = lambda: None) -> None:
+                 allow_other: bool = False, on_end: Callable[[], None] = lambda: None,
+                 ring: bool = True) -> None:
         self.ops = ops
         self.mountpoint = mountpoint
         self.fsname = fsname
         self.allow_other = allow_other
         self.on_end = on_end                  # called once when serving ended by itself (unmounted)
+        ops.want_ring = ring                  # FUSE over io_uring if the kernel offers it
         self._fd = -1                         # the connection's first fd (notifications go there)
         self._fds: set[int] = set()           # every device fd still open (severed at stop)
         self._wake: tuple[int, int] | None = None
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)   # followers wait on it to lead
-        self._alive = 0         # serving threads
-        self._followers = 0     # threads waiting to lead
-        self._leader: list[int] | None = None   # the leading thread's slot: [request it serves, or 0]
+        self._dev = Team(self._lock, MAX_THREADS)       # threads reading /dev/fuse
+        self._rings = Team(self._lock, RING_THREADS)    # threads serving io_uring entries
         self._stopping = False
         self._destroyed = False
         self.threads: list[threading.Thread] = []
-        self._taken = 0                       # requests taken (numbers them; may miss one in a race)
-        self._big_until = 0.0                 # (monotonic) until then, threads back from big requests read too
         self._parked = False                  # the watchdog waits for `_active`
         self._active = threading.Event()
+        self._ring: Ring | None = None
+        self._entries: list[RingEntry] = []
+        self._ready: deque[RingEntry] = deque()   # entries holding a request nobody serves yet
+        self._waiting: list[int] = []             # per queue: entries waiting for a request
+
+    @property
+    def ring_entries(self) -> int:
+        """How many io_uring entries serve the connection (0: requests come through /dev/fuse)."""
+        return len(self._entries)
 
     # ---- start -------------------------------------------------------------------------
 
@@ -157,7 +230,7 @@ class Session:
         self._fds.add(fd)
         self._wake = os.pipe()
         for _ in range(MIN_THREADS):
-            self._spawn()
+            self._spawn(self._dev)
         threading.Thread(target=self._watch, name="userdm-fuse-watchdog", daemon=True).start()
 
     def _clone(self) -> int:
@@ -170,26 +243,30 @@ class Session:
             raise
         return fd
 
-    def _spawn(self) -> None:
-        """Start one serving thread (the caller holds no lock)."""
+    def _spawn(self, team: Team) -> None:
+        """Start one serving thread of `team` (the caller holds no lock)."""
         with self._lock:
-            if self._stopping or self._alive >= MAX_THREADS:
+            if self._stopping or team.alive >= team.max_threads:
                 return
-            try:
-                fd = self._clone()
-            except OSError as exc:
-                log.error("FUSE at %s: cannot clone the device fd: %s", self.mountpoint, exc)
-                return
-            self._fds.add(fd)
-            self._alive += 1
-            t = threading.Thread(target=self._serve, args=(fd,), name="userdm-fuse", daemon=True)
+            if team is self._dev:
+                try:
+                    fd = self._clone()
+                except OSError as exc:
+                    log.error("FUSE at %s: cannot clone the device fd: %s", self.mountpoint, exc)
+                    return
+                self._fds.add(fd)
+                t = threading.Thread(target=self._serve, args=(fd,), name="userdm-fuse", daemon=True)
+            else:
+                t = threading.Thread(target=self._serve_ring, name="userdm-fuse-ring", daemon=True)
+            team.alive += 1
             self.threads = [x for x in self.threads if x.is_alive()] + [t]
         t.start()
 
-    # ---- serving -----------------------------------------------------------------------
+    # ---- serving /dev/fuse -------------------------------------------------------------
 
     def _serve(self, fd: int) -> None:
         assert self._wake is not None
+        team = self._dev
         wake = self._wake[0]
         pipe = _reply_pipe()
         slot = [0]                 # the number of the request this thread serves, or 0
@@ -206,15 +283,15 @@ class Session:
             except PermissionError:    # severed before this thread started: fd is /dev/null
                 return
             ep.register(wake, select.EPOLLIN)
-            while self._follow(slot):
+            while self._follow(team, slot):
                 while True:     # lead (or, while big requests come, read beside the leader)
                     try:
                         n = os.readv(fd, (request,))
                     except BlockingIOError:
                         # (only now: a thread woken for a request reads it before it may go)
                         timeout = None
-                        if self._leader is not slot:
-                            timeout = self._big_until - monotonic()
+                        if team.leader is not slot:
+                            timeout = team.big_until - monotonic()
                             if timeout <= 0:
                                 break            # follow
                         if any(f == wake for f, _ in ep.poll(timeout)):
@@ -230,14 +307,14 @@ class Session:
                     if n == 0:                       # severed: the fd is /dev/null now
                         ended = True
                         return
-                    slot[0] = self._taken = self._taken + 1
+                    slot[0] = team.taken = team.taken + 1
                     if self._parked:                 # after slot[0]: see `_watch`
                         self._unpark()
                     if n >= _BIG.size:
                         opcode, size = big(request)
                         if n > SPLICE_MIN or (opcode == P.READ and size >= SPLICE_MIN):
-                            self._big_until = monotonic() + BIG_WINDOW
-                            self._step_down(slot, BIG_THREADS)   # another reads while this copies
+                            team.big_until = monotonic() + BIG_WINDOW
+                            self._step_down(team, slot, BIG_THREADS)   # another reads while this copies
                     try:
                         opcode, out = serve(req_view[:n], reply_view, pipe)
                     except P.ProtocolError as exc:
@@ -252,7 +329,9 @@ class Session:
                     if opcode == P.DESTROY:
                         ended = True
                         return
-                    if self._leader is not slot and monotonic() >= self._big_until:
+                    if opcode == P.INIT and self.ops.ring and self._ring is None:
+                        self._start_ring()
+                    if team.leader is not slot and monotonic() >= team.big_until:
                         break                    # deposed, or back from a big request: follow
         except Exception:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
@@ -261,94 +340,251 @@ class Session:
             for end in (pipe or ())[:2]:
                 os.close(end)
             with self._lock:
-                if self._leader is slot:
-                    self._leader = None
-                    self._cond.notify()
-                self._alive -= 1
-                last = self._alive == 0
-                first_end = ended and not self._stopping
-                if first_end:
-                    self._stopping = True
-                    self._cond.notify_all()
                 self._fds.discard(fd)
                 os.close(fd)
-            if first_end:
-                self._end_by_itself()
-            if last:
-                self._destroy_if_stopped()
+            self._leave(team, slot, ended)
 
-    def _follow(self, slot: list[int]) -> bool:
-        """Wait until no thread leads, then lead (True); False: this thread ends (stopping, or
-        it waited IDLE_EXIT seconds while MAX_IDLE others wait too)."""
-        with self._cond:
-            while self._leader is not None and not self._stopping:
-                self._followers += 1
-                woken = self._cond.wait(IDLE_EXIT)
-                self._followers -= 1
-                if not woken and self._leader is not None and self._followers >= MAX_IDLE:
+    def _leave(self, team: Team, slot: list[int], ended: bool) -> None:
+        """A serving thread ends: another leads; the first to see the connection end ends it."""
+        with self._lock:
+            if team.leader is slot:
+                team.leader = None
+                team.cond.notify()
+            team.alive -= 1
+            first_end = ended and not self._stopping
+            if first_end:
+                self._stopping = True
+                self._dev.cond.notify_all()
+                self._rings.cond.notify_all()
+        if first_end:
+            self._end_by_itself()
+        self._destroy_if_stopped()
+
+    def _follow(self, team: Team, slot: list[int], may_end: bool = True) -> bool:
+        """Wait until no thread of `team` leads, then lead (True); False: this thread ends
+        (stopping, or, if it `may_end`, it waited IDLE_EXIT seconds while MAX_IDLE others wait)."""
+        with team.cond:
+            while team.leader is not None and not self._stopping:
+                team.followers += 1
+                woken = team.cond.wait(IDLE_EXIT)
+                team.followers -= 1
+                if may_end and not woken and team.leader is not None and team.followers >= MAX_IDLE:
                     return False
             if self._stopping:
                 return False
-            self._leader = slot
+            team.leader = slot
             return True
 
-    def _step_down(self, slot: list[int], most: int = MAX_THREADS) -> None:
-        """Stop leading: a waiting thread (or a new one, while fewer than `most` serve) reads
+    def _step_down(self, team: Team, slot: list[int], most: int = MAX_THREADS) -> None:
+        """Stop leading: a waiting thread (or a new one, while fewer than `most` serve) takes
         the next request."""
-        with self._cond:
-            if self._leader is not slot:
+        with team.cond:
+            if team.leader is not slot:
                 return
-            self._leader = None
-            spawn = self._call_follower(most)
+            team.leader = None
+            spawn = self._call_follower(team, most)
         if spawn:
-            self._spawn()
+            self._spawn(team)
 
-    def _call_follower(self, most: int) -> bool:
-        """With `_cond` held and no leader: wake a follower to lead; True if none waits and
+    @staticmethod
+    def _call_follower(team: Team, most: int) -> bool:
+        """With the lock held and no leader: wake a follower to lead; True if none waits and
         fewer than `most` threads serve (the caller starts one, without the lock)."""
-        if self._followers:
-            self._cond.notify()
+        if team.followers:
+            team.cond.notify()
             return False
-        return self._alive < most
+        return team.alive < most
+
+    # ---- serving io_uring entries ------------------------------------------------------
+
+    def _start_ring(self) -> None:
+        """INIT agreed to FUSE over io_uring: make the ring and its entries, RING_ENTRIES for
+        each CPU's queue (the kernel uses the ring once every queue has one), and start the
+        ring's threads; the first to lead submits the registrations. If anything fails,
+        requests keep coming through /dev/fuse."""
+        try:
+            ring = Ring(4 * RING_MAX_ENTRIES)
+        except OSError as exc:
+            log.warning("FUSE at %s: no io_uring (%s); requests come through /dev/fuse", self.mountpoint, exc)
+            return
+        with ring.lock:
+            self._ring = ring
+            self._waiting = [0] * _possible_cpus()
+            for qid in range(len(self._waiting)):
+                self._register(qid, RING_ENTRIES)
+        for _ in range(MIN_THREADS):
+            self._spawn(self._rings)
+
+    def _register(self, qid: int, count: int) -> None:
+        """Push the registration of `count` new entries of queue `qid` (ring lock held)."""
+        assert self._ring is not None
+        for _ in range(count):
+            entry = RingEntry(len(self._entries), qid)
+            self._ring.push_fuse(self._fd, P.RING_REGISTER, entry.iovecs, entry.index, 0, qid)
+            self._entries.append(entry)
+            self._waiting[qid] += 1
+
+    def _serve_ring(self) -> None:
+        """Serve ring entries. The leader submits what was pushed and waits in the ring for
+        completions (one system call answers a batch of requests and fetches the next ones),
+        then serves the entries that got requests, pushing each one's commit. A thread that
+        no longer leads (deposed, or it stepped down for a big request) serves what is ready
+        beside the leader, submits its own commits, and follows. These threads never end
+        before the session: the kernel delivers an entry's next request in the context of
+        the thread that submitted its last command, and cancels them when that thread exits."""
+        team = self._rings
+        ring = self._ring
+        assert ring is not None
+        slot = [0]
+        reply_view = memoryview(bytearray(REPLY_BUFFER))
+        serve = self.ops.serve_entry
+        ready = self._ready
+        ended = False
+        try:
+            while self._follow(team, slot, may_end=False):
+                while True:
+                    try:
+                        entry = ready.popleft()
+                    except IndexError:
+                        if team.leader is not slot:
+                            break                                 # follow
+                        gone = self._wait_ring(ring)
+                        if gone is not None:
+                            ended = gone
+                            return
+                        continue
+                    slot[0] = team.taken = team.taken + 1
+                    if self._parked:
+                        self._unpark()
+                    if entry.big():
+                        self._step_down(team, slot, BIG_THREADS)
+                    try:
+                        unique = serve(entry.header, entry.payload, reply_view)
+                    finally:
+                        slot[0] = 0
+                    self._commit(ring, entry, unique, team.leader is slot)
+        except Exception:
+            log.exception("FUSE at %s: a ring thread failed", self.mountpoint)
+        finally:
+            self._leave(team, slot, ended)
+
+    def _wait_ring(self, ring: Ring) -> bool | None:
+        """Submit what was pushed, wait for completions and queue the entries that got requests.
+        None: go on; False: stop serving; True: the connection ended (unmounted, aborted)."""
+        with ring.lock:
+            if ring.closed:
+                return False
+            pushed = ring.take_pushed()
+        try:
+            ring.enter(pushed, 1)
+        except OSError as exc:
+            if not ring.closed:
+                log.error("FUSE at %s: io_uring_enter failed: %s", self.mountpoint, exc)
+            return False
+        with ring.lock:
+            done = ring.reap()
+            for index, res in done:
+                if index == RING_WAKE:
+                    continue
+                entry = self._entries[index]
+                self._waiting[entry.qid] -= 1
+                if res == 0:
+                    self._ready.append(entry)
+                    if self._waiting[entry.qid] < RING_SPARE and \
+                            len(self._entries) < RING_MAX_ENTRIES * len(self._waiting):
+                        self._register(entry.qid, RING_SPARE)     # held requests tie entries up
+                elif -res in (errno.ENOTCONN, errno.ECONNABORTED, errno.ENODEV):
+                    return None if self._stopping else True
+                else:
+                    log.error("FUSE at %s: io_uring entry %d of queue %d failed: %s", self.mountpoint,
+                              index, entry.qid, os.strerror(-res))
+        return False if self._stopping else None
+
+    def _commit(self, ring: Ring, entry: RingEntry, unique: int, leading: bool) -> None:
+        """Push the commit of `entry`'s reply to request `unique` (it fetches the entry's next
+        request). The leader submits it with its next wait; any other thread submits at once."""
+        with ring.lock:
+            try:
+                ring.push_fuse(self._fd, P.RING_COMMIT_AND_FETCH, entry.iovecs, entry.index, unique, entry.qid)
+            except OSError as exc:
+                if not ring.closed:
+                    log.error("FUSE at %s: cannot commit a reply: %s", self.mountpoint, exc)
+                return
+            self._waiting[entry.qid] += 1
+            pushed = 0 if leading else ring.take_pushed()
+        if pushed:
+            try:
+                ring.enter(pushed, 0)
+            except OSError as exc:
+                if not ring.closed:
+                    log.error("FUSE at %s: cannot commit a reply: %s", self.mountpoint, exc)
+
+    def _wake_ring(self) -> None:
+        """Wake a thread waiting in the ring (it sees `_stopping`)."""
+        ring = self._ring
+        if ring is None:
+            return
+        with ring.lock:
+            try:
+                ring.push_nop(RING_WAKE)
+            except OSError:
+                return
+            pushed = ring.take_pushed()
+        try:
+            ring.enter(pushed, 0)
+        except OSError:
+            pass
+
+    # ---- the watchdog ------------------------------------------------------------------
 
     def _unpark(self) -> None:
-        """The leader took a request: make sure the watchdog watches."""
+        """A leader took a request: make sure the watchdog watches."""
         self._parked = False
         self._active.set()
 
     def _watch(self) -> None:
         """Depose a leader that has served the same request for a whole STALL_TICK (a suspended
-        device, a slow backend): another thread leads meanwhile. After PARK_TICKS ticks that
-        found the leader waiting for requests, park until it takes one. (The leader sets its
-        slot, then looks at `_parked`; this sets `_parked`, then looks at the slot: one of the
-        two sees the other's write.)"""
-        last = 0
+        device, a slow backend): another thread leads meanwhile. When nobody led and no thread
+        took a request for a whole tick (big ones held), call a follower or start a thread.
+        After PARK_TICKS ticks that found every leader waiting for requests, park until one
+        takes one. (A leader sets its slot, then looks at `_parked`; this sets `_parked`, then
+        looks at the slots: one of the two sees the other's write.)"""
+        last = {id(t): 0 for t in (self._dev, self._rings)}
+        taken = dict(last)
         idle = 0
-        taken = 0
         while True:
             time.sleep(STALL_TICK)
             if self._stopping:
                 return
-            leader = self._leader
-            current = leader[0] if leader is not None else -1
-            if current > 0 and current == last:
-                self._step_down(leader)
-            elif current == last == -1 and self._taken == taken:
-                # nobody led, and no thread took a request, for a whole tick (big ones held)
-                with self._cond:
-                    spawn = self._leader is None and not self._stopping and self._call_follower(MAX_THREADS)
-                if spawn:
-                    self._spawn()
-            idle = idle + 1 if current == 0 else 0
-            last, taken = current, self._taken
+            busy = False
+            for team in (self._dev, self._rings):
+                if team is self._rings and self._ring is None:
+                    continue
+                leader = team.leader
+                current = leader[0] if leader is not None else -1
+                if current > 0 and current == last[id(team)]:
+                    self._step_down(team, leader)
+                elif current == last[id(team)] == -1 and team.taken == taken[id(team)]:
+                    # nobody led, and no thread took a request, for a whole tick (big ones held)
+                    with team.cond:
+                        spawn = (team.leader is None and not self._stopping
+                                 and self._call_follower(team, team.max_threads))
+                    if spawn:
+                        self._spawn(team)
+                busy = busy or current != 0
+                last[id(team)], taken[id(team)] = current, team.taken
+            idle = 0 if busy else idle + 1
             if idle >= PARK_TICKS:
                 idle = 0
                 self._active.clear()
                 self._parked = True
-                leader = self._leader
-                if leader is not None and not leader[0] and not self._stopping:
+                if not self._stopping and all(
+                        t.leader is not None and not t.leader[0]
+                        for t in (self._dev, self._rings) if t is self._dev or self._ring is not None):
                     self._active.wait()
                 self._parked = False
+
+    # ---- replies on /dev/fuse ----------------------------------------------------------
 
     def _send(self, fd: int, out: bytes | memoryview) -> None:
         try:
@@ -372,6 +608,7 @@ class Session:
         """The mount went away from outside (umount): wake the other threads too."""
         log.info("FUSE at %s was unmounted", self.mountpoint)
         self._wake_all()
+        self._close_ring()
         try:
             self.on_end()
         except Exception:
@@ -409,6 +646,7 @@ class Session:
         self._active.set()      # the watchdog sees _stopping and ends
         if not ended:
             self._wake_all()
+            self._close_ring()
             self._sever()
         if not ended or is_fuse_mount(self.mountpoint):   # ended by `umount -f`: the mount stays
             try:
@@ -418,10 +656,7 @@ class Session:
         for t in list(self.threads):
             if t is not threading.current_thread():
                 t.join(0.05 if t.is_alive() else None)   # idle threads leave at once
-        with self._lock:
-            last = self._alive == 0
-        if last:
-            self._destroy_if_stopped()
+        self._destroy_if_stopped()
 
     def _wake_all(self) -> None:
         """Make every waiting thread (and every later poll) return: the pipe stays readable;
@@ -429,8 +664,18 @@ class Session:
         with self._lock:
             if self._wake is not None:
                 os.write(self._wake[1], b"x")
-            self._cond.notify_all()
+            self._dev.cond.notify_all()
+            self._rings.cond.notify_all()
         self._active.set()
+        self._wake_ring()
+
+    def _close_ring(self) -> None:
+        """Unmap the ring and let the kernel cancel its commands (they hold the connection:
+        it cannot end while they wait); commits of requests still served go nowhere."""
+        ring = self._ring
+        if ring is not None:
+            with ring.lock:
+                ring.close()
 
     def _sever(self) -> None:
         """Replace every device fd by /dev/null: when the last goes, the kernel aborts the
@@ -446,7 +691,7 @@ class Session:
 
     def _destroy_if_stopped(self) -> None:
         with self._lock:
-            if not self._stopping or self._destroyed or self._fd < 0 or self._alive:
+            if not self._stopping or self._destroyed or self._fd < 0 or self._dev.alive or self._rings.alive:
                 return
             self._destroyed = True
             fd, self._fd = self._fd, -1
@@ -455,6 +700,9 @@ class Session:
         os.close(fd)
         for w in wake or ():
             os.close(w)
+        self._close_ring()
+        if self._ring is not None:
+            self._ring.release_fd()
 
     @property
     def serving(self) -> bool:

@@ -1,0 +1,182 @@
+"""A minimal io_uring for FUSE over io_uring: set-up, submission of URING_CMDs and NOPs, completions.
+
+Only what the FUSE server needs, through the raw system calls (no liburing): a ring made with
+SQE128 (FUSE's command block is 16 of the 80 bytes after the standard SQE) and NO_SQARRAY (the
+submission queue's slots are taken in order), its queues mapped with one mmap (the kernel
+offers IORING_FEAT_SINGLE_MMAP since 5.4) and its SQE array with another.
+
+`Ring.push_fuse` writes one FUSE URING_CMD into the next submission slot (the caller holds
+`Ring.lock`: several threads push), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
+submits it and may wait for completions, `Ring.reap` returns the completions that arrived, as (user_data, result) pairs.
+The ring's memory is shared with the kernel: the stores and loads here are plain ones, which is
+enough on x86 (total store order); the head and tail updates are single aligned 32-bit
+accesses. `Ring.close` unmaps the queues and replaces the ring's fd by /dev/null: the kernel
+then cancels the commands still queued (an mmap would keep the ring alive), and a thread that
+still calls `enter` on the number gets an error instead of reaching a reused fd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import struct
+import threading
+
+SYS_IO_URING_SETUP = 425
+SYS_IO_URING_ENTER = 426
+SETUP_SQE128 = 1 << 10
+SETUP_NO_SQARRAY = 1 << 16
+ENTER_GETEVENTS = 1
+FEAT_SINGLE_MMAP = 1 << 0
+OFF_SQES = 0x10000000
+OP_NOP = 0
+OP_URING_CMD = 46
+SQE_SIZE = 128           # with SQE128
+CQE_SIZE = 16
+
+#: io_uring_params: sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle, features,
+#: wq_fd, resv[3], then io_sqring_offsets and io_cqring_offsets (40 bytes each)
+PARAMS = struct.Struct("<IIIIIII12x" "IIIIIIIIQ" "IIIIIIIIQ")
+#: an SQE up to the end of a FUSE command: opcode, flags, ioprio, fd, cmd_op, pad, addr, len,
+#: uring_cmd_flags, user_data, buf_index, personality, file_index, then the command block's
+#: first 24 bytes (`fuse_uring_cmd_req`: flags, commit_id, qid); the rest of a slot is not read
+SQE = struct.Struct("<BBHiIIQIIQHHiQQH6x")
+CQE = struct.Struct("<QiI")
+U32 = struct.Struct("<I")
+_pack_sqe = SQE.pack_into
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_long = ctypes.c_long
+
+
+class Ring:
+    """One io_uring instance of `entries` submission slots (twice as many completion slots)."""
+
+    def __init__(self, entries: int) -> None:
+        params = bytearray(PARAMS.size)
+        PARAMS.pack_into(params, 0, 0, 0, SETUP_SQE128 | SETUP_NO_SQARRAY, *([0] * 22))
+        buf = (ctypes.c_char * len(params)).from_buffer(params)
+        fd = _syscall(_long(SYS_IO_URING_SETUP), _long(entries), buf)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
+        del buf
+        self.fd = int(fd)
+        try:
+            (sq_entries, cq_entries, _flags, _cpu, _idle, features, _wq,
+             sq_head, sq_tail, sq_mask, _sq_n, _sq_flags, _dropped, sq_array, _r1, _ua1,
+             cq_head, cq_tail, cq_mask, _cq_n, _overflow, cqes, _cq_flags, _r2, _ua2) = PARAMS.unpack(params)
+            if not features & FEAT_SINGLE_MMAP:
+                raise OSError(errno.EOPNOTSUPP, "io_uring without IORING_FEAT_SINGLE_MMAP")
+            size = max(sq_array + sq_entries * 4, cqes + cq_entries * CQE_SIZE)
+            self._rings = mmap.mmap(self.fd, size, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
+            self._sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                   mmap.PROT_READ | mmap.PROT_WRITE, offset=OFF_SQES)
+        except BaseException:
+            os.close(self.fd)
+            raise
+        rings = self._rings
+        self._sq_head, self._sq_tail, self._cq_head, self._cq_tail = sq_head, sq_tail, cq_head, cq_tail
+        self._sq_mask = U32.unpack_from(rings, sq_mask)[0]      # the offsets point at the values
+        self._cq_mask = U32.unpack_from(rings, cq_mask)[0]
+        self._sq_entries = sq_entries
+        self._cqes = cqes
+        self._tail = U32.unpack_from(rings, sq_tail)[0]         # ours: the kernel only reads it
+        self._head = self._tail                                  # the kernel's, as last read
+        self.pushed = 0           # pushed and not yet passed to `enter`
+        self.closed = False
+        #: held by whoever touches the ring's memory (push, reap) or closes it
+        self.lock = threading.Lock()
+
+    def _slot(self) -> int:
+        """The offset of the next free SQE (the caller holds the lock)."""
+        if self.closed:
+            raise OSError(errno.ENOTCONN, "the io_uring is closed")
+        if (self._tail - self._head) & 0xFFFFFFFF >= self._sq_entries:
+            self._head = U32.unpack_from(self._rings, self._sq_head)[0]
+            if (self._tail - self._head) & 0xFFFFFFFF >= self._sq_entries:
+                raise OSError(errno.EBUSY, "the io_uring's submission queue is full")
+        return (self._tail & self._sq_mask) * SQE_SIZE
+
+    def _advance(self) -> None:
+        self._tail = (self._tail + 1) & 0xFFFFFFFF
+        self.pushed += 1
+
+    def push_fuse(self, fd: int, cmd_op: int, iovecs: int, user_data: int, commit_id: int, qid: int) -> None:
+        """Queue a FUSE URING_CMD on `fd`: `iovecs` is the address of an entry's two iovecs
+        (header and payload), the command block a `fuse_uring_cmd_req` (the caller holds the lock)."""
+        tail = self._tail
+        if (tail - self._head) & 0xFFFFFFFF >= self._sq_entries or self.closed:
+            self._slot()     # raises unless the kernel took some since `_head` was read
+        _pack_sqe(self._sqes, (tail & self._sq_mask) * SQE_SIZE, OP_URING_CMD, 0, 0, fd, cmd_op, 0, iovecs, 2, 0,
+                  user_data, 0, 0, 0, 0, commit_id, qid)
+        self._tail = (tail + 1) & 0xFFFFFFFF
+        self.pushed += 1
+
+    def push_nop(self, user_data: int) -> None:
+        """Queue a NOP, whose completion wakes a thread waiting in `enter` (lock held)."""
+        SQE.pack_into(self._sqes, self._slot(), OP_NOP, 0, 0, -1, 0, 0, 0, 0, 0, user_data, 0, 0, 0, 0, 0, 0)
+        self._advance()
+
+    def take_pushed(self) -> int:
+        """Publish the pushed SQEs to the kernel (the queue's tail) and return how many the
+        caller's next `enter` submits (lock held). The kernel reads the tail only in `enter`."""
+        n, self.pushed = self.pushed, 0
+        if n:
+            U32.pack_into(self._rings, self._sq_tail, self._tail)
+        return n
+
+    def enter(self, to_submit: int, wait: int) -> int:
+        """io_uring_enter: submit `to_submit`, then wait for `wait` completions. EINTR is
+        returned as 0 (the caller looks at the completion queue and comes back)."""
+        ret = _syscall(_long(SYS_IO_URING_ENTER), _long(self.fd), _long(to_submit), _long(wait),
+                       _long(ENTER_GETEVENTS if wait else 0), None, _long(0))
+        if ret < 0:
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                return 0
+            raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
+        return int(ret)
+
+    def reap(self) -> list[tuple[int, int]]:
+        """The completions that arrived, as (user_data, result) (the caller holds the lock)."""
+        if self.closed:
+            return []
+        rings = self._rings
+        head = U32.unpack_from(rings, self._cq_head)[0]
+        tail = U32.unpack_from(rings, self._cq_tail)[0]
+        if head == tail:
+            return []
+        out = []
+        mask, base, unpack = self._cq_mask, self._cqes, CQE.unpack_from
+        while head != tail:
+            user_data, res, _flags = unpack(rings, base + (head & mask) * CQE_SIZE)
+            out.append((user_data, res))
+            head = (head + 1) & 0xFFFFFFFF
+        U32.pack_into(rings, self._cq_head, head)
+        return out
+
+    def close(self) -> None:
+        """Unmap the queues and make the fd /dev/null (the caller holds the lock); the kernel
+        tears the ring down (cancelling its commands) once no system call uses it."""
+        if self.closed:
+            return
+        self.closed = True
+        self._rings.close()
+        self._sqes.close()
+        null = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(null, self.fd)
+        finally:
+            os.close(null)
+
+    def release_fd(self) -> None:
+        """Close the fd's number (after `close`, once no thread can use it)."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
