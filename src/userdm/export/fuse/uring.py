@@ -1,18 +1,19 @@
 """A minimal io_uring for FUSE over io_uring: set-up, submission of URING_CMDs and NOPs, completions.
 
 Only what the FUSE server needs, through the raw system calls (no liburing): a ring made with
-SQE128 (FUSE's command block is 16 of the 80 bytes after the standard SQE) and NO_SQARRAY (the
-submission queue's slots are taken in order), its queues mapped with one mmap (the kernel
-offers IORING_FEAT_SINGLE_MMAP since 5.4) and its SQE array with another.
+SQE128 (FUSE's command block is 24 of the 80 bytes after the standard SQE), NO_SQARRAY (the
+submission queue's slots are taken in order) and COOP_TASKRUN (`SETUP_FLAGS`); its queues are
+mapped with one mmap (the kernel offers IORING_FEAT_SINGLE_MMAP since 5.4), its SQEs with another.
 
 `Ring.push_fuse` writes one FUSE URING_CMD into the next submission slot (the caller holds
 `Ring.lock`: several threads push), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
-submits it and may wait for completions, `Ring.reap` returns the completions that arrived, as (user_data, result) pairs.
-The ring's memory is shared with the kernel: the stores and loads here are plain ones, which is
-enough on x86 (total store order); the head and tail updates are single aligned 32-bit
-accesses. `Ring.close` unmaps the queues and replaces the ring's fd by /dev/null: the kernel
-then cancels the commands still queued (an mmap would keep the ring alive), and a thread that
-still calls `enter` on the number gets an error instead of reaching a reused fd.
+submits it and may wait for completions, `Ring.reap` returns the completions that arrived, as
+(user_data, result) pairs. The ring's memory is shared with the kernel: the stores and loads
+here are plain ones, which is enough on x86 (total store order); the head and tail updates are
+single aligned 32-bit accesses. `Ring.close` unmaps the queues and replaces the ring's fd by
+/dev/null: the kernel then cancels the commands still queued (an mmap would keep the ring
+alive), and a thread that still calls `enter` on the number gets an error instead of reaching
+a reused fd.
 """
 
 from __future__ import annotations
@@ -26,8 +27,14 @@ import threading
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
+SETUP_COOP_TASKRUN = 1 << 8
 SETUP_SQE128 = 1 << 10
 SETUP_NO_SQARRAY = 1 << 16
+#: COOP_TASKRUN: work the kernel queues for a thread that runs (FUSE copies a request into an
+#: entry in the context of the thread that submitted the entry's command) waits for its next
+#: system call instead of interrupting it; a sleeping thread is still woken for it. Measured:
+#: 6.3-7.9 us of CPU per 4 KiB request against 8.0-9.1 without (loop on the FUSE file, qd16).
+SETUP_FLAGS = SETUP_COOP_TASKRUN | SETUP_SQE128 | SETUP_NO_SQARRAY
 ENTER_GETEVENTS = 1
 FEAT_SINGLE_MMAP = 1 << 0
 OFF_SQES = 0x10000000
@@ -58,7 +65,7 @@ class Ring:
 
     def __init__(self, entries: int) -> None:
         params = bytearray(PARAMS.size)
-        PARAMS.pack_into(params, 0, 0, 0, SETUP_SQE128 | SETUP_NO_SQARRAY, *([0] * 22))
+        PARAMS.pack_into(params, 0, 0, 0, SETUP_FLAGS, *([0] * 22))
         buf = (ctypes.c_char * len(params)).from_buffer(params)
         fd = _syscall(_long(SYS_IO_URING_SETUP), _long(entries), buf)
         if fd < 0:
