@@ -54,6 +54,7 @@ import fcntl
 import logging
 import mmap
 import os
+import platform
 import select
 import struct
 import threading
@@ -83,6 +84,9 @@ RING_ENTRIES = 16    # ring entries registered per queue at first
 RING_SPARE = 8       # more are registered while fewer than this many of a queue's wait for requests
 RING_MAX_ENTRIES = 128   # per queue
 RING_WAKE = 1 << 63  # the user_data of NOPs that wake a thread waiting in the ring
+#: the ring's memory is shared with the kernel through plain loads and stores (`uring.py`),
+#: which order themselves only on x86; elsewhere requests come through /dev/fuse
+TOTAL_STORE_ORDER = platform.machine() in ("x86_64", "i386", "i686")
 _EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)   # a request wakes one of the threads reading
 _BIG = struct.Struct("<4xI48xI")   # a request's opcode, and a READ's size
 _U32 = struct.Struct("<I")
@@ -194,7 +198,7 @@ class Session:
         self.fsname = fsname
         self.allow_other = allow_other
         self.on_end = on_end                  # called once when serving ended by itself (unmounted)
-        ops.want_ring = ring                  # FUSE over io_uring if the kernel offers it
+        ops.want_ring = ring and TOTAL_STORE_ORDER   # FUSE over io_uring if the kernel offers it
         self._fd = -1                         # the connection's first fd (notifications go there)
         self._fds: set[int] = set()           # every device fd still open (severed at stop)
         self._wake: tuple[int, int] | None = None
