@@ -65,29 +65,6 @@ GOALS = {"4k-randread-qd16": 0.5, "4k-randwrite-qd16": 0.5, "4k-randread-qd1": 0
          "1m-seqwrite": 0.8, "dd-1m-read": 0.8, "dd-1m-write": 0.8, EXT4_JOB: 0.5}
 
 
-URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
-
-
-@contextmanager
-def uring_enabled() -> Iterator[bool]:
-    """The kernel's FUSE over io_uring turned on for the run (if it has it), as it was after."""
-    try:
-        with open(URING_PARAMETER) as f:
-            was = f.read().strip()
-    except OSError:
-        yield False
-        return
-    try:
-        if was != "Y":
-            with open(URING_PARAMETER, "w") as f:
-                f.write("Y")
-        yield True
-    finally:
-        if was != "Y":
-            with open(URING_PARAMETER, "w") as f:
-                f.write(was)
-
-
 def serve(mountpoint: str, path: str, passthrough: bool, uring: bool) -> None:
     """Helper mode: a Mapper with one linear device `bench` over `path`, exported at `mountpoint`."""
     from userdm import Mapper
@@ -271,8 +248,10 @@ def main() -> int:
     paths = ["plain", *exports, *(["bindfs"] if c_fuse else [])]
     compared = paths[1:]
     results: dict[tuple[str, str], list[float]] = {(p, j): [] for p in paths for j in jobs}
+    sys.path.insert(0, here)
+    from userdm.export.fuse.uring import fuse_uring_enabled
     with ExitStack() as stack:
-        if not stack.enter_context(uring_enabled()):
+        if not stack.enter_context(fuse_uring_enabled()):
             print("this kernel has no FUSE over io_uring: userdm reads /dev/fuse", file=sys.stderr)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir, prefix="userdm-fuse-bench-"))
         os.mkdir(os.path.join(tmp, "data"))

@@ -116,34 +116,14 @@ def wait_until(predicate, timeout: float = 10.0) -> bool:
 
 # ---- FUSE over io_uring -----------------------------------------------------------------------
 
-FUSE_URING_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
-
-
 @pytest.fixture(scope="session", autouse=True)
 def fuse_uring_enabled():
     """Turn the kernel's FUSE over io_uring on for the run (it is off by default), as it was
     after: FUSE exports take it when the kernel offers it, so every FUSE test covers it, and
     those parametrized with `fuse_transport` cover /dev/fuse too. True if the kernel has it."""
-    try:
-        with open(FUSE_URING_PARAMETER) as f:
-            was = f.read().strip()
-    except OSError:
-        yield False
-        return
-    try:
-        if was != "Y":
-            with open(FUSE_URING_PARAMETER, "w") as f:
-                f.write("Y")
-        yield True
-    except OSError:          # not root
-        yield False
-    finally:
-        if was != "Y":
-            try:
-                with open(FUSE_URING_PARAMETER, "w") as f:
-                    f.write(was)
-            except OSError:
-                pass
+    from userdm.export.fuse.uring import fuse_uring_enabled as enabled
+    with enabled() as on:
+        yield on
 
 
 @pytest.fixture(params=["uring", "devfuse"])

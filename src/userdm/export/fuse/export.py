@@ -39,6 +39,7 @@ from ..source import ExportSource
 from .files import DeviceFiles
 from .ops import DeviceOperations
 from .server import Session
+from .uring import FUSE_PARAMETER
 from .unmount import cleanup_stale, is_fuse_mount
 
 log = logging.getLogger("userdm.fuse")
@@ -83,6 +84,10 @@ class FuseExport:
             self.stop()
             raise DMError(errno.EIO, f"the FUSE export at {self.mountpoint} does not answer: {exc}") from None
         log.info("FUSE export mounted at %s", self.mountpoint)
+        if self.uring and not self._ops.ring:
+            log.info("FUSE at %s: requests come through /dev/fuse (the kernel offers no FUSE over "
+                     "io_uring; where it has it, root turns it on with: echo Y > %s; docs/fuse.md)",
+                     self.mountpoint, FUSE_PARAMETER)
 
     def stop(self) -> None:
         """Stop serving, unmount (lazily if busy) and close the devices' opens. Idempotent;

@@ -418,6 +418,7 @@ class Session:
                 self._register(qid, RING_ENTRIES)
         for _ in range(MIN_THREADS):
             self._spawn(self._rings)
+        log.info("FUSE at %s: requests come through io_uring (%d queues)", self.mountpoint, len(self._waiting))
 
     def _register(self, qid: int, count: int) -> None:
         """Push the registration of `count` new entries of queue `qid` (ring lock held)."""

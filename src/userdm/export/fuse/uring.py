@@ -24,7 +24,11 @@ import mmap
 import os
 import struct
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
+#: root turns FUSE over io_uring on and off here (off by default)
+FUSE_PARAMETER = "/sys/module/fuse/parameters/enable_uring"
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
 SETUP_COOP_TASKRUN = 1 << 8
@@ -187,3 +191,29 @@ class Ring:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+@contextmanager
+def fuse_uring_enabled() -> Iterator[bool]:
+    """The kernel's FUSE over io_uring turned on while the block runs, and back to what it was
+    after (for tests and benchmarks; needs root). Yields whether it is on."""
+    try:
+        with open(FUSE_PARAMETER) as f:
+            was = f.read().strip()
+    except OSError:
+        yield False                 # no such kernel
+        return
+    if was == "Y":
+        yield True
+        return
+    try:
+        with open(FUSE_PARAMETER, "w") as f:
+            f.write("Y")
+    except OSError:
+        yield False                 # not root
+        return
+    try:
+        yield True
+    finally:
+        with open(FUSE_PARAMETER, "w") as f:
+            f.write(was)
