@@ -95,7 +95,9 @@ def test_a_dirty_region_reads_as_the_default_mirror_while_the_resync_copies_it(m
     assert read_file(b, 4 * REGION, REGION) == b"a" * REGION
 
 
-def test_a_leg_that_failed_a_write_is_never_read_though_it_still_reads(mapper, images, small_fs):
+def mirror_with_a_small_leg(mapper, images, small_fs) -> str:
+    """Device "mir" (core log, nosync) over a file of "a" bytes and one of "b" bytes on the
+    2 MiB tmpfs, which a write of four regions fills up; the second file's path."""
     (a,) = images(1, 8 * MiB)
     fill(a, b"a")
     b = str(small_fs / "b.img")
@@ -103,6 +105,11 @@ def test_a_leg_that_failed_a_write_is_never_read_though_it_still_reads(mapper, i
         f.truncate(8 * MiB)
         f.write(b"b" * REGION)                                 # a quarter of the filesystem
     mapper.create("mir", f"0 {SECTORS} mirror core 2 1024 nosync 2 {a} 0 {b} 0 1 handle_errors")
+    return b
+
+
+def test_a_leg_that_failed_a_write_is_never_read_though_it_still_reads(mapper, images, small_fs):
+    b = mirror_with_a_small_leg(mapper, images, small_fs)
     assert sinks(mapper, "mir") == ["TargetSink"]
     with mapper.open_device("mir", write=True) as dev:
         assert firsts(dev, 0) == {b"a", b"b"}
@@ -170,12 +177,19 @@ def plain(mapper, name: str) -> bool:
     return mapper.device(name).live.targets[0]._plain is not None
 
 
-def test_the_plain_read_flag_follows_regions_going_out_of_and_back_into_sync(mapper, images):
+def whole_mirror(mapper, images) -> tuple[str, object]:
+    """Device "mir": a whole two-leg mirror (core log, nosync) over files of "a" and "b"
+    bytes; its table and its target."""
     a, b = images(2, 8 * MiB)
     fill(a, b"a")
     fill(b, b"b")
-    mapper.create("mir", f"0 {SECTORS} mirror core 2 1024 nosync 2 {a} 0 {b} 0 1 handle_errors")
-    target = mapper.device("mir").live.targets[0]
+    table = f"0 {SECTORS} mirror core 2 1024 nosync 2 {a} 0 {b} 0 1 handle_errors"
+    mapper.create("mir", table)
+    return table, mapper.device("mir").live.targets[0]
+
+
+def test_the_plain_read_flag_follows_regions_going_out_of_and_back_into_sync(mapper, images):
+    _table, target = whole_mirror(mapper, images)
     assert plain(mapper, "mir")
     with mapper.open_device("mir", write=False) as dev:
         assert firsts(dev, 2 * REGION) == {b"a", b"b"}
@@ -218,13 +232,7 @@ def test_the_flag_is_off_while_a_resync_runs_and_on_once_it_completes(mapper, im
 
 
 def test_a_leg_failing_while_reads_run_turns_the_flag_off_and_is_never_read_again(mapper, images, small_fs):
-    (a,) = images(1, 8 * MiB)
-    fill(a, b"a")
-    b = str(small_fs / "b.img")
-    with open(b, "wb") as f:
-        f.truncate(8 * MiB)
-        f.write(b"b" * REGION)
-    mapper.create("mir", f"0 {SECTORS} mirror core 2 1024 nosync 2 {a} 0 {b} 0 1 handle_errors")
+    mirror_with_a_small_leg(mapper, images, small_fs)
     assert plain(mapper, "mir")
     stop = threading.Event()
     after: list[bytes] = []
@@ -260,12 +268,7 @@ def test_a_leg_failing_while_reads_run_turns_the_flag_off_and_is_never_read_agai
 
 
 def test_a_reload_of_a_whole_mirror_reads_plainly_again(mapper, images):
-    a, b = images(2, 8 * MiB)
-    fill(a, b"a")
-    fill(b, b"b")
-    table = f"0 {SECTORS} mirror core 2 1024 nosync 2 {a} 0 {b} 0 1 handle_errors"
-    mapper.create("mir", table)
-    target = mapper.device("mir").live.targets[0]
+    table, target = whole_mirror(mapper, images)
     with target._cond:
         target.log.set_sync(0, False)
     assert not plain(mapper, "mir")
@@ -279,11 +282,7 @@ def test_a_reload_of_a_whole_mirror_reads_plainly_again(mapper, images):
 
 def test_a_leg_marked_failed_by_a_flush_error_leaves_the_plain_path(mapper, images):
     from userdm.errors import DMError
-    a, b = images(2, 8 * MiB)
-    fill(a, b"a")
-    fill(b, b"b")
-    mapper.create("mir", f"0 {SECTORS} mirror core 2 1024 nosync 2 {a} 0 {b} 0 1 handle_errors")
-    target = mapper.device("mir").live.targets[0]
+    _table, target = whole_mirror(mapper, images)
     with mapper.open_device("mir", write=False) as dev:
         assert firsts(dev, 0) == {b"a", b"b"}
         target._fail(1, "F", DMError(5, "flush failed"))     # no region went out of sync
