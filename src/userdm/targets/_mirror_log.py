@@ -96,8 +96,14 @@ def disk_area(nr_regions: int, logical_block_size: int) -> int:
     return -(-need // logical_block_size) * logical_block_size
 
 
+def _nothing() -> None:
+    pass
+
+
 class CoreLog:
-    """In-memory sync bits (`core`). The mirror's lock guards `sync` and `sync_count`."""
+    """In-memory sync bits (`core`). The mirror's lock guards `sync` and `sync_count`.
+    `on_whole` is called (with that lock held) when every region has come in sync, or when
+    one of them all goes out of sync: the mirror keeps its plain-read flag by it."""
 
     kind = "core"
     failed = ""
@@ -108,14 +114,19 @@ class CoreLog:
         synced = sync_arg == "nosync"
         self.sync = bytearray([1 if synced else 0]) * nr_regions
         self.sync_count = nr_regions if synced else 0
+        self.on_whole: Callable[[], None] = _nothing
 
     def set_sync(self, region: int, in_sync: bool) -> None:
         if in_sync and not self.sync[region]:
             self.sync[region] = 1
             self.sync_count += 1
+            if self.sync_count == self.nr_regions:
+                self.on_whole()
         elif not in_sync and self.sync[region]:
             self.sync[region] = 0
             self.sync_count -= 1
+            if self.sync_count == self.nr_regions - 1:
+                self.on_whole()
 
     def resume(self) -> None:
         """A core log keeps its bits across suspend and resume (they are all it has)."""

@@ -21,8 +21,10 @@ for `CLEAN_INTERVAL` seconds and the legs have been flushed, and at suspend. A w
 missed a leg (failed or marked) leaves its regions out of sync, and dirty on the log, until a
 resume copies them. Reads of in-sync regions are balanced over the healthy legs (round
 robin); reads of other regions use the default mirror. Over files, reads take the collapsed
-path (`remaps_reads`, `collapsed_read`: one region check and one `preadv`, as linear's), and
-a leg's write is one `pwritev` (`FileSink`), its open doing it only when that fails.
+path (`remaps_reads`, `collapsed_read`), and a leg's write is one `pwritev` (`FileSink`), its
+open doing it only when that fails. While the mirror is whole (every region in sync, no leg
+failed: `_plain`, kept by the log's `on_whole` and by `_fail`) a collapsed read is a plain
+remap, one `preadv` on the next leg as linear's; otherwise it costs one region check more.
 
 Errors: without `handle_errors` an error of any leg fails the I/O (EIO). With it, the leg
 is marked (`D` write, `R` read, `F` flush, `S` sync error), a table event is raised, and the
@@ -43,6 +45,7 @@ from __future__ import annotations
 import errno
 import itertools
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +64,7 @@ PARALLEL_WRITE = 128 * 1024
 CLEAN_INTERVAL = 0.5
 
 logger = logging.getLogger("userdm.targets.mirror")
+_preadv = os.preadv
 
 
 @register
@@ -72,7 +76,7 @@ class MirrorTarget(Target):
                  "health", "_alive", "default", "device_name", "_bases", "_opens", "_files",
                  "_sync", "_rbytes", "_file_turns", "_disk_log", "_sweeping", "_cond", "_writing", "_touched",
                  "_dirty", "_recovering", "_turn", "_thread", "_cleaner", "_stop", "_quiet",
-                 "_settled", "_event", "_pool")
+                 "_settled", "_event", "_pool", "_plain")
 
     def __init__(self, ctx: TargetContext, begin: int, length: int, args: list[str]) -> None:
         super().__init__(ctx, begin, length, args)
@@ -139,6 +143,11 @@ class MirrorTarget(Target):
         self._quiet = threading.Event()     # set: the cleaner stops
         self._settled = True                # nothing to write to the log at suspend
         self._event = ctx.event
+        #: while every region is in sync and no leg has failed, over files only: the round
+        #: robin of (fd, leg offset, file) that makes a collapsed read a plain remap
+        self._plain: Iterator[tuple[int, int, FileDisk]] | None = None
+        self.log.on_whole = self._whole_changed
+        self._whole_changed()
 
     # ---- regions ------------------------------------------------------------------------
 
@@ -154,6 +163,7 @@ class MirrorTarget(Target):
             first = self.health[k] == "A"
             if first:
                 self.health[k] = kind
+                self._plain = None      # first: no plain read picks this leg from now on
                 self._alive = tuple(j for j, h in enumerate(self.health) if h == "A")
                 self._file_turns = self._turns_over_files()
                 logger.warning("%s: mirror leg %d (%s) failed (%s): %s", self.device_name, k,
@@ -186,8 +196,20 @@ class MirrorTarget(Target):
     # ---- data path ----------------------------------------------------------------------
 
     def collapsed_read(self, offset: int, buf: memoryview) -> bool:
-        """A read on the collapsed path (`userdm.dm.collapse`), as linear's: one region check
-        and one system call on the next healthy leg; every other read is `readinto`'s."""
+        """A read on the collapsed path (`userdm.dm.collapse`). While the mirror is whole
+        (`_plain`: every region in sync, no leg failed) it is linear's: one system call on
+        the next leg, no region check. Otherwise one region check, then one system call on
+        the next healthy leg; every other read is `readinto`'s. False (the read goes through
+        the table, which reports the failure) when the leg's file is dead or fails."""
+        plain = self._plain
+        if plain is not None:
+            fd, base, disk = next(plain)
+            if disk.dead:
+                return False
+            try:
+                return _preadv(fd, [buf], base + offset) == len(buf)
+            except OSError:
+                return False
         rb = self._rbytes
         first, last = offset // rb, (offset + len(buf) - 1) // rb
         sync = self._sync
@@ -198,6 +220,17 @@ class MirrorTarget(Target):
                 return read(base + offset, buf)
         self.readinto(offset, buf)
         return True
+
+    def _whole_changed(self) -> None:
+        """Keep `_plain` exact: called when the log's last region comes in sync or the first
+        goes out (with `_cond` held, or before I/O flows), after a log resume, and (cleared
+        directly) when a leg fails."""
+        files = self._files
+        if (self.log.sync_count == self.nr_regions and len(self._alive) == len(self.legs)
+                and all(f is not None for f in files)):
+            self._plain = itertools.cycle([(f.fd, base, f.disk) for f, base in zip(files, self._bases)])
+        else:
+            self._plain = None
 
     def _turns_over_files(self) -> Iterator[tuple[Callable[[int, memoryview], bool], int]] | None:
         """The round robin of the collapsed reads: (read, leg offset) of each healthy leg,
@@ -333,6 +366,7 @@ class MirrorTarget(Target):
             return
         with self._cond:
             self.log.resume()
+            self._whole_changed()
             self._dirty = {r for r in range(self.nr_regions) if self.log.dirty_on_disk(r)} \
                 if self._disk_log else set()
             self._touched.clear()
