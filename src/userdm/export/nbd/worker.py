@@ -40,6 +40,7 @@ from ...nbd import constants as C
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
 _CHUNK = struct.Struct(">IHHQIQ")   # structured OFFSET_DATA chunk header with its offset
+_DONTWAIT = socket.MSG_DONTWAIT
 _READ, _WRITE, _FLUSH, _DISC = C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_DISC
 #: the largest READ or WRITE a worker serves (bigger ones go back to the daemon)
 MAX_REQUEST = 4 << 20
@@ -84,8 +85,8 @@ class _Served:
 
     def __init__(self, ident: int, msg: dict, fds: list[int]) -> None:
         self.id = ident
+        # never O_NONBLOCK: the daemon shares the open file description (MSG_DONTWAIT here)
         self.sock = socket.socket(fileno=fds[0])
-        self.sock.setblocking(False)
         self.fd = self.sock.fileno()
         files = fds[1:1 + msg["files"]]
         self.files = files
@@ -190,7 +191,7 @@ class Worker:
     def _drain(self, c: _Served) -> None:
         """EPOLLOUT: send the backlog; then serve what is buffered."""
         try:
-            n = c.sock.send(c.backlog)
+            n = c.sock.send(c.backlog, _DONTWAIT)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -206,7 +207,7 @@ class Worker:
         (False: stop reading this connection until it is sent). Raises OSError."""
         view = c.aview[:apos]
         try:
-            sent = c.sock.send(view)
+            sent = c.sock.send(view, _DONTWAIT)
         except BlockingIOError:
             sent = 0
         if sent < apos:
@@ -223,7 +224,7 @@ class Worker:
                 end -= start
                 start = 0
             try:
-                n = c.sock.recv_into(rview[end:])
+                n = c.sock.recv_into(rview[end:], 0, _DONTWAIT)
             except BlockingIOError:
                 n = -1
             except OSError as exc:
