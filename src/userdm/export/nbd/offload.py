@@ -51,11 +51,6 @@ RETRY = 1.0
 STOP_GRACE = 5.0
 
 
-def default_workers() -> int:
-    """One worker per CPU but one (the daemon's own loop takes that one), at least one."""
-    return max(1, (os.cpu_count() or 1) - 1)
-
-
 @dataclass(eq=False)
 class _Lent:
     conn: object          # Connection

@@ -56,7 +56,7 @@ class NBDServer:
     def __init__(self, mapper: ExportSource, unix_path: str | os.PathLike[str] | None = None,
                  tcp: tuple[str, int] | None = None, *, threads_per_connection: int = DEFAULT_THREADS,
                  unix_mode: int = 0o600, limits: NBDLimits | None = None,
-                 tls: ServerTLS | None = None, offload_workers: int = 0) -> None:
+                 tls: ServerTLS | None = None, offload_workers: int | None = None) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NBDServer needs a unix_path or a tcp address")
         self.mapper = mapper
@@ -80,7 +80,8 @@ class NBDServer:
         #: one thread serving the small requests of every connection while there are several
         self.loop = ServeLoop()
         #: worker processes that serve connections while several are open (`offload.py`)
-        self.loop.offload = Offloader(offload_workers) if offload_workers > 0 else None
+        workers = self.limits.workers if offload_workers is None else offload_workers
+        self.loop.offload = Offloader(workers) if workers > 0 else None
         #: the TCP address actually bound (port 0 picks a free port)
         self.tcp_address: tuple[str, int] | None = None
 
