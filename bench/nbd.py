@@ -147,10 +147,21 @@ def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | No
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` (all its threads, ended ones included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of process `pid` (all its threads, ended ones included) and of
+    its live child processes (the daemon's NBD workers; the children it waited for count too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(cpu_seconds(int(child)) for child in f.read().split())
+        except OSError:
+            pass
+    return total
 
 
 def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str,

@@ -448,7 +448,7 @@ class Connection:
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
-                    off = lp.offload if lp is not None and lp.crowded and not header_only else None
+                    off = lp.offload if lp is not None and lp.crowded else None
                     if off is not None and last >= self.offload_after:
                         if start:
                             rview[:end - start] = rview[start:end]
