@@ -208,3 +208,52 @@ def test_what_a_worker_does_not_do_gets_the_daemons_answer(served):
     c.close()
     clients[1].check(0, b"y" * 4096)         # the other goes on
     clients[1].close()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(x) for x in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def test_daemon_serves_four_fio_connections_from_workers_and_stops_them(tmp_path, images):
+    """The real daemon (--nbd-workers 2): fio verify over four connections; its worker
+    processes end with it."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    from conftest import Daemon
+    (a,) = images(1, 64 * MiB)
+    d = Daemon(tmp_path)
+    d.start("--nbd-workers", "2")
+    try:
+        d.run("create", "vol", input=f"0 {SECTORS} linear {a} 0\n")
+        sock = d.runtime / "nbd.sock"
+        out = tmp_path / "fio.json"
+        proc = subprocess.run(
+            ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///vol?socket={sock}",
+             "--rw=randwrite", "--bs=4k", "--iodepth=8", "--numjobs=4", "--size=4M",
+             "--offset_increment=8M", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+             "--group_reporting", f"--output={out}", "--output-format=json"],
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(out.read_text())["jobs"][0]["error"] == 0
+        workers = [p for p in children(d.proc.pid)
+                   if b"userdm.export.nbd.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert workers
+    finally:
+        d.stop()
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or b"zombie" in open(f"/proc/{pid}/status", "rb").read().lower()
+
+
+def test_daemon_refuses_a_negative_worker_count(tmp_path):
+    from conftest import USERDM
+    res = subprocess.run(USERDM + ["daemon", "--no-fuse", "--nbd-workers", "-1"], capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "USERDM_RUNTIME_DIR": str(tmp_path / "run"),
+                                          "USERDM_STATE_DIR": str(tmp_path / "state")})
+    assert res.returncode != 0
+    assert "--nbd-workers -1: must be from 0 to" in res.stderr, res.stderr
