@@ -45,6 +45,7 @@ _READ, _WRITE, _FLUSH, _DISC = C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_DISC
 #: the largest READ or WRITE a worker serves (bigger ones go back to the daemon)
 MAX_REQUEST = 4 << 20
 RECV_BUFFER = 128 * 1024
+BIG_READ = 64 * 1024                 # a READ this big is sent alone, not batched
 ARENA = MAX_REQUEST + 64 * 1024
 MAX_FDS = 253                        # SCM_RIGHTS carries at most this many per message
 
@@ -309,6 +310,11 @@ class Worker:
                     else:
                         _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
                     apos += hlen + length
+                    if length >= BIG_READ:       # sent at once, as the daemon's workers do:
+                        if not self._flush(c, apos):   # the client waits for it
+                            apos = 0
+                            break
+                        apos = 0
                 elif cmd == _FLUSH and not offset and not length:
                     try:
                         for fd in c.files:
