@@ -257,3 +257,31 @@ def test_daemon_refuses_a_negative_worker_count(tmp_path):
                                           "USERDM_STATE_DIR": str(tmp_path / "state")})
     assert res.returncode != 0
     assert "--nbd-workers -1: must be from 0 to" in res.stderr, res.stderr
+
+
+def test_client_that_reads_no_replies_goes_back_and_is_cut_off(tmp_path, images):
+    """An offloaded connection that pipelines READs and never reads the replies: the worker
+    does not wait for it (it goes back to the daemon, whose send gives up after
+    --nbd-reply-timeout and hangs up); the others go on in the worker."""
+    from userdm.export.nbd.limits import NBDLimits
+    m = Mapper()
+    m.create("vol", f"0 {SECTORS} linear {images(1, 64 * MiB)[0]} 0\n")
+    srv = NBDServer(m, unix_path=tmp_path / "nbd.sock", limits=NBDLimits(reply_timeout=2), offload_workers=1)
+    srv.start()
+    clients = [Client.plain(srv.unix_path, "vol") for _ in range(3)]
+    try:
+        offloaded(srv, clients, 3)
+        greedy = clients[0]
+        greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        greedy.sock.sendall(b"".join(encode_request(C.CMD_READ, k, k % 256 * 4096, 4096) for k in range(4000)))
+        assert wait_until(lambda: srv.connection_count() == 2, 60)
+        assert srv.loop.offload.returned >= 1
+        for i in range(20):
+            for j, c in enumerate(clients[1:]):
+                c.check((i * 2 + j) * 4096, os.urandom(4096))
+        assert srv.loop.offload.offloaded() == 2
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+        m.close()

@@ -19,7 +19,9 @@ Messages (JSON; bulk bytes in a memfd passed along, so no message is big):
   on the socket: the daemon closes the connection).
 The worker is single-threaded: it handles a control message only between requests, so a
 connection handed back has no request in flight. A reply the socket does not take at once
-waits (EPOLLOUT) while that connection reads nothing more, as the daemon's loop does. The
+waits (EPOLLOUT) while that connection reads nothing more, as the daemon's loop does; after
+SLOW_READER seconds the connection goes back to the daemon, whose send closes it when the
+client has read nothing for --nbd-reply-timeout. The
 worker exits when the control socket closes (the daemon stopped or died).
 """
 
@@ -33,6 +35,7 @@ import signal
 import socket
 import struct
 import sys
+import time
 from bisect import bisect_right
 
 from ...nbd import constants as C
@@ -46,6 +49,9 @@ _READ, _WRITE, _FLUSH, _DISC = C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_DISC
 MAX_REQUEST = 4 << 20
 RECV_BUFFER = 128 * 1024
 BIG_READ = 64 * 1024                 # a READ this big is sent alone, not batched
+#: seconds replies may wait for a client that reads nothing before the connection goes back
+#: to the daemon (whose send waits --nbd-reply-timeout, then closes it)
+SLOW_READER = 1.0
 ARENA = MAX_REQUEST + 64 * 1024
 MAX_FDS = 253                        # SCM_RIGHTS carries at most this many per message
 
@@ -107,7 +113,8 @@ class _Served:
         self.start, self.end = 0, len(pending)
         self.arena = mmap.mmap(-1, ARENA)
         self.aview = memoryview(self.arena)
-        self.backlog = b""                # reply bytes the socket did not take
+        self.backlog = b""                # reply bytes the socket did not take, since when
+        self.backlog_since = 0.0
 
     def close(self) -> None:
         for fd in self.files:
@@ -129,7 +136,11 @@ class Worker:
     def run(self) -> None:
         ctl_fd = self.ctl.fileno()
         while True:
-            for fd, ev in self.ep.poll():
+            waiting = [c for c in self.conns.values() if c.backlog]
+            for c in waiting:     # a client that reads slowly: the daemon applies its reply timeout
+                if time.monotonic() - c.backlog_since > SLOW_READER:
+                    self._give_back(c, "the client does not read its replies")
+            for fd, ev in self.ep.poll(SLOW_READER / 4 if waiting else -1):
                 if fd == ctl_fd:
                     if not self._control():
                         return
@@ -213,6 +224,7 @@ class Worker:
             sent = 0
         if sent < apos:
             c.backlog = bytes(view[sent:])
+            c.backlog_since = time.monotonic()
         view.release()
         return sent == apos
 
