@@ -228,6 +228,13 @@ class Worker:
         view.release()
         return sent == apos
 
+    def _room(self, c: _Served, apos: int, need: int) -> int:
+        """Where `need` more reply bytes go in the arena: `apos`, or 0 once the arena is
+        sent; -1 if the socket did not take it all (the rest is the backlog: stop)."""
+        if apos + need <= ARENA:
+            return apos
+        return 0 if self._flush(c, apos) else -1
+
     def _pump(self, c: _Served, receive_first: bool) -> None:
         """Receive what has arrived and serve the whole requests in the buffer."""
         rbuf, rview, start, end = c.rbuf, c.rview, c.start, c.end
@@ -283,6 +290,10 @@ class Worker:
                                 end -= start
                                 start = 0
                             break
+                        apos = self._room(c, apos, 16)
+                        if apos < 0:
+                            apos = 0
+                            break
                         data = rview[start + 28:start + need]
                         try:
                             done = os.pwritev(seg_fd[i], [data], offset + deltas[i])
@@ -293,19 +304,13 @@ class Worker:
                             why = "write failed"
                             break
                         start += need
-                        if apos + 16 > ARENA:
-                            if not self._flush(c, apos):
-                                apos = 0
-                                break
-                            apos = 0
                         _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
                         apos += 16
                         continue
-                    if apos + hlen + length > ARENA:
-                        if not self._flush(c, apos):
-                            apos = 0
-                            break
+                    apos = self._room(c, apos, hlen + length)
+                    if apos < 0:
                         apos = 0
+                        break
                     dest = aview[apos + hlen:apos + hlen + length]
                     try:
                         done = os.preadv(seg_fd[i], [dest], offset + deltas[i])
@@ -328,6 +333,10 @@ class Worker:
                             break
                         apos = 0
                 elif cmd == _FLUSH and not offset and not length:
+                    apos = self._room(c, apos, 16)
+                    if apos < 0:
+                        apos = 0
+                        break
                     try:
                         for fd in c.files:
                             os.fdatasync(fd)
@@ -335,11 +344,6 @@ class Worker:
                         why = "flush failed"
                         break
                     start += 28
-                    if apos + 16 > ARENA:
-                        if not self._flush(c, apos):
-                            apos = 0
-                            break
-                        apos = 0
                     _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
                     apos += 16
                 elif cmd == _DISC:
