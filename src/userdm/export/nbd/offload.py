@@ -66,7 +66,7 @@ class _Worker:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self.proc = subprocess.Popen([sys.executable, "-m", "userdm.export.nbd.worker", str(theirs.fileno())],
-                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env())
         except BaseException:
             ours.close()
             raise
@@ -278,6 +278,14 @@ class Offloader:
                 pass
         for w in workers:
             _reap(w.proc)
+
+
+def _worker_env() -> dict[str, str]:
+    """The daemon's environment, with the tree this userdm was imported from first on the
+    path (the worker runs the same code, however the daemon found it)."""
+    tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": tree + (os.pathsep + path if path else "")}
 
 
 def _reap(proc: subprocess.Popen) -> None:
