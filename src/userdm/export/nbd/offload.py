@@ -160,9 +160,13 @@ class Offloader:
         return True
 
     def _worker(self) -> _Worker | None:
-        """With `_lock` held: the live worker with the fewest connections, started if fewer
-        than `count` are alive."""
+        """With `_lock` held: a live worker with no connection, else a new one while fewer
+        than `count` are alive, else the one with the fewest connections (a connection a
+        process, as long as there are workers: at qd1 each waits for its client)."""
         self._workers = [w for w in self._workers if w.alive]
+        idle = [w for w in self._workers if not w.ids]
+        if idle:
+            return idle[0]
         if len(self._workers) < self.count:
             try:
                 w = _Worker()
