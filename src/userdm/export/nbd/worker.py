@@ -132,15 +132,15 @@ class Worker:
         self.ep.register(ctl.fileno(), select.EPOLLIN)
         self.conns: dict[int, _Served] = {}     # by socket fd
         self.by_id: dict[int, _Served] = {}
+        self.backlogged: set[_Served] = set()   # connections with replies not sent
 
     def run(self) -> None:
         ctl_fd = self.ctl.fileno()
         while True:
-            waiting = [c for c in self.conns.values() if c.backlog]
-            for c in waiting:     # a client that reads slowly: the daemon applies its reply timeout
+            for c in list(self.backlogged):   # a client that reads slowly: the daemon applies its reply timeout
                 if time.monotonic() - c.backlog_since > SLOW_READER:
                     self._give_back(c, "the client does not read its replies")
-            for fd, ev in self.ep.poll(SLOW_READER / 4 if waiting else -1):
+            for fd, ev in self.ep.poll(SLOW_READER / 4 if self.backlogged else -1):
                 if fd == ctl_fd:
                     if not self._control():
                         return
@@ -172,6 +172,7 @@ class Worker:
         return True
 
     def _forget(self, c: _Served) -> None:
+        self.backlogged.discard(c)
         del self.conns[c.fd]
         del self.by_id[c.id]
         try:
@@ -211,6 +212,7 @@ class Worker:
             return
         c.backlog = c.backlog[n:]
         if not c.backlog:
+            self.backlogged.discard(c)
             self.ep.modify(c.fd, select.EPOLLIN)
             self._pump(c, False)
 
@@ -225,6 +227,7 @@ class Worker:
         if sent < apos:
             c.backlog = bytes(view[sent:])
             c.backlog_since = time.monotonic()
+            self.backlogged.add(c)
         view.release()
         return sent == apos
 
