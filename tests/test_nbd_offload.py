@@ -59,6 +59,15 @@ def offloaded(srv: NBDServer, clients: list[Client], n: int) -> None:
     assert wait_until(io, 30), srv.loop.offload.offloaded()
 
 
+def fio_verify(uri: str, jobs: int, size: str, out) -> subprocess.CompletedProcess:  # noqa: ANN001
+    """fio's random 4K writes, then its verify, over `jobs` connections (8 MiB apart)."""
+    return subprocess.run(
+        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+         "--iodepth=8", f"--numjobs={jobs}", f"--size={size}", "--offset_increment=8M", "--verify=crc32c",
+         "--do_verify=1", "--verify_state_save=0", "--group_reporting", f"--output={out}",
+         "--output-format=json"], capture_output=True, text=True, timeout=300)
+
+
 def workers(srv: NBDServer) -> list[int]:
     return [w.proc.pid for w in srv.loop.offload._workers if w.alive]
 
@@ -96,12 +105,7 @@ def test_fio_verify_while_suspended_resumed_and_reloaded(served, tmp_path):
     out = tmp_path / "fio.json"
     t.start()
     try:
-        proc = subprocess.run(
-            ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///top?socket={tmp_path / 'nbd.sock'}",
-             "--rw=randwrite", "--bs=4k", "--iodepth=8", "--numjobs=6", "--size=8M",
-             "--offset_increment=8M", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
-             "--group_reporting", f"--output={out}", "--output-format=json"],
-            capture_output=True, text=True, timeout=300)
+        proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 6, "8M", out)
     finally:
         stop.set()
         t.join(60)
@@ -233,12 +237,7 @@ def test_daemon_serves_four_fio_connections_from_workers_and_stops_them(tmp_path
         d.run("create", "vol", input=f"0 {SECTORS} linear {a} 0\n")
         sock = d.runtime / "nbd.sock"
         out = tmp_path / "fio.json"
-        proc = subprocess.run(
-            ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///vol?socket={sock}",
-             "--rw=randwrite", "--bs=4k", "--iodepth=8", "--numjobs=4", "--size=4M",
-             "--offset_increment=8M", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
-             "--group_reporting", f"--output={out}", "--output-format=json"],
-            capture_output=True, text=True, timeout=300)
+        proc = fio_verify(f"nbd+unix:///vol?socket={sock}", 4, "4M", out)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(out.read_text())["jobs"][0]["error"] == 0
         workers = [p for p in children(d.proc.pid)

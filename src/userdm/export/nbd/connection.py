@@ -1042,18 +1042,18 @@ class _WorkerPool:
     def wait_idle(self) -> None:
         """Wait until every task is answered (before the connection moves to a worker)."""
         with self._lock:
-            while self._in_flight:
-                self._waiting += 1
-                self._room.wait()
-                self._waiting -= 1
+            self._wait_idle_locked()
+
+    def _wait_idle_locked(self) -> None:
+        while self._in_flight:
+            self._waiting += 1
+            self._room.wait()
+            self._waiting -= 1
 
     def finish(self) -> None:
         """Wait until every task is answered, end the workers, give every buffer back."""
         with self._lock:
-            while self._in_flight:
-                self._waiting += 1
-                self._room.wait()
-                self._waiting -= 1
+            self._wait_idle_locked()
             self._stopping = True
             idle, self._idle = self._idle, []
         for worker in idle:
