@@ -17,7 +17,7 @@ server against the peers. Usage:
 
     PYTHONPATH=src python3 bench/nbd.py [--mib 1024] [--runtime 3] [--rounds 3] [--dir DIR]
         [--jobs write,qd16] [--servers daemon,userdm,nbdkit] [--conns 1,4]
-        [--baseline-src DIR [--baseline-as daemon]] [--tls] [--no-fuse]
+        [--baseline-src DIR [--baseline-as daemon]] [--tls] [--no-fuse] [--nbd-workers N]
 
 `--tls`: every NBD connection does STARTTLS (X.509 certificates made for the run by
 scripts/tls-certs.sh): userdm with `--tls-certificates`, `nbdkit --tls=require`, qemu-nbd
@@ -94,7 +94,7 @@ def serve(sock: str, path: str, certs: str | None = None) -> None:
 
 
 def start_daemon(stack: ExitStack, work: str, path: str, src: str, certs: str | None,
-                 fuse: bool) -> tuple[str, int]:
+                 fuse: bool, extra: list[str] = ()) -> tuple[str, int]:
     """The real `userdm daemon` with its own runtime and state directories under `work` (FUSE
     on unless `fuse` is False), one linear device "bench" over `path` created through its
     control socket; returns its NBD socket and its PID."""
@@ -105,6 +105,7 @@ def start_daemon(stack: ExitStack, work: str, path: str, src: str, certs: str | 
         cmd.append("--no-fuse")
     if certs:
         cmd += ["--tls", "require", "--tls-certificates", certs]
+    cmd += extra
     log = open(os.path.join(work, "daemon.log"), "w")
     stack.callback(log.close)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -147,10 +148,21 @@ def start(stack: ExitStack, cmd: list[str], sock: str, what: str, env: dict | No
 
 
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` (all its threads, ended ones included)."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time of process `pid` (all its threads, ended ones included) and of
+    its live child processes (the daemon's NBD workers; the children it waited for count too)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    total = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for task in os.listdir(f"/proc/{pid}/task") if os.path.isdir(f"/proc/{pid}/task") else ():
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                total += sum(cpu_seconds(int(child)) for child in f.read().split())
+        except OSError:
+            pass
+    return total
 
 
 def fio(target: str, path: str, rw: str, bs: str, qd: int, runtime: float, size: int, out: str,
@@ -204,6 +216,8 @@ def main() -> None:
                     help="NBD over TLS for every server (userdm, nbdkit --tls=require, qemu-nbd)")
     ap.add_argument("--conns", default="1,4", help="comma-separated connection counts (default: 1,4)")
     ap.add_argument("--no-fuse", action="store_true", help="run the daemon without its FUSE export")
+    ap.add_argument("--nbd-workers", type=int, metavar="N",
+                    help="the daemon's --nbd-workers (default: the daemon's own; not given to --baseline-src)")
     ap.add_argument("--serve", nargs="+", metavar="SOCKET FILE [CERTS]", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
@@ -240,8 +254,9 @@ def main() -> None:
         for name in ("daemon", "baseline"):
             if name in servers and (name == "daemon" or args.baseline_as == "daemon"):
                 os.makedirs(os.path.join(work, name), exist_ok=True)
+                extra = ["--nbd-workers", str(args.nbd_workers)] if name == "daemon" and args.nbd_workers is not None else []
                 socks[name], pids[name] = start_daemon(stack, os.path.join(work, name), path, sources[name],
-                                                       certs + "/server" if certs else None, not args.no_fuse)
+                                                       certs + "/server" if certs else None, not args.no_fuse, extra)
         for name in ("userdm", "baseline"):
             if name in servers and name not in pids:
                 env = {**os.environ, "PYTHONPATH": os.pathsep.join(

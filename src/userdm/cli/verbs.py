@@ -98,7 +98,7 @@ VERBS: dict[str, Verb] = {
                     "max_control_connections",
                     "max_message_size", "control_message_timeout", "nbd_max_connections",
                     "nbd_handshake_deadline", "nbd_connection_bytes", "nbd_total_bytes",
-                    "nbd_reply_timeout", "tls", "tls_certificates", "tls_verify_peer", "tls_psk")),
+                    "nbd_reply_timeout", "nbd_workers", "tls", "tls_certificates", "tls_verify_peer", "tls_psk")),
     "target-version": Verb("target-version TARGET...", "The versions of these target types."),
     "mangle": Verb("mangle [DEVICE...]", "Report that names and uuids are in their correct form "
                    "(userdm never mangles them).", DEV),

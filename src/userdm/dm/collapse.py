@@ -149,7 +149,7 @@ class Flat:
     return True, or return False: the caller then sends it through `table` (as it always did)."""
 
     __slots__ = ("table", "segments", "starts", "deltas", "reads", "writes", "users", "retired",
-                 "read", "write", "_sink")
+                 "read", "write", "_sink", "watchers")
 
     def __init__(self, table, segments: list[tuple[int, int, object, int]] | None,  # noqa: ANN001
                  columns: tuple[list, list, list, list] | None = None, sink: FileSink | None = None) -> None:
@@ -168,6 +168,9 @@ class Flat:
         #: requests in a sink now, and whether its device dropped it (see `MappedDevice`)
         self.users = 0
         self.retired = False
+        #: called (no arguments, must not block) when its device drops it: holders of a lent
+        #: Flat (`MappedDevice.lend_flat`) give it back then
+        self.watchers: list = []
         #: the one sink of every segment (`_one_file`): no per-segment call to look up
         self._sink = sink
         self.read, self.write = (self._read_one, self._write_one) if sink is not None else (self._read, self._write)
@@ -195,6 +198,28 @@ class Flat:
     def _write(self, offset: int, data: memoryview, fua: bool) -> bool:
         i = bisect_right(self.starts, offset) - 1
         return offset + len(data) <= self.starts[i + 1] and self.writes[i](offset + self.deltas[i], data, fua)
+
+
+def file_segments(flat: Flat) -> tuple[list[list], list[FileSink]] | None:
+    """The Flat as files only, for I/O done in another process: ([start, end, index of the
+    file in the second list, delta, writable] per segment, [FileSink, ...] without
+    repeats), or None if a segment has another sink or none, a file is dead, or the table
+    has more than MAX_SEGMENTS segments."""
+    if len(flat.starts) - 1 > MAX_SEGMENTS:
+        return None
+    sinks: list[FileSink] = []
+    index: dict[int, int] = {}
+    segments = []
+    for i in range(len(flat.starts) - 1):
+        sink = flat._sink if flat._sink is not None else flat.segments[i][2]
+        if sink.__class__ is not FileSink or sink.disk.dead:
+            return None
+        at = index.get(id(sink))
+        if at is None:
+            at = index[id(sink)] = len(sinks)
+            sinks.append(sink)
+        segments.append([flat.starts[i], flat.starts[i + 1], at, flat.deltas[i], sink.writable])
+    return segments, sinks
 
 
 def splice_file(fd: int, offset: int, length: int, pipe: int) -> bool:

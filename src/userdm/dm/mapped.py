@@ -494,11 +494,39 @@ class MappedDevice(BlockDevice):
                 if old is not None:
                     old.retired = True
                     dropped.append((md, old))
+        for _md, old in dropped:
+            for watcher in list(old.watchers):
+                watcher()
         if wait:
             for md, old in dropped:
                 with md._lock:
                     while old.users:
                         md._cond.wait()
+
+    def lend_flat(self, watcher: Callable[[], None]) -> collapse.Flat | None:
+        """The live table's Flat, counted as one user until `return_flat`, for I/O done
+        elsewhere (an NBD worker process, `userdm.export.nbd.offload`); None while the device
+        is suspended or suspending, interposed, dead or without a Flat. When the Flat is
+        dropped, `watcher()` is called, and a suspend waits until it is returned: whoever
+        borrowed it must stop using it and return it promptly."""
+        with self._lock:
+            if self._blocked or self.suspended or self.interposers or self.dead or self.live is None:
+                return None
+            flat = self._flat if not self._flat_stale else self._collapse()
+            if flat is None:
+                return None
+            flat.users += 1
+            flat.watchers.append(watcher)
+            return flat
+
+    def return_flat(self, flat: collapse.Flat, watcher: Callable[[], None]) -> None:
+        """Give back a Flat from `lend_flat`."""
+        with self._lock:
+            flat.users -= 1
+            if watcher in flat.watchers:
+                flat.watchers.remove(watcher)
+            if flat.retired and not flat.users:
+                self._cond.notify_all()
 
     # ---- the data path ------------------------------------------------------------------
 

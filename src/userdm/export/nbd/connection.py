@@ -150,6 +150,8 @@ class Connection:
         self._slow = 0
         self._window = (0.0, 0.0, 0.0)
         self._fast: tuple | None = None
+        #: when a worker process (`offload.py`) may be offered this connection again
+        self.offload_after = 0.0
 
     # ---- lifetime -------------------------------------------------------------------
 
@@ -217,6 +219,26 @@ class Connection:
                 return
         except Exception:
             log.exception("nbd: connection failed")
+        self._finish()
+
+    def take_back(self, left: bytes, unsent: bytes) -> None:
+        """Serve the connection here again, from where a worker process (`offload.py`) left
+        it: `left` are the request bytes it received but did not serve, `unsent` the replies
+        the socket did not take (sent first)."""
+        if len(left) > len(self._rbuf):     # a big write's payload, partly received
+            self._rbuf = bytearray(len(left) + RECV_BUFFER)
+            self._rview = memoryview(self._rbuf)
+            self._fast = (self._rbuf, self._rview, *self._fast[2:])
+        self._rview[:len(left)] = left
+        self._start, self._end = 0, len(left)
+        if unsent:
+            self._unsent = [unsent]
+        self.resume_threaded()
+
+    def end_offloaded(self, abort: bool) -> None:
+        """A worker process served the connection to its end (or died: `abort`)."""
+        if abort:
+            self.abort()
         self._finish()
 
     def _finish(self) -> None:
@@ -426,6 +448,17 @@ class Connection:
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
+                    off = lp.offload if lp is not None and lp.crowded else None
+                    if off is not None and last >= self.offload_after:
+                        if start:
+                            rview[:end - start] = rview[start:end]
+                            end -= start
+                            start = 0
+                        self._start, self._end = start, end
+                        if off.take(self, handle, rview[:end], pool.wait_idle):
+                            to_loop = True
+                            return True    # a worker process serves it now
+                        self.offload_after = perf() + off.retry
                     if (run_inline >= LOOP_AFTER and lp is not None and lp.crowded and not header_only
                             and not dispatch_until and not pool.busy()):
                         # small requests only, and other connections: the loop serves it now
@@ -1006,13 +1039,21 @@ class _WorkerPool:
             me.wake.acquire()
             task, me.task = me.task, None
 
+    def wait_idle(self) -> None:
+        """Wait until every task is answered (before the connection moves to a worker)."""
+        with self._lock:
+            self._wait_idle_locked()
+
+    def _wait_idle_locked(self) -> None:
+        while self._in_flight:
+            self._waiting += 1
+            self._room.wait()
+            self._waiting -= 1
+
     def finish(self) -> None:
         """Wait until every task is answered, end the workers, give every buffer back."""
         with self._lock:
-            while self._in_flight:
-                self._waiting += 1
-                self._room.wait()
-                self._waiting -= 1
+            self._wait_idle_locked()
             self._stopping = True
             idle, self._idle = self._idle, []
         for worker in idle:

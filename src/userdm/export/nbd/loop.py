@@ -86,6 +86,8 @@ class ServeLoop:
         self.crowded = False
         #: TLS connections join the loop too (off: they keep their threads, see above)
         self.tls = False
+        #: hands connections to worker processes while crowded (`offload.Offloader`), or None
+        self.offload = None
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._watchdog: threading.Thread | None = None

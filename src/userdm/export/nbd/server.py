@@ -40,6 +40,7 @@ from .catalog import BoundCatalog
 from .connection import Connection
 from .limits import Budget, NBDLimits
 from .loop import ServeLoop
+from .offload import Offloader
 from .tls import ServerTLS
 
 log = logging.getLogger("userdm.nbd")
@@ -55,7 +56,7 @@ class NBDServer:
     def __init__(self, mapper: ExportSource, unix_path: str | os.PathLike[str] | None = None,
                  tcp: tuple[str, int] | None = None, *, threads_per_connection: int = DEFAULT_THREADS,
                  unix_mode: int = 0o600, limits: NBDLimits | None = None,
-                 tls: ServerTLS | None = None) -> None:
+                 tls: ServerTLS | None = None, offload_workers: int | None = None) -> None:
         if unix_path is None and tcp is None:
             raise ValueError("NBDServer needs a unix_path or a tcp address")
         self.mapper = mapper
@@ -78,6 +79,9 @@ class NBDServer:
         self._stopping = False
         #: one thread serving the small requests of every connection while there are several
         self.loop = ServeLoop()
+        #: worker processes that serve connections while several are open (`offload.py`)
+        workers = self.limits.workers if offload_workers is None else offload_workers
+        self.loop.offload = Offloader(workers) if workers > 0 else None
         #: the TCP address actually bound (port 0 picks a free port)
         self.tcp_address: tuple[str, int] | None = None
 
@@ -147,6 +151,8 @@ class NBDServer:
         self._close_listeners()
         for t in self._accept_threads:
             t.join(STOP_GRACE)
+        if self.loop.offload is not None:
+            self.loop.offload.stop()     # the workers' connections come back first
         for conn in conns:
             conn.shutdown()
         for conn in conns:

@@ -1,0 +1,308 @@
+"""Serving NBD connections from worker processes: the daemon's side (issue 18).
+
+One Python process runs one thread at a time, so however many connections are open, the
+daemon serves them on one CPU. `Offloader` moves the data path of a connection to a worker
+process (`worker.py`) while that is exactly what the daemon would do:
+
+- the connection is plain (no TLS: the session cannot move), came from a listener, and is at
+  a request boundary with nothing in flight;
+- two or more connections are open (`ServeLoop.crowded`): one connection alone keeps its own
+  thread, which is cheaper;
+- its device lends its collapsed table (`MappedDevice.lend_flat`: not suspended or
+  suspending, not interposed, not dead) and every segment of it is a file (`FileSink`).
+
+Everything else stays in the daemon: the handshake, the control plane, the opens, events. The
+worker serves READ, WRITE and FLUSH and hands the connection back, unserved, at the first
+request it does not do, or that fails (the daemon then answers it: its errno, its failure
+events). The lent Flat counts as one user of it, so when the device drops it (suspend start,
+resume, load, remove, or any of these below it) the suspend waits for it: the Flat's watcher
+sends `revoke`, the worker hands the connection back between two requests, and only then is
+the Flat returned and the suspend's drain goes on; the connection's next request then waits
+for the resume in the daemon, as always. A file that dies (deleted, failed) is seen within
+DEAD_CHECK seconds and the connection revoked too.
+
+A worker that dies takes its connections with it: the daemon closes them (their streams are
+in an unknown state) and keeps serving the others; a new worker starts on the next hand-off.
+`stop()` takes every connection back before the server stops them as usual.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from ...dm import collapse
+from . import worker as wire
+
+log = logging.getLogger("userdm.nbd")
+
+#: seconds between looks at whether a file under an offloaded connection died
+DEAD_CHECK = 0.1
+#: seconds a connection waits before it is offered to a worker again after a refusal
+RETRY = 1.0
+#: seconds `stop` waits for the workers to hand their connections back
+STOP_GRACE = 5.0
+
+
+@dataclass(eq=False)
+class _Lent:
+    conn: object          # Connection
+    device: object        # the MappedDevice that lent `flat`
+    flat: collapse.Flat
+    watcher: object
+    worker: "_Worker"
+    disks: list
+
+
+class _Worker:
+    def __init__(self) -> None:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "userdm.export.nbd.worker", str(theirs.fileno())],
+                                         pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self.ctl = ours
+        self.alive = True
+        self.ids: set[int] = set()
+        self.send_lock = threading.Lock()
+
+    def send(self, msg: dict, fds: list[int] = ()) -> bool:
+        try:
+            with self.send_lock:
+                wire.send(self.ctl, msg, fds)
+            return True
+        except OSError:
+            return False
+
+
+class Offloader:
+    """Hands connections to at most `workers` worker processes (started on first use)."""
+
+    def __init__(self, workers: int) -> None:
+        self.count = workers
+        #: seconds before a connection it refused is offered again
+        self.retry = RETRY
+        self._workers: list[_Worker] = []
+        self._lent: dict[int, _Lent] = {}
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._stopping = False
+        self._monitor: threading.Thread | None = None
+        #: connections handed to a worker and handed back, over the server's life
+        self.handed = 0
+        self.returned = 0
+
+    def offloaded(self) -> int:
+        """Connections a worker serves now."""
+        with self._lock:
+            return len(self._lent)
+
+    # ---- hand-off ---------------------------------------------------------------------
+
+    def take(self, conn, handle, pending: memoryview, wait_idle) -> bool:  # noqa: ANN001
+        """Give `conn` (at a request boundary; `pending`: the request bytes it holds) to a
+        worker; `wait_idle()` waits until its dispatched requests are answered. False: it
+        stays here (and is offered again after RETRY seconds)."""
+        if self._stopping or conn.sock.__class__ is not socket.socket or getattr(conn.catalog, "open_until_eof", False):
+            return False
+        device = getattr(handle, "device", None)
+        lend = getattr(device, "lend_flat", None)
+        if lend is None or device.suspended or device.interposers:
+            return False
+        wait_idle()
+        ident = next(self._ids)
+        watcher = lambda: self.revoke(ident)  # noqa: E731
+        flat = lend(watcher)
+        if flat is None:
+            return False
+        files = collapse.file_segments(flat)
+        if files is None or len(files[1]) > wire.MAX_FDS - 2:
+            device.return_flat(flat, watcher)
+            return False
+        segments, sinks = files
+        export = conn.export
+        msg = {"op": "serve", "id": ident, "size": device.size, "structured": export.structured,
+               "min_block": export.min_block, "max_payload": export.max_payload,
+               "read_only": export.read_only, "files": len(sinks), "segments": segments,
+               "pending": len(pending)}
+        fds = [conn.sock.fileno(), *(s.fd for s in sinks)]
+        extra = [wire.blob(pending)] if len(pending) else []
+        try:
+            with self._lock:
+                worker = None if self._stopping else self._worker()
+                if worker is None or flat.retired:
+                    device.return_flat(flat, watcher)
+                    return False
+                lent = _Lent(conn, device, flat, watcher, worker, [s.disk for s in sinks])
+                self._lent[ident] = lent
+                worker.ids.add(ident)
+                if not worker.send(msg, fds + extra):
+                    del self._lent[ident]
+                    worker.ids.discard(ident)
+                    device.return_flat(flat, watcher)
+                    return False
+                self.handed += 1
+        finally:
+            for fd in extra:
+                os.close(fd)
+        return True
+
+    def _worker(self) -> _Worker | None:
+        """With `_lock` held: a live worker with no connection, else a new one while fewer
+        than `count` are alive, else the one with the fewest connections (a connection a
+        process, as long as there are workers: at qd1 each waits for its client)."""
+        self._workers = [w for w in self._workers if w.alive]
+        idle = [w for w in self._workers if not w.ids]
+        if idle:
+            return idle[0]
+        if len(self._workers) < self.count:
+            try:
+                w = _Worker()
+            except OSError as exc:
+                log.warning("nbd: no worker process (%s): connections are served in the daemon", exc)
+                return min(self._workers, key=lambda w: len(w.ids), default=None)
+            self._workers.append(w)
+            threading.Thread(target=self._read, args=(w,), name="nbd-offload", daemon=True).start()
+            if self._monitor is None:
+                self._monitor = threading.Thread(target=self._watch_disks, name="nbd-offload-watch", daemon=True)
+                self._monitor.start()
+            return w
+        return min(self._workers, key=lambda w: len(w.ids))
+
+    def revoke(self, ident: int) -> None:
+        """Ask for connection `ident` back (a Flat watcher: must not block)."""
+        with self._lock:
+            lent = self._lent.get(ident)
+        if lent is not None:
+            lent.worker.send({"op": "revoke", "id": ident})
+
+    # ---- what workers say ---------------------------------------------------------------
+
+    def _read(self, w: _Worker) -> None:
+        try:
+            while True:
+                try:
+                    msg, fds = wire.receive(w.ctl)
+                except OSError:
+                    msg, fds = None, []
+                if msg is None:
+                    break
+                self._message(msg, fds)
+        finally:
+            self._worker_gone(w)
+
+    def _message(self, msg: dict, fds: list[int]) -> None:
+        with self._cond:
+            lent = self._lent.pop(msg.get("id"), None)
+            if lent is not None:
+                lent.worker.ids.discard(msg["id"])
+                self._cond.notify_all()
+        if msg["op"] == "back":
+            data = wire.read_blob(fds[0], msg["left"] + msg["unsent"]) if fds else b""
+        else:
+            for fd in fds:
+                os.close(fd)
+            data = b""
+        if lent is None:
+            return
+        # the Flat first: a suspend waiting for it goes on, and the connection's next request
+        # then waits for the resume here
+        lent.device.return_flat(lent.flat, lent.watcher)
+        conn = lent.conn
+        if msg["op"] == "back":
+            self.returned += 1
+            left, unsent = data[:msg["left"]], data[msg["left"]:]
+            log.debug("nbd: connection back from its worker: %s", msg.get("why"))
+            threading.Thread(target=conn.take_back, args=(left, unsent), name="nbd-conn", daemon=True).start()
+        else:
+            log.debug("nbd: offloaded connection ended: %s", msg.get("why"))
+            threading.Thread(target=conn.end_offloaded, args=(bool(msg.get("abort")),),
+                             name="nbd-conn", daemon=True).start()
+
+    def _worker_gone(self, w: _Worker) -> None:
+        """The worker exited (or its socket broke): close its connections, their streams are
+        in an unknown state."""
+        with self._cond:
+            w.alive = False
+            gone = [self._lent.pop(i) for i in list(w.ids) if i in self._lent]
+            w.ids.clear()
+            self._cond.notify_all()
+        if gone and not self._stopping:
+            log.warning("nbd: worker process %d ended (%s): closing its %d connection(s)", w.proc.pid,
+                        _exit_status(w.proc), len(gone))
+        for lent in gone:
+            lent.device.return_flat(lent.flat, lent.watcher)
+            threading.Thread(target=lent.conn.end_offloaded, args=(True,), name="nbd-conn", daemon=True).start()
+        try:
+            w.ctl.close()
+        except OSError:
+            pass
+        _reap(w.proc)
+
+    def _watch_disks(self) -> None:
+        """Revoke connections whose files died (the daemon's own path then fails them)."""
+        while not self._stopping:
+            time.sleep(DEAD_CHECK)
+            with self._lock:
+                lents = list(self._lent.items())
+            for ident, lent in lents:
+                if lent.device.dead or any(d.dead for d in lent.disks):
+                    self.revoke(ident)
+
+    # ---- stop ---------------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Take every connection back (the server then stops them as usual), end the workers."""
+        with self._cond:
+            self._stopping = True
+            idents = list(self._lent)
+        for ident in idents:
+            self.revoke(ident)
+        deadline = time.monotonic() + STOP_GRACE
+        with self._cond:
+            while self._lent and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            workers = list(self._workers)
+        for w in workers:
+            try:
+                w.ctl.shutdown(socket.SHUT_RDWR)    # the worker sees EOF and exits
+            except OSError:
+                pass
+        for w in workers:
+            _reap(w.proc)
+
+
+def _worker_env() -> dict[str, str]:
+    """The daemon's environment, with the tree this userdm was imported from first on the
+    path (the worker runs the same code, however the daemon found it)."""
+    tree = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": tree + (os.pathsep + path if path else "")}
+
+
+def _reap(proc: subprocess.Popen) -> None:
+    try:
+        proc.wait(STOP_GRACE)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _exit_status(proc: subprocess.Popen) -> str:
+    code = proc.poll()
+    if code is None:
+        return "its socket broke"
+    return f"signal {-code}" if code < 0 else f"status {code}"
+

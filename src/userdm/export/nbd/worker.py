@@ -1,0 +1,384 @@
+"""An NBD worker process: serves the data path of connections the daemon hands it (issue 18).
+
+Python runs one thread at a time per process, so the daemon's event loop serves all its NBD
+connections on one CPU. A worker is a second process (`python -m userdm.export.nbd.worker
+FD`, started by `offload.py`, never a fork of the threaded daemon) that serves connections
+whose device maps onto files only: the daemon passes, over the control socket FD (a Unix
+SOCK_SEQPACKET pair, descriptors by SCM_RIGHTS), the connection's socket, the files of the
+device's collapsed table (`userdm.dm.collapse`) with their segments, and the request bytes it
+had already received. The worker does READ, WRITE and FLUSH with preadv/pwritev/fdatasync and
+nothing else: any other request, flag or refusal, any error, hands the connection back
+*before* that request, unserved, and the daemon serves it as it always does (its errno, its
+failure events, its protocol errors).
+
+Messages (JSON; bulk bytes in a memfd passed along, so no message is big):
+- daemon -> worker: `serve` (id, export facts, segments; descriptors: socket, files, and a
+  memfd of the bytes already received), `revoke` (id: hand it back now).
+- worker -> daemon: `back` (id, why; a memfd of the request bytes received but not served,
+  then the reply bytes the socket did not take), `ended` (id; EOF, NBD_CMD_DISC, or an error
+  on the socket: the daemon closes the connection).
+The worker is single-threaded: it handles a control message only between requests, so a
+connection handed back has no request in flight. A reply the socket does not take at once
+waits (EPOLLOUT) while that connection reads nothing more, as the daemon's loop does; after
+SLOW_READER seconds the connection goes back to the daemon, whose send closes it when the
+client has read nothing for --nbd-reply-timeout. The
+worker exits when the control socket closes (the daemon stopped or died).
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from bisect import bisect_right
+
+from ...nbd import constants as C
+
+_REQUEST = struct.Struct(">IHHQQI")
+_SIMPLE = struct.Struct(">IIQ")
+_CHUNK = struct.Struct(">IHHQIQ")   # structured OFFSET_DATA chunk header with its offset
+_DONTWAIT = socket.MSG_DONTWAIT
+_READ, _WRITE, _FLUSH, _DISC = C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_DISC
+#: the largest READ or WRITE a worker serves (bigger ones go back to the daemon)
+MAX_REQUEST = 4 << 20
+RECV_BUFFER = 128 * 1024
+BIG_READ = 64 * 1024                 # a READ this big is sent alone, not batched
+#: seconds replies may wait for a client that reads nothing before the connection goes back
+#: to the daemon (whose send waits --nbd-reply-timeout, then closes it)
+SLOW_READER = 1.0
+ARENA = MAX_REQUEST + 64 * 1024
+MAX_FDS = 253                        # SCM_RIGHTS carries at most this many per message
+
+
+def blob(data: bytes | memoryview) -> int:
+    """A memfd holding `data`, to pass along a message."""
+    fd = os.memfd_create("userdm-nbd", os.MFD_CLOEXEC)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    return fd
+
+
+def read_blob(fd: int, length: int) -> bytes:
+    """The `length` bytes of a memfd from `blob`; closes it."""
+    try:
+        return os.pread(fd, length, 0) if length else b""
+    finally:
+        os.close(fd)
+
+
+def send(ctl: socket.socket, msg: dict, fds: list[int] = ()) -> None:
+    socket.send_fds(ctl, [json.dumps(msg).encode()], list(fds))
+
+
+def receive(ctl: socket.socket) -> tuple[dict | None, list[int]]:
+    """One message and its descriptors; (None, []) when the other side is gone."""
+    data, fds, _flags, _addr = socket.recv_fds(ctl, 1 << 16, MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(data), fds
+
+
+class _Served:
+    """One connection this worker serves."""
+
+    def __init__(self, ident: int, msg: dict, fds: list[int]) -> None:
+        self.id = ident
+        # never O_NONBLOCK: the daemon shares the open file description (MSG_DONTWAIT here)
+        self.sock = socket.socket(fileno=fds[0])
+        self.fd = self.sock.fileno()
+        files = fds[1:1 + msg["files"]]
+        self.files = files
+        segs = msg["segments"]            # [start, end, file index, delta, writable]
+        self.starts = [s[0] for s in segs] + [segs[-1][1]]
+        self.seg_fd = [files[s[2]] for s in segs]
+        self.deltas = [s[3] for s in segs]
+        self.writable = [bool(s[4]) and not msg["read_only"] for s in segs]
+        self.size = msg["size"]
+        self.mask = msg["min_block"] - 1
+        self.max = min(msg["max_payload"], MAX_REQUEST)
+        self.structured = msg["structured"]
+        pending = read_blob(fds[-1], msg["pending"]) if msg["pending"] else b""
+        self.rbuf = bytearray(max(RECV_BUFFER, len(pending) + RECV_BUFFER))
+        self.rview = memoryview(self.rbuf)
+        self.rview[:len(pending)] = pending
+        self.start, self.end = 0, len(pending)
+        self.arena = mmap.mmap(-1, ARENA)
+        self.aview = memoryview(self.arena)
+        self.backlog = b""                # reply bytes the socket did not take, since when
+        self.backlog_since = 0.0
+
+    def close(self) -> None:
+        for fd in self.files:
+            os.close(fd)
+        self.files = []
+        self.aview.release()
+        self.arena.close()
+        self.sock.close()
+
+
+class Worker:
+    def __init__(self, ctl: socket.socket) -> None:
+        self.ctl = ctl
+        self.ep = select.epoll()
+        self.ep.register(ctl.fileno(), select.EPOLLIN)
+        self.conns: dict[int, _Served] = {}     # by socket fd
+        self.by_id: dict[int, _Served] = {}
+        self.backlogged: set[_Served] = set()   # connections with replies not sent
+
+    def run(self) -> None:
+        ctl_fd = self.ctl.fileno()
+        while True:
+            for c in list(self.backlogged):   # a client that reads slowly: the daemon applies its reply timeout
+                if time.monotonic() - c.backlog_since > SLOW_READER:
+                    self._give_back(c, "the client does not read its replies")
+            for fd, ev in self.ep.poll(SLOW_READER / 4 if self.backlogged else -1):
+                if fd == ctl_fd:
+                    if not self._control():
+                        return
+                    continue
+                c = self.conns.get(fd)
+                if c is None:
+                    continue
+                if c.backlog:
+                    self._drain(c)
+                else:
+                    self._pump(c, True)
+
+    # ---- control ----------------------------------------------------------------------
+
+    def _control(self) -> bool:
+        msg, fds = receive(self.ctl)
+        if msg is None:
+            return False
+        if msg["op"] == "serve":
+            c = _Served(msg["id"], msg, fds)
+            self.conns[c.fd] = c
+            self.by_id[c.id] = c
+            self.ep.register(c.fd, select.EPOLLIN)
+            self._pump(c, False)
+        elif msg["op"] == "revoke":
+            c = self.by_id.get(msg["id"])
+            if c is not None:
+                self._give_back(c, "revoked")
+        return True
+
+    def _forget(self, c: _Served) -> None:
+        self.backlogged.discard(c)
+        del self.conns[c.fd]
+        del self.by_id[c.id]
+        try:
+            self.ep.unregister(c.fd)
+        except OSError:
+            pass
+        c.close()
+
+    def _give_back(self, c: _Served, why: str) -> None:
+        """Hand `c` back to the daemon: the request bytes not served, the replies not sent."""
+        left = c.rview[c.start:c.end]
+        data = bytes(left) + c.backlog
+        fds = [blob(data)] if data else []
+        try:
+            send(self.ctl, {"op": "back", "id": c.id, "why": why, "left": len(left),
+                            "unsent": len(c.backlog)}, fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+            left.release()
+            self._forget(c)
+
+    def _end(self, c: _Served, abort: bool, why: str) -> None:
+        send(self.ctl, {"op": "ended", "id": c.id, "abort": abort, "why": why})
+        self._forget(c)
+
+    # ---- the data path ----------------------------------------------------------------
+
+    def _drain(self, c: _Served) -> None:
+        """EPOLLOUT: send the backlog; then serve what is buffered."""
+        try:
+            n = c.sock.send(c.backlog, _DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._end(c, True, f"reply not sent: {exc}")
+            return
+        c.backlog = c.backlog[n:]
+        if not c.backlog:
+            self.backlogged.discard(c)
+            self.ep.modify(c.fd, select.EPOLLIN)
+            self._pump(c, False)
+
+    def _flush(self, c: _Served, apos: int) -> bool:
+        """Send the arena's replies; what the socket does not take becomes the backlog
+        (False: stop reading this connection until it is sent). Raises OSError."""
+        view = c.aview[:apos]
+        try:
+            sent = c.sock.send(view, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        if sent < apos:
+            c.backlog = bytes(view[sent:])
+            c.backlog_since = time.monotonic()
+            self.backlogged.add(c)
+        view.release()
+        return sent == apos
+
+    def _room(self, c: _Served, apos: int, need: int) -> int:
+        """Where `need` more reply bytes go in the arena: `apos`, or 0 once the arena is
+        sent; -1 if the socket did not take it all (the rest is the backlog: stop)."""
+        if apos + need <= ARENA:
+            return apos
+        return 0 if self._flush(c, apos) else -1
+
+    def _pump(self, c: _Served, receive_first: bool) -> None:
+        """Receive what has arrived and serve the whole requests in the buffer."""
+        rbuf, rview, start, end = c.rbuf, c.rview, c.start, c.end
+        if receive_first:
+            if start:
+                rview[:end - start] = rview[start:end]
+                end -= start
+                start = 0
+            try:
+                n = c.sock.recv_into(rview[end:], 0, _DONTWAIT)
+            except BlockingIOError:
+                n = -1
+            except OSError as exc:
+                self._end(c, False, f"connection ended: {exc}")
+                return
+            if n == 0:
+                self._end(c, False, "EOF")
+                return
+            if n > 0:
+                end += n
+        arena, aview = c.arena, c.aview
+        hlen = _CHUNK.size if c.structured else _SIMPLE.size
+        structured = c.structured
+        starts, deltas, seg_fd, writable = c.starts, c.deltas, c.seg_fd, c.writable
+        size, mask, biggest = c.size, c.mask, c.max
+        apos = 0
+        why = None
+        ended = None
+        try:
+            while end - start >= 28:
+                magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(rbuf, start)
+                if magic != C.REQUEST_MAGIC or flags:
+                    why = "not a plain request"
+                    break
+                if cmd == _READ or cmd == _WRITE:
+                    if (not length or length > biggest or (offset | length) & mask
+                            or offset + length > size):
+                        why = "request the daemon refuses or splits"
+                        break
+                    i = bisect_right(starts, offset) - 1
+                    if offset + length > starts[i + 1] or cmd == _WRITE and not writable[i]:
+                        why = "request over segments or read-only"
+                        break
+                    if cmd == _WRITE:
+                        need = 28 + length
+                        if end - start < need:
+                            if len(rbuf) < need:     # a big write: room for it, kept
+                                c.rbuf = bytearray(need + RECV_BUFFER)
+                                c.rview = memoryview(c.rbuf)
+                                c.rview[:end - start] = rview[start:end]
+                                rview.release()
+                                rbuf, rview = c.rbuf, c.rview
+                                end -= start
+                                start = 0
+                            break
+                        apos = self._room(c, apos, 16)
+                        if apos < 0:
+                            apos = 0
+                            break
+                        data = rview[start + 28:start + need]
+                        try:
+                            done = os.pwritev(seg_fd[i], [data], offset + deltas[i])
+                        except OSError:
+                            done = -1
+                        data.release()
+                        if done != length:
+                            why = "write failed"
+                            break
+                        start += need
+                        _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                        apos += 16
+                        continue
+                    apos = self._room(c, apos, hlen + length)
+                    if apos < 0:
+                        apos = 0
+                        break
+                    dest = aview[apos + hlen:apos + hlen + length]
+                    try:
+                        done = os.preadv(seg_fd[i], [dest], offset + deltas[i])
+                    except OSError:
+                        done = -1
+                    dest.release()
+                    if done != length:
+                        why = "read failed"
+                        break
+                    start += 28
+                    if structured:
+                        _CHUNK.pack_into(arena, apos, C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE,
+                                         C.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
+                    else:
+                        _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                    apos += hlen + length
+                    if length >= BIG_READ:       # sent at once, as the daemon's workers do:
+                        if not self._flush(c, apos):   # the client waits for it
+                            apos = 0
+                            break
+                        apos = 0
+                elif cmd == _FLUSH and not offset and not length:
+                    apos = self._room(c, apos, 16)
+                    if apos < 0:
+                        apos = 0
+                        break
+                    try:
+                        for fd in c.files:
+                            os.fdatasync(fd)
+                    except OSError:
+                        why = "flush failed"
+                        break
+                    start += 28
+                    _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                    apos += 16
+                elif cmd == _DISC:
+                    start += 28
+                    ended = "NBD_CMD_DISC"
+                    break
+                else:
+                    why = "request the worker does not do"
+                    break
+            if apos:
+                self._flush(c, apos)
+        except OSError as exc:
+            c.start, c.end = start, end
+            self._end(c, True, f"reply not sent: {exc}")
+            return
+        c.start, c.end = start, end
+        if ended is not None and c.backlog:
+            c.start -= 28                  # the daemon sends the replies, then disconnects
+            self._give_back(c, "disconnect with replies unsent")
+        elif ended is not None:
+            self._end(c, False, ended)
+        elif why is not None:
+            self._give_back(c, why)
+        elif c.backlog:
+            self.ep.modify(c.fd, select.EPOLLOUT)
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the daemon decides when to stop
+    ctl = socket.socket(fileno=int(argv[0]))
+    Worker(ctl).run()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
