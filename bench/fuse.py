@@ -4,9 +4,10 @@ Both paths use the same backing file, in one run:
 
     plain:    fio/dd -> /dev/loopA (direct-io) -> file
     userdm:   fio/dd -> /dev/loopB (direct-io) -> FUSE file -> userdm's FUSE server -> Mapper
-              (linear) -> file, requests through FUSE over io_uring (the bench turns the
-              kernel's `enable_uring` on for its run and back off after)
-    devfuse:  the same, requests read from /dev/fuse (`--no-devfuse` leaves it out)
+              (linear) -> file, requests read from /dev/fuse (the default)
+    uring:    the same, requests through FUSE over io_uring (`userdm daemon --fuse-uring`; the
+              bench turns the kernel's `enable_uring` on for its run and back after;
+              `--no-uring` leaves it out)
     baseline: the same with the FuseExport of another source tree (`--baseline-src`), e.g. the
               libfuse export of an older commit (with mfusepy installed), for before/after figures
     passthrough: (`--passthrough`) userdm's export with FUSE passthrough: the device maps the
@@ -74,7 +75,7 @@ def serve(mountpoint: str, path: str, passthrough: bool, uring: bool) -> None:
     mapper = Mapper()
     mapper.create("bench", f"0 {os.path.getsize(path) // SECTOR} linear {path} 0")
     export = FuseExport(mapper, mountpoint, **({"passthrough": True} if passthrough else {}),
-                        **({} if uring else {"uring": False}))
+                        **({"uring": True} if uring else {}))
     export.start()
     print("ready", flush=True)
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
@@ -224,13 +225,13 @@ def main() -> int:
     parser.add_argument("--passthrough", action="store_true",
                         help="also measure userdm's export with FUSE passthrough")
     parser.add_argument("--no-bindfs", action="store_true", help="leave out the C FUSE daemon (bindfs)")
-    parser.add_argument("--no-devfuse", action="store_true", help="leave out userdm reading /dev/fuse")
-    parser.add_argument("--no-uring", action="store_true", help=argparse.SUPPRESS)   # for --serve
+    parser.add_argument("--no-uring", action="store_true", help="leave out userdm with FUSE over io_uring")
+    parser.add_argument("--uring", action="store_true", help=argparse.SUPPRESS)   # for --serve
     parser.add_argument("--profile", metavar="OUT", help="py-spy the serving process during the 4k jobs")
     parser.add_argument("--serve", nargs=2, metavar=("MOUNTPOINT", "FILE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
-        serve(*args.serve, args.passthrough, not args.no_uring)
+        serve(*args.serve, args.passthrough, args.uring)
         return 0
     if os.geteuid() != 0:
         print("bench/fuse.py needs root (loop devices, FUSE)", file=sys.stderr)
@@ -241,7 +242,7 @@ def main() -> int:
         parser.error(f"unknown jobs: {', '.join(sorted(unknown))}")
 
     here = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src")
-    exports = {"userdm": (here, []), **({} if args.no_devfuse else {"devfuse": (here, ["--no-uring"])}),
+    exports = {"userdm": (here, []), **({} if args.no_uring else {"uring": (here, ["--uring"])}),
                **({"baseline": (args.baseline_src, [])} if args.baseline_src else {}),
                **({"passthrough": (here, ["--passthrough"])} if args.passthrough else {})}
     c_fuse = not args.no_bindfs and shutil.which("bindfs") is not None
@@ -251,8 +252,8 @@ def main() -> int:
     sys.path.insert(0, here)
     from userdm.export.fuse.uring import fuse_uring_enabled
     with ExitStack() as stack:
-        if not stack.enter_context(fuse_uring_enabled()):
-            print("this kernel has no FUSE over io_uring: userdm reads /dev/fuse", file=sys.stderr)
+        if not args.no_uring and not stack.enter_context(fuse_uring_enabled()):
+            print("this kernel has no FUSE over io_uring: the uring column reads /dev/fuse", file=sys.stderr)
         tmp = stack.enter_context(tempfile.TemporaryDirectory(dir=args.dir, prefix="userdm-fuse-bench-"))
         os.mkdir(os.path.join(tmp, "data"))
         backing = os.path.join(tmp, "data", "disk.img")

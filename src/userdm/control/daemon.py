@@ -66,14 +66,14 @@ class Daemon:
                  fuse: bool = True, nbd: bool = True, example: bool = False,
                  control_limits: ControlLimits | None = None, nbd_limits: Any = None,
                  block_devices: bool = False, nbd_tls: Any = None, fuse_passthrough: bool = False,
-                 fuse_uring: bool = True) -> None:
+                 fuse_uring: bool = False) -> None:
         self.runtime_dir = runtime_dir
         self.state_dir = state_dir
         self.nbd_listen = parse_listen(nbd_listen) if nbd_listen else None
         self.want_fuse = fuse
         #: FUSE files of devices that map one file byte for byte do their I/O in the kernel
         self.fuse_passthrough = fuse_passthrough
-        #: FUSE over io_uring when the kernel offers it
+        #: FUSE over io_uring when the kernel offers it (`--fuse-uring`)
         self.fuse_uring = fuse_uring
         self.want_nbd = nbd
         self.example = example

@@ -49,7 +49,7 @@ class FuseExport:
     """One file per exported device of `mapper` in `mountpoint`, served until `stop()`."""
 
     def __init__(self, mapper: ExportSource, mountpoint: str | os.PathLike[str], *,
-                 allow_other: bool = False, passthrough: bool = False, uring: bool = True) -> None:
+                 allow_other: bool = False, passthrough: bool = False, uring: bool = False) -> None:
         self.mapper = mapper
         self.mountpoint = os.path.abspath(os.fspath(mountpoint))
         self.allow_other = allow_other
@@ -85,9 +85,9 @@ class FuseExport:
             raise DMError(errno.EIO, f"the FUSE export at {self.mountpoint} does not answer: {exc}") from None
         log.info("FUSE export mounted at %s", self.mountpoint)
         if self.uring and not self._ops.ring:
-            log.info("FUSE at %s: requests come through /dev/fuse (the kernel offers no FUSE over "
-                     "io_uring; where it has it, root turns it on with: echo Y > %s; docs/fuse.md)",
-                     self.mountpoint, FUSE_PARAMETER)
+            log.warning("FUSE at %s: requests come through /dev/fuse: the kernel offers no FUSE over "
+                        "io_uring (where it has it, root turns it on with: echo Y > %s)",
+                        self.mountpoint, FUSE_PARAMETER)
 
     def stop(self) -> None:
         """Stop serving, unmount (lazily if busy) and close the devices' opens. Idempotent;

@@ -192,7 +192,7 @@ class Session:
 
     def __init__(self, ops: DeviceOperations, mountpoint: str, *, fsname: str = "userdm",
                  allow_other: bool = False, on_end: Callable[[], None] = lambda: None,
-                 ring: bool = True) -> None:
+                 ring: bool = False) -> None:
         self.ops = ops
         self.mountpoint = mountpoint
         self.fsname = fsname
