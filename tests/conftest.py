@@ -93,9 +93,19 @@ def daemon(tmp_path: Path):
 def threads_held_by_suspends() -> int:
     """How many threads of this process wait for a suspended device to resume (inside
     `MappedDevice._enter`): requests that reached the device and are held there."""
+    import gc
     import sys
     held = 0
-    for frame in sys._current_frames().values():
+    # No garbage collection inside `_current_frames`: it holds the interpreter's thread list
+    # lock, and a finalizer run there that closes a file on a FUSE mount served by this very
+    # process waits for a serving thread, which cannot start without that lock (a CI run hung
+    # in the held-requests test with the main thread in `_current_frames`).
+    gc.disable()
+    try:
+        frames = sys._current_frames()
+    finally:
+        gc.enable()
+    for frame in frames.values():
         while frame is not None:
             if frame.f_code.co_name == "_enter" and frame.f_code.co_filename.endswith("mapped.py"):
                 held += 1
