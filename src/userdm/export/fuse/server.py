@@ -89,7 +89,6 @@ RING_WAKE = 1 << 63  # the user_data of NOPs that wake a thread waiting in the r
 TOTAL_STORE_ORDER = platform.machine() in ("x86_64", "i386", "i686")
 _EXCLUSIVE = getattr(select, "EPOLLEXCLUSIVE", 0)   # a request wakes one of the threads reading
 _BIG = struct.Struct("<4xI48xI")   # a request's opcode, and a READ's size
-_U32 = struct.Struct("<I")
 #: a ring entry's opcode, READ's size (in op_in) and the payload's size
 _RING_BIG = struct.Struct(f"<4xI{P.RING_OP_IN + 16 - 8}xI{P.RING_PAYLOAD_SIZE - P.RING_OP_IN - 20}xI")
 
