@@ -126,6 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="daemon: FUSE requests come through io_uring when the kernel offers it "
                         "(/sys/module/fuse/parameters/enable_uring): a little faster at 4 KiB, slower at 1 MiB "
                         "(docs/fuse.md)")
+    p.add_argument("--poll-us", type=int, metavar="US", default=200,
+                   help="daemon: microseconds a thread serving NBD or FUSE may poll for the next request "
+                        "before it sleeps, adapted to the client as the kernel's haltpoll does; the CPU "
+                        "is yielded to anyone else who could run (default 200; 0: never poll; docs/polling.md)")
     p.add_argument("--block-devices", action="store_true",
                    help="daemon: a kernel block device (RUNTIME/dev/NAME) for every device with a live table")
     p.add_argument("--example", action="store_true",
@@ -736,8 +740,10 @@ def run_daemon(opts: argparse.Namespace) -> int:
 
     from ..control import paths
     from ..control.daemon import Daemon
+    from ..export import busypoll
     from ..export.nbd import limits as nbd_limits
     nbd_limits_ = nbd_limits.from_options(opts)
+    busypoll.configure(opts.poll_us)
     logging.basicConfig(level=logging.DEBUG if opts.verbose > 1 else logging.INFO,
                         format="userdm: %(name)s: %(message)s")
     from ..export.nbd import tls as nbd_tls

@@ -92,9 +92,10 @@ VERBS: dict[str, Verb] = {
     "daemon": Verb("daemon [--runtime-dir DIR] [--state-dir DIR] [--example] [--no-fuse] [--fuse-passthrough] [--fuse-uring] "
                    "[--no-nbd] "
                    "[--nbd-listen HOST:PORT] [--tls off|on|require] [--tls-certificates DIR] [--tls-verify-peer] "
-                   "[--block-devices] [limits]",
+                   "[--block-devices] [--poll-us US] [limits]",
                    "Run the daemon in the foreground (Ctrl-C or SIGTERM stops it).",
                    ("state_dir", "nbd_listen", "no_fuse", "fuse_passthrough", "fuse_uring", "no_nbd", "block_devices", "example",
+                    "poll_us",
                     "max_control_connections",
                     "max_message_size", "control_message_timeout", "nbd_max_connections",
                     "nbd_handshake_deadline", "nbd_connection_bytes", "nbd_total_bytes",

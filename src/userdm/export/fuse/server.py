@@ -64,6 +64,7 @@ from collections import deque
 from collections.abc import Callable
 
 from ...errors import DMError
+from ..busypoll import PollWindow
 from . import protocol as P
 from .ops import MAX_WRITE, REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
 from .uring import Ring
@@ -213,6 +214,7 @@ class Session:
         self._entries: list[RingEntry] = []
         self._ready: deque[RingEntry] = deque()   # entries holding a request nobody serves yet
         self._waiting: list[int] = []             # per queue: entries waiting for a request
+        self._ring_poll = PollWindow()            # the ring's leader polls before it waits
 
     @property
     def ring_entries(self) -> int:
@@ -280,6 +282,9 @@ class Session:
         ended = False
         serve = self.ops.serve
         big = _BIG.unpack_from
+        poll = PollWindow()
+        deadline = 0.0             # when the leader's poll for the next request gives up
+        perf = time.perf_counter
         try:
             try:
                 ep.register(fd, select.EPOLLIN | _EXCLUSIVE)
@@ -292,13 +297,24 @@ class Session:
                         n = os.readv(fd, (request,))
                     except BlockingIOError:
                         # (only now: a thread woken for a request reads it before it may go)
-                        timeout = None
                         if team.leader is not slot:
                             timeout = team.big_until - monotonic()
                             if timeout <= 0:
                                 break            # follow
-                        if any(f == wake for f, _ in ep.poll(timeout)):
+                            if any(f == wake for f, _ in ep.poll(timeout)):
+                                return
+                            continue
+                        # the leader polls a little before it sleeps (`busypoll.py`)
+                        if not deadline:
+                            deadline = poll.deadline() or -1.0
+                        if perf() < deadline:
+                            os.sched_yield()      # a thread that could run here goes first
+                            continue
+                        slept = perf()
+                        if any(f == wake for f, _ in ep.poll()):
                             return
+                        poll.slept(perf() - slept)
+                        deadline = 0.0
                         continue
                     except InterruptedError:
                         continue
@@ -310,6 +326,7 @@ class Session:
                     if n == 0:                       # severed: the fd is /dev/null now
                         ended = True
                         return
+                    deadline = 0.0
                     slot[0] = team.taken = team.taken + 1
                     if self._parked:                 # after slot[0]: see `_watch`
                         self._unpark()
@@ -479,8 +496,27 @@ class Session:
             if ring.closed:
                 return False
             pushed = ring.take_pushed()
+        poll = self._ring_poll
+        perf = time.perf_counter
         try:
-            ring.enter(pushed, 1)
+            deadline = poll.deadline()
+            if deadline:
+                # submit, and complete what came meanwhile; nothing: poll a little before
+                # sleeping (`busypoll.py`)
+                ring.enter(pushed, 0, getevents=True)
+                if not ring.ready():
+                    while perf() < deadline:
+                        os.sched_yield()      # a thread that could run here goes first
+                        if ring.ready():
+                            break
+                    else:
+                        slept = perf()
+                        ring.enter(0, 1)
+                        poll.slept(perf() - slept)
+            else:
+                slept = perf()
+                ring.enter(pushed, 1)
+                poll.slept(perf() - slept)
         except OSError as exc:
             if not ring.closed:
                 log.error("FUSE at %s: io_uring_enter failed: %s", self.mountpoint, exc)

@@ -59,6 +59,7 @@ from collections.abc import Callable
 
 from ...errors import DMError
 from ...nbd import constants as C
+from ..busypoll import PollWindow
 from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .deadline import HandshakeDeadline
 from .limits import Budget, NBDLimits
@@ -94,6 +95,7 @@ _DONE, _OFFSET_DATA = C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA
 _FUA = C.CMD_FLAG_FUA
 _WAITALL = socket.MSG_WAITALL
 _DONTWAIT = socket.MSG_DONTWAIT
+_yield = os.sched_yield
 _SIMPLE_SIZE = SIMPLE_REPLY.size
 
 
@@ -152,6 +154,8 @@ class Connection:
         self._fast: tuple | None = None
         #: when a worker process (`offload.py`) may be offered this connection again
         self.offload_after = 0.0
+        #: how long the reader polls before it sleeps, while it serves alone (`busypoll.py`)
+        self._poll = PollWindow()
 
     # ---- lifetime -------------------------------------------------------------------
 
@@ -417,7 +421,8 @@ class Connection:
         handle = self.catalog.handle
         sock = self.sock
         pool = self._pool
-        lp = self._loop
+        lp = crowd = self._loop
+        poll = self._poll
         if lp is not None and sock.__class__ is TLSStream and not lp.tls:
             lp = None    # TLS stays in its own thread (see loop.py)
         start, end = self._start, self._end
@@ -476,7 +481,23 @@ class Connection:
                         start = 0
                     # after a dispatched WRITE the next request is probably one too: take only
                     # its header, so that its payload lands straight in its task buffer
-                    n = sock.recv_into(rview[end:], REQUEST_SIZE - end if header_only else 0)
+                    want = REQUEST_SIZE - end if header_only else 0
+                    n = -1
+                    if crowd is None or not crowd.crowded:
+                        # alone here: poll a little before sleeping (`busypoll.py`)
+                        deadline = poll.deadline()
+                        while deadline:
+                            try:
+                                n = sock.recv_into(rview[end:], want, _DONTWAIT)
+                                break
+                            except BlockingIOError:
+                                if perf() >= deadline:
+                                    break
+                                _yield()     # a thread that could run here goes first
+                    if n < 0:
+                        slept = perf()
+                        n = sock.recv_into(rview[end:], want)
+                        poll.slept(perf() - slept)
                     if n == 0:
                         break
                     end += n

@@ -39,6 +39,8 @@ import threading
 import time
 from typing import Protocol
 
+from ..busypoll import PollWindow
+
 log = logging.getLogger("userdm.nbd")
 
 TICK = 0.01      # how often the watchdog looks while the loop serves requests ...
@@ -156,9 +158,21 @@ class ServeLoop:
         wake_r = self._wake_r
         perf = time.perf_counter
         poll = epoll.poll
+        window = PollWindow()
         while True:
             try:
-                events = poll(0 if ready else -1)
+                events = poll(0)
+                if not events and not ready:     # poll a little before sleeping (`busypoll.py`)
+                    deadline = window.deadline()
+                    while deadline and perf() < deadline:
+                        os.sched_yield()         # a thread that could run here goes first
+                        events = poll(0)
+                        if events:
+                            break
+                    else:
+                        slept = perf()
+                        events = poll()
+                        window.slept(perf() - slept)
             except InterruptedError:
                 continue
             if self._stopping:

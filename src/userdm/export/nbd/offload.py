@@ -39,6 +39,7 @@ import time
 from dataclasses import dataclass
 
 from ...dm import collapse
+from .. import busypoll
 from . import worker as wire
 
 log = logging.getLogger("userdm.nbd")
@@ -65,7 +66,8 @@ class _Worker:
     def __init__(self) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
-            self.proc = subprocess.Popen([sys.executable, "-m", "userdm.export.nbd.worker", str(theirs.fileno())],
+            self.proc = subprocess.Popen([sys.executable, "-m", "userdm.export.nbd.worker", str(theirs.fileno()),
+                                          repr(busypoll.LIMIT)],
                                          pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_worker_env())
         except BaseException:
             ours.close()

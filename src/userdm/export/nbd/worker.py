@@ -39,6 +39,8 @@ import time
 from bisect import bisect_right
 
 from ...nbd import constants as C
+from .. import busypoll
+from ..busypoll import PollWindow
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
@@ -136,11 +138,26 @@ class Worker:
 
     def run(self) -> None:
         ctl_fd = self.ctl.fileno()
+        wait = self.ep.poll
+        poll = PollWindow()
+        perf = time.perf_counter
         while True:
             for c in list(self.backlogged):   # a client that reads slowly: the daemon applies its reply timeout
                 if time.monotonic() - c.backlog_since > SLOW_READER:
                     self._give_back(c, "the client does not read its replies")
-            for fd, ev in self.ep.poll(SLOW_READER / 4 if self.backlogged else -1):
+            if self.backlogged:
+                events = wait(SLOW_READER / 4)
+            else:            # poll a little before sleeping (`busypoll.py`)
+                deadline = poll.deadline()
+                events = wait(0)
+                while not events and deadline and perf() < deadline:
+                    os.sched_yield()         # a process that could run here goes first
+                    events = wait(0)
+                if not events:
+                    slept = perf()
+                    events = wait()
+                    poll.slept(perf() - slept)
+            for fd, ev in events:
                 if fd == ctl_fd:
                     if not self._control():
                         return
@@ -375,8 +392,11 @@ class Worker:
 
 
 def main(argv: list[str]) -> None:
+    """`worker.py FD [POLL_SECONDS]`: the control socket, and the daemon's poll window limit."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the daemon decides when to stop
     ctl = socket.socket(fileno=int(argv[0]))
+    if len(argv) > 1:
+        busypoll.LIMIT = float(argv[1])
     Worker(ctl).run()
 
 
