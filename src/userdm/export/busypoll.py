@@ -54,7 +54,7 @@ def configure(microseconds: int) -> None:
     if not 0 <= microseconds <= MAX_US:
         raise DMError(errno.EINVAL, f"--poll-us {microseconds}: must be from 0 (no polling) to {MAX_US} "
                       "microseconds")
-    LIMIT = microseconds * 1e-6
+    LIMIT = microseconds / 1e6
 
 
 class PollWindow:

@@ -18,6 +18,9 @@ pass, without finishing a request, for more than STALL seconds; then it takes th
 the others. The stuck thread, once its request returns, goes on serving that connection
 alone, in a thread of its own, as if it had been handed over (see `_run`).
 
+With nothing to do, the loop thread polls epoll for up to `--poll-us` before it sleeps
+(`busypoll.py`).
+
 A connection joins the loop only while two or more connections are in the transmission
 phase (`crowded`): one connection alone is served by its own thread, which costs one
 system call less per request than a wait on epoll.

@@ -22,7 +22,8 @@ connection handed back has no request in flight. A reply the socket does not tak
 waits (EPOLLOUT) while that connection reads nothing more, as the daemon's loop does; after
 SLOW_READER seconds the connection goes back to the daemon, whose send closes it when the
 client has read nothing for --nbd-reply-timeout. The
-worker exits when the control socket closes (the daemon stopped or died).
+worker exits when the control socket closes (the daemon stopped or died). Before it sleeps
+in epoll it polls for up to the daemon's `--poll-us` (`busypoll.py`, passed as an argument).
 """
 
 from __future__ import annotations
