@@ -64,6 +64,22 @@ def test_limit_zero_never_polls():
     assert w.deadline() == 0.0 and w.window == 0.0
 
 
+def test_a_poll_gives_way_when_the_cpus_are_wanted():
+    """With more runnable processes than CPUs, `pause` does not yield (a yield into a busy
+    run queue loses the CPU for a whole slice): it ends the poll and shrinks the window."""
+    hogs = [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(len(os.sched_getaffinity(0)) + 2)]
+    try:
+        time.sleep(0.3)                 # all of them running
+        w = PollWindow(100e-6)
+        assert not any(w.pause() for _ in range(20))
+        assert w.window == 0.0
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+
+
 @pytest.mark.parametrize("us", [-1, busypoll.MAX_US + 1])
 def test_configure_refuses_a_window_out_of_range(us):
     with pytest.raises(DMError) as exc:

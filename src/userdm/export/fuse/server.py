@@ -307,8 +307,7 @@ class Session:
                         # the leader polls a little before it sleeps (`busypoll.py`)
                         if not deadline:
                             deadline = poll.deadline() or -1.0
-                        if perf() < deadline:
-                            os.sched_yield()      # a thread that could run here goes first
+                        if perf() < deadline and poll.pause():
                             continue
                         slept = perf()
                         if any(f == wake for f, _ in ep.poll()):
@@ -505,8 +504,7 @@ class Session:
                 # sleeping (`busypoll.py`)
                 ring.enter(pushed, 0, getevents=True)
                 if not ring.ready():
-                    while perf() < deadline:
-                        os.sched_yield()      # a thread that could run here goes first
+                    while perf() < deadline and poll.pause():
                         if ring.ready():
                             break
                     else:

@@ -95,7 +95,6 @@ _DONE, _OFFSET_DATA = C.REPLY_FLAG_DONE, C.REPLY_TYPE_OFFSET_DATA
 _FUA = C.CMD_FLAG_FUA
 _WAITALL = socket.MSG_WAITALL
 _DONTWAIT = socket.MSG_DONTWAIT
-_yield = os.sched_yield
 _SIMPLE_SIZE = SIMPLE_REPLY.size
 
 
@@ -491,9 +490,8 @@ class Connection:
                                 n = sock.recv_into(rview[end:], want, _DONTWAIT)
                                 break
                             except BlockingIOError:
-                                if perf() >= deadline:
+                                if perf() >= deadline or not poll.pause():
                                     break
-                                _yield()     # a thread that could run here goes first
                     if n < 0:
                         slept = perf()
                         n = sock.recv_into(rview[end:], want)

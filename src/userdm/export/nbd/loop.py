@@ -167,8 +167,7 @@ class ServeLoop:
                 events = poll(0)
                 if not events and not ready:     # poll a little before sleeping (`busypoll.py`)
                     deadline = window.deadline()
-                    while deadline and perf() < deadline:
-                        os.sched_yield()         # a thread that could run here goes first
+                    while deadline and perf() < deadline and window.pause():
                         events = poll(0)
                         if events:
                             break

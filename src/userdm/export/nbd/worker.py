@@ -151,8 +151,7 @@ class Worker:
             else:            # poll a little before sleeping (`busypoll.py`)
                 deadline = poll.deadline()
                 events = wait(0)
-                while not events and deadline and perf() < deadline:
-                    os.sched_yield()         # a process that could run here goes first
+                while not events and deadline and perf() < deadline and poll.pause():
                     events = wait(0)
                 if not events:
                     slept = perf()
