@@ -22,7 +22,9 @@ An event loop uses the stream without blocking: `recv_into(..., MSG_DONTWAIT)` r
 BlockingIOError when neither the session nor the socket has a byte, `sendmsg(parts,
 MSG_DONTWAIT)` encrypts every part and keeps the ciphertext the socket did not take (the
 next send, or `flush()`, sends it first), and `buffered()` says whether the session holds
-data that a wait on the socket would not announce.
+data that a wait on the socket would not announce; `handshake_nowait()` and `flush_nowait()`
+run the handshake and send the backlog without waiting (a worker process's event loop,
+`export/nbd/tunnel.py`).
 
 PSK: Python 3.11's `ssl` module has no pre-shared key API (3.13 adds one); only X.509
 certificates are supported here.
@@ -177,6 +179,30 @@ class TLSStream:
             self._flush_out(deadline)
             if not self._fill(deadline):
                 raise TLSHandshakeError(errno.ECONNRESET, "TLS handshake failed: the peer closed the connection")
+
+    def handshake_nowait(self) -> bool:
+        """One step of the TLS handshake for an event loop: True once it is done, False
+        while it waits for the peer (what the session made is sent, or kept in the backlog
+        for `flush_nowait`). Raises TLSHandshakeError with the reason (OSError if the socket
+        fails)."""
+        while True:
+            try:
+                with self._lock:
+                    self._tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                self._flush_quietly()     # the alert tells the peer why
+                raise TLSHandshakeError(errno.ECONNABORTED, f"TLS handshake failed: {_reason(exc)}") from None
+            self.flush_nowait()
+            if done:
+                return True
+            try:
+                if not self._fill(None, _DONTWAIT):
+                    raise TLSHandshakeError(errno.ECONNRESET, "TLS handshake failed: the peer closed the connection")
+            except BlockingIOError:
+                return False
 
     def _left(self, deadline: float | None) -> float | None:
         if deadline is None:
@@ -380,6 +406,23 @@ class TLSStream:
     def backlog(self) -> int:
         """Bytes of ciphertext a non-blocking send left behind."""
         return len(self._backlog)
+
+    def flush_nowait(self) -> int:
+        """Send the backlog and what the session made without waiting; the bytes still in
+        the backlog (0: all sent). Raises OSError if the socket fails."""
+        with self._wlock:
+            with self._lock:
+                out = self._out.read()
+            if self._backlog:
+                out = self._backlog + out
+            if not out:
+                return 0
+            try:
+                sent = self.raw.send(out, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            self._backlog = out[sent:] if sent < len(out) else b""
+            return len(self._backlog)
 
     def flush(self) -> None:
         """Send the backlog, waiting for the socket (its send timeout applies)."""

@@ -35,7 +35,10 @@ garbage collection (the pool and the connection drop their references to each ot
 TLS: a connection whose client sends NBD_OPT_STARTTLS (or must: `tls_mode` "require")
 runs the TLS handshake within what is left of the handshake deadline, then speaks through
 a `TLSStream` (`userdm.nbd.tls`), which offers the socket calls used here; the reader and
-the workers share its session under its lock, nothing else changes.
+the workers share its session under its lock, nothing else changes. With worker processes
+(`offload.py`), a worker takes the client's socket at STARTTLS instead, runs the handshake
+and relays (`tunnel.py`): the connection goes on over its end of a socketpair as over a
+plaintext socket (`tunnel` is set), and is offered to that worker even alone.
 
 The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
 a protocol error or a reply that cannot be sent, also for want of room for `reply_timeout`
@@ -154,6 +157,8 @@ class Connection:
         self._fast: tuple | None = None
         #: when a worker process (`offload.py`) may be offered this connection again
         self.offload_after = 0.0
+        #: the worker process holding this connection's TLS session (`offload.start_tls`)
+        self.tunnel = None
         #: how long the reader polls before it sleeps, while it serves alone (`busypoll.py`)
         self._poll = PollWindow()
 
@@ -256,6 +261,8 @@ class Connection:
                 self._loop.entered(-1)
             if getattr(self.catalog, "open_until_eof", False):
                 self._wait_for_eof()
+            if self.tunnel is not None:
+                self.tunnel.release()
             self.catalog.close()
             try:
                 self.sock.close()
@@ -324,10 +331,16 @@ class Connection:
         self._pending = hs.unused_data()
         return True
 
-    def _start_tls(self, hs: ServerHandshake, deadline: float | None) -> TLSStream:
+    def _start_tls(self, hs: ServerHandshake, deadline: float | None) -> TLSStream | socket.socket:
         """STARTTLS was acknowledged: the TLS handshake, within what is left of the deadline;
         from then on the connection speaks through the TLS stream."""
         assert self.tls_context is not None
+        off = self._loop.offload if self._loop is not None else None
+        relay = off.start_tls(self, hs.unused_data(), deadline, _peer(self.sock)) if off is not None else None
+        if relay is not None:     # a worker runs the TLS handshake and relays
+            self.sock = relay
+            hs.tls_started()
+            return relay
         stream = TLSStream(self.sock, self.tls_context, server_side=True, initial=hs.unused_data())
         try:
             stream.handshake(deadline)
@@ -453,7 +466,7 @@ class Connection:
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
-                    off = lp.offload if lp is not None and lp.crowded else None
+                    off = lp.offload if lp is not None and (lp.crowded or self.tunnel is not None) else None
                     if off is not None and last >= self.offload_after:
                         if start:
                             rview[:end - start] = rview[start:end]
