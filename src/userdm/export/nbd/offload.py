@@ -305,6 +305,8 @@ class Offloader:
         if msg["op"] == "back":
             self.returned += 1
             left, unsent = data[:msg["left"]], data[msg["left"]:]
+            if msg.get("hold"):      # a client that reads nothing: its replies wait here
+                conn.offload_after = time.perf_counter() + self.retry
             log.debug("nbd: connection back from its worker: %s", msg.get("why"))
             threading.Thread(target=conn.take_back, args=(left, unsent), name="nbd-conn", daemon=True).start()
         else:

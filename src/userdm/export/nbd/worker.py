@@ -169,7 +169,7 @@ class Worker:
         while True:
             for c in list(self.backlogged):   # a client that reads slowly: the daemon applies its reply timeout
                 if time.monotonic() - c.backlog_since > SLOW_READER:
-                    self._give_back(c, "the client does not read its replies")
+                    self._give_back(c, "the client does not read its replies", True)
             timeout = SLOW_READER / 4 if self.backlogged else None
             expiring = [t for t in self.tunnels.values() if t.expires is not None]
             if expiring:
@@ -282,7 +282,8 @@ class Worker:
             t = None
         finally:
             inner.close()
-        if t is None or t.state != tls_tunnel.RELAY or not t.take_replies():
+        behind = t is not None and t.state == tls_tunnel.RELAY and t.stream.backlog
+        if t is None or t.state != tls_tunnel.RELAY or not behind and not t.take_replies():
             for fd in fds[1:]:
                 os.close(fd)
             if t is not None:
@@ -294,7 +295,9 @@ class Worker:
         self.conns[c.fd] = c
         self.by_id[c.id] = c
         self.ep.register(c.fd, select.EPOLLIN)
-        if t.stream.backlog:          # the daemon's last replies wait for the client
+        if behind:       # the client reads nothing: the daemon keeps it (its reply timeout applies)
+            self._give_back(c, "the client does not read its replies", True)
+        elif t.stream.backlog:          # the daemon's last replies wait for the client
             self._stall(c)
             self.ep.modify(c.fd, select.EPOLLOUT)
         else:
@@ -336,14 +339,15 @@ class Worker:
         c.backlog_since = time.monotonic()
         self.backlogged.add(c)
 
-    def _give_back(self, c: _Served, why: str) -> None:
-        """Hand `c` back to the daemon: the request bytes not served, the replies not sent."""
+    def _give_back(self, c: _Served, why: str, hold: bool = False) -> None:
+        """Hand `c` back to the daemon: the request bytes not served, the replies not sent
+        (`hold`: not worth offering again at once, the client reads nothing)."""
         left = c.rview[c.start:c.end]
         data = bytes(left) + c.backlog
         fds = [blob(data)] if data else []
         try:
             send(self.ctl, {"op": "back", "id": c.id, "why": why, "left": len(left),
-                            "unsent": len(c.backlog)}, fds)
+                            "unsent": len(c.backlog), "hold": hold}, fds)
         finally:
             for fd in fds:
                 os.close(fd)
