@@ -318,3 +318,31 @@ def test_stop_ends_tls_connections_and_their_workers(tmp_path, images, certs):  
     for pid in pids:
         with pytest.raises(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)
+
+
+def test_the_daemon_serves_fio_over_tls_from_its_workers(tmp_path, images, certs):  # noqa: F811
+    """The real daemon (workers on by default): fio verify over four TLS connections, then
+    one alone; the sessions live in its worker processes, which end with it."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    from conftest import Daemon
+    from test_nbd_offload import children
+    (a,) = images(1, 64 * MiB)
+    d = Daemon(tmp_path)
+    d.start("--tls-certificates", str(certs.server))
+    try:
+        d.run("create", "vol", input=f"0 {SECTORS} linear {a} 0\n")
+        env = _libnbd_home(tmp_path, certs.client)
+        uri = f"nbds+unix:///vol?socket={d.runtime / 'nbd.sock'}"
+        for jobs in (4, 1):
+            out = tmp_path / "fio.json"
+            proc = fio_verify(uri, jobs, "4M", out, env)
+            assert proc.returncode == 0, proc.stderr
+            assert json.loads(out.read_text())["jobs"][0]["error"] == 0
+        workers = [p for p in children(d.proc.pid)
+                   if b"userdm.export.nbd.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+        assert workers
+    finally:
+        d.stop()
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or b"zombie" in open(f"/proc/{pid}/status", "rb").read().lower()
