@@ -67,6 +67,7 @@ from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .deadline import HandshakeDeadline
 from .limits import Budget, NBDLimits
 from .loop import ServeLoop
+from .tunnel import describe_peer as _peer
 from ...nbd.handshake import ServerHandshake
 from ...nbd.tls import TLSHandshakeError, TLSStream
 from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
@@ -336,7 +337,7 @@ class Connection:
         from then on the connection speaks through the TLS stream."""
         assert self.tls_context is not None
         off = self._loop.offload if self._loop is not None else None
-        relay = off.start_tls(self, hs.unused_data(), deadline, _peer(self.sock)) if off is not None else None
+        relay = off.start_tls(self, hs.unused_data(), deadline) if off is not None else None
         if relay is not None:     # a worker runs the TLS handshake and relays
             self.sock = relay
             hs.tls_started()
@@ -1151,15 +1152,6 @@ def _failure(exc: Exception, cmd: int, cookie: int, structured: bool) -> bytes:
         return error_reply(cookie, C.errno_to_wire(exc.errno or 5), str(exc), structured)
     log.exception("nbd: %s failed", C.CMD_NAMES.get(cmd, cmd), exc_info=exc)
     return error_reply(cookie, C.NBD_EIO, f"internal error: {exc}", structured)
-
-
-def _peer(sock) -> str:
-    """` (from HOST:PORT)` for a TCP peer, else nothing."""
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return ""
-    return f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) else ""
 
 
 def _block_status(handle, offset: int, length: int, one: bool) -> list[tuple[int, int]]:

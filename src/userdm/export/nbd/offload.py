@@ -69,7 +69,6 @@ class _Tunnel:
 
     id: int
     worker: "_Worker"
-    peer: str              # ` (from HOST:PORT)` for the log, or ""
     owner: "Offloader"
 
     def release(self) -> None:
@@ -147,10 +146,10 @@ class Offloader:
 
     # ---- hand-off ---------------------------------------------------------------------
 
-    def start_tls(self, conn, initial: bytes, deadline: float | None, peer: str) -> socket.socket | None:  # noqa: ANN001
+    def start_tls(self, conn, initial: bytes, deadline: float | None) -> socket.socket | None:  # noqa: ANN001
         """STARTTLS was acknowledged on `conn`'s socket: hand the socket (and `initial`, the
         bytes received after the option) to a worker, which runs the TLS handshake before
-        `deadline` (time.monotonic()) and relays (`peer`: who it is, for the log); returns the connection's new socket, its
+        `deadline` (time.monotonic()) and relays; returns the connection's new socket, its
         end of the relay (None: no worker, TLS stays here)."""
         sock = conn.sock
         tls = self.tls
@@ -168,7 +167,7 @@ class Offloader:
             with self._lock:
                 worker = None if self._stopping else self._worker()
                 if worker is not None and worker.send(msg, [sock.fileno(), theirs.fileno(), *extra]):
-                    tunnel = _Tunnel(ident, worker, peer, self)
+                    tunnel = _Tunnel(ident, worker, self)
                     worker.tunnels.add(ident)
                     self._tunnels[ident] = tunnel
         finally:
@@ -281,9 +280,7 @@ class Offloader:
 
     def _message(self, msg: dict, fds: list[int]) -> None:
         if msg["op"] == "tls_failed":
-            with self._lock:
-                tunnel = self._tunnels.get(msg["tunnel"])
-            log.info("nbd: %s%s, closing the connection", msg["why"], tunnel.peer if tunnel else "")
+            log.info("nbd: %s, closing the connection", msg["why"])
             return
         with self._cond:
             lent = self._lent.pop(msg.get("id"), None)

@@ -63,6 +63,7 @@ class Tunnel:
             except OSError:
                 pass
         self.stream = TLSStream(client, ctx, server_side=True, initial=initial)
+        self.peer = describe_peer(client)     # for the daemon's log of a failed handshake
         self.client_fd = client.fileno()
         self.outer = outer
         self.outer_fd = outer.fileno()
@@ -168,7 +169,7 @@ class Tunnel:
             self.arm()
 
     def _failed(self, why: str) -> None:
-        self.host.report({"op": "tls_failed", "tunnel": self.id, "why": why})
+        self.host.report({"op": "tls_failed", "tunnel": self.id, "why": why + self.peer})
         self.close(False)
 
     # ---- relay ------------------------------------------------------------------------
@@ -312,3 +313,12 @@ class Tunnel:
         except OSError:
             pass
         self.outer.close()
+
+
+def describe_peer(sock) -> str:  # noqa: ANN001
+    """` (from HOST:PORT)` for a TCP peer, else nothing."""
+    try:
+        peer = sock.getpeername()
+    except OSError:
+        return ""
+    return f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) else ""
