@@ -73,8 +73,18 @@ class Tunnel:
         self.daemon_gone = False       # `outer` hung up while replies waited for the client
         self.reply_timeout = reply_timeout
         #: when the handshake, or the last replies after the daemon closed, must be done
-        self.expires = None if left is None else time.monotonic() + left
+        self.expires: float | None = None
         self._masks = {self.client_fd: 0, self.outer_fd: 0}
+        if left is not None:
+            self._expire_at(time.monotonic() + left)
+
+    def _expire_at(self, when: float | None) -> None:
+        """Set `expires` (None: never); the host looks only at tunnels in its `timed` set."""
+        self.expires = when
+        if when is None:
+            self.host.timed.discard(self)
+        else:
+            self.host.timed.add(self)
 
     # ---- epoll ------------------------------------------------------------------------
 
@@ -161,7 +171,7 @@ class Tunnel:
             return
         if done:
             self.state = RELAY
-            self.expires = None
+            self._expire_at(None)
             self.from_client()     # the client may have sent its first option already
             if self.state == RELAY:
                 self.arm()
@@ -251,7 +261,7 @@ class Tunnel:
             return
         if not left and self.daemon_gone:
             self.daemon_gone = False
-            self.expires = None
+            self._expire_at(None)
             self.from_daemon()         # the rest of the replies, then EOF: close
 
     def _daemon_hung_up(self) -> None:
@@ -259,7 +269,7 @@ class Tunnel:
         `reply_timeout` more to read them."""
         if not self.daemon_gone:
             self.daemon_gone = True
-            self.expires = time.monotonic() + self.reply_timeout
+            self._expire_at(time.monotonic() + self.reply_timeout)
 
     # ---- direct mode and the end --------------------------------------------------------
 
@@ -304,6 +314,7 @@ class Tunnel:
         for fd in (self.client_fd, self.outer_fd):
             self._set(fd, 0)
         self.host.ready.discard(self)
+        self._expire_at(None)
         self.host.forget(self)
         try:
             if graceful:

@@ -153,11 +153,12 @@ class Worker:
         self.conns: dict[int, _Served] = {}     # by socket fd
         self.by_id: dict[int, _Served] = {}
         self.backlogged: set[_Served] = set()   # connections with replies not sent
-        #: TLS tunnels by their two fds and by id; those whose session holds bytes that no
-        #: wait announces (served before the next wait); and connections served over one
+        #: TLS tunnels by their two fds and by id; tunnels and connections served over one
+        #: whose session holds bytes that no wait announces (served before the next wait)
         self.tunnel_fds: dict[int, tls_tunnel.Tunnel] = {}
         self.tunnels: dict[int, tls_tunnel.Tunnel] = {}
         self.ready: set = set()
+        self.timed: set[tls_tunnel.Tunnel] = set()      # tunnels with an `expires`
         self.relay_buffer = bytearray(tls_tunnel.CHUNK)
         self._contexts: dict = {}
 
@@ -171,15 +172,13 @@ class Worker:
                 if time.monotonic() - c.backlog_since > SLOW_READER:
                     self._give_back(c, "the client does not read its replies", True)
             timeout = SLOW_READER / 4 if self.backlogged else None
-            expiring = [t for t in self.tunnels.values() if t.expires is not None]
-            if expiring:
+            if self.timed:       # TLS handshakes under way, replies the client must take in time
                 now = time.monotonic()
-                for t in expiring:
-                    if t.expires <= now:
-                        t.expire()
-                soon = [t.expires - now for t in self.tunnels.values() if t.expires is not None]
-                if soon:
-                    timeout = max(0.0, min(soon + ([timeout] if timeout is not None else [])))
+                for t in [t for t in self.timed if t.expires <= now]:
+                    t.expire()
+                if self.timed:
+                    soon = min(t.expires for t in self.timed) - now
+                    timeout = max(0.0, soon if timeout is None else min(soon, timeout))
             if self.ready:
                 timeout = 0
             if timeout is not None:
