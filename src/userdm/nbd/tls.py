@@ -22,9 +22,9 @@ An event loop uses the stream without blocking: `recv_into(..., MSG_DONTWAIT)` r
 BlockingIOError when neither the session nor the socket has a byte, `sendmsg(parts,
 MSG_DONTWAIT)` encrypts every part and keeps the ciphertext the socket did not take (the
 next send, or `flush()`, sends it first), and `buffered()` says whether the session holds
-data that a wait on the socket would not announce; `handshake_nowait()` and `flush_nowait()`
-run the handshake and send the backlog without waiting (a worker process's event loop,
-`export/nbd/tunnel.py`).
+data that a wait on the socket would not announce; `handshake_nowait()`,
+`send_nowait()` and `flush_nowait()` run the handshake, send, and send the backlog without
+waiting (a worker process's event loop, `export/nbd/tunnel.py`).
 
 PSK: Python 3.11's `ssl` module has no pre-shared key API (3.13 adds one); only X.509
 certificates are supported here.
@@ -330,17 +330,11 @@ class TLSStream:
         MSG_DONTWAIT (and parts under SEND_CHUNK in all), what the socket does not take
         at once stays in the backlog: `backlog` says how much."""
         if flags and int(flags) & _DONTWAIT:
-            with self._wlock:
-                self._encrypt(parts[0] if len(parts) == 1 else b"".join(parts))
-                with self._lock:
-                    out = self._out.read()
-                out = self._backlog + out if self._backlog else out
-                try:
-                    sent = self.raw.send(out, _DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                self._backlog = out[sent:] if sent < len(out) else b""
-                return sum(len(p) for p in parts)
+            if len(parts) == 1:
+                self.send_nowait(parts[0])
+                return len(parts[0])
+            self.send_nowait(b"".join(parts))
+            return sum(len(p) for p in parts)
         if len(parts) == 1 and len(parts[0]) <= SEND_CHUNK:
             # one batch of replies (the reader's usual send): encrypt and take the
             # ciphertext in one lock hold, one send
@@ -379,6 +373,27 @@ class TLSStream:
                 self._encrypt(small[0] if len(small) == 1 else b"".join(small))
             self._send_out()
         return total
+
+    def send_nowait(self, data) -> int:
+        """Encrypt `data` and send it after the backlog, as much as the socket takes at
+        once; the bytes left in the backlog (0: all sent). Raises OSError."""
+        with self._wlock:
+            with self._lock:
+                try:
+                    done = self._c.write(data)
+                    while done < len(data):
+                        done += self._c.write(memoryview(data)[done:])
+                except ssl.SSLError as exc:
+                    raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
+                out = self._out.read()
+            if self._backlog:
+                out = self._backlog + out
+            try:
+                sent = self.raw.send(out, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            self._backlog = out[sent:] if sent < len(out) else b""
+            return len(self._backlog)
 
     def _encrypt(self, data) -> None:
         """With `_wlock` held: encrypt `data` into the outgoing buffer."""

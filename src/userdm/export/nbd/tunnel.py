@@ -246,7 +246,7 @@ class Tunnel:
                 self.close(True)
                 return
             try:
-                self.stream.sendmsg([data], (), _DONTWAIT)
+                self.stream.send_nowait(data)
             except OSError:
                 self.close(False)
                 return
@@ -286,7 +286,7 @@ class Tunnel:
             if not data:
                 return False
             try:
-                self.stream.sendmsg([data], (), _DONTWAIT)
+                self.stream.send_nowait(data)
             except OSError:
                 return False
 

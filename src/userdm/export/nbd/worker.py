@@ -385,10 +385,10 @@ class Worker:
         view = c.aview[:apos]
         if c.tunnel is not None:      # encrypted; what the socket does not take stays in the stream
             try:
-                c.sock.sendmsg([view], (), _DONTWAIT)
+                left = c.sock.send_nowait(view)
             finally:
                 view.release()
-            if c.sock.backlog:
+            if left:
                 self._stall(c)
                 return False
             return True
