@@ -18,13 +18,12 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import threading
 
 import pytest
 
 from conftest import wait_until
 from test_nbd_loop import Client
+from test_nbd_offload import assert_ended, churning, fio_verify, worker_processes
 from test_nbd_tls import _closed, _libnbd_home, _starttls, certs  # noqa: F401 - `certs` is a fixture
 from userdm import Mapper
 from userdm.errors import DMError
@@ -133,15 +132,6 @@ def test_a_device_the_worker_cannot_serve_is_served_through_the_relay(tmp_path, 
         m.close()
 
 
-def fio_verify(uri: str, jobs: int, size: str, out, env: dict) -> subprocess.CompletedProcess:  # noqa: ANN001
-    """fio's random 4K writes, then its verify, over `jobs` TLS connections (8 MiB apart)."""
-    return subprocess.run(
-        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
-         "--iodepth=8", f"--numjobs={jobs}", f"--size={size}", "--offset_increment=8M", "--verify=crc32c",
-         "--do_verify=1", "--verify_state_save=0", "--group_reporting", f"--output={out}",
-         "--output-format=json"], capture_output=True, text=True, timeout=300, env=env)
-
-
 def test_fio_verify_over_four_tls_connections_while_suspended_and_reloaded(served, tmp_path, certs):  # noqa: F811
     """fio writes and verifies over four TLS connections while "low" is reloaded onto the
     other file and "top" suspended and resumed in a loop: each turn takes the connections
@@ -149,39 +139,9 @@ def test_fio_verify_over_four_tls_connections_while_suspended_and_reloaded(serve
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
     m, srv, files = served
-    stop = threading.Event()
-    turns = [0]
-    errors: list[BaseException] = []
-
-    def churn() -> None:
-        now = 0
-        try:
-            wait_until(lambda: stop.is_set() or srv.loop.offload.offloaded() >= 2, 60)
-            while not stop.is_set():
-                m.suspend("low")
-                shutil.copyfile(files[now], files[1 - now])   # nothing moves while suspended
-                now = 1 - now
-                m.load("low", f"0 {SECTORS} linear {files[now]} 0\n")
-                m.resume("low")
-                stop.wait(0.05)
-                m.suspend("top")
-                stop.wait(0.01)
-                m.resume("top")
-                stop.wait(0.05)
-                turns[0] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    env = _libnbd_home(tmp_path, certs.client)
-    t = threading.Thread(target=churn)
     out = tmp_path / "fio.json"
-    t.start()
-    try:
-        proc = fio_verify(f"nbds+unix:///top?socket={srv.unix_path}", 4, "8M", out, env=env)
-    finally:
-        stop.set()
-        t.join(60)
-    assert not errors, errors
+    with churning(m, srv, files) as turns:
+        proc = fio_verify(f"nbds+unix:///top?socket={srv.unix_path}", 4, "8M", out, _libnbd_home(tmp_path, certs.client))
     assert proc.returncode == 0, proc.stderr
     job = json.loads(out.read_text())["jobs"][0]
     assert job["error"] == 0
@@ -326,7 +286,6 @@ def test_the_daemon_serves_fio_over_tls_from_its_workers(tmp_path, images, certs
     if shutil.which("fio") is None:
         pytest.skip("fio is not installed")
     from conftest import Daemon
-    from test_nbd_offload import children
     (a,) = images(1, 64 * MiB)
     d = Daemon(tmp_path)
     d.start("--tls-certificates", str(certs.server))
@@ -339,10 +298,8 @@ def test_the_daemon_serves_fio_over_tls_from_its_workers(tmp_path, images, certs
             proc = fio_verify(uri, jobs, "4M", out, env)
             assert proc.returncode == 0, proc.stderr
             assert json.loads(out.read_text())["jobs"][0]["error"] == 0
-        workers = [p for p in children(d.proc.pid)
-                   if b"userdm.export.nbd.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+        workers = worker_processes(d.proc.pid)
         assert workers
     finally:
         d.stop()
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or b"zombie" in open(f"/proc/{pid}/status", "rb").read().lower()
+    assert_ended(workers)

@@ -340,14 +340,7 @@ class TLSStream:
             # ciphertext in one lock hold, one send
             data = parts[0]
             with self._wlock:
-                with self._lock:
-                    try:
-                        done = self._c.write(data)
-                        while done < len(data):
-                            done += self._c.write(memoryview(data)[done:])
-                    except ssl.SSLError as exc:
-                        raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
-                    out = self._out.read()
+                out = self._seal(data)
                 if self._backlog:
                     out, self._backlog = self._backlog + out, b""
                 self.raw.sendall(out)
@@ -378,22 +371,32 @@ class TLSStream:
         """Encrypt `data` and send it after the backlog, as much as the socket takes at
         once; the bytes left in the backlog (0: all sent). Raises OSError."""
         with self._wlock:
-            with self._lock:
-                try:
-                    done = self._c.write(data)
-                    while done < len(data):
-                        done += self._c.write(memoryview(data)[done:])
-                except ssl.SSLError as exc:
-                    raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
-                out = self._out.read()
-            if self._backlog:
-                out = self._backlog + out
+            return self._push(self._seal(data))
+
+    def _push(self, out: bytes) -> int:
+        """With `_wlock` held: send `out` after the backlog, as much as the socket takes at
+        once; the bytes left in the backlog."""
+        if self._backlog:
+            out = self._backlog + out
+        if not out:
+            return 0
+        try:
+            sent = self.raw.send(out, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        self._backlog = out[sent:] if sent < len(out) else b""
+        return len(self._backlog)
+
+    def _seal(self, data) -> bytes:
+        """With `_wlock` held: encrypt `data` and take its ciphertext, in one lock hold."""
+        with self._lock:
             try:
-                sent = self.raw.send(out, _DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            self._backlog = out[sent:] if sent < len(out) else b""
-            return len(self._backlog)
+                done = self._c.write(data)
+                while done < len(data):
+                    done += self._c.write(memoryview(data)[done:])
+            except ssl.SSLError as exc:
+                raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
+            return self._out.read()
 
     def _encrypt(self, data) -> None:
         """With `_wlock` held: encrypt `data` into the outgoing buffer."""
@@ -428,16 +431,7 @@ class TLSStream:
         with self._wlock:
             with self._lock:
                 out = self._out.read()
-            if self._backlog:
-                out = self._backlog + out
-            if not out:
-                return 0
-            try:
-                sent = self.raw.send(out, _DONTWAIT)
-            except BlockingIOError:
-                sent = 0
-            self._backlog = out[sent:] if sent < len(out) else b""
-            return len(self._backlog)
+            return self._push(out)
 
     def flush(self) -> None:
         """Send the backlog, waiting for the socket (its send timeout applies)."""
