@@ -4,10 +4,10 @@ One Python process runs one thread at a time, so however many connections are op
 daemon serves them on one CPU. `Offloader` moves the data path of a connection to a worker
 process (`worker.py`) while that is exactly what the daemon would do:
 
-- the connection is plain (no TLS: the session cannot move), came from a listener, and is at
-  a request boundary with nothing in flight;
-- two or more connections are open (`ServeLoop.crowded`): one connection alone keeps its own
-  thread, which is cheaper;
+- the connection is plain, or its TLS session is in that worker (a session cannot move: see
+  below), came from a listener, and is at a request boundary with nothing in flight;
+- two or more connections are open (`ServeLoop.crowded`): one plain connection alone keeps
+  its own thread, which is cheaper;
 - its device lends its collapsed table (`MappedDevice.lend_flat`: not suspended or
   suspending, not interposed, not dead) and every segment of it is a file (`FileSink`).
 
