@@ -9,6 +9,7 @@ garbage) gets the daemon's answer."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,25 +60,20 @@ def offloaded(srv: NBDServer, clients: list[Client], n: int) -> None:
     assert wait_until(io, 30), srv.loop.offload.offloaded()
 
 
-def fio_verify(uri: str, jobs: int, size: str, out) -> subprocess.CompletedProcess:  # noqa: ANN001
+def fio_verify(uri: str, jobs: int, size: str, out, env: dict | None = None) -> subprocess.CompletedProcess:  # noqa: ANN001
     """fio's random 4K writes, then its verify, over `jobs` connections (8 MiB apart)."""
     return subprocess.run(
         ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
          "--iodepth=8", f"--numjobs={jobs}", f"--size={size}", "--offset_increment=8M", "--verify=crc32c",
          "--do_verify=1", "--verify_state_save=0", "--group_reporting", f"--output={out}",
-         "--output-format=json"], capture_output=True, text=True, timeout=300)
+         "--output-format=json"], capture_output=True, text=True, timeout=300, env=env)
 
 
-def workers(srv: NBDServer) -> list[int]:
-    return [w.proc.pid for w in srv.loop.offload._workers if w.alive]
-
-
-def test_fio_verify_while_suspended_resumed_and_reloaded(served, tmp_path):
-    """Six fio connections write and verify while "low" is reloaded onto the other file (a
-    copy made while suspended) and "top" suspended and resumed, in a loop."""
-    if shutil.which("fio") is None:
-        pytest.skip("fio is not installed")
-    m, srv, files = served
+@contextlib.contextmanager
+def churning(m: Mapper, srv: NBDServer, files: list[str]):
+    """While the block runs, once a worker serves two connections: "low" reloaded onto the
+    other file (a copy made while suspended) and "top" suspended and resumed, in a loop.
+    Yields the number of turns so far (a list of one); fails if a turn failed."""
     stop = threading.Event()
     turns = [0]
     errors: list[BaseException] = []
@@ -102,14 +98,28 @@ def test_fio_verify_while_suspended_resumed_and_reloaded(served, tmp_path):
             errors.append(exc)
 
     t = threading.Thread(target=churn)
-    out = tmp_path / "fio.json"
     t.start()
     try:
-        proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 6, "8M", out)
+        yield turns
     finally:
         stop.set()
         t.join(60)
     assert not errors, errors
+
+
+def workers(srv: NBDServer) -> list[int]:
+    return [w.proc.pid for w in srv.loop.offload._workers if w.alive]
+
+
+def test_fio_verify_while_suspended_resumed_and_reloaded(served, tmp_path):
+    """Six fio connections write and verify while "low" is reloaded onto the other file (a
+    copy made while suspended) and "top" suspended and resumed, in a loop."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    m, srv, files = served
+    out = tmp_path / "fio.json"
+    with churning(m, srv, files) as turns:
+        proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 6, "8M", out)
     assert proc.returncode == 0, proc.stderr
     job = json.loads(out.read_text())["jobs"][0]
     assert job["error"] == 0
@@ -224,6 +234,16 @@ def children(pid: int) -> list[int]:
     return out
 
 
+def worker_processes(pid: int) -> list[int]:
+    """The NBD worker processes of the daemon `pid`."""
+    return [p for p in children(pid) if b"userdm.export.nbd.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+
+
+def assert_ended(pids: list[int]) -> None:
+    for pid in pids:
+        assert not os.path.exists(f"/proc/{pid}") or b"zombie" in open(f"/proc/{pid}/status", "rb").read().lower()
+
+
 def test_daemon_serves_four_fio_connections_from_workers_and_stops_them(tmp_path, images):
     """The real daemon (--nbd-workers 2): fio verify over four connections; its worker
     processes end with it."""
@@ -240,13 +260,11 @@ def test_daemon_serves_four_fio_connections_from_workers_and_stops_them(tmp_path
         proc = fio_verify(f"nbd+unix:///vol?socket={sock}", 4, "4M", out)
         assert proc.returncode == 0, proc.stderr
         assert json.loads(out.read_text())["jobs"][0]["error"] == 0
-        workers = [p for p in children(d.proc.pid)
-                   if b"userdm.export.nbd.worker" in open(f"/proc/{p}/cmdline", "rb").read()]
+        workers = worker_processes(d.proc.pid)
         assert workers
     finally:
         d.stop()
-    for pid in workers:
-        assert not os.path.exists(f"/proc/{pid}") or b"zombie" in open(f"/proc/{pid}/status", "rb").read().lower()
+    assert_ended(workers)
 
 
 def test_daemon_refuses_a_negative_worker_count(tmp_path):

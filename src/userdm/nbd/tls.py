@@ -22,7 +22,9 @@ An event loop uses the stream without blocking: `recv_into(..., MSG_DONTWAIT)` r
 BlockingIOError when neither the session nor the socket has a byte, `sendmsg(parts,
 MSG_DONTWAIT)` encrypts every part and keeps the ciphertext the socket did not take (the
 next send, or `flush()`, sends it first), and `buffered()` says whether the session holds
-data that a wait on the socket would not announce.
+data that a wait on the socket would not announce; `handshake_nowait()`,
+`send_nowait()` and `flush_nowait()` run the handshake, send, and send the backlog without
+waiting (a worker process's event loop, `export/nbd/tunnel.py`).
 
 PSK: Python 3.11's `ssl` module has no pre-shared key API (3.13 adds one); only X.509
 certificates are supported here.
@@ -178,6 +180,30 @@ class TLSStream:
             if not self._fill(deadline):
                 raise TLSHandshakeError(errno.ECONNRESET, "TLS handshake failed: the peer closed the connection")
 
+    def handshake_nowait(self) -> bool:
+        """One step of the TLS handshake for an event loop: True once it is done, False
+        while it waits for the peer (what the session made is sent, or kept in the backlog
+        for `flush_nowait`). Raises TLSHandshakeError with the reason (OSError if the socket
+        fails)."""
+        while True:
+            try:
+                with self._lock:
+                    self._tls.do_handshake()
+                done = True
+            except ssl.SSLWantReadError:
+                done = False
+            except ssl.SSLError as exc:
+                self._flush_quietly()     # the alert tells the peer why
+                raise TLSHandshakeError(errno.ECONNABORTED, f"TLS handshake failed: {_reason(exc)}") from None
+            self.flush_nowait()
+            if done:
+                return True
+            try:
+                if not self._fill(None, _DONTWAIT):
+                    raise TLSHandshakeError(errno.ECONNRESET, "TLS handshake failed: the peer closed the connection")
+            except BlockingIOError:
+                return False
+
     def _left(self, deadline: float | None) -> float | None:
         if deadline is None:
             return None
@@ -304,30 +330,17 @@ class TLSStream:
         MSG_DONTWAIT (and parts under SEND_CHUNK in all), what the socket does not take
         at once stays in the backlog: `backlog` says how much."""
         if flags and int(flags) & _DONTWAIT:
-            with self._wlock:
-                self._encrypt(parts[0] if len(parts) == 1 else b"".join(parts))
-                with self._lock:
-                    out = self._out.read()
-                out = self._backlog + out if self._backlog else out
-                try:
-                    sent = self.raw.send(out, _DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                self._backlog = out[sent:] if sent < len(out) else b""
-                return sum(len(p) for p in parts)
+            if len(parts) == 1:
+                self.send_nowait(parts[0])
+                return len(parts[0])
+            self.send_nowait(b"".join(parts))
+            return sum(len(p) for p in parts)
         if len(parts) == 1 and len(parts[0]) <= SEND_CHUNK:
             # one batch of replies (the reader's usual send): encrypt and take the
             # ciphertext in one lock hold, one send
             data = parts[0]
             with self._wlock:
-                with self._lock:
-                    try:
-                        done = self._c.write(data)
-                        while done < len(data):
-                            done += self._c.write(memoryview(data)[done:])
-                    except ssl.SSLError as exc:
-                        raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
-                    out = self._out.read()
+                out = self._seal(data)
                 if self._backlog:
                     out, self._backlog = self._backlog + out, b""
                 self.raw.sendall(out)
@@ -353,6 +366,37 @@ class TLSStream:
                 self._encrypt(small[0] if len(small) == 1 else b"".join(small))
             self._send_out()
         return total
+
+    def send_nowait(self, data) -> int:
+        """Encrypt `data` and send it after the backlog, as much as the socket takes at
+        once; the bytes left in the backlog (0: all sent). Raises OSError."""
+        with self._wlock:
+            return self._push(self._seal(data))
+
+    def _push(self, out: bytes) -> int:
+        """With `_wlock` held: send `out` after the backlog, as much as the socket takes at
+        once; the bytes left in the backlog."""
+        if self._backlog:
+            out = self._backlog + out
+        if not out:
+            return 0
+        try:
+            sent = self.raw.send(out, _DONTWAIT)
+        except BlockingIOError:
+            sent = 0
+        self._backlog = out[sent:] if sent < len(out) else b""
+        return len(self._backlog)
+
+    def _seal(self, data) -> bytes:
+        """With `_wlock` held: encrypt `data` and take its ciphertext, in one lock hold."""
+        with self._lock:
+            try:
+                done = self._c.write(data)
+                while done < len(data):
+                    done += self._c.write(memoryview(data)[done:])
+            except ssl.SSLError as exc:
+                raise OSError(errno.EPROTO, f"TLS: {_reason(exc)}") from None
+            return self._out.read()
 
     def _encrypt(self, data) -> None:
         """With `_wlock` held: encrypt `data` into the outgoing buffer."""
@@ -380,6 +424,14 @@ class TLSStream:
     def backlog(self) -> int:
         """Bytes of ciphertext a non-blocking send left behind."""
         return len(self._backlog)
+
+    def flush_nowait(self) -> int:
+        """Send the backlog and what the session made without waiting; the bytes still in
+        the backlog (0: all sent). Raises OSError if the socket fails."""
+        with self._wlock:
+            with self._lock:
+                out = self._out.read()
+            return self._push(out)
 
     def flush(self) -> None:
         """Send the backlog, waiting for the socket (its send timeout applies)."""

@@ -35,7 +35,10 @@ garbage collection (the pool and the connection drop their references to each ot
 TLS: a connection whose client sends NBD_OPT_STARTTLS (or must: `tls_mode` "require")
 runs the TLS handshake within what is left of the handshake deadline, then speaks through
 a `TLSStream` (`userdm.nbd.tls`), which offers the socket calls used here; the reader and
-the workers share its session under its lock, nothing else changes.
+the workers share its session under its lock, nothing else changes. With worker processes
+(`offload.py`), a worker takes the client's socket at STARTTLS instead, runs the handshake
+and relays (`tunnel.py`): the connection goes on over its end of a socketpair as over a
+plaintext socket (`tunnel` is set), and is offered to that worker even alone.
 
 The connection ends on NBD_CMD_DISC or EOF (in-flight requests finish and are answered), on
 a protocol error or a reply that cannot be sent, also for want of room for `reply_timeout`
@@ -64,6 +67,7 @@ from .catalog import BoundCatalog, ExportSource, MapperCatalog
 from .deadline import HandshakeDeadline
 from .limits import Budget, NBDLimits
 from .loop import ServeLoop
+from .tunnel import describe_peer as _peer
 from ...nbd.handshake import ServerHandshake
 from ...nbd.tls import TLSHandshakeError, TLSStream
 from ...nbd.protocol import (DATA_CHUNK, REQUEST, REQUEST_SIZE, SIMPLE_REPLY, Export, ProtocolError,
@@ -153,6 +157,8 @@ class Connection:
         self._fast: tuple | None = None
         #: when a worker process (`offload.py`) may be offered this connection again
         self.offload_after = 0.0
+        #: the worker process holding this connection's TLS session (`offload.start_tls`)
+        self.tunnel = None
         #: how long the reader polls before it sleeps, while it serves alone (`busypoll.py`)
         self._poll = PollWindow()
 
@@ -255,6 +261,8 @@ class Connection:
                 self._loop.entered(-1)
             if getattr(self.catalog, "open_until_eof", False):
                 self._wait_for_eof()
+            if self.tunnel is not None:
+                self.tunnel.release()
             self.catalog.close()
             try:
                 self.sock.close()
@@ -323,10 +331,16 @@ class Connection:
         self._pending = hs.unused_data()
         return True
 
-    def _start_tls(self, hs: ServerHandshake, deadline: float | None) -> TLSStream:
+    def _start_tls(self, hs: ServerHandshake, deadline: float | None) -> TLSStream | socket.socket:
         """STARTTLS was acknowledged: the TLS handshake, within what is left of the deadline;
         from then on the connection speaks through the TLS stream."""
         assert self.tls_context is not None
+        off = self._loop.offload if self._loop is not None else None
+        relay = off.start_tls(self, hs.unused_data(), deadline) if off is not None else None
+        if relay is not None:     # a worker runs the TLS handshake and relays
+            self.sock = relay
+            hs.tls_started()
+            return relay
         stream = TLSStream(self.sock, self.tls_context, server_side=True, initial=hs.unused_data())
         try:
             stream.handshake(deadline)
@@ -452,7 +466,7 @@ class Connection:
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
-                    off = lp.offload if lp is not None and lp.crowded else None
+                    off = lp.offload if lp is not None and (lp.crowded or self.tunnel is not None) else None
                     if off is not None and last >= self.offload_after:
                         if start:
                             rview[:end - start] = rview[start:end]
@@ -1136,15 +1150,6 @@ def _failure(exc: Exception, cmd: int, cookie: int, structured: bool) -> bytes:
         return error_reply(cookie, C.errno_to_wire(exc.errno or 5), str(exc), structured)
     log.exception("nbd: %s failed", C.CMD_NAMES.get(cmd, cmd), exc_info=exc)
     return error_reply(cookie, C.NBD_EIO, f"internal error: {exc}", structured)
-
-
-def _peer(sock) -> str:
-    """` (from HOST:PORT)` for a TCP peer, else nothing."""
-    try:
-        peer = sock.getpeername()
-    except OSError:
-        return ""
-    return f" (from {peer[0]}:{peer[1]})" if isinstance(peer, tuple) else ""
 
 
 def _block_status(handle, offset: int, length: int, one: bool) -> list[tuple[int, int]]:

@@ -16,8 +16,9 @@ the byte budgets that hold requests back.
 - `reply_timeout`: seconds a reply may wait for the client to make room for it in the
   socket (the client reads nothing); then the connection is closed. This is what frees the
   budget held by a client that sends requests and never reads the replies.
-- `workers`: worker processes that serve connections while several are open
-  (`offload.py`); 0: every connection is served in the daemon's process. The daemon's
+- `workers`: worker processes that serve connections while several are open, and hold
+  the TLS sessions (`offload.py`, `tunnel.py`); 0: every connection is served, and every
+  TLS session held, in the daemon's process. The daemon's
   option defaults to two per CPU (`default_workers`); in-process servers to 0.
 
 `Budget` counts bytes against one limit; each connection has its own, and every connection
@@ -116,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     workers = default_workers()
     parser.add_argument("--nbd-workers", type=int, default=workers, metavar="N",
                         help="daemon: worker processes that serve the NBD connections of devices mapped "
-                        "onto files while two or more are open; 0 serves all in the daemon "
+                        "onto files while two or more are open, and hold TLS sessions (serving those "
+                        "connections alone too); 0 serves all in the daemon "
                         f"(default {workers}: two per CPU)")
 
 

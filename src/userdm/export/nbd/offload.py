@@ -4,10 +4,10 @@ One Python process runs one thread at a time, so however many connections are op
 daemon serves them on one CPU. `Offloader` moves the data path of a connection to a worker
 process (`worker.py`) while that is exactly what the daemon would do:
 
-- the connection is plain (no TLS: the session cannot move), came from a listener, and is at
-  a request boundary with nothing in flight;
-- two or more connections are open (`ServeLoop.crowded`): one connection alone keeps its own
-  thread, which is cheaper;
+- the connection is plain, or its TLS session is in that worker (a session cannot move: see
+  below), came from a listener, and is at a request boundary with nothing in flight;
+- two or more connections are open (`ServeLoop.crowded`): one plain connection alone keeps
+  its own thread, which is cheaper;
 - its device lends its collapsed table (`MappedDevice.lend_flat`: not suspended or
   suspending, not interposed, not dead) and every segment of it is a file (`FileSink`).
 
@@ -23,7 +23,18 @@ DEAD_CHECK seconds and the connection revoked too.
 
 A worker that dies takes its connections with it: the daemon closes them (their streams are
 in an unknown state) and keeps serving the others; a new worker starts on the next hand-off.
-`stop()` takes every connection back before the server stops them as usual.
+`stop()` takes every connection back before the server stops them as usual; `close()` then
+ends the workers.
+
+TLS connections (`tunnel.py`): at NBD_OPT_STARTTLS (`start_tls`, after the ACK) the client's
+socket goes to a worker, which runs the TLS handshake and then relays plaintext over a new
+socketpair whose other end the connection keeps as its socket: the daemon serves the rest
+of the handshake and every request the worker does not do as for a plaintext connection.
+Such a connection is offered to a worker even when it is the only one open (relaying costs
+more than serving in the daemon), and always to the worker that holds its session, which
+then serves it over that session (DIRECT mode) until it hands it back to relaying. Without
+a certificate directory (a server made in process with a context only) TLS stays in the
+daemon, as with no workers.
 """
 
 from __future__ import annotations
@@ -53,6 +64,21 @@ STOP_GRACE = 5.0
 
 
 @dataclass(eq=False)
+class _Tunnel:
+    """A connection whose TLS session a worker holds (`tunnel.py`)."""
+
+    id: int
+    worker: "_Worker"
+    owner: "Offloader"
+
+    def release(self) -> None:
+        """The connection ended: the worker's tunnel closes by itself (EOF)."""
+        with self.owner._lock:
+            self.worker.tunnels.discard(self.id)
+            self.owner._tunnels.pop(self.id, None)
+
+
+@dataclass(eq=False)
 class _Lent:
     conn: object          # Connection
     device: object        # the MappedDevice that lent `flat`
@@ -77,7 +103,11 @@ class _Worker:
         self.ctl = ours
         self.alive = True
         self.ids: set[int] = set()
+        self.tunnels: set[int] = set()      # TLS sessions it holds
         self.send_lock = threading.Lock()
+
+    def load(self) -> int:
+        return len(self.ids) + len(self.tunnels)
 
     def send(self, msg: dict, fds: list[int] = ()) -> bool:
         try:
@@ -91,8 +121,11 @@ class _Worker:
 class Offloader:
     """Hands connections to at most `workers` worker processes (started on first use)."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, tls=None) -> None:  # noqa: ANN001
         self.count = workers
+        #: the server's TLS (`tls.ServerTLS`): its certificate directory goes to the workers
+        self.tls = tls
+        self._tunnels: dict[int, _Tunnel] = {}
         #: seconds before a connection it refused is offered again
         self.retry = RETRY
         self._workers: list[_Worker] = []
@@ -113,11 +146,51 @@ class Offloader:
 
     # ---- hand-off ---------------------------------------------------------------------
 
+    def start_tls(self, conn, initial: bytes, deadline: float | None) -> socket.socket | None:  # noqa: ANN001
+        """STARTTLS was acknowledged on `conn`'s socket: hand the socket (and `initial`, the
+        bytes received after the option) to a worker, which runs the TLS handshake before
+        `deadline` (time.monotonic()) and relays; returns the connection's new socket, its
+        end of the relay (None: no worker, TLS stays here)."""
+        sock = conn.sock
+        tls = self.tls
+        if (tls is None or tls.directory is None or self._stopping or sock.__class__ is not socket.socket
+                or getattr(conn.catalog, "open_until_eof", False)):
+            return None
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        ident = next(self._ids)
+        msg = {"op": "tls", "tunnel": ident, "certs": tls.directory, "verify_peer": tls.verify_peer,
+               "left": None if deadline is None else max(0.0, deadline - time.monotonic()),
+               "initial": len(initial), "reply_timeout": conn.reply_timeout}
+        extra = [wire.blob(initial)] if initial else []
+        tunnel = None
+        try:
+            with self._lock:
+                worker = None if self._stopping else self._worker()
+                if worker is not None and worker.send(msg, [sock.fileno(), theirs.fileno(), *extra]):
+                    tunnel = _Tunnel(ident, worker, self)
+                    worker.tunnels.add(ident)
+                    self._tunnels[ident] = tunnel
+        finally:
+            theirs.close()
+            for fd in extra:
+                os.close(fd)
+            if tunnel is None:
+                ours.close()
+        if tunnel is None:
+            return None
+        conn.tunnel = tunnel
+        sock.close()       # the worker holds the client's socket now
+        return ours
+
     def take(self, conn, handle, pending: memoryview, wait_idle) -> bool:  # noqa: ANN001
         """Give `conn` (at a request boundary; `pending`: the request bytes it holds) to a
         worker; `wait_idle()` waits until its dispatched requests are answered. False: it
-        stays here (and is offered again after RETRY seconds)."""
+        stays here (and is offered again after RETRY seconds). A connection whose TLS
+        session a worker holds goes to that worker, with its end of the relay."""
         if self._stopping or conn.sock.__class__ is not socket.socket or getattr(conn.catalog, "open_until_eof", False):
+            return False
+        tunnel = conn.tunnel
+        if tunnel is not None and not tunnel.worker.alive:
             return False
         device = getattr(handle, "device", None)
         lend = getattr(device, "lend_flat", None)
@@ -138,13 +211,13 @@ class Offloader:
         msg = {"op": "serve", "id": ident, "size": device.size, "structured": export.structured,
                "min_block": export.min_block, "max_payload": export.max_payload,
                "read_only": export.read_only, "files": len(sinks), "segments": segments,
-               "pending": len(pending)}
+               "pending": len(pending), "tunnel": tunnel.id if tunnel is not None else None}
         fds = [conn.sock.fileno(), *(s.fd for s in sinks)]
         extra = [wire.blob(pending)] if len(pending) else []
         try:
             with self._lock:
-                worker = None if self._stopping else self._worker()
-                if worker is None or flat.retired:
+                worker = None if self._stopping else tunnel.worker if tunnel is not None else self._worker()
+                if worker is None or not worker.alive or flat.retired:
                     device.return_flat(flat, watcher)
                     return False
                 lent = _Lent(conn, device, flat, watcher, worker, [s.disk for s in sinks])
@@ -166,7 +239,7 @@ class Offloader:
         than `count` are alive, else the one with the fewest connections (a connection a
         process, as long as there are workers: at qd1 each waits for its client)."""
         self._workers = [w for w in self._workers if w.alive]
-        idle = [w for w in self._workers if not w.ids]
+        idle = [w for w in self._workers if not w.load()]
         if idle:
             return idle[0]
         if len(self._workers) < self.count:
@@ -174,14 +247,14 @@ class Offloader:
                 w = _Worker()
             except OSError as exc:
                 log.warning("nbd: no worker process (%s): connections are served in the daemon", exc)
-                return min(self._workers, key=lambda w: len(w.ids), default=None)
+                return min(self._workers, key=_Worker.load, default=None)
             self._workers.append(w)
             threading.Thread(target=self._read, args=(w,), name="nbd-offload", daemon=True).start()
             if self._monitor is None:
                 self._monitor = threading.Thread(target=self._watch_disks, name="nbd-offload-watch", daemon=True)
                 self._monitor.start()
             return w
-        return min(self._workers, key=lambda w: len(w.ids))
+        return min(self._workers, key=_Worker.load)
 
     def revoke(self, ident: int) -> None:
         """Ask for connection `ident` back (a Flat watcher: must not block)."""
@@ -206,6 +279,9 @@ class Offloader:
             self._worker_gone(w)
 
     def _message(self, msg: dict, fds: list[int]) -> None:
+        if msg["op"] == "tls_failed":
+            log.info("nbd: %s, closing the connection", msg["why"])
+            return
         with self._cond:
             lent = self._lent.pop(msg.get("id"), None)
             if lent is not None:
@@ -226,6 +302,8 @@ class Offloader:
         if msg["op"] == "back":
             self.returned += 1
             left, unsent = data[:msg["left"]], data[msg["left"]:]
+            if msg.get("hold"):      # a client that reads nothing: its replies wait here
+                conn.offload_after = time.perf_counter() + self.retry
             log.debug("nbd: connection back from its worker: %s", msg.get("why"))
             threading.Thread(target=conn.take_back, args=(left, unsent), name="nbd-conn", daemon=True).start()
         else:
@@ -240,6 +318,9 @@ class Offloader:
             w.alive = False
             gone = [self._lent.pop(i) for i in list(w.ids) if i in self._lent]
             w.ids.clear()
+            for i in w.tunnels:           # their connections see EOF on their end of the relay
+                self._tunnels.pop(i, None)
+            w.tunnels.clear()
             self._cond.notify_all()
         if gone and not self._stopping:
             log.warning("nbd: worker process %d ended (%s): closing its %d connection(s)", w.proc.pid,
@@ -266,7 +347,8 @@ class Offloader:
     # ---- stop ---------------------------------------------------------------------------
 
     def stop(self) -> None:
-        """Take every connection back (the server then stops them as usual), end the workers."""
+        """Take every connection back (the server then stops them as usual; TLS ones through
+        their workers, which relay until `close`)."""
         with self._cond:
             self._stopping = True
             idents = list(self._lent)
@@ -276,6 +358,11 @@ class Offloader:
         with self._cond:
             while self._lent and time.monotonic() < deadline:
                 self._cond.wait(deadline - time.monotonic())
+
+    def close(self) -> None:
+        """End the workers (after `stop` and after the server's connections ended)."""
+        self.stop()
+        with self._cond:
             workers = list(self._workers)
         for w in workers:
             try:

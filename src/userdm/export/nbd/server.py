@@ -81,7 +81,7 @@ class NBDServer:
         self.loop = ServeLoop()
         #: worker processes that serve connections while several are open (`offload.py`)
         workers = self.limits.workers if offload_workers is None else offload_workers
-        self.loop.offload = Offloader(workers) if workers > 0 else None
+        self.loop.offload = Offloader(workers, self.tls) if workers > 0 else None
         #: the TCP address actually bound (port 0 picks a free port)
         self.tcp_address: tuple[str, int] | None = None
 
@@ -159,6 +159,8 @@ class NBDServer:
             if not conn.join(STOP_GRACE):
                 conn.abort()
                 conn.join(STOP_GRACE)
+        if self.loop.offload is not None:
+            self.loop.offload.close()    # TLS connections' workers relayed until now
         self.loop.stop()
         if self.unix_path is not None:
             try:

@@ -11,12 +11,21 @@ nothing else: any other request, flag or refusal, any error, hands the connectio
 *before* that request, unserved, and the daemon serves it as it always does (its errno, its
 failure events, its protocol errors).
 
+TLS connections: the worker also holds TLS sessions (`tunnel.py`): it runs the handshake
+and relays plaintext to and from the daemon over a socketpair, and a `serve` of such a
+connection serves it over its session (DIRECT mode), a hand-back returns it to relaying.
+
 Messages (JSON; bulk bytes in a memfd passed along, so no message is big):
 - daemon -> worker: `serve` (id, export facts, segments; descriptors: socket, files, and a
-  memfd of the bytes already received), `revoke` (id: hand it back now).
+  memfd of the bytes already received; with `tunnel`, the socket is the daemon's end of that
+  tunnel's socketpair, whose unread bytes come after those), `revoke` (id: hand it back
+  now), `tls` (tunnel, certificate directory, verify_peer, seconds left of the handshake
+  deadline, reply timeout; descriptors: the client's socket, the worker's end of the
+  socketpair, and a memfd of the bytes that followed STARTTLS).
 - worker -> daemon: `back` (id, why; a memfd of the request bytes received but not served,
-  then the reply bytes the socket did not take), `ended` (id; EOF, NBD_CMD_DISC, or an error
-  on the socket: the daemon closes the connection).
+  then the reply bytes the socket did not take; none over TLS: the session keeps them),
+  `ended` (id; EOF, NBD_CMD_DISC, or an error on the socket: the daemon closes the
+  connection), `tls_failed` (tunnel, why: for the daemon's log).
 The worker is single-threaded: it handles a control message only between requests, so a
 connection handed back has no request in flight. A reply the socket does not take at once
 waits (EPOLLOUT) while that connection reads nothing more, as the daemon's loop does; after
@@ -40,8 +49,10 @@ import time
 from bisect import bisect_right
 
 from ...nbd import constants as C
+from ...nbd.tls import server_context
 from .. import busypoll
 from ..busypoll import PollWindow
+from . import tunnel as tls_tunnel
 
 _REQUEST = struct.Struct(">IHHQQI")
 _SIMPLE = struct.Struct(">IIQ")
@@ -91,13 +102,17 @@ def receive(ctl: socket.socket) -> tuple[dict | None, list[int]]:
 
 
 class _Served:
-    """One connection this worker serves."""
+    """One connection this worker serves: over its socket, or over a tunnel's TLS stream."""
 
-    def __init__(self, ident: int, msg: dict, fds: list[int]) -> None:
+    def __init__(self, ident: int, msg: dict, fds: list[int], sock=None, received: bytes = b"",  # noqa: ANN001
+                 tunnel: tls_tunnel.Tunnel | None = None) -> None:
         self.id = ident
         # never O_NONBLOCK: the daemon shares the open file description (MSG_DONTWAIT here)
-        self.sock = socket.socket(fileno=fds[0])
+        self.sock = sock if sock is not None else socket.socket(fileno=fds[0])
         self.fd = self.sock.fileno()
+        #: the TLS tunnel this connection is served over (None: a plain socket)
+        self.tunnel = tunnel
+        self.ended: str | None = None     # why the worker ended it (None: served, or handed back)
         files = fds[1:1 + msg["files"]]
         self.files = files
         segs = msg["segments"]            # [start, end, file index, delta, writable]
@@ -110,13 +125,15 @@ class _Served:
         self.max = min(msg["max_payload"], MAX_REQUEST)
         self.structured = msg["structured"]
         pending = read_blob(fds[-1], msg["pending"]) if msg["pending"] else b""
+        pending += received
         self.rbuf = bytearray(max(RECV_BUFFER, len(pending) + RECV_BUFFER))
         self.rview = memoryview(self.rbuf)
         self.rview[:len(pending)] = pending
         self.start, self.end = 0, len(pending)
         self.arena = mmap.mmap(-1, ARENA)
         self.aview = memoryview(self.arena)
-        self.backlog = b""                # reply bytes the socket did not take, since when
+        self.backlog = b""                # reply bytes the socket did not take (plain)
+        self.stalled = False              # replies wait for the socket (backlog or TLS), since when
         self.backlog_since = 0.0
 
     def close(self) -> None:
@@ -125,7 +142,8 @@ class _Served:
         self.files = []
         self.aview.release()
         self.arena.close()
-        self.sock.close()
+        if self.tunnel is None:
+            self.sock.close()
 
 
 class Worker:
@@ -136,6 +154,14 @@ class Worker:
         self.conns: dict[int, _Served] = {}     # by socket fd
         self.by_id: dict[int, _Served] = {}
         self.backlogged: set[_Served] = set()   # connections with replies not sent
+        #: TLS tunnels by their two fds and by id; tunnels and connections served over one
+        #: whose session holds bytes that no wait announces (served before the next wait)
+        self.tunnel_fds: dict[int, tls_tunnel.Tunnel] = {}
+        self.tunnels: dict[int, tls_tunnel.Tunnel] = {}
+        self.ready: set = set()
+        self.timed: set[tls_tunnel.Tunnel] = set()      # tunnels with an `expires`
+        self.relay_buffer = bytearray(tls_tunnel.CHUNK)
+        self._contexts: dict = {}
 
     def run(self) -> None:
         ctl_fd = self.ctl.fileno()
@@ -145,9 +171,19 @@ class Worker:
         while True:
             for c in list(self.backlogged):   # a client that reads slowly: the daemon applies its reply timeout
                 if time.monotonic() - c.backlog_since > SLOW_READER:
-                    self._give_back(c, "the client does not read its replies")
-            if self.backlogged:
-                events = wait(SLOW_READER / 4)
+                    self._give_back(c, "the client does not read its replies", True)
+            timeout = SLOW_READER / 4 if self.backlogged else None
+            if self.timed:       # TLS handshakes under way, replies the client must take in time
+                now = time.monotonic()
+                for t in [t for t in self.timed if t.expires <= now]:
+                    t.expire()
+                if self.timed:
+                    soon = min(t.expires for t in self.timed) - now
+                    timeout = max(0.0, soon if timeout is None else min(soon, timeout))
+            if self.ready:
+                timeout = 0
+            if timeout is not None:
+                events = wait(timeout)
             else:            # poll a little before sleeping (`busypoll.py`)
                 deadline = poll.deadline()
                 events = wait(0)
@@ -164,11 +200,24 @@ class Worker:
                     continue
                 c = self.conns.get(fd)
                 if c is None:
+                    t = self.tunnel_fds.get(fd)
+                    if t is not None:
+                        t.event(fd, ev)
                     continue
-                if c.backlog:
+                if c.stalled:
                     self._drain(c)
                 else:
                     self._pump(c, True)
+            if self.ready:      # TLS records already in a session: no wait announces them
+                ready, self.ready = self.ready, set()
+                for x in ready:
+                    if isinstance(x, _Served):
+                        if x.id in self.by_id and not x.stalled:
+                            self._pump(x, True)
+                    elif x.state == tls_tunnel.RELAY:
+                        x.from_client()
+                        if x.state == tls_tunnel.RELAY:
+                            x.arm()
 
     # ---- control ----------------------------------------------------------------------
 
@@ -176,7 +225,9 @@ class Worker:
         msg, fds = receive(self.ctl)
         if msg is None:
             return False
-        if msg["op"] == "serve":
+        if msg["op"] == "serve" and msg.get("tunnel") is not None:
+            self._serve_tunnel(msg, fds)
+        elif msg["op"] == "serve":
             c = _Served(msg["id"], msg, fds)
             self.conns[c.fd] = c
             self.by_id[c.id] = c
@@ -186,10 +237,88 @@ class Worker:
             c = self.by_id.get(msg["id"])
             if c is not None:
                 self._give_back(c, "revoked")
+        elif msg["op"] == "tls":
+            self._start_tunnel(msg, fds)
         return True
 
-    def _forget(self, c: _Served) -> None:
+    def _start_tunnel(self, msg: dict, fds: list[int]) -> None:
+        """A client socket right after STARTTLS: its handshake, then relaying."""
+        client, outer = socket.socket(fileno=fds[0]), socket.socket(fileno=fds[1])
+        initial = read_blob(fds[2], msg["initial"]) if msg["initial"] else b""
+        key = (msg["certs"], bool(msg["verify_peer"]))
+        try:
+            ctx = self._contexts.get(key)
+            if ctx is None:
+                ctx = self._contexts[key] = server_context(*key)
+        except Exception as exc:  # noqa: BLE001 - the certificates changed under the daemon
+            self.report({"op": "tls_failed", "tunnel": msg["tunnel"], "why": f"TLS handshake failed: {exc}"})
+            client.close()
+            outer.close()
+            return
+        t = tls_tunnel.Tunnel(msg["tunnel"], self, client, outer, ctx, initial, msg["left"], msg["reply_timeout"])
+        self.tunnels[t.id] = t
+        t.start()
+
+    def _serve_tunnel(self, msg: dict, fds: list[int]) -> None:
+        """Serve a TLS connection directly. The request bytes in flight, in order: those the
+        daemon received and did not serve (the memfd), those still unread in the daemon's end
+        of the socketpair (`fds[0]`: read here), those the tunnel decrypted but `outer` did not
+        take; then the session's. The replies the daemon wrote and the tunnel did not relay
+        yet go to the client first."""
+        t = self.tunnels.get(msg["tunnel"])
+        inner = socket.socket(fileno=fds[0])
+        unread = []
+        try:
+            while True:
+                try:
+                    data = inner.recv(1 << 20, _DONTWAIT)
+                except BlockingIOError:
+                    break
+                if not data:
+                    break
+                unread.append(data)
+        except OSError:
+            t = None
+        finally:
+            inner.close()
+        behind = t is not None and t.state == tls_tunnel.RELAY and t.stream.backlog
+        if t is None or t.state != tls_tunnel.RELAY or not behind and not t.take_replies():
+            for fd in fds[1:]:
+                os.close(fd)
+            if t is not None:
+                t.close(False)
+            send(self.ctl, {"op": "ended", "id": msg["id"], "abort": True, "why": "its TLS tunnel is gone"})
+            return
+        received = b"".join(unread) + t.go_direct()
+        c = _Served(msg["id"], msg, [-1, *fds[1:]], t.stream, received, t)
+        self.conns[c.fd] = c
+        self.by_id[c.id] = c
+        self.ep.register(c.fd, select.EPOLLIN)
+        if behind:       # the client reads nothing: the daemon keeps it (its reply timeout applies)
+            self._give_back(c, "the client does not read its replies", True)
+        elif t.stream.backlog:          # the daemon's last replies wait for the client
+            self._stall(c)
+            self.ep.modify(c.fd, select.EPOLLOUT)
+        else:
+            self._pump(c, False)
+
+    def report(self, msg: dict) -> None:
+        """A message to the daemon (tunnels use it)."""
+        try:
+            send(self.ctl, msg)
+        except OSError:
+            pass
+
+    def forget(self, t: tls_tunnel.Tunnel) -> None:
+        """A tunnel closed."""
+        self.tunnels.pop(t.id, None)
+        for fd in (t.client_fd, t.outer_fd):
+            if self.tunnel_fds.get(fd) is t:
+                del self.tunnel_fds[fd]
+
+    def _forget(self, c: _Served, abort: bool = False) -> None:
         self.backlogged.discard(c)
+        self.ready.discard(c)
         del self.conns[c.fd]
         del self.by_id[c.id]
         try:
@@ -197,15 +326,27 @@ class Worker:
         except OSError:
             pass
         c.close()
+        if c.tunnel is not None:
+            if c.tunnel.state == tls_tunnel.DIRECT and c.ended is None:
+                c.tunnel.relay_again()
+            else:
+                c.tunnel.close(not abort)
 
-    def _give_back(self, c: _Served, why: str) -> None:
-        """Hand `c` back to the daemon: the request bytes not served, the replies not sent."""
+    def _stall(self, c: _Served) -> None:
+        """Replies wait for the socket: stop reading the connection until they are sent."""
+        c.stalled = True
+        c.backlog_since = time.monotonic()
+        self.backlogged.add(c)
+
+    def _give_back(self, c: _Served, why: str, hold: bool = False) -> None:
+        """Hand `c` back to the daemon: the request bytes not served, the replies not sent
+        (`hold`: not worth offering again at once, the client reads nothing)."""
         left = c.rview[c.start:c.end]
         data = bytes(left) + c.backlog
         fds = [blob(data)] if data else []
         try:
             send(self.ctl, {"op": "back", "id": c.id, "why": why, "left": len(left),
-                            "unsent": len(c.backlog)}, fds)
+                            "unsent": len(c.backlog), "hold": hold}, fds)
         finally:
             for fd in fds:
                 os.close(fd)
@@ -213,38 +354,51 @@ class Worker:
             self._forget(c)
 
     def _end(self, c: _Served, abort: bool, why: str) -> None:
+        c.ended = why
         send(self.ctl, {"op": "ended", "id": c.id, "abort": abort, "why": why})
-        self._forget(c)
+        self._forget(c, abort)
 
     # ---- the data path ----------------------------------------------------------------
 
     def _drain(self, c: _Served) -> None:
         """EPOLLOUT: send the backlog; then serve what is buffered."""
         try:
-            n = c.sock.send(c.backlog, _DONTWAIT)
+            if c.tunnel is not None:
+                left = c.sock.flush_nowait()
+            else:
+                c.backlog = c.backlog[c.sock.send(c.backlog, _DONTWAIT):]
+                left = len(c.backlog)
         except BlockingIOError:
             return
         except OSError as exc:
             self._end(c, True, f"reply not sent: {exc}")
             return
-        c.backlog = c.backlog[n:]
-        if not c.backlog:
+        if not left:
+            c.stalled = False
             self.backlogged.discard(c)
             self.ep.modify(c.fd, select.EPOLLIN)
-            self._pump(c, False)
+            self._pump(c, c.tunnel is not None)
 
     def _flush(self, c: _Served, apos: int) -> bool:
         """Send the arena's replies; what the socket does not take becomes the backlog
         (False: stop reading this connection until it is sent). Raises OSError."""
         view = c.aview[:apos]
+        if c.tunnel is not None:      # encrypted; what the socket does not take stays in the stream
+            try:
+                left = c.sock.send_nowait(view)
+            finally:
+                view.release()
+            if left:
+                self._stall(c)
+                return False
+            return True
         try:
             sent = c.sock.send(view, _DONTWAIT)
         except BlockingIOError:
             sent = 0
         if sent < apos:
             c.backlog = bytes(view[sent:])
-            c.backlog_since = time.monotonic()
-            self.backlogged.add(c)
+            self._stall(c)
         view.release()
         return sent == apos
 
@@ -380,15 +534,17 @@ class Worker:
             self._end(c, True, f"reply not sent: {exc}")
             return
         c.start, c.end = start, end
-        if ended is not None and c.backlog:
+        if ended is not None and c.stalled:
             c.start -= 28                  # the daemon sends the replies, then disconnects
             self._give_back(c, "disconnect with replies unsent")
         elif ended is not None:
             self._end(c, False, ended)
         elif why is not None:
             self._give_back(c, why)
-        elif c.backlog:
+        elif c.stalled:
             self.ep.modify(c.fd, select.EPOLLOUT)
+        elif c.tunnel is not None and c.sock.buffered():
+            self.ready.add(c)
 
 
 def main(argv: list[str]) -> None:
