@@ -7,22 +7,18 @@ from __future__ import annotations
 
 import errno
 import os
-import socket
-import struct
 import subprocess
 import sys
 import time
 
 import pytest
 
+from test_nbd_loop import Client
 from userdm import Mapper
 from userdm.errors import DMError
 from userdm.export import busypoll
 from userdm.export.busypoll import FLOOR, START, PollWindow
 from userdm.export.nbd.server import NBDServer
-from userdm.nbd import constants as C
-from userdm.nbd.handshake import encode_go
-from userdm.nbd.protocol import encode_request
 
 MiB = 1 << 20
 
@@ -113,15 +109,6 @@ def _cpu_while_idle(seconds: float = 0.5) -> float:
     return (u.user + u.system) - (t.user + t.system)
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        assert chunk, "the server closed the connection"
-        buf += chunk
-    return buf
-
-
 @pytest.mark.parametrize("us", [200, 0])
 def test_nbd_requests_one_after_another_then_idle(tmp_path, images, monkeypatch, us):
     """One connection alone (its thread polls unless --poll-us 0): 300 writes and reads at
@@ -132,31 +119,17 @@ def test_nbd_requests_one_after_another_then_idle(tmp_path, images, monkeypatch,
     m.create("vol", f"0 {4 * MiB // 512} linear {img} 0\n")
     srv = NBDServer(m, unix_path=tmp_path / "nbd.sock", offload_workers=0)
     srv.start()
-    s = socket.socket(socket.AF_UNIX)
+    c = Client.plain(tmp_path / "nbd.sock", "vol")
     try:
-        s.settimeout(30)
-        s.connect(str(tmp_path / "nbd.sock"))
-        assert _recv_exact(s, 18)[:8] == b"NBDMAGIC"
-        s.sendall(struct.pack(">I", 3) + encode_go("vol"))
-        while True:
-            _, _, rtype, length = struct.unpack(">QIII", _recv_exact(s, 20))
-            _recv_exact(s, length)
-            if rtype == C.REP_ACK:
-                break
-        for i in range(300):
+        for i in range(300):                # a write and its read back, one after another
             block = os.urandom(4096)
-            offset = (i * 7919 % 1024) * 4096
-            s.sendall(encode_request(C.CMD_WRITE, 2 * i + 1, offset, 4096) + block)
-            assert struct.unpack(">IIQ", _recv_exact(s, 16)) == (C.SIMPLE_REPLY_MAGIC, 0, 2 * i + 1)
-            s.sendall(encode_request(C.CMD_READ, 2 * i + 2, offset, 4096))
-            assert struct.unpack(">IIQ", _recv_exact(s, 16)) == (C.SIMPLE_REPLY_MAGIC, 0, 2 * i + 2)
-            assert _recv_exact(s, 4096) == block
+            c.check((i * 7919 % 1024) * 4096, block)
         assert _cpu_while_idle() < 0.1      # the connection's thread sleeps in recv
         with open(img, "rb") as f:
             f.seek((299 * 7919 % 1024) * 4096)
             assert f.read(4096) == block
     finally:
-        s.close()
+        c.close()
         srv.stop()
         m.close()
 
