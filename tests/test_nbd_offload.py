@@ -69,6 +69,20 @@ def fio_verify(uri: str, jobs: int, size: str, out, env: dict | None = None) -> 
          "--output-format=json"], capture_output=True, text=True, timeout=300, env=env)
 
 
+def assert_verified_while_churning(proc: subprocess.CompletedProcess, out, written: int, turns: list[int],  # noqa: ANN001
+                                   srv: NBDServer, handed: int) -> None:
+    """`fio_verify` wrote `written` bytes and verified them without an error while the
+    devices churned (at least one turn), and the offloader handed connections to workers
+    at least `handed` times and took one back."""
+    assert proc.returncode == 0, proc.stderr
+    job = json.loads(out.read_text())["jobs"][0]
+    assert job["error"] == 0
+    assert job["write"]["io_bytes"] == written
+    assert turns[0] >= 1
+    off = srv.loop.offload
+    assert off.handed >= handed and off.returned >= 1, (off.handed, off.returned)
+
+
 @contextlib.contextmanager
 def churning(m: Mapper, srv: NBDServer, files: list[str]):
     """While the block runs, once a worker serves two connections: "low" reloaded onto the
@@ -120,13 +134,7 @@ def test_fio_verify_while_suspended_resumed_and_reloaded(served, tmp_path):
     out = tmp_path / "fio.json"
     with churning(m, srv, files) as turns:
         proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 6, "8M", out)
-    assert proc.returncode == 0, proc.stderr
-    job = json.loads(out.read_text())["jobs"][0]
-    assert job["error"] == 0
-    assert job["write"]["io_bytes"] == 6 * 8 * MiB
-    assert turns[0] >= 1
-    off = srv.loop.offload
-    assert off.handed >= 2 and off.returned >= 1, (off.handed, off.returned)
+    assert_verified_while_churning(proc, out, 6 * 8 * MiB, turns, srv, handed=2)
 
 
 def test_suspend_takes_the_connection_back_and_holds_its_io(served):

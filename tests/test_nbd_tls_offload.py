@@ -23,7 +23,8 @@ import pytest
 
 from conftest import wait_until
 from test_nbd_loop import Client
-from test_nbd_offload import assert_ended, churning, fio_verify, worker_processes
+from test_nbd_offload import (assert_ended, assert_verified_while_churning, churning, fio_verify,
+                              worker_processes)
 from test_nbd_tls import _closed, _libnbd_home, _starttls, certs  # noqa: F401 - `certs` is a fixture
 from userdm import Mapper
 from userdm.errors import DMError
@@ -142,13 +143,7 @@ def test_fio_verify_over_four_tls_connections_while_suspended_and_reloaded(serve
     out = tmp_path / "fio.json"
     with churning(m, srv, files) as turns:
         proc = fio_verify(f"nbds+unix:///top?socket={srv.unix_path}", 4, "8M", out, _libnbd_home(tmp_path, certs.client))
-    assert proc.returncode == 0, proc.stderr
-    job = json.loads(out.read_text())["jobs"][0]
-    assert job["error"] == 0
-    assert job["write"]["io_bytes"] == 4 * 8 * MiB
-    assert turns[0] >= 1
-    off = srv.loop.offload
-    assert off.handed >= 4 and off.returned >= 1, (off.handed, off.returned)
+    assert_verified_while_churning(proc, out, 4 * 8 * MiB, turns, srv, handed=4)
 
 
 def test_worker_killed_closes_its_tls_connections_only(served, certs):  # noqa: F811
