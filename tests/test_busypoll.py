@@ -53,6 +53,18 @@ def test_long_sleeps_close_the_window_and_short_ones_open_it_again():
     assert w.window == 100e-6
 
 
+def test_wait_polls_then_sleeps_once():
+    w = PollWindow(100e-6)
+    assert w.wait(lambda: [1], lambda: pytest.fail("slept with a request there")) == [1]
+    looks: list[int] = []
+    assert w.wait(lambda: looks.append(1) or [], lambda: ["woken"]) == ["woken"]
+    assert len(looks) >= 1              # the poll looked at least once before it slept
+    closed = PollWindow(0.0)
+    looks.clear()
+    assert closed.wait(lambda: looks.append(1) or [], lambda: ["woken"]) == ["woken"]
+    assert looks == [1]                 # no window: one look, then sleep
+
+
 def test_limit_zero_never_polls():
     w = PollWindow(0.0)
     assert w.deadline() == 0.0

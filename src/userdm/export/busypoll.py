@@ -13,10 +13,12 @@ Python NBD server at 4 KiB qd1 went from 14k to 37k IOPS here with a 50 us windo
 The window adapts as haltpoll's does, so that a client that pauses between requests costs
 little: a poll that finds the request keeps the window; a sleep that ends soon after the
 window ran out (within `limit`) doubles it, a longer sleep halves it, and below a floor it
-closes (0: sleep at once) until a short sleep opens it again. A poll is the caller's loop:
+closes (0: sleep at once) until a short sleep opens it again. `PollWindow.wait(ready, block)`
+is the whole poll for a source with a non-blocking look (epoll, a ring); a caller whose try
+raises writes the loop itself:
 
     deadline = window.deadline()            # 0.0: do not poll
-    while ...: try the source without blocking; stop at the deadline
+    while ...: try the source without blocking; stop at the deadline or when not pause()
     if nothing came: t = perf_counter(); block; window.slept(perf_counter() - t)
 
 Between two tries the poll yields the CPU (`sched_yield`): a thread or process that could
@@ -37,6 +39,8 @@ from __future__ import annotations
 import errno
 import os
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import DMError
 
@@ -55,6 +59,7 @@ FLOOR = 5e-6
 #: a closed window opens at this when a short sleep shows a poll would have paid
 START = 10e-6
 
+T = TypeVar("T")
 _perf = time.perf_counter
 _yield = os.sched_yield
 
@@ -114,6 +119,22 @@ class PollWindow:
                 return True
         self._shrink()
         return False
+
+    def wait(self, ready: Callable[[], T], block: Callable[[], T]) -> T:
+        """`ready()` (falsy: nothing yet), tried again while the window lasts and the CPUs are
+        not wanted; then `block()`, whose sleep is measured (`slept`)."""
+        got = ready()
+        if got:
+            return got
+        deadline = self.deadline()
+        while deadline and _perf() < deadline and self.pause():
+            got = ready()
+            if got:
+                return got
+        slept = _perf()
+        got = block()
+        self.slept(_perf() - slept)
+        return got
 
     def slept(self, seconds: float) -> None:
         """The poll found nothing and the thread slept `seconds` before the next request came."""

@@ -496,25 +496,16 @@ class Session:
                 return False
             pushed = ring.take_pushed()
         poll = self._ring_poll
-        perf = time.perf_counter
         try:
-            deadline = poll.deadline()
-            if deadline:
+            if poll.window:
                 # submit, and complete what came meanwhile; nothing: poll a little before
                 # sleeping (`busypoll.py`)
                 ring.enter(pushed, 0, getevents=True)
-                if not ring.ready():
-                    while perf() < deadline and poll.pause():
-                        if ring.ready():
-                            break
-                    else:
-                        slept = perf()
-                        ring.enter(0, 1)
-                        poll.slept(perf() - slept)
-            else:
-                slept = perf()
+                poll.wait(ring.ready, lambda: ring.enter(0, 1))
+            else:             # submit and sleep in one system call
+                slept = time.perf_counter()
                 ring.enter(pushed, 1)
-                poll.slept(perf() - slept)
+                poll.slept(time.perf_counter() - slept)
         except OSError as exc:
             if not ring.closed:
                 log.error("FUSE at %s: io_uring_enter failed: %s", self.mountpoint, exc)

@@ -34,6 +34,7 @@ and serialised in the loop; four TLS connections measured 0.87-0.99x with the lo
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import os
 import select
@@ -162,19 +163,11 @@ class ServeLoop:
         perf = time.perf_counter
         poll = epoll.poll
         window = PollWindow()
+        look = functools.partial(poll, 0)
         while True:
             try:
-                events = poll(0)
-                if not events and not ready:     # poll a little before sleeping (`busypoll.py`)
-                    deadline = window.deadline()
-                    while deadline and perf() < deadline and window.pause():
-                        events = poll(0)
-                        if events:
-                            break
-                    else:
-                        slept = perf()
-                        events = poll()
-                        window.slept(perf() - slept)
+                # nothing to do: poll a little before sleeping (`busypoll.py`)
+                events = poll(0) if ready else window.wait(look, poll)
             except InterruptedError:
                 continue
             if self._stopping:

@@ -37,6 +37,7 @@ in epoll it polls for up to the daemon's `--poll-us` (`busypoll.py`, passed as a
 
 from __future__ import annotations
 
+import functools
 import json
 import mmap
 import os
@@ -167,7 +168,7 @@ class Worker:
         ctl_fd = self.ctl.fileno()
         wait = self.ep.poll
         poll = PollWindow()
-        perf = time.perf_counter
+        look = functools.partial(wait, 0)
         while True:
             for c in list(self.backlogged):   # a client that reads slowly: the daemon applies its reply timeout
                 if time.monotonic() - c.backlog_since > SLOW_READER:
@@ -185,14 +186,7 @@ class Worker:
             if timeout is not None:
                 events = wait(timeout)
             else:            # poll a little before sleeping (`busypoll.py`)
-                deadline = poll.deadline()
-                events = wait(0)
-                while not events and deadline and perf() < deadline and poll.pause():
-                    events = wait(0)
-                if not events:
-                    slept = perf()
-                    events = wait()
-                    poll.slept(perf() - slept)
+                events = poll.wait(look, wait)
             for fd, ev in events:
                 if fd == ctl_fd:
                     if not self._control():
