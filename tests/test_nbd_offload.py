@@ -84,18 +84,22 @@ def assert_verified_while_churning(proc: subprocess.CompletedProcess, out, writt
 
 
 @contextlib.contextmanager
-def churning(m: Mapper, srv: NBDServer, files: list[str]):
-    """While the block runs, once a worker serves two connections: "low" reloaded onto the
-    other file (a copy made while suspended) and "top" suspended and resumed, in a loop.
-    Yields the number of turns so far (a list of one); fails if a turn failed."""
+def churning(m: Mapper, srv: NBDServer, files: list[str], ready=None):  # noqa: ANN001
+    """While the block runs, once `ready()` (default: a worker serves two connections): "low"
+    reloaded onto the other file (a copy made while suspended) and "top" suspended and
+    resumed, in a loop. Yields the number of turns so far (a list of one); fails if a turn
+    failed."""
     stop = threading.Event()
     turns = [0]
     errors: list[BaseException] = []
+    if ready is None:
+        def ready() -> bool:
+            return srv.loop.offload.offloaded() >= 2
 
     def churn() -> None:
         now = 0
         try:
-            wait_until(lambda: stop.is_set() or srv.loop.offload.offloaded() >= 2, 60)
+            wait_until(lambda: stop.is_set() or ready(), 60)
             while not stop.is_set():
                 m.suspend("low")
                 shutil.copyfile(files[now], files[1 - now])   # nothing moves while suspended

@@ -9,7 +9,10 @@ sent - lives on the object so that either can go on where the other stopped):
   system call under load) and runs small READs and WRITEs inline: a WRITE's payload is used
   where it landed in the receive buffer, and the replies of a batch are written one after
   the other into a preallocated arena (a READ's data right after its header), so that they
-  leave in one piece (one system call, and one TLS write);
+  leave in one piece (one system call, and one TLS write). A batch borrows the device's
+  collapsed table (`MappedDevice.lend_flat`) and does its READs and WRITEs straight on the
+  files, past the open and the device's lock; it gives the table back before anything that
+  may wait (see `_lent`);
 - big requests (over `inline_max`), FUA writes, FLUSH, TRIM, WRITE_ZEROES and BLOCK_STATUS go
   to worker threads with their own preallocated mmap buffers (only touched pages cost memory)
   and are answered as they complete, so requests are in flight concurrently; if inline
@@ -412,7 +415,7 @@ class Connection:
                       DATA_CHUNK.size if structured else SIMPLE_REPLY.size, export.check,
                       handle.readinto, handle.write, handle.device, export.min_block - 1,
                       not export.read_only, min(self.inline_max, RECV_BUFFER - REQUEST_SIZE),
-                      export.max_payload)
+                      export.max_payload, getattr(handle.device, "lend_flat", None))
         if self._loop is not None:
             self._in_loop_count = True
             self._loop.entered(1)
@@ -430,8 +433,11 @@ class Connection:
         batch their replies, hand big or slow ones to the worker pool. Returns True when it
         handed the connection to the server's loop, False when the connection ended."""
         (rbuf, rview, arena, aview, export, structured, hlen, check, readinto, write, device,
-         block_mask, writable, inline_max, max_payload) = self._fast
+         block_mask, writable, inline_max, max_payload, lend) = self._fast
         handle = self.catalog.handle
+        # the device's collapsed table, lent for a batch of inline requests (see `_lent`)
+        flat = None
+        lendable = lend is not None
         sock = self.sock
         pool = self._pool
         lp = crowd = self._loop
@@ -463,6 +469,10 @@ class Connection:
             while not self._closing:
                 if end - start < REQUEST_SIZE:
                     if replies:
+                        if flat is not None:
+                            device.return_flat(flat, _lent)
+                            flat = None
+                        lendable = lend is not None
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
@@ -533,6 +543,10 @@ class Connection:
                         need = REQUEST_SIZE + length
                         if end - start < need:
                             if replies:
+                                if flat is not None:
+                                    device.return_flat(flat, _lent)
+                                    flat = None
+                                lendable = lend is not None
                                 self._send_batch(out, aview, run, apos)
                                 out = []
                                 apos = run = replies = 0
@@ -547,6 +561,10 @@ class Connection:
                         start += need
                     else:
                         if replies:
+                            if flat is not None:
+                                device.return_flat(flat, _lent)
+                                flat = None
+                            lendable = lend is not None
                             self._send_batch(out, aview, run, apos)
                             out = []
                             apos = run = replies = 0
@@ -572,6 +590,10 @@ class Connection:
                     start += REQUEST_SIZE
                     if not inline:
                         if replies:
+                            if flat is not None:
+                                device.return_flat(flat, _lent)
+                                flat = None
+                            lendable = lend is not None
                             self._send_batch(out, aview, run, apos)
                             out = []
                             apos = run = replies = 0
@@ -589,6 +611,10 @@ class Connection:
                 # (`loop_pass` has the same steps written out: a call per request would cost
                 # a tenth of a 4 KiB request; change both together)
                 if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
+                    if flat is not None:
+                        device.return_flat(flat, _lent)
+                        flat = None
+                    lendable = lend is not None
                     self._send_batch(out, aview, run, apos)
                     out = []
                     apos = run = replies = 0
@@ -603,11 +629,24 @@ class Connection:
                     reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, device.size), structured)
                 else:
                     try:
+                        if flat is None and lendable:
+                            flat = lend(_lent)
+                            lendable = flat is not None
                         if cmd == _READ:
                             data = aview[apos + hlen:apos + hlen + length]
-                            readinto(offset, data)
+                            if flat is None or flat.retired or device.dead or not flat.read(offset, data):
+                                if flat is not None:
+                                    device.return_flat(flat, _lent)
+                                    flat = None
+                                    lendable = False
+                                readinto(offset, data)
                         elif cmd == _WRITE:
-                            write(offset, data, False)
+                            if flat is None or flat.retired or device.dead or not flat.write(offset, data, False):
+                                if flat is not None:
+                                    device.return_flat(flat, _lent)
+                                    flat = None
+                                    lendable = False
+                                write(offset, data, False)
                         # CMD_CACHE: a hint; the page cache of the underlying files does the caching
                     except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
                         reply = _failure(exc, cmd, cookie, structured)
@@ -640,10 +679,17 @@ class Connection:
                             dispatch_until = SLOW_BACKOFF
                 last = now
                 if replies >= MAX_BATCH:
+                    if flat is not None:
+                        device.return_flat(flat, _lent)
+                        flat = None
+                    lendable = lend is not None
                     self._send_batch(out, aview, run, apos)
                     out = []
                     apos = run = replies = 0
                     last = perf()
+            if flat is not None:
+                device.return_flat(flat, _lent)
+                flat = None
             if replies:
                 self._send_batch(out, aview, run, apos)
         except ProtocolError as exc:
@@ -652,6 +698,8 @@ class Connection:
         except OSError as exc:
             log.debug("nbd: connection ended: %s", exc)
         finally:
+            if flat is not None:
+                device.return_flat(flat, _lent)
             out = data = None
             if not to_loop:
                 self._closing = True
@@ -670,10 +718,12 @@ class Connection:
         DISC, a protocol error, a send the socket did not take whole, a slow device, or the
         watchdog took the connection out of the loop); the state is saved either way."""
         (rbuf, rview, arena, aview, export, structured, hlen, check, readinto, write, device,
-         block_mask, writable, inline_max, max_payload) = self._fast
+         block_mask, writable, inline_max, max_payload, lend) = self._fast
         start, end = self._start, self._end
         if self._closing:
             return False
+        flat = None          # the device's Flat, lent for this pass (see `_transmission`)
+        lendable = lend is not None
         if start:
             rview[:end - start] = rview[start:end]
             end -= start
@@ -694,84 +744,102 @@ class Connection:
         out: list = []
         stay = True
         slow = self._slow
-        while end - start >= REQUEST_SIZE:
-            magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(rbuf, start)
-            if (magic != _REQUEST_MAGIC or flags & _FUA or length > inline_max
-                    or not (cmd == _READ or cmd == _WRITE or cmd == _CACHE)):
-                stay = False     # the thread runs it (or refuses it, or disconnects)
-                break
-            if cmd == _WRITE:
-                need = REQUEST_SIZE + length
-                if end - start < need:
-                    break        # the rest of its payload has not arrived
-                data = rview[start + REQUEST_SIZE:start + need]
-                start += need
-            else:
-                start += REQUEST_SIZE
-            if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
-                if not self._send_nowait(out, aview, run, apos):
-                    stay = False
+        try:
+            while end - start >= REQUEST_SIZE:
+                magic, flags, cmd, cookie, offset, length = REQUEST.unpack_from(rbuf, start)
+                if (magic != _REQUEST_MAGIC or flags & _FUA or length > inline_max
+                        or not (cmd == _READ or cmd == _WRITE or cmd == _CACHE)):
+                    stay = False     # the thread runs it (or refuses it, or disconnects)
                     break
-                out = []
-                apos = run = replies = 0
-            # the inline steps of `_transmission`, written out (change both together)
-            reply = None
-            if (not flags and length and not (offset | length) & block_mask and offset + length <= device.size
-                    and (cmd == _READ and length <= max_payload or cmd == _WRITE and writable)):
-                err = 0
-            else:
-                err = check(flags, cmd, offset, length, device.size)
-            if err:
-                reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, device.size), structured)
-            else:
-                try:
-                    if cmd == _READ:
-                        readinto(offset, aview[apos + hlen:apos + hlen + length])
-                    elif cmd == _WRITE:
-                        write(offset, data, False)
-                except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
-                    reply = _failure(exc, cmd, cookie, structured)
-            if reply is not None:
-                if apos > run:
-                    out.append(aview[run:apos])
-                    run = apos
-                out.append(reply)
-            elif cmd == _READ:
-                if structured:
-                    DATA_CHUNK.pack_into(arena, apos, _STRUCT_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset)
+                if cmd == _WRITE:
+                    need = REQUEST_SIZE + length
+                    if end - start < need:
+                        break        # the rest of its payload has not arrived
+                    data = rview[start + REQUEST_SIZE:start + need]
+                    start += need
                 else:
-                    SIMPLE_REPLY.pack_into(arena, apos, _SIMPLE_MAGIC, 0, cookie)
-                apos += hlen + length
-            else:
-                SIMPLE_REPLY.pack_into(arena, apos, _SIMPLE_MAGIC, 0, cookie)
-                apos += _SIMPLE_SIZE
-            replies += 1
-            if lp.gen != gen:
-                stay = False     # the watchdog took it out of the loop: this thread goes on with it
-                break
-            now = perf()
-            lp.since = now
-            if now - last <= SLOW_REQUEST:
-                slow = 0
-            else:
-                if not slow:
-                    self._window = (now, _cpu_of_others(), _queued())
-                slow += 1
-                if slow >= SLOW_STREAK:
-                    slow = 0
-                    if _waited_for_device(self._window, now):
-                        self._dispatch_until = SLOW_BACKOFF   # the thread sends them to the workers
+                    start += REQUEST_SIZE
+                if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
+                    if not self._send_nowait(out, aview, run, apos):
                         stay = False
                         break
-            last = now
-            if replies >= MAX_BATCH:
-                if not self._send_nowait(out, aview, run, apos):
-                    stay = False
+                    out = []
+                    apos = run = replies = 0
+                # the inline steps of `_transmission`, written out (change both together)
+                reply = None
+                if (not flags and length and not (offset | length) & block_mask and offset + length <= device.size
+                        and (cmd == _READ and length <= max_payload or cmd == _WRITE and writable)):
+                    err = 0
+                else:
+                    err = check(flags, cmd, offset, length, device.size)
+                if err:
+                    reply = error_reply(cookie, err, _refusal(cmd, err, offset, length, device.size), structured)
+                else:
+                    try:
+                        if flat is None and lendable:
+                            flat = lend(_lent)
+                            lendable = flat is not None
+                        if cmd == _READ:
+                            buf = aview[apos + hlen:apos + hlen + length]
+                            if flat is None or flat.retired or device.dead or not flat.read(offset, buf):
+                                if flat is not None:
+                                    device.return_flat(flat, _lent)
+                                    flat = None
+                                    lendable = False
+                                readinto(offset, buf)
+                        elif cmd == _WRITE:
+                            if flat is None or flat.retired or device.dead or not flat.write(offset, data, False):
+                                if flat is not None:
+                                    device.return_flat(flat, _lent)
+                                    flat = None
+                                    lendable = False
+                                write(offset, data, False)
+                    except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
+                        reply = _failure(exc, cmd, cookie, structured)
+                if reply is not None:
+                    if apos > run:
+                        out.append(aview[run:apos])
+                        run = apos
+                    out.append(reply)
+                elif cmd == _READ:
+                    if structured:
+                        DATA_CHUNK.pack_into(arena, apos, _STRUCT_MAGIC, _DONE, _OFFSET_DATA, cookie, length + 8, offset)
+                    else:
+                        SIMPLE_REPLY.pack_into(arena, apos, _SIMPLE_MAGIC, 0, cookie)
+                    apos += hlen + length
+                else:
+                    SIMPLE_REPLY.pack_into(arena, apos, _SIMPLE_MAGIC, 0, cookie)
+                    apos += _SIMPLE_SIZE
+                replies += 1
+                if lp.gen != gen:
+                    stay = False     # the watchdog took it out of the loop: this thread goes on with it
                     break
-                out = []
-                apos = run = replies = 0
-                last = perf()
-        data = None
+                now = perf()
+                lp.since = now
+                if now - last <= SLOW_REQUEST:
+                    slow = 0
+                else:
+                    if not slow:
+                        self._window = (now, _cpu_of_others(), _queued())
+                    slow += 1
+                    if slow >= SLOW_STREAK:
+                        slow = 0
+                        if _waited_for_device(self._window, now):
+                            self._dispatch_until = SLOW_BACKOFF   # the thread sends them to the workers
+                            stay = False
+                            break
+                last = now
+                if replies >= MAX_BATCH:
+                    if not self._send_nowait(out, aview, run, apos):
+                        stay = False
+                        break
+                    out = []
+                    apos = run = replies = 0
+                    last = perf()
+        finally:
+            if flat is not None:
+                device.return_flat(flat, _lent)
+        data = buf = None
         self._slow = slow
         self._start, self._end = start, end
         if replies and not self._send_nowait(out, aview, run, apos):
@@ -1106,6 +1174,17 @@ class _WorkerPool:
                 pass
         self.conn = None
         self.threads = []
+
+
+def _lent(*_args) -> None:
+    """The watcher of a Flat lent to a connection's batch of inline requests (READ and WRITE
+    straight to the files, past the open, the device's lock and its in-flight count: a tenth
+    of a 4 KiB request's CPU): nothing to do when the device drops it. The batch gives it back
+    before anything that may block (a receive, a send, a request for the workers), and at once
+    when it sees it `retired` (a suspend, resume, load or remove here or below: the suspend
+    waits for it), the device dead, or a request through it fail; that request and the rest
+    of the batch then go through the open (`BlockOpen`: its checks, the device's suspend,
+    failure events), as without a Flat."""
 
 
 def _release(view: memoryview | None) -> None:
