@@ -169,6 +169,10 @@ class DeviceFiles:
             raise DMError(errno.EBADF, f"file handle {fh} is not open")
         return h
 
+    def handle_or_none(self, fh: int) -> _Handle | None:
+        with self._lock:
+            return self._handles.get(fh)
+
     def inode_of_handle(self, fh: int) -> int:
         return self._handle(fh).ino
 

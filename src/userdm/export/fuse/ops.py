@@ -4,8 +4,9 @@
 server writes back (or None when the kernel expects no reply). It never touches /dev/fuse, so
 it is driven by the server's threads and by tests alike. A READ is served into the caller's
 reply buffer (the data right after the 16-byte header: one write of the buffer answers it);
-a WRITE takes its data as a memoryview of the request buffer. `DMError`/`OSError` become the
-reply's errno; anything else is logged and answered with EIO.
+a WRITE takes its data as a memoryview of the request buffer. With a serving thread's
+`LentTables` (`lent.py`), plain READs and WRITEs go straight to the files below the device.
+`DMError`/`OSError` become the reply's errno; anything else is logged and answered with EIO.
 
 Every open uses `direct_io` (with parallel direct writes): the kernel keeps no page cache for
 the files, so a table reload is visible to the next read and loop devices see exactly what the
@@ -26,6 +27,7 @@ from typing import Protocol
 from ...errors import DMError
 from . import protocol as P
 from .files import ROOT_INODE, Attr, DeviceFiles
+from .lent import LentTables, Revocations
 
 log = logging.getLogger("userdm.fuse")
 
@@ -91,6 +93,8 @@ class DeviceOperations:
     def __init__(self, files: DeviceFiles) -> None:
         self.files = files
         self.interrupts = 0          # INTERRUPTs received (answered by finishing the request)
+        #: the watcher of the tables lent to the serving threads (`lent.py`)
+        self.revocations = Revocations()
         self.spliced = 0             # READs answered by splice (`_splice_read`)
         #: registers backing files with the kernel for passthrough opens (the `Session`); None:
         #: every open's I/O comes here
@@ -113,10 +117,16 @@ class DeviceOperations:
             P.FORGET: self._forget, P.BATCH_FORGET: self._forget, P.INTERRUPT: self._interrupt,
         }
 
+    def lent_tables(self) -> LentTables:
+        """What one serving thread borrows for `serve` and `serve_entry` (see `lent.py`)."""
+        return LentTables(self.files, self.revocations)
+
     def serve(self, message: memoryview, reply_buf: memoryview,
-              pipe: tuple[int, int, int] | None = None) -> tuple[int, bytes | memoryview | int | None]:
+              pipe: tuple[int, int, int] | None = None,
+              lent: LentTables | None = None) -> tuple[int, bytes | memoryview | int | None]:
         """(opcode, reply) for one message read from the device (see `handle`). READ and WRITE
-        take a short cut past `decode`: one unpack of header and arguments, no objects built.
+        take a short cut past `decode`: one unpack of header and arguments, no objects built,
+        and, with the thread's `lent` tables, straight on the files.
         With a `pipe` (read end, write end, room; empty), a big READ that fits may be answered
         in the pipe: the reply is then the number of bytes waiting there, to splice to the device.
         Raises `protocol.ProtocolError` for a malformed message."""
@@ -129,43 +139,83 @@ class DeviceOperations:
                     if opcode == P.READ:
                         size = min(size, len(reply_buf) - P.OUT_HEADER_SIZE)
                         if pipe is not None and SPLICE_MIN <= size <= pipe[2]:
+                            if lent is not None:
+                                lent.give_back()
                             spliced = self._splice_read(unique, fh, offset, size, pipe)
                             if spliced:
                                 return opcode, spliced
-                        got = self.files.readinto(fh, offset, reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size])
+                        data = reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size]
+                        if lent is not None:
+                            flat, device, _ = lent.get(fh)
+                            if (flat is not None and offset + size <= flat.starts[-1] and not flat.retired
+                                    and not device.dead and flat.read(offset, data)):
+                                P.pack_read_header(reply_buf, unique, size)
+                                return opcode, reply_buf[:P.OUT_HEADER_SIZE + size]
+                            lent.give_back()
+                        got = self.files.readinto(fh, offset, data)
                         P.pack_read_header(reply_buf, unique, got)
                         return opcode, reply_buf[:P.OUT_HEADER_SIZE + got]
                     if opcode == P.WRITE and n - P.WRITE_DATA_OFFSET == size:
-                        done = self.files.write(fh, offset, message[P.WRITE_DATA_OFFSET:])
-                        return opcode, P.reply(unique, P.write_out(done))
+                        data = message[P.WRITE_DATA_OFFSET:]
+                        if lent is not None:
+                            flat, device, writable = lent.get(fh)
+                            if (flat is not None and writable and offset + size <= flat.starts[-1]
+                                    and not flat.retired and not device.dead and flat.write(offset, data, False)):
+                                return opcode, P.reply(unique, P.write_out(size))
+                            lent.give_back()
+                        return opcode, P.reply(unique, P.write_out(self.files.write(fh, offset, data)))
                 except (DMError, OSError) as exc:
                     return opcode, P.reply_error(unique, exc.errno or errno.EIO)
                 except Exception:  # noqa: BLE001 - one bad request must not end the serving thread
                     log.exception("FUSE %s failed", P.OPCODE_NAMES[opcode])
                     return opcode, P.reply_error(unique, errno.EIO)
+        if lent is not None:
+            lent.give_back()
         req = P.decode(message)
         return req.opcode, self.handle(req, reply_buf)
 
-    def serve_entry(self, header: memoryview, payload: memoryview, reply_buf: memoryview) -> int:
+    def serve_entry(self, header: memoryview, payload: memoryview, reply_buf: memoryview,
+                    lent: LentTables | None = None) -> int:
         """Answer the request in a FUSE-over-io_uring entry in place, as `serve` answers one read
         from the device: the out header goes into `header`, the reply's arguments or data into
         `payload`, their length into the entry's payload_sz. READ reads straight into the
         payload and WRITE writes from it; anything else is put together as the device would
         carry it and goes through `decode` and `handle` (a malformed one gets EIO: an entry
-        must always be answered). Returns the request's unique (the commit names it)."""
+        must always be answered). With the thread's `lent` tables, READ and WRITE go straight
+        to the files (`lent.py`). Returns the request's unique (the commit names it)."""
         length, opcode, unique = _RING_IN.unpack_from(header)
         psz = _U32.unpack_from(header, P.RING_PAYLOAD_SIZE)[0]
         try:
             if opcode == P.READ:
                 fh, offset, size, _ = P.RING_RW_IN.unpack_from(header, P.RING_OP_IN)
-                got = self.files.readinto(fh, offset, payload[:size])
+                data = payload[:size]
+                got = -1
+                if lent is not None:
+                    flat, device, _ = lent.get(fh)
+                    if (flat is not None and offset + size <= flat.starts[-1] and not flat.retired
+                            and not device.dead and flat.read(offset, data)):
+                        got = size
+                    else:
+                        lent.give_back()
+                if got < 0:
+                    got = self.files.readinto(fh, offset, data)
                 P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE + got, 0, unique)
                 _U32.pack_into(header, P.RING_PAYLOAD_SIZE, got)
                 return unique
             if opcode == P.WRITE:
                 fh, offset, size, _ = P.RING_RW_IN.unpack_from(header, P.RING_OP_IN)
                 if size == psz:
-                    done = self.files.write(fh, offset, payload[:psz])
+                    data = payload[:psz]
+                    done = -1
+                    if lent is not None:
+                        flat, device, writable = lent.get(fh)
+                        if (flat is not None and writable and offset + size <= flat.starts[-1]
+                                and not flat.retired and not device.dead and flat.write(offset, data, False)):
+                            done = size
+                        else:
+                            lent.give_back()
+                    if done < 0:
+                        done = self.files.write(fh, offset, data)
                     P.WRITE_OUT.pack_into(payload, 0, done, 0)
                     P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE + P.WRITE_OUT.size, 0, unique)
                     _U32.pack_into(header, P.RING_PAYLOAD_SIZE, P.WRITE_OUT.size)
@@ -175,6 +225,8 @@ class DeviceOperations:
         except Exception:  # noqa: BLE001 - one bad request must not end the serving thread
             log.exception("FUSE %s failed", P.OPCODE_NAMES.get(opcode, opcode))
             return _ring_error(header, unique, errno.EIO)
+        if lent is not None:
+            lent.give_back()
         arg = length - P.IN_HEADER_SIZE - psz
         if not 0 <= arg <= P.RING_ENT_IN_OUT - P.RING_OP_IN or psz > len(payload):
             log.error("FUSE: dropped a malformed io_uring request (opcode %d, length %d, payload %d)",

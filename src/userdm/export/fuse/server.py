@@ -66,6 +66,7 @@ from collections.abc import Callable
 from ...errors import DMError
 from ..busypoll import PollWindow
 from . import protocol as P
+from .lent import LentTables
 from .ops import MAX_WRITE, REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
 from .uring import Ring
 from .unmount import is_fuse_mount, lazy_unmount
@@ -281,6 +282,7 @@ class Session:
         ep = select.epoll()
         ended = False
         serve = self.ops.serve
+        lent = self.ops.lent_tables()   # given back before every wait (`lent.py`)
         big = _BIG.unpack_from
         poll = PollWindow()
         deadline = 0.0             # when the leader's poll for the next request gives up
@@ -298,6 +300,7 @@ class Session:
                     except BlockingIOError:
                         # (only now: a thread woken for a request reads it before it may go)
                         if team.leader is not slot:
+                            lent.give_back()
                             timeout = team.big_until - monotonic()
                             if timeout <= 0:
                                 break            # follow
@@ -309,6 +312,7 @@ class Session:
                             deadline = poll.deadline() or -1.0
                         if perf() < deadline and poll.pause():
                             continue
+                        lent.give_back()
                         slept = perf()
                         if any(f == wake for f, _ in ep.poll()):
                             return
@@ -335,7 +339,7 @@ class Session:
                             team.big_until = monotonic() + BIG_WINDOW
                             self._step_down(team, slot, BIG_THREADS)   # another reads while this copies
                     try:
-                        opcode, out = serve(req_view[:n], reply_view, pipe)
+                        opcode, out = serve(req_view[:n], reply_view, pipe, lent)
                     except P.ProtocolError as exc:
                         log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
                         continue
@@ -351,10 +355,12 @@ class Session:
                     if opcode == P.INIT and self.ops.ring and self._ring is None:
                         self._start_ring()
                     if team.leader is not slot and monotonic() >= team.big_until:
+                        lent.give_back()
                         break                    # deposed, or back from a big request: follow
         except Exception:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
         finally:
+            lent.give_back()
             ep.close()
             for end in (pipe or ())[:2]:
                 os.close(end)
@@ -458,6 +464,7 @@ class Session:
         slot = [0]
         reply_view = memoryview(bytearray(REPLY_BUFFER))
         serve = self.ops.serve_entry
+        lent = self.ops.lent_tables()   # given back before every wait (`lent.py`)
         ready = self._ready
         ended = False
         try:
@@ -467,8 +474,9 @@ class Session:
                         entry = ready.popleft()
                     except IndexError:
                         if team.leader is not slot:
+                            lent.give_back()
                             break                                 # follow
-                        gone = self._wait_ring(ring)
+                        gone = self._wait_ring(ring, lent)
                         if gone is not None:
                             ended = gone
                             return
@@ -479,18 +487,20 @@ class Session:
                     if entry.big():
                         self._step_down(team, slot, BIG_THREADS)
                     try:
-                        unique = serve(entry.header, entry.payload, reply_view)
+                        unique = serve(entry.header, entry.payload, reply_view, lent)
                     finally:
                         slot[0] = 0
                     self._commit(ring, entry, unique, team.leader is slot)
         except Exception:
             log.exception("FUSE at %s: a ring thread failed", self.mountpoint)
         finally:
+            lent.give_back()
             self._leave(team, slot, ended)
 
-    def _wait_ring(self, ring: Ring) -> bool | None:
-        """Submit what was pushed, wait for completions and queue the entries that got requests.
-        None: go on; False: stop serving; True: the connection ended (unmounted, aborted)."""
+    def _wait_ring(self, ring: Ring, lent: LentTables) -> bool | None:
+        """Submit what was pushed, wait for completions and queue the entries that got requests
+        (the thread's `lent` tables are given back before it sleeps). None: go on; False: stop
+        serving; True: the connection ended (unmounted, aborted)."""
         with ring.lock:
             if ring.closed:
                 return False
@@ -501,8 +511,14 @@ class Session:
                 # submit, and complete what came meanwhile; nothing: poll a little before
                 # sleeping (`busypoll.py`)
                 ring.enter(pushed, 0, getevents=True)
-                poll.wait(ring.ready, lambda: ring.enter(0, 1))
+
+                def sleep() -> None:
+                    lent.give_back()
+                    ring.enter(0, 1)
+
+                poll.wait(ring.ready, sleep)
             else:             # submit and sleep in one system call
+                lent.give_back()
                 slept = time.perf_counter()
                 ring.enter(pushed, 1)
                 poll.slept(time.perf_counter() - slept)
