@@ -14,6 +14,7 @@ import threading
 
 import pytest
 
+from conftest import wait_until
 from userdm import Mapper
 from userdm.dm.mapped import MappedDevice
 
@@ -155,3 +156,53 @@ def test_a_read_after_the_device_died_fails_with_eio(served):
         assert exc.value.errno == errno.EIO
     finally:
         os.close(fd)
+
+
+def test_writers_lose_nothing_while_an_interposer_attaches_and_detaches_below(served):
+    """Writes and reads through "top"'s FUSE file while interposers attach to and detach
+    from "low" in a loop: every write is read back, and lands in low's file."""
+    m, mnt, (a, _), lends = served
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    written: dict[int, bytes] = {}
+    count = [0]
+
+    def writer() -> None:
+        fd = os.open(mnt / "top", os.O_RDWR)
+        try:
+            while not stop.is_set():
+                n = count[0]
+                block = (n % 512) * 4096
+                data = bytes([n % 251 + 1]) * 4096
+                assert os.pwrite(fd, data, block) == 4096
+                assert os.pread(fd, 4096, block) == data
+                written[block] = data
+                count[0] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            os.close(fd)
+
+    def more_writes() -> None:
+        """Wait for 20 more writes (or a writer that failed)."""
+        until = count[0] + 20
+        assert wait_until(lambda: count[0] >= until or errors, 30)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        for i in range(10):
+            more_writes()
+            m.create(f"front{i}", f"0 {SECTORS} linear [interpose]/dev/mapper/low 0", interpose=True)
+            more_writes()
+            m.remove(f"front{i}")
+        more_writes()
+    finally:
+        stop.set()
+        t.join(30)
+    assert not errors, errors[0]
+    assert written and lends[0] > 1
+    with open(a, "rb") as f:
+        for block, data in written.items():
+            f.seek(block)
+            assert f.read(4096) == data

@@ -111,3 +111,38 @@ def test_a_request_after_the_device_died_fails_with_eio(served):
     magic, err, got = struct.unpack(">IIQ", recv_exact(c.sock, 16))
     assert (magic, err, got) == (C.SIMPLE_REPLY_MAGIC, errno.EIO, cookie)
     c.close()
+
+
+def test_fio_verify_one_connection_while_an_interposer_attaches_and_detaches(served, tmp_path):
+    """An interposer over "low" takes the I/O of "top" (through low) while attached: the
+    connection's lent table is dropped at each attach and detach, and no write is lost."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    m, srv, _, lends = served
+    stop = threading.Event()
+    rounds = [0]
+    errors: list[BaseException] = []
+
+    def churn() -> None:
+        try:
+            while not stop.is_set():
+                m.create(f"front{rounds[0]}", f"0 {SECTORS} linear [interpose]/dev/mapper/low 0", interpose=True)
+                stop.wait(0.02)
+                m.remove(f"front{rounds[0]}")
+                rounds[0] += 1
+                stop.wait(0.02)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    t = threading.Thread(target=churn)
+    out = tmp_path / "fio.json"
+    t.start()
+    try:
+        proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 1, "16M", out)
+    finally:
+        stop.set()
+        t.join(60)
+    assert not errors, errors
+    assert proc.returncode == 0, proc.stderr
+    assert '"error" : 0' in out.read_text()
+    assert rounds[0] >= 1 and lends[0] > 1
