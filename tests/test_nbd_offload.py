@@ -60,10 +60,12 @@ def offloaded(srv: NBDServer, clients: list[Client], n: int) -> None:
     assert wait_until(io, 30), srv.loop.offload.offloaded()
 
 
-def fio_verify(uri: str, jobs: int, size: str, out, env: dict | None = None) -> subprocess.CompletedProcess:  # noqa: ANN001
-    """fio's random 4K writes, then its verify, over `jobs` connections (8 MiB apart)."""
+def fio_verify(uri: str, jobs: int, size: str, out, env: dict | None = None,  # noqa: ANN001
+               loops: int = 1) -> subprocess.CompletedProcess:
+    """fio's random 4K writes, then its verify, over `jobs` connections (8 MiB apart), `loops`
+    times."""
     return subprocess.run(
-        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k",
+        ["fio", "--name=verify", "--ioengine=nbd", f"--uri={uri}", "--rw=randwrite", "--bs=4k", f"--loops={loops}",
          "--iodepth=8", f"--numjobs={jobs}", f"--size={size}", "--offset_increment=8M", "--verify=crc32c",
          "--do_verify=1", "--verify_state_save=0", "--group_reporting", f"--output={out}",
          "--output-format=json"], capture_output=True, text=True, timeout=300, env=env)
@@ -85,9 +87,9 @@ def assert_verified_while_churning(proc: subprocess.CompletedProcess, out, writt
 
 @contextlib.contextmanager
 def churning(m: Mapper, srv: NBDServer, files: list[str], ready=None):  # noqa: ANN001
-    """While the block runs, once `ready()` (default: a worker serves two connections): "low"
-    reloaded onto the other file (a copy made while suspended) and "top" suspended and
-    resumed, in a loop. Yields the number of turns so far (a list of one); fails if a turn
+    """While the block runs, in a loop, each turn once `ready()` (default: a worker serves two
+    connections): "low" reloaded onto the other file (a copy made while suspended) and "top"
+    suspended and resumed. Yields the number of turns so far (a list of one); fails if a turn
     failed."""
     stop = threading.Event()
     turns = [0]
@@ -99,8 +101,7 @@ def churning(m: Mapper, srv: NBDServer, files: list[str], ready=None):  # noqa: 
     def churn() -> None:
         now = 0
         try:
-            wait_until(lambda: stop.is_set() or ready(), 60)
-            while not stop.is_set():
+            while wait_until(lambda: stop.is_set() or ready(), 60) and not stop.is_set():
                 m.suspend("low")
                 shutil.copyfile(files[now], files[1 - now])   # nothing moves while suspended
                 now = 1 - now
@@ -136,9 +137,12 @@ def test_fio_verify_while_suspended_resumed_and_reloaded(served, tmp_path):
         pytest.skip("fio is not installed")
     m, srv, files = served
     out = tmp_path / "fio.json"
+    # connections refused while a device is suspended are offered again soon, and fio runs
+    # four loops (new connections each): a turn always finds connections in the worker
+    srv.loop.offload.retry = 0.02
     with churning(m, srv, files) as turns:
-        proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 6, "8M", out)
-    assert_verified_while_churning(proc, out, 6 * 8 * MiB, turns, srv, handed=2)
+        proc = fio_verify(f"nbd+unix:///top?socket={tmp_path / 'nbd.sock'}", 6, "8M", out, loops=4)
+    assert_verified_while_churning(proc, out, 4 * 6 * 8 * MiB, turns, srv, handed=2)
 
 
 def test_suspend_takes_the_connection_back_and_holds_its_io(served):

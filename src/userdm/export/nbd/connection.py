@@ -476,14 +476,15 @@ class Connection:
                         self._send_batch(out, aview, run, apos)
                         out = []
                         apos = run = replies = 0
-                    off = lp.offload if lp is not None and (lp.crowded or self.tunnel is not None) else None
+                    off = lp.offload if lp is not None else None
                     if off is not None and last >= self.offload_after:
                         if start:
                             rview[:end - start] = rview[start:end]
                             end -= start
                             start = 0
                         self._start, self._end = start, end
-                        if off.take(self, handle, rview[:end], pool.wait_idle):
+                        if off.take(self, handle, rview[:end], pool.wait_idle,
+                                    alone=not lp.crowded and self.tunnel is None):
                             to_loop = True
                             return True    # a worker process serves it now
                         self.offload_after = perf() + off.retry

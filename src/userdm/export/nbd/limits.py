@@ -16,7 +16,7 @@ the byte budgets that hold requests back.
 - `reply_timeout`: seconds a reply may wait for the client to make room for it in the
   socket (the client reads nothing); then the connection is closed. This is what frees the
   budget held by a client that sends requests and never reads the replies.
-- `workers`: worker processes that serve connections while several are open, and hold
+- `workers`: worker processes that serve connections' READs and WRITEs, and hold
   the TLS sessions (`offload.py`, `tunnel.py`); 0: every connection is served, and every
   TLS session held, in the daemon's process. The daemon's
   option defaults to two per CPU (`default_workers`); in-process servers to 0.

@@ -22,8 +22,8 @@ With nothing to do, the loop thread polls epoll for up to `--poll-us` before it 
 (`busypoll.py`).
 
 A connection joins the loop only while two or more connections are in the transmission
-phase (`crowded`): one connection alone is served by its own thread, which costs one
-system call less per request than a wait on epoll.
+phase (`crowded`): one connection alone is served by its own thread (or a worker process,
+see `offload.py`), which costs one system call less per request than a wait on epoll.
 
 TLS connections stay in their own threads unless `tls` is set: the loop serves them
 correctly (non-blocking TLS stream, records already in the session served without a wait),

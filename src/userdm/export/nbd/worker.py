@@ -125,6 +125,8 @@ class _Served:
         self.mask = msg["min_block"] - 1
         self.max = min(msg["max_payload"], MAX_REQUEST)
         self.structured = msg["structured"]
+        #: the daemon's only connection: its big READs are the daemon's (`offload.py`)
+        self.alone = bool(msg.get("alone"))
         pending = read_blob(fds[-1], msg["pending"]) if msg["pending"] else b""
         pending += received
         self.rbuf = bytearray(max(RECV_BUFFER, len(pending) + RECV_BUFFER))
@@ -334,7 +336,8 @@ class Worker:
 
     def _give_back(self, c: _Served, why: str, hold: bool = False) -> None:
         """Hand `c` back to the daemon: the request bytes not served, the replies not sent
-        (`hold`: not worth offering again at once, the client reads nothing)."""
+        (`hold`: not worth offering again at once: the client reads nothing, or the daemon's
+        only connection reads big blocks)."""
         left = c.rview[c.start:c.end]
         data = bytes(left) + c.backlog
         fds = [blob(data)] if data else []
@@ -430,6 +433,7 @@ class Worker:
         size, mask, biggest = c.size, c.mask, c.max
         apos = 0
         why = None
+        hold = False
         ended = None
         try:
             while end - start >= 28:
@@ -445,6 +449,10 @@ class Worker:
                     i = bisect_right(starts, offset) - 1
                     if offset + length > starts[i + 1] or cmd == _WRITE and not writable[i]:
                         why = "request over segments or read-only"
+                        break
+                    if cmd == _READ and length >= BIG_READ and c.alone:
+                        why = "a big read on the daemon's only connection"
+                        hold = True
                         break
                     if cmd == _WRITE:
                         need = 28 + length
@@ -534,7 +542,7 @@ class Worker:
         elif ended is not None:
             self._end(c, False, ended)
         elif why is not None:
-            self._give_back(c, why)
+            self._give_back(c, why, hold)
         elif c.stalled:
             self.ep.modify(c.fd, select.EPOLLOUT)
         elif c.tunnel is not None and c.sock.buffered():
