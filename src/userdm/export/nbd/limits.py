@@ -116,9 +116,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"then the connection is closed (default {d.reply_timeout:g})")
     workers = default_workers()
     parser.add_argument("--nbd-workers", type=int, default=workers, metavar="N",
-                        help="daemon: worker processes that serve the NBD connections of devices mapped "
-                        "onto files while two or more are open, and hold TLS sessions (serving those "
-                        "connections alone too); 0 serves all in the daemon "
+                        help="daemon: worker processes that serve the READs and WRITEs of NBD "
+                        "connections to devices mapped onto files (a connection alone hands its big "
+                        "READs back to the daemon's threads), and hold TLS sessions; 0 serves all in "
+                        "the daemon "
                         f"(default {workers}: two per CPU)")
 
 

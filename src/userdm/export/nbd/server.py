@@ -79,7 +79,7 @@ class NBDServer:
         self._stopping = False
         #: one thread serving the small requests of every connection while there are several
         self.loop = ServeLoop()
-        #: worker processes that serve connections while several are open (`offload.py`)
+        #: worker processes that serve connections' READs and WRITEs (`offload.py`)
         workers = self.limits.workers if offload_workers is None else offload_workers
         self.loop.offload = Offloader(workers, self.tls) if workers > 0 else None
         #: the TCP address actually bound (port 0 picks a free port)
