@@ -17,6 +17,22 @@ USERDM = [sys.executable, "-m", "userdm"]
 
 
 @pytest.fixture
+def lends(monkeypatch) -> list[int]:
+    """[how many collapsed tables devices lent (`MappedDevice.lend_flat`)] during the test."""
+    count = [0]
+    from userdm.dm.mapped import MappedDevice
+    lend = MappedDevice.lend_flat
+
+    def counted(self, watcher):  # noqa: ANN001, ANN202
+        flat = lend(self, watcher)
+        count[0] += flat is not None
+        return flat
+
+    monkeypatch.setattr(MappedDevice, "lend_flat", counted)
+    return count
+
+
+@pytest.fixture
 def images(tmp_path: Path):
     """images(n, size) -> list of paths of sparse files."""
     def make(n: int = 1, size: int = 64 << 20) -> list[str]:

@@ -16,7 +16,6 @@ import pytest
 
 from conftest import wait_until
 from userdm import Mapper
-from userdm.dm.mapped import MappedDevice
 
 pytestmark = [pytest.mark.fuse, pytest.mark.root]
 
@@ -32,18 +31,9 @@ SECTORS = 4 * MiB // 512
 
 
 @pytest.fixture
-def served(tmp_path, images, fuse_transport, monkeypatch):
+def served(tmp_path, images, fuse_transport, lends):
     """(mapper, mount directory, [file a, file b], lends): "low" linear over a, "top" over
     low, "busy" over a third file; lends[0] counts the tables lent."""
-    lends = [0]
-    lend = MappedDevice.lend_flat
-
-    def counted(self, watcher):  # noqa: ANN001, ANN202
-        flat = lend(self, watcher)
-        lends[0] += flat is not None
-        return flat
-
-    monkeypatch.setattr(MappedDevice, "lend_flat", counted)
     a, b, c = images(3, 4 * MiB)
     m = Mapper()
     m.create("low", f"0 {SECTORS} linear {a} 0")

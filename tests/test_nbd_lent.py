@@ -22,7 +22,6 @@ from conftest import wait_until
 from test_nbd_loop import Client, recv_exact
 from test_nbd_offload import SECTORS, churning, fio_verify
 from userdm import Mapper
-from userdm.dm.mapped import MappedDevice
 from userdm.export.nbd.server import NBDServer
 from userdm.nbd import constants as C
 
@@ -30,18 +29,9 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def served(tmp_path, images, monkeypatch):
+def served(tmp_path, images, lends):
     """(mapper, server, [file a, file b], lends): "low" linear over a, "top" linear over low,
     served on nbd.sock without worker processes; lends[0] counts the Flats lent."""
-    lends = [0]
-    lend = MappedDevice.lend_flat
-
-    def counted(self, watcher):  # noqa: ANN001, ANN202
-        flat = lend(self, watcher)
-        lends[0] += flat is not None
-        return flat
-
-    monkeypatch.setattr(MappedDevice, "lend_flat", counted)
     m = Mapper()
     a, b = images(2, 64 * MiB)
     m.create("low", f"0 {SECTORS} linear {a} 0\n")
