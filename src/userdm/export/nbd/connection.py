@@ -469,9 +469,7 @@ class Connection:
             while not self._closing:
                 if end - start < REQUEST_SIZE:
                     if replies:
-                        if flat is not None:
-                            device.return_flat(flat, _lent)
-                            flat = None
+                        flat = _give_back(device, flat)
                         lendable = lend is not None
                         self._send_batch(out, aview, run, apos)
                         out = []
@@ -544,9 +542,7 @@ class Connection:
                         need = REQUEST_SIZE + length
                         if end - start < need:
                             if replies:
-                                if flat is not None:
-                                    device.return_flat(flat, _lent)
-                                    flat = None
+                                flat = _give_back(device, flat)
                                 lendable = lend is not None
                                 self._send_batch(out, aview, run, apos)
                                 out = []
@@ -562,9 +558,7 @@ class Connection:
                         start += need
                     else:
                         if replies:
-                            if flat is not None:
-                                device.return_flat(flat, _lent)
-                                flat = None
+                            flat = _give_back(device, flat)
                             lendable = lend is not None
                             self._send_batch(out, aview, run, apos)
                             out = []
@@ -591,9 +585,7 @@ class Connection:
                     start += REQUEST_SIZE
                     if not inline:
                         if replies:
-                            if flat is not None:
-                                device.return_flat(flat, _lent)
-                                flat = None
+                            flat = _give_back(device, flat)
                             lendable = lend is not None
                             self._send_batch(out, aview, run, apos)
                             out = []
@@ -612,9 +604,7 @@ class Connection:
                 # (`loop_pass` has the same steps written out: a call per request would cost
                 # a tenth of a 4 KiB request; change both together)
                 if apos + (hlen + length if cmd == _READ else _SIMPLE_SIZE) > ARENA:
-                    if flat is not None:
-                        device.return_flat(flat, _lent)
-                        flat = None
+                    flat = _give_back(device, flat)
                     lendable = lend is not None
                     self._send_batch(out, aview, run, apos)
                     out = []
@@ -636,17 +626,13 @@ class Connection:
                         if cmd == _READ:
                             data = aview[apos + hlen:apos + hlen + length]
                             if flat is None or flat.retired or device.dead or not flat.read(offset, data):
-                                if flat is not None:
-                                    device.return_flat(flat, _lent)
-                                    flat = None
-                                    lendable = False
+                                flat = _give_back(device, flat)
+                                lendable = False
                                 readinto(offset, data)
                         elif cmd == _WRITE:
                             if flat is None or flat.retired or device.dead or not flat.write(offset, data, False):
-                                if flat is not None:
-                                    device.return_flat(flat, _lent)
-                                    flat = None
-                                    lendable = False
+                                flat = _give_back(device, flat)
+                                lendable = False
                                 write(offset, data, False)
                         # CMD_CACHE: a hint; the page cache of the underlying files does the caching
                     except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
@@ -680,17 +666,13 @@ class Connection:
                             dispatch_until = SLOW_BACKOFF
                 last = now
                 if replies >= MAX_BATCH:
-                    if flat is not None:
-                        device.return_flat(flat, _lent)
-                        flat = None
+                    flat = _give_back(device, flat)
                     lendable = lend is not None
                     self._send_batch(out, aview, run, apos)
                     out = []
                     apos = run = replies = 0
                     last = perf()
-            if flat is not None:
-                device.return_flat(flat, _lent)
-                flat = None
+            flat = _give_back(device, flat)
             if replies:
                 self._send_batch(out, aview, run, apos)
         except ProtocolError as exc:
@@ -699,8 +681,7 @@ class Connection:
         except OSError as exc:
             log.debug("nbd: connection ended: %s", exc)
         finally:
-            if flat is not None:
-                device.return_flat(flat, _lent)
+            _give_back(device, flat)
             out = data = None
             if not to_loop:
                 self._closing = True
@@ -783,17 +764,13 @@ class Connection:
                         if cmd == _READ:
                             buf = aview[apos + hlen:apos + hlen + length]
                             if flat is None or flat.retired or device.dead or not flat.read(offset, buf):
-                                if flat is not None:
-                                    device.return_flat(flat, _lent)
-                                    flat = None
-                                    lendable = False
+                                flat = _give_back(device, flat)
+                                lendable = False
                                 readinto(offset, buf)
                         elif cmd == _WRITE:
                             if flat is None or flat.retired or device.dead or not flat.write(offset, data, False):
-                                if flat is not None:
-                                    device.return_flat(flat, _lent)
-                                    flat = None
-                                    lendable = False
+                                flat = _give_back(device, flat)
+                                lendable = False
                                 write(offset, data, False)
                     except Exception as exc:  # noqa: BLE001 - a bug must not kill the connection
                         reply = _failure(exc, cmd, cookie, structured)
@@ -838,8 +815,7 @@ class Connection:
                     apos = run = replies = 0
                     last = perf()
         finally:
-            if flat is not None:
-                device.return_flat(flat, _lent)
+            _give_back(device, flat)
         data = buf = None
         self._slow = slow
         self._start, self._end = start, end
@@ -1186,6 +1162,12 @@ def _lent(*_args) -> None:
     waits for it), the device dead, or a request through it fail; that request and the rest
     of the batch then go through the open (`BlockOpen`: its checks, the device's suspend,
     failure events), as without a Flat."""
+
+
+def _give_back(device, flat):  # noqa: ANN001, ANN202 - None, for `flat = _give_back(device, flat)`
+    """Give a Flat lent to a batch back to its device, if there is one (see `_lent`)."""
+    if flat is not None:
+        device.return_flat(flat, _lent)
 
 
 def _release(view: memoryview | None) -> None:
