@@ -145,24 +145,16 @@ class DeviceOperations:
                             if spliced:
                                 return opcode, spliced
                         data = reply_buf[P.OUT_HEADER_SIZE:P.OUT_HEADER_SIZE + size]
-                        if lent is not None:
-                            flat, device, _ = lent.get(fh)
-                            if (flat is not None and offset + size <= flat.starts[-1] and not flat.retired
-                                    and not device.dead and flat.read(offset, data)):
-                                P.pack_read_header(reply_buf, unique, size)
-                                return opcode, reply_buf[:P.OUT_HEADER_SIZE + size]
-                            lent.give_back()
+                        if lent is not None and lent.read(fh, offset, data):
+                            P.pack_read_header(reply_buf, unique, size)
+                            return opcode, reply_buf[:P.OUT_HEADER_SIZE + size]
                         got = self.files.readinto(fh, offset, data)
                         P.pack_read_header(reply_buf, unique, got)
                         return opcode, reply_buf[:P.OUT_HEADER_SIZE + got]
                     if opcode == P.WRITE and n - P.WRITE_DATA_OFFSET == size:
                         data = message[P.WRITE_DATA_OFFSET:]
-                        if lent is not None:
-                            flat, device, writable = lent.get(fh)
-                            if (flat is not None and writable and offset + size <= flat.starts[-1]
-                                    and not flat.retired and not device.dead and flat.write(offset, data, False)):
-                                return opcode, P.reply(unique, P.write_out(size))
-                            lent.give_back()
+                        if lent is not None and lent.write(fh, offset, data):
+                            return opcode, P.reply(unique, P.write_out(size))
                         return opcode, P.reply(unique, P.write_out(self.files.write(fh, offset, data)))
                 except (DMError, OSError) as exc:
                     return opcode, P.reply_error(unique, exc.errno or errno.EIO)
@@ -189,15 +181,9 @@ class DeviceOperations:
             if opcode == P.READ:
                 fh, offset, size, _ = P.RING_RW_IN.unpack_from(header, P.RING_OP_IN)
                 data = payload[:size]
-                got = -1
-                if lent is not None:
-                    flat, device, _ = lent.get(fh)
-                    if (flat is not None and offset + size <= flat.starts[-1] and not flat.retired
-                            and not device.dead and flat.read(offset, data)):
-                        got = size
-                    else:
-                        lent.give_back()
-                if got < 0:
+                if lent is not None and lent.read(fh, offset, data):
+                    got = len(data)
+                else:
                     got = self.files.readinto(fh, offset, data)
                 P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE + got, 0, unique)
                 _U32.pack_into(header, P.RING_PAYLOAD_SIZE, got)
@@ -206,15 +192,9 @@ class DeviceOperations:
                 fh, offset, size, _ = P.RING_RW_IN.unpack_from(header, P.RING_OP_IN)
                 if size == psz:
                     data = payload[:psz]
-                    done = -1
-                    if lent is not None:
-                        flat, device, writable = lent.get(fh)
-                        if (flat is not None and writable and offset + size <= flat.starts[-1]
-                                and not flat.retired and not device.dead and flat.write(offset, data, False)):
-                            done = size
-                        else:
-                            lent.give_back()
-                    if done < 0:
+                    if lent is not None and lent.write(fh, offset, data):
+                        done = len(data)
+                    else:
                         done = self.files.write(fh, offset, data)
                     P.WRITE_OUT.pack_into(payload, 0, done, 0)
                     P.OUT_HEADER.pack_into(header, 0, P.OUT_HEADER_SIZE + P.WRITE_OUT.size, 0, unique)
