@@ -26,6 +26,7 @@ The rules that keep the devices' contracts:
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -53,11 +54,15 @@ NOT_LENT = (None, None, False)
 class LentTables:
     """The tables one serving thread borrowed, by file handle (not thread-safe)."""
 
-    __slots__ = ("files", "revoked", "seen", "by_fh")
+    __slots__ = ("files", "revoked", "seen", "by_fh", "before_wait")
 
-    def __init__(self, files: DeviceFiles, revoked: Revocations) -> None:
+    def __init__(self, files: DeviceFiles, revoked: Revocations,
+                 before_wait: Callable[[], None] | None = None) -> None:
         self.files = files
         self.revoked = revoked
+        #: what else the thread must do before it may wait: send the replies it holds
+        #: (`replies.py`); called first by every `give_back`
+        self.before_wait = before_wait
         self.seen = revoked.count
         #: fh -> (Flat, its MappedDevice, the open may write), or NOT_LENT
         self.by_fh: dict[int, tuple] = {}
@@ -107,7 +112,9 @@ class LentTables:
                     device.return_flat(flat, self.revoked)
 
     def give_back(self) -> None:
-        """Give back every table (before the thread may wait)."""
+        """Give back every table (before the thread may wait), after `before_wait`."""
+        if self.before_wait is not None:
+            self.before_wait()
         if self.by_fh:
             entries = list(self.by_fh.values())
             self.by_fh.clear()

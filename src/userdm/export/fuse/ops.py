@@ -117,9 +117,10 @@ class DeviceOperations:
             P.FORGET: self._forget, P.BATCH_FORGET: self._forget, P.INTERRUPT: self._interrupt,
         }
 
-    def lent_tables(self) -> LentTables:
-        """What one serving thread borrows for `serve` and `serve_entry` (see `lent.py`)."""
-        return LentTables(self.files, self.revocations)
+    def lent_tables(self, before_wait: Callable[[], None] | None = None) -> LentTables:
+        """What one serving thread borrows for `serve` and `serve_entry` (see `lent.py`);
+        `before_wait` runs whenever the thread gives the tables back."""
+        return LentTables(self.files, self.revocations, before_wait)
 
     def serve(self, message: memoryview, reply_buf: memoryview,
               pipe: tuple[int, int, int] | None = None,

@@ -67,6 +67,7 @@ from ...errors import DMError
 from ..busypoll import PollWindow
 from . import protocol as P
 from .lent import LentTables
+from .replies import Replies
 from .ops import MAX_WRITE, REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
 from .uring import Ring
 from .unmount import is_fuse_mount, lazy_unmount
@@ -285,7 +286,10 @@ class Session:
         ep = select.epoll()
         ended = False
         serve = self.ops.serve
-        lent = self.ops.lent_tables()   # given back before every wait (`lent.py`)
+        # replies held and sent a batch at a time (`replies.py`); they leave whenever the
+        # thread gives its lent tables back (`lent.py`), before every wait
+        replies = Replies(fd, self.mountpoint, usable=TOTAL_STORE_ORDER)
+        lent = self.ops.lent_tables(replies.send)
         big = _BIG.unpack_from
         poll = PollWindow()
         deadline = 0.0             # when the leader's poll for the next request gives up
@@ -301,6 +305,7 @@ class Session:
                     try:
                         n = os.readv(fd, (request,))
                     except BlockingIOError:
+                        replies.drained()
                         # (only now: a thread woken for a request reads it before it may go)
                         if team.leader is not slot:
                             lent.give_back()
@@ -333,16 +338,21 @@ class Session:
                         ended = True
                         return
                     deadline = 0.0
+                    replies.read()
                     slot[0] = team.taken = team.taken + 1
                     if self._parked:                 # after slot[0]: see `_watch`
                         self._unpark()
+                    held = False
                     if n >= _BIG.size:
                         opcode, size = big(request)
                         if n > SPLICE_MIN or (opcode == P.READ and size >= SPLICE_MIN):
+                            replies.send()
                             team.big_until = monotonic() + BIG_WINDOW
                             self._step_down(team, slot, BIG_THREADS)   # another reads while this copies
+                        elif (opcode == P.READ or opcode == P.WRITE) and replies.holding:
+                            held = True
                     try:
-                        opcode, out = serve(req_view[:n], reply_view, pipe, lent)
+                        opcode, out = serve(req_view[:n], replies.buffer() if held else reply_view, pipe, lent)
                     except P.ProtocolError as exc:
                         log.error("FUSE at %s: dropped a malformed request: %s", self.mountpoint, exc)
                         continue
@@ -350,6 +360,8 @@ class Session:
                         slot[0] = 0
                     if out.__class__ is int:
                         self._splice(fd, out, pipe)
+                    elif held:
+                        replies.hold(out)
                     elif out is not None:
                         self._send(fd, out)
                     if opcode == P.DESTROY:
@@ -364,6 +376,7 @@ class Session:
             log.exception("FUSE at %s: a serving thread failed", self.mountpoint)
         finally:
             lent.give_back()
+            replies.close()
             ep.close()
             for end in (pipe or ())[:2]:
                 os.close(end)

@@ -47,6 +47,7 @@ ENTER_GETEVENTS = 1
 FEAT_SINGLE_MMAP = 1 << 0
 OFF_SQES = 0x10000000
 OP_NOP = 0
+OP_WRITE = 23
 OP_URING_CMD = 46
 SQE_SIZE = 128           # with SQE128
 CQE_SIZE = 16
@@ -133,6 +134,13 @@ class Ring:
                   user_data, 0, 0, 0, 0, commit_id, qid)
         self._tail = (tail + 1) & 0xFFFFFFFF
         self.pushed += 1
+
+    def push_write(self, fd: int, address: int, length: int, user_data: int) -> None:
+        """Queue a `write` of `length` bytes at `address` to `fd` (the caller holds the lock,
+        or is the ring's only user); the offset is 0, which a character device ignores."""
+        SQE.pack_into(self._sqes, self._slot(), OP_WRITE, 0, 0, fd, 0, 0, address, length, 0, user_data,
+                      0, 0, 0, 0, 0, 0)
+        self._advance()
 
     def push_nop(self, user_data: int) -> None:
         """Queue a NOP, whose completion wakes a thread waiting in `enter` (lock held)."""
