@@ -71,7 +71,7 @@ class Replies:
     """The replies one serving thread holds for the device fd `fd` (not thread-safe)."""
 
     __slots__ = ("fd", "where", "limit", "run", "streak", "held", "since", "_ring", "_mem", "_slots", "_base",
-                 "_sizes", "_given", "usable")
+                 "_sizes", "_given", "usable", "grow_at", "holding")
 
     def __init__(self, fd: int, where: str, usable: bool = True) -> None:
         self.fd = fd
@@ -89,34 +89,40 @@ class Replies:
         self._given = 0                 # the slot `buffer` handed out last
         #: False: send every reply at once (no ring on this kernel, or not x86: `uring.py`)
         self.usable = usable
-
-    @property
-    def holding(self) -> bool:
-        """Whether the next small READ or WRITE reply is to be held (`buffer`, `hold`)."""
-        return self.limit >= FEWEST and self._ring is not None
+        self._set_limit(1)
 
     def read(self) -> None:
         """A request was read: after GROW x `limit` in a row without the queue running dry,
         hold one more."""
         self.run += 1
-        streak = self.streak + 1
-        if streak >= GROW * self.limit:
-            streak = 0
-            if self.limit < MOST and self.usable:
-                self.limit += 1
-                if self._ring is None and self.limit >= FEWEST:
-                    self._start()
-        self.streak = streak
+        self.streak += 1
+        if self.streak >= self.grow_at:
+            self._set_limit(self.limit + 1)
 
     def drained(self) -> None:
         """The device had no request: send what is held. The requests read since it last ran
-        dry were the queue: hold at most half as many from now on."""
+        dry were the queue: hold at most half as many from now on. (Nothing to do while `run`
+        is 0: held replies count in it.)"""
         run = self.run
         self.run = self.streak = 0
         if self.held:
             self.send()
-        if run >= 2 and run < 2 * self.limit:
-            self.limit = run // 2
+        if 2 <= run < 2 * self.limit:
+            self._set_limit(run // 2)
+
+    def _set_limit(self, limit: int) -> None:
+        if not self.usable:
+            limit = 1
+        limit = min(limit, MOST)
+        if limit >= FEWEST and self._ring is None:
+            self._start()
+            if not self.usable:
+                limit = 1
+        self.limit = limit
+        self.streak = 0
+        self.grow_at = GROW * limit if limit < MOST else 1 << 62
+        #: whether the next small READ or WRITE reply is to be held (`buffer`, `hold`)
+        self.holding = limit >= FEWEST
 
     def buffer(self) -> memoryview:
         """Where the next held reply is to be built (header and data; SLOT bytes)."""
@@ -161,6 +167,7 @@ class Replies:
         except OSError as exc:        # the ring failed: what it did not take goes by write
             log.warning("FUSE at %s: batched replies off: %s", self.where, exc)
             self.usable = False
+            self._set_limit(1)
             self._close_ring()
             for i in range(n):
                 self._write(i)
@@ -183,7 +190,6 @@ class Replies:
         except OSError as exc:
             log.info("FUSE at %s: replies are sent one by one (no io_uring: %s)", self.where, exc)
             self.usable = False
-            self.limit = 1
             return
         self._mem = mmap.mmap(-1, MOST * SLOT)
         view = memoryview(self._mem)
@@ -206,6 +212,7 @@ class Replies:
         finally:
             self._close_ring()
             self.usable = False
+            self._set_limit(1)
             # (the memory goes with the last view of it: the thread may still hold one)
             self._slots = []
             self._mem = None

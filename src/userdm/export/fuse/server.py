@@ -8,7 +8,8 @@ its own request) and its own preallocated request and reply buffers.
 
 The threads take turns (leader/followers): one thread at a time, the leader, reads requests
 (nonblocking; when none is queued it waits in epoll) and serves each itself: `ops.serve`
-answers it, the reply leaves in one `os.write`. The others wait on a condition to lead. No
+answers it, the reply leaves in one `os.write`, or, while more requests are queued behind
+it, is held and leaves with the next ones in one `io_uring_enter` (`replies.py`). The others wait on a condition to lead. No
 request is handed between threads, and only one thread wants the GIL, so a stream of small
 requests costs no thread wake-ups (with several threads reading the device, GIL and lock
 hand-offs cost more CPU than serving: measured in docs/fuse.md). A READ's data is read by the
@@ -305,7 +306,8 @@ class Session:
                     try:
                         n = os.readv(fd, (request,))
                     except BlockingIOError:
-                        replies.drained()
+                        if replies.run:
+                            replies.drained()
                         # (only now: a thread woken for a request reads it before it may go)
                         if team.leader is not slot:
                             lent.give_back()

@@ -1,4 +1,4 @@
-"""A minimal io_uring for FUSE over io_uring: set-up, submission of URING_CMDs and NOPs, completions.
+"""A minimal io_uring for the FUSE server: set-up, submission of URING_CMDs, WRITEs and NOPs, completions.
 
 Only what the FUSE server needs, through the raw system calls (no liburing): a ring made with
 SQE128 (FUSE's command block is 24 of the 80 bytes after the standard SQE), NO_SQARRAY (the
@@ -6,7 +6,8 @@ submission queue's slots are taken in order) and COOP_TASKRUN (`SETUP_FLAGS`); i
 mapped with one mmap (the kernel offers IORING_FEAT_SINGLE_MMAP since 5.4), its SQEs with another.
 
 `Ring.push_fuse` writes one FUSE URING_CMD into the next submission slot (the caller holds
-`Ring.lock`: several threads push), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
+`Ring.lock`: several threads push), `Ring.push_write` a `write` (a batch of replies to
+/dev/fuse, `replies.py`), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
 submits it and may wait for completions, `Ring.reap` returns the completions that arrived, as
 (user_data, result) pairs. The ring's memory is shared with the kernel: the stores and loads
 here are plain ones, which is enough on x86 (total store order); the head and tail updates are
