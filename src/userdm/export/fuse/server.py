@@ -9,12 +9,13 @@ its own request) and its own preallocated request and reply buffers.
 The threads take turns (leader/followers): one thread at a time, the leader, reads requests
 (nonblocking; when none is queued it waits in epoll) and serves each itself: `ops.serve`
 answers it, the reply leaves in one `os.write`, or, while more requests are queued behind
-it, is held and leaves with the next ones in one `io_uring_enter` (`replies.py`). The others wait on a condition to lead. No
-request is handed between threads, and only one thread wants the GIL, so a stream of small
-requests costs no thread wake-ups (with several threads reading the device, GIL and lock
-hand-offs cost more CPU than serving: measured in docs/fuse.md). A READ's data is read by the
-device straight into the reply buffer behind the header and a WRITE's data is a view of the
-request buffer: no copies besides the kernel's. A big READ that lies in one file is spliced
+it, is held and leaves with the next ones in one `io_uring_enter` (`replies.py`). The
+others wait on a condition to lead. No request is handed between threads, and only one
+thread wants the GIL, so a stream of small requests costs no thread wake-ups (with several
+threads reading the device, GIL and lock hand-offs cost more CPU than serving: measured in
+docs/fuse.md). A READ's data is read by the device straight into the reply buffer behind
+the header and a WRITE's data is a view of the request buffer: no copies besides the
+kernel's. A big READ that lies in one file is spliced
 instead (file -> the thread's pipe -> /dev/fuse: the page cache is copied once, straight into
 the reader's pages; `ops.SPLICE_MIN`).
 
