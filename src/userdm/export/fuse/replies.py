@@ -158,12 +158,9 @@ class Replies:
             for i in range(n):
                 self._write(i)
             return
-        fd, base, sizes = self.fd, self._base, self._sizes
+        base, sizes = self._base, self._sizes
         try:
-            for i in range(n):
-                ring.push_write(fd, base + i * SLOT, sizes[i], i)
-            ring.enter(ring.take_pushed(), n)
-            done = ring.reap()
+            failed = ring.write_all(self.fd, [(base + i * SLOT, sizes[i]) for i in range(n)])
         except OSError as exc:        # the ring failed: what it did not take goes by write
             log.warning("FUSE at %s: batched replies off: %s", self.where, exc)
             self.usable = False
@@ -172,8 +169,8 @@ class Replies:
             for i in range(n):
                 self._write(i)
             return
-        for _, res in done:
-            if res < 0 and -res not in GONE:
+        for _, res in failed:
+            if -res not in GONE:
                 log.error("FUSE at %s: cannot send a reply: %s", self.where, os.strerror(-res))
 
     def _write(self, i: int) -> None:

@@ -6,8 +6,8 @@ submission queue's slots are taken in order) and COOP_TASKRUN (`SETUP_FLAGS`); i
 mapped with one mmap (the kernel offers IORING_FEAT_SINGLE_MMAP since 5.4), its SQEs with another.
 
 `Ring.push_fuse` writes one FUSE URING_CMD into the next submission slot (the caller holds
-`Ring.lock`: several threads push), `Ring.push_write` a `write` (a batch of replies to
-/dev/fuse, `replies.py`), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
+`Ring.lock`: several threads push), `Ring.write_all` writes a batch of buffers and waits
+for them (replies to /dev/fuse, `replies.py`), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
 submits it and may wait for completions, `Ring.reap` returns the completions that arrived, as
 (user_data, result) pairs. The ring's memory is shared with the kernel: the stores and loads
 here are plain ones, which is enough on x86 (total store order); the head and tail updates are
@@ -61,6 +61,8 @@ PARAMS = struct.Struct("<IIIIIII12x" "IIIIIIIIQ" "IIIIIIIIQ")
 #: first 24 bytes (`fuse_uring_cmd_req`: flags, commit_id, qid); the rest of a slot is not read
 SQE = struct.Struct("<BBHiIIQIIQHHiQQH6x")
 CQE = struct.Struct("<QiI")
+#: a WRITE's buffer in an SQE, from byte 16: addr, len, rw_flags, user_data
+_BUFFER = struct.Struct("<QIIQ")
 U32 = struct.Struct("<I")
 _pack_sqe = SQE.pack_into
 
@@ -108,6 +110,10 @@ class Ring:
         self._head = self._tail                                  # the kernel's, as last read
         self.pushed = 0           # pushed and not yet passed to `enter`
         self.closed = False
+        self._cq_entries = cq_entries
+        #: the fd every SQE slot writes to (`write_all`), and the CQEs as int32s
+        self._writes_to = -1
+        self._results = memoryview(self._rings).cast("i")
         #: held by whoever touches the ring's memory (push, reap) or closes it
         self.lock = threading.Lock()
 
@@ -136,12 +142,48 @@ class Ring:
         self._tail = (tail + 1) & 0xFFFFFFFF
         self.pushed += 1
 
-    def push_write(self, fd: int, address: int, length: int, user_data: int) -> None:
-        """Queue a `write` of `length` bytes at `address` to `fd` (the caller holds the lock,
-        or is the ring's only user); the offset is 0, which a character device ignores."""
-        SQE.pack_into(self._sqes, self._slot(), OP_WRITE, 0, 0, fd, 0, 0, address, length, 0, user_data,
-                      0, 0, 0, 0, 0, 0)
-        self._advance()
+    def write_all(self, fd: int, buffers: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Write each (address, length) of `buffers` to `fd` with one `io_uring_enter`, and
+        wait for all of them; the failures, as (index in `buffers`, -errno). For a ring with
+        one user and nothing else in flight (`replies.py`); the offset is 0, which a
+        character device ignores. Raises OSError if the ring fails."""
+        n = len(buffers)
+        if self.pushed or n > self._sq_entries:
+            raise OSError(errno.EBUSY, f"io_uring: {n} writes do not fit")
+        self._head = U32.unpack_from(self._rings, self._sq_head)[0]
+        if (self._tail - self._head) & 0xFFFFFFFF:
+            raise OSError(errno.EBUSY, "io_uring: the submission queue is not empty")
+        sqes, tail, mask = self._sqes, self._tail, self._sq_mask
+        if self._writes_to != fd:      # every slot a WRITE to `fd`: then only the buffer changes
+            for slot in range(self._sq_entries):
+                _pack_sqe(sqes, slot * SQE_SIZE, OP_WRITE, 0, 0, fd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+            self._writes_to = fd
+        pack = _BUFFER.pack_into
+        for i, (address, length) in enumerate(buffers):
+            pack(sqes, ((tail + i) & mask) * SQE_SIZE + 16, address, length, 0, i)
+        self._tail = (tail + n) & 0xFFFFFFFF
+        self.pushed = n
+        self.enter(self.take_pushed(), n)
+        rings = self._rings
+        head = U32.unpack_from(rings, self._cq_head)[0]
+        while (U32.unpack_from(rings, self._cq_tail)[0] - head) & 0xFFFFFFFF < n:
+            self.enter(0, n)           # (interrupted by a signal)
+        # the results, every CQE's int32 at byte 8, in one or two strides (the queue wraps)
+        first = head & self._cq_mask
+        results = self._results
+        runs = [(first, min(n, self._cq_entries - first))]
+        if runs[0][1] < n:
+            runs.append((0, n - runs[0][1]))
+        failed = []
+        for start, count in runs:
+            at = self._cqes // 4 + start * 4 + 2
+            if min(results[at:at + 4 * count:4]) < 0:
+                for k in range(count):
+                    user_data, res, _ = CQE.unpack_from(rings, self._cqes + (start + k) * CQE_SIZE)
+                    if res < 0:
+                        failed.append((user_data, res))
+        U32.pack_into(rings, self._cq_head, (head + n) & 0xFFFFFFFF)
+        return failed
 
     def push_nop(self, user_data: int) -> None:
         """Queue a NOP, whose completion wakes a thread waiting in `enter` (lock held)."""
@@ -203,6 +245,7 @@ class Ring:
         if self.closed:
             return
         self.closed = True
+        self._results.release()
         self._rings.close()
         self._sqes.close()
         null = os.open(os.devnull, os.O_RDWR)
