@@ -112,6 +112,31 @@ def test_a_reply_built_while_the_held_ones_leave_arrives_whole(pipe_replies):
         [bytes([i]) * 16 for i in range(3)] + [b"\x07" * 16])
 
 
+def test_ring_writes_wait_for_all_and_report_each_failure():
+    """`Ring.write_all` across the completion queue's wrap: every write lands, and a write
+    that fails is named with its errno."""
+    _ring_or_skip()
+    import ctypes
+    import errno
+    from userdm.export.fuse.uring import Ring
+    ring = Ring(8)                            # 8 submission slots, 16 completions: wraps often
+    data = ctypes.create_string_buffer(b"abc" * 8)
+    r, w = os.pipe()
+    bad = os.open(os.devnull, os.O_RDONLY)
+    try:
+        for rounds in range(12):
+            n = 1 + rounds % 8
+            assert ring.write_all(w, [(ctypes.addressof(data) + 3 * i, 3) for i in range(n)]) == []
+            assert os.read(r, 100) == b"abc" * n
+            assert ring.write_all(bad, [(ctypes.addressof(data), 3)] * 3) == [(i, -errno.EBADF) for i in range(3)]
+    finally:
+        with ring.lock:
+            ring.close()
+        ring.release_fd()
+        for fd in (r, w, bad):
+            os.close(fd)
+
+
 # ---- with the kernel ---------------------------------------------------------------------
 
 
