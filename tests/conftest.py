@@ -33,6 +33,22 @@ def lends(monkeypatch) -> list[int]:
 
 
 @pytest.fixture
+def batches(monkeypatch) -> list[int]:
+    """[how many batches of FUSE replies left through a ring (`export/fuse/replies.py`)]
+    during the test."""
+    count = [0]
+    from userdm.export.fuse.replies import RING_MIN, Replies
+    send = Replies.send
+
+    def counted(self):  # noqa: ANN001, ANN202
+        count[0] += self.held >= RING_MIN
+        return send(self)
+
+    monkeypatch.setattr(Replies, "send", counted)
+    return count
+
+
+@pytest.fixture
 def images(tmp_path: Path):
     """images(n, size) -> list of paths of sparse files."""
     def make(n: int = 1, size: int = 64 << 20) -> list[str]:

@@ -149,20 +149,6 @@ def _fuse_or_skip() -> None:
 
 
 @pytest.fixture
-def batches(monkeypatch) -> list[int]:
-    """[how many batches of replies left through a ring] during the test."""
-    count = [0]
-    send = R.Replies.send
-
-    def counted(self):  # noqa: ANN001, ANN202
-        count[0] += self.held >= R.RING_MIN
-        return send(self)
-
-    monkeypatch.setattr(R.Replies, "send", counted)
-    return count
-
-
-@pytest.fixture
 def mount(tmp_path, images, batches):
     """(mapper, mount directory, batches): devices "a" and "b" over files, served from /dev/fuse."""
     _fuse_or_skip()

@@ -1,11 +1,14 @@
 """Hostile clients of the FUSE export through the kernel: requests the server does not know,
 a request interrupted by a signal while its device is suspended, and a forced unmount from
-outside while a process does I/O. The export and the mapper carry on (or end cleanly)."""
+outside while a process does I/O, also while the serving threads hold replies of a deep
+queue. The export and the mapper carry on (or end cleanly)."""
 
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -116,3 +119,36 @@ def test_forced_unmount_from_outside_mid_io(served):
     m.remove("dev")                      # no open is left behind
     export.stop()
     assert export.mountpoint not in fuse_mounts()
+
+
+def test_forced_unmount_while_replies_are_held(served, fuse_transport, batches, caplog):
+    """`umount -f` while fio keeps 32 direct reads and writes in flight, so that the serving
+    threads hold replies (`replies.py`, /dev/fuse only: entries of FUSE over io_uring are
+    committed by the ring): fio fails instead of hanging, the held replies go nowhere
+    without an error logged, and the export ends cleanly."""
+    if shutil.which("fio") is None:
+        pytest.skip("needs fio")
+    if fuse_transport["uring"]:
+        pytest.skip("replies are held on /dev/fuse only")
+    m, export, _ = served
+    path = os.path.join(export.mountpoint, "dev")
+    fio = subprocess.Popen(["fio", "--name=deep", f"--filename={path}", "--rw=randrw", "--bs=4k",
+                            "--iodepth=32", "--ioengine=libaio", "--direct=1", "--time_based",
+                            "--runtime=60", "--output-format=terse"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, close_fds=False)
+    try:
+        assert wait_until(lambda: batches[0] > 0), "no replies were held"
+        with caplog.at_level(logging.ERROR, logger="userdm"):
+            subprocess.run(["umount", "-f", export.mountpoint], capture_output=True, close_fds=False)
+            fio.communicate(timeout=30)
+            assert fio.returncode != 0
+            assert wait_until(lambda: not export.serving)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+        assert wait_until(lambda: m.info("dev")["open_count"] == 0)
+        m.remove("dev")
+        export.stop()
+        assert export.mountpoint not in fuse_mounts()
+    finally:
+        if fio.poll() is None:
+            fio.kill()
+            fio.wait()
