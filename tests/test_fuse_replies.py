@@ -128,7 +128,8 @@ def test_ring_writes_wait_for_all_and_report_each_failure():
             n = 1 + rounds % 8
             assert ring.write_all(w, [(ctypes.addressof(data) + 3 * i, 3) for i in range(n)]) == []
             assert os.read(r, 100) == b"abc" * n
-            assert ring.write_all(bad, [(ctypes.addressof(data), 3)] * 3) == [(i, -errno.EBADF) for i in range(3)]
+            failed = ring.write_all(bad, [(ctypes.addressof(data), 3)] * 3)
+            assert failed == [(i, -errno.EBADF) for i in range(3)]
     finally:
         with ring.lock:
             ring.close()

@@ -1,14 +1,16 @@
 """Replies to /dev/fuse held a moment and sent several at a time: one `io_uring_enter` for a batch.
 
 A reply written to /dev/fuse completes its request in the writer's system call: for a loop
-device on the FUSE file, that completion raises the block softirq on the writer's CPU, whose
-`ksoftirqd` then preempts the writer as the call returns, once per reply (docs/fuse.md). A
-serving thread that finds more requests queued behind the one it served can hold the reply,
-serve the next ones, and send the held replies together: their completions then cost one
-preemption, the loop device and fio get them at once and queue the next ones at once, and
-the thread makes one system call instead of one per reply. /dev/fuse takes one reply per
-`write`, so a batch goes out as one WRITE per reply submitted with one `io_uring_enter` on
-the thread's own small ring (`uring.Ring`; the writes complete inside that call).
+device on the FUSE file, that completion goes to the CPU that issued the request (an IPI, a
+VM exit on this machine) or to the block softirq of the writer's CPU, whose `ksoftirqd` then
+preempts the writer as the call returns: once per reply (docs/fuse.md). A serving thread
+that finds more requests queued behind the one it served can hold the reply, serve the next
+ones, and send the held replies together: their completions then come in one system call
+(fewer preemptions and IPIs), the loop device and fio get them at once and queue the next
+ones at once, and the thread makes one system call instead of one per reply. /dev/fuse
+takes one reply per `write`, so a batch goes out as one WRITE per reply, submitted with one
+`io_uring_enter` on the thread's own small ring (`uring.Ring.write_all`; the writes complete
+inside that call).
 
 Holding must not starve the client: a thread that holds every reply it owes empties the
 kernel's queue, and everybody then waits for the batch (loop on the FUSE file, 4 KiB reads
