@@ -79,6 +79,19 @@ def test_shallow_queues_never_hold(pipe_replies, depth):
         replies.drained()
 
 
+def test_without_io_uring_nothing_is_held(monkeypatch):
+    """A kernel or a seccomp filter that refuses io_uring: every reply goes at once."""
+    import errno
+
+    def refused(entries):  # noqa: ANN001, ANN202
+        raise OSError(errno.EPERM, "io_uring_setup: Operation not permitted")
+
+    monkeypatch.setattr(R, "Ring", refused)
+    replies = R.Replies(-1, "test")
+    deepen(replies)
+    assert not replies.holding and not replies.usable and replies.limit == 1
+
+
 def test_held_replies_all_arrive(pipe_replies):
     replies, r = pipe_replies
     deepen(replies)
