@@ -23,6 +23,7 @@ pytestmark = [pytest.mark.fuse, pytest.mark.root, pytest.mark.hostile]
 if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
     pytest.skip("needs root and /dev/fuse", allow_module_level=True)
 
+from userdm import Mapper  # noqa: E402
 from userdm.export.fuse import FuseExport  # noqa: E402
 from userdm.export.fuse.unmount import fuse_mounts  # noqa: E402
 from test_fuse_io import served  # noqa: E402,F401  (mapper, export, backing): device `dev`, 4 MiB
@@ -121,16 +122,31 @@ def test_forced_unmount_from_outside_mid_io(served):
     assert export.mountpoint not in fuse_mounts()
 
 
-def test_forced_unmount_while_replies_are_held(served, fuse_transport, batches, caplog):
+@pytest.fixture
+def served_from_dev_fuse(tmp_path):
+    """(mapper, export): device `dev` (4 MiB) served from /dev/fuse, where serving threads hold
+    replies (`replies.py`; entries of FUSE over io_uring are committed by the ring)."""
+    backing = tmp_path / "disk.img"
+    with open(backing, "wb") as f:
+        f.truncate(4 * MiB)
+    m = Mapper()
+    m.create("dev", f"0 {4 * MiB // 512} linear {backing} 0")
+    export = FuseExport(m, tmp_path / "mapper", uring=False)
+    export.start()
+    try:
+        yield m, export
+    finally:
+        export.stop()
+        m.close()
+
+
+def test_forced_unmount_while_replies_are_held(served_from_dev_fuse, batches, caplog):
     """`umount -f` while fio keeps 32 direct reads and writes in flight, so that the serving
-    threads hold replies (`replies.py`, /dev/fuse only: entries of FUSE over io_uring are
-    committed by the ring): fio fails instead of hanging, the held replies go nowhere
-    without an error logged, and the export ends cleanly."""
+    threads hold replies: fio fails instead of hanging, the held replies go nowhere without
+    an error logged, and the export ends cleanly."""
     if shutil.which("fio") is None:
         pytest.skip("needs fio")
-    if fuse_transport["uring"]:
-        pytest.skip("replies are held on /dev/fuse only")
-    m, export, _ = served
+    m, export = served_from_dev_fuse
     path = os.path.join(export.mountpoint, "dev")
     fio = subprocess.Popen(["fio", "--name=deep", f"--filename={path}", "--rw=randrw", "--bs=4k",
                             "--iodepth=32", "--ioengine=libaio", "--direct=1", "--time_based",
