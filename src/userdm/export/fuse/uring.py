@@ -6,10 +6,10 @@ submission queue's slots are taken in order) and COOP_TASKRUN (`SETUP_FLAGS`); i
 mapped with one mmap (the kernel offers IORING_FEAT_SINGLE_MMAP since 5.4), its SQEs with another.
 
 `Ring.push_fuse` writes one FUSE URING_CMD into the next submission slot (the caller holds
-`Ring.lock`: several threads push), `Ring.write_all` writes a batch of buffers and waits
-for them (replies to /dev/fuse, `replies.py`), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
+`Ring.lock`: several threads push), `Ring.take_pushed` publishes what was pushed, `Ring.enter`
 submits it and may wait for completions, `Ring.reap` returns the completions that arrived, as
-(user_data, result) pairs. The ring's memory is shared with the kernel: the stores and loads
+(user_data, result) pairs. `Ring.write_all` writes a batch of buffers and waits for them, on
+a ring of its own (replies to /dev/fuse, `replies.py`). The ring's memory is shared with the kernel: the stores and loads
 here are plain ones, which is enough on x86 (total store order); the head and tail updates are
 single aligned 32-bit accesses. `Ring.close` unmaps the queues and replaces the ring's fd by
 /dev/null: the kernel then cancels the commands still queued (an mmap would keep the ring
