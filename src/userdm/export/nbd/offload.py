@@ -8,10 +8,11 @@ process (`worker.py`) while that is exactly what the daemon would do:
   below), came from a listener, and is at a request boundary with nothing in flight;
 - it is plain or tunnelled, even alone: one connection served by a worker measured faster
   than in its daemon thread at 4 KiB (qd1 27.5k -> 33.6k IOPS, qd16 reads 194k -> 210k,
-  writes 152k -> 161k, in one run of `bench/nbd.py`), except for big READs, which the
-  daemon's threads copy on two CPUs at once where a worker is one thread (1 MiB reads at qd8
-  2.9 -> 2.4 GB/s): a worker hands the daemon's only plain connection back at its first big
-  READ, and it is offered again RETRY seconds later;
+  writes 152k -> 161k, in one run of `bench/nbd.py`), and a worker splices big READs and
+  WRITEs (`splice.py`) with no copy of its own. Only where it cannot (a file open with
+  O_DIRECT) do the daemon's threads copy big READs faster, on two CPUs at once (1 MiB reads
+  at qd8 2.9 against 2.4 GB/s): a worker hands the daemon's only plain connection back at
+  its first such READ, and it is offered again RETRY seconds later;
 - its device lends its collapsed table (`MappedDevice.lend_flat`: not suspended or
   suspending, not interposed, not dead) and every segment of it is a file (`FileSink`).
 
@@ -191,7 +192,7 @@ class Offloader:
         worker; `wait_idle()` waits until its dispatched requests are answered. False: it
         stays here (and is offered again after RETRY seconds). A connection whose TLS
         session a worker holds goes to that worker, with its end of the relay. A plain
-        connection `alone` (no other open) comes back at its first big READ."""
+        connection `alone` (no other open) comes back at its first big READ it cannot splice."""
         if self._stopping or conn.sock.__class__ is not socket.socket or getattr(conn.catalog, "open_until_eof", False):
             return False
         tunnel = conn.tunnel

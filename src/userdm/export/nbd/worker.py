@@ -6,8 +6,10 @@ FD`, started by `offload.py`, never a fork of the threaded daemon) that serves c
 whose device maps onto files only: the daemon passes, over the control socket FD (a Unix
 SOCK_SEQPACKET pair, descriptors by SCM_RIGHTS), the connection's socket, the files of the
 device's collapsed table (`userdm.dm.collapse`) with their segments, and the request bytes it
-had already received. The worker does READ, WRITE and FLUSH with preadv/pwritev/fdatasync and
-nothing else: any other request, flag or refusal, any error, hands the connection back
+had already received. The worker does READ, WRITE and FLUSH with preadv/pwritev/fdatasync
+(READs and WRITEs of 64 KiB or more on files in the page cache by splice, `splice.py`: a
+payload the client has sent only part of waits in `_Served.payload`, and a hand-back then
+returns the whole request, the part already in the file read back) and nothing else: any other request, flag or refusal, any error, hands the connection back
 *before* that request, unserved, and the daemon serves it as it always does (its errno, its
 failure events, its protocol errors).
 
@@ -37,6 +39,7 @@ in epoll it polls for up to the daemon's `--poll-us` (`busypoll.py`, passed as a
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import json
 import mmap
@@ -53,6 +56,7 @@ from ...nbd import constants as C
 from ...nbd.tls import server_context
 from .. import busypoll
 from ..busypoll import PollWindow
+from . import splice
 from . import tunnel as tls_tunnel
 
 _REQUEST = struct.Struct(">IHHQQI")
@@ -63,7 +67,7 @@ _READ, _WRITE, _FLUSH, _DISC = C.CMD_READ, C.CMD_WRITE, C.CMD_FLUSH, C.CMD_DISC
 #: the largest READ or WRITE a worker serves (bigger ones go back to the daemon)
 MAX_REQUEST = 4 << 20
 RECV_BUFFER = 128 * 1024
-BIG_READ = 64 * 1024                 # a READ this big is sent alone, not batched
+BIG_READ = splice.MIN                # a READ this big is sent alone, not batched
 #: seconds replies may wait for a client that reads nothing before the connection goes back
 #: to the daemon (whose send waits --nbd-reply-timeout, then closes it)
 SLOW_READER = 1.0
@@ -121,6 +125,11 @@ class _Served:
         self.seg_fd = [files[s[2]] for s in segs]
         self.deltas = [s[3] for s in segs]
         self.writable = [bool(s[4]) and not msg["read_only"] for s in segs]
+        #: segments whose big READs and WRITEs go by splice (`splice.py`)
+        cached = [splice.cached(fd) and tunnel is None for fd in files]
+        self.spliced = [cached[s[2]] for s in segs]
+        self.sock_flags = 0 if tunnel is not None else fcntl.fcntl(self.fd, fcntl.F_GETFL)
+        self.payload: splice.Payload | None = None     # a big WRITE's, on its way to the file
         self.size = msg["size"]
         self.mask = msg["min_block"] - 1
         self.max = min(msg["max_payload"], MAX_REQUEST)
@@ -165,6 +174,7 @@ class Worker:
         self.timed: set[tls_tunnel.Tunnel] = set()      # tunnels with an `expires`
         self.relay_buffer = bytearray(tls_tunnel.CHUNK)
         self._contexts: dict = {}
+        self.pipe = splice.Pipe()
 
     def run(self) -> None:
         ctl_fd = self.ctl.fileno()
@@ -338,11 +348,17 @@ class Worker:
         """Hand `c` back to the daemon: the request bytes not served, the replies not sent
         (`hold`: not worth offering again at once: the client reads nothing, or the daemon's
         only connection reads big blocks)."""
+
         left = c.rview[c.start:c.end]
-        data = bytes(left) + c.backlog
-        fds = [blob(data)] if data else []
         try:
-            send(self.ctl, {"op": "back", "id": c.id, "why": why, "left": len(left),
+            data = bytes(left) if c.payload is None else c.payload.unserved()
+        except OSError as exc:
+            left.release()
+            self._end(c, True, f"write not served, nor given back: {exc}")
+            return
+        fds = [blob(data + c.backlog)] if data or c.backlog else []
+        try:
+            send(self.ctl, {"op": "back", "id": c.id, "why": why, "left": len(data),
                             "unsent": len(c.backlog), "hold": hold}, fds)
         finally:
             for fd in fds:
@@ -407,6 +423,68 @@ class Worker:
         return 0 if self._flush(c, apos) else -1
 
     def _pump(self, c: _Served, receive_first: bool) -> None:
+        """Serve what has arrived: the rest of a big WRITE's payload first, then the whole
+        requests in the buffer, then the next payload, as long as the client keeps up."""
+        while True:
+            if c.payload is not None:
+                if not self._move_payload(c):
+                    return
+                receive_first = True
+            self._batch(c, receive_first)
+            if c.payload is None or c.stalled or c.id not in self.by_id:
+                return
+
+    def _move_payload(self, c: _Served) -> bool:
+        """Move the WRITE payload the client has sent to the file; once it is all there,
+        reply. False while the client has not sent it all, or if the connection left."""
+        p = c.payload
+        try:
+            done = p.move(self.pipe, c.fd)
+        except EOFError:
+            self._end(c, False, "EOF")
+            return False
+        except OSError as exc:
+            self._end(c, False, f"connection ended: {exc}")
+            return False
+        if done is None:
+            self._give_back(c, "write failed")
+            return False
+        if not done:
+            return False
+        c.payload = None
+        _SIMPLE.pack_into(c.arena, 0, C.SIMPLE_REPLY_MAGIC, 0, _REQUEST.unpack_from(p.header)[3])
+        try:
+            if not self._flush(c, _SIMPLE.size):
+                self.ep.modify(c.fd, select.EPOLLOUT)
+                return False
+        except OSError as exc:
+            self._end(c, True, f"reply not sent: {exc}")
+            return False
+        return True
+
+    def _send_spliced(self, c: _Served, apos: int, length: int) -> bool:
+        """Send the arena's `apos` bytes (the last of them a READ's header), then the READ's
+        `length` bytes in the pipe. What the socket does not take becomes the backlog (False:
+        stop reading). Raises OSError."""
+        view = c.aview[:apos]
+        try:
+            try:
+                sent = c.sock.send(view, _DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            left = self.pipe.send(c.fd, c.sock_flags, length) if sent == apos else length
+            if sent == apos and not left:
+                return True
+            c.backlog = bytes(view[sent:]) + self.pipe.take(left)
+        except BaseException:
+            self.pipe.drop()
+            raise
+        finally:
+            view.release()
+        self._stall(c)
+        return False
+
+    def _batch(self, c: _Served, receive_first: bool) -> None:
         """Receive what has arrived and serve the whole requests in the buffer."""
         rbuf, rview, start, end = c.rbuf, c.rview, c.start, c.end
         if receive_first:
@@ -450,12 +528,48 @@ class Worker:
                     if offset + length > starts[i + 1] or cmd == _WRITE and not writable[i]:
                         why = "request over segments or read-only"
                         break
-                    if cmd == _READ and length >= BIG_READ and c.alone:
-                        why = "a big read on the daemon's only connection"
-                        hold = True
-                        break
+                    if cmd == _READ and length >= BIG_READ:
+                        if c.spliced[i] and length <= self.pipe.room():
+                            apos = self._room(c, apos, hlen)
+                            if apos < 0:
+                                apos = 0
+                                break
+                            if not self.pipe.fill(seg_fd[i], offset + deltas[i], length):
+                                why = "read failed"
+                                break
+                            start += 28
+                            if structured:
+                                _CHUNK.pack_into(arena, apos, C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE,
+                                                 C.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
+                            else:
+                                _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                            sent = self._send_spliced(c, apos + hlen, length)
+                            apos = 0
+                            if not sent:
+                                break
+                            continue
+                        if c.alone:
+                            why = "a big read on the daemon's only connection"
+                            hold = True
+                            break
                     if cmd == _WRITE:
                         need = 28 + length
+                        if end - start < need and length >= splice.MIN and c.spliced[i] and self.pipe.room():
+                            # the payload not all here yet: the rest goes from the socket to the file
+                            have = end - start - 28
+                            data = rview[start + 28:end]
+                            try:
+                                done = os.pwritev(seg_fd[i], [data], offset + deltas[i])
+                            except OSError:
+                                done = -1
+                            data.release()
+                            if done != have:
+                                why = "write failed"
+                                break
+                            c.payload = splice.Payload(bytes(rview[start:start + 28]), seg_fd[i],
+                                                       offset + deltas[i], length, have)
+                            start = end
+                            break
                         if end - start < need:
                             if len(rbuf) < need:     # a big write: room for it, kept
                                 c.rbuf = bytearray(need + RECV_BUFFER)

@@ -1,0 +1,179 @@
+"""Big READs and WRITEs a worker process moves by splice (export/nbd/splice.py).
+
+What must hold: the data is right while devices are suspended, resumed and reloaded under big
+requests; a payload that arrives in pieces holds nothing but its own connection; a payload
+cut short by a suspend, or by a file that fails part-way, goes back to the daemon whole (the
+daemon's answer, its errno); a client that leaves mid-payload, or reads no big replies, costs
+the others nothing."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import threading
+import time
+
+import pytest
+
+from conftest import wait_until
+from test_nbd_loop import Client, recv_exact
+from test_nbd_offload import assert_verified_while_churning, churning, offloaded, served  # noqa: F401
+from userdm import Mapper
+from userdm.export.nbd.server import NBDServer
+from userdm.nbd import constants as C
+from userdm.nbd.protocol import encode_request
+
+MiB = 1 << 20
+
+
+def test_big_requests_verified_while_suspended_resumed_and_reloaded(served, tmp_path):
+    """fio writes blocks of 64 KiB to 1 MiB at random and verifies them over four connections
+    while "low" is reloaded onto the other file and "top" suspended and resumed, in a loop."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    m, srv, files = served
+    srv.loop.offload.retry = 0.02
+    out = tmp_path / "fio.json"
+    with churning(m, srv, files) as turns:
+        proc = subprocess.run(
+            ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///top?socket={tmp_path / 'nbd.sock'}",
+             "--rw=randwrite", "--bsrange=64k-1m", "--bs_unaligned=0", "--blockalign=64k", "--loops=3",
+             "--iodepth=4", "--numjobs=4", "--size=8M", "--offset_increment=8M", "--verify=crc32c",
+             "--do_verify=1", "--verify_state_save=0", "--group_reporting", f"--output={out}",
+             "--output-format=json"], capture_output=True, text=True, timeout=300)
+    assert_verified_while_churning(proc, out, 3 * 4 * 8 * MiB, turns, srv, handed=2)
+
+
+def test_a_payload_in_pieces_holds_only_its_own_connection(served):
+    """Half of a 1 MiB WRITE's payload, then nothing: the worker serves the other connection
+    meanwhile; the rest arrives and the write is answered and reads back."""
+    m, srv, _ = served
+    slow, other = (Client.plain(srv.unix_path, "top") for _ in range(2))
+    offloaded(srv, [slow, other], 2)
+    data = os.urandom(MiB)
+    slow.cookie += 1
+    slow.sock.sendall(encode_request(C.CMD_WRITE, slow.cookie, 4 * MiB, MiB) + data[:MiB // 2])
+    for i in range(20):
+        other.check(i * 4096, os.urandom(4096))
+    assert srv.loop.offload.offloaded() == 2
+    slow.sock.sendall(data[MiB // 2:])
+    slow.reply(slow.cookie)
+    assert slow.reply(slow.send_read(4 * MiB, MiB), MiB) == data
+    for c in (slow, other):
+        c.close()
+
+
+def test_suspend_mid_payload_gives_the_write_back_whole(served):
+    """A suspend while a worker has moved part of a WRITE's payload to the file: the request
+    goes back to the daemon whole, waits for the resume, then is answered; the data reads
+    back, and the other connection's worker went on meanwhile."""
+    m, srv, files = served
+    slow, other = (Client.plain(srv.unix_path, "top") for _ in range(2))
+    offloaded(srv, [slow, other], 2)
+    data = os.urandom(MiB)
+    slow.cookie += 1
+    slow.sock.sendall(encode_request(C.CMD_WRITE, slow.cookie, 8 * MiB, MiB) + data[:600 * 1024])
+    # the worker moves what came beyond its receive buffer into the file
+    with open(files[0], "rb") as f:
+        assert wait_until(lambda: f.seek(8 * MiB + 300 * 1024) and f.read(4096) == data[300 * 1024:304 * 1024], 10)
+    m.suspend("low")
+    assert srv.loop.offload.offloaded() == 0
+    slow.sock.sendall(data[600 * 1024:])
+    slow.sock.settimeout(0.3)
+    with pytest.raises(socket.timeout):
+        recv_exact(slow.sock, 1)
+    slow.sock.settimeout(30)
+    m.resume("low")
+    slow.reply(slow.cookie)
+    assert slow.reply(slow.send_read(8 * MiB, MiB), MiB) == data
+    offloaded(srv, [slow, other], 2)
+    for c in (slow, other):
+        c.close()
+
+
+def test_client_gone_mid_payload_or_reading_no_big_replies(tmp_path, images):
+    """One client leaves with half a payload sent, another pipelines 1 MiB READs and reads
+    nothing: the worker serves the third throughout (a reply's data that does not fit waits), and neither of the two hangs it."""
+    from userdm.export.nbd.limits import NBDLimits
+    m = Mapper()
+    m.create("vol", f"0 {64 * MiB // 512} linear {images(1, 64 * MiB)[0]} 0\n")
+    srv = NBDServer(m, unix_path=tmp_path / "nbd.sock", limits=NBDLimits(reply_timeout=2), offload_workers=1)
+    srv.start()
+    clients = [Client.plain(srv.unix_path, "vol") for _ in range(3)]
+    try:
+        offloaded(srv, clients, 3)
+        gone, greedy, good = clients
+        gone.sock.sendall(encode_request(C.CMD_WRITE, 99, 0, 4 * MiB) + os.urandom(MiB))
+        good.check(0, os.urandom(4096))
+        gone.close()
+        greedy.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        # 768 KiB: the socket's buffer fills part-way through a reply's data, not at a header
+        greedy.sock.sendall(b"".join(encode_request(C.CMD_READ, k, k % 32 * MiB, 768 << 10) for k in range(64)))
+        for i in range(50):
+            good.check(i * 4096, os.urandom(4096))
+        assert wait_until(lambda: srv.connection_count() == 1, 60), srv.connection_count()
+        for i in range(20):
+            good.check(i * 65536, os.urandom(65536))
+        assert srv.loop.offload.offloaded() == 1
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+        m.close()
+
+
+@pytest.fixture
+def small_fs(tmp_path):
+    """A 3 MiB tmpfs, unmounted at the end even when the test fails."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "userdm-test-splice", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_write_the_file_cannot_take_gets_the_daemons_errno(tmp_path, small_fs):
+    """A sparse 16 MiB file on a 3 MiB tmpfs: 1 MiB WRITEs succeed until it is full; the one
+    that fills it part-way goes back to the daemon whole and gets ENOSPC, and the
+    connection goes on (reads of what was written)."""
+    path = small_fs / "disk.img"
+    with open(path, "wb") as f:
+        f.truncate(16 * MiB)
+    m = Mapper()
+    m.create("vol", f"0 {16 * MiB // 512} linear {path} 0\n")
+    srv = NBDServer(m, unix_path=tmp_path / "nbd.sock", offload_workers=1)
+    srv.start()
+    clients = [Client.plain(srv.unix_path, "vol") for _ in range(2)]
+    try:
+        offloaded(srv, clients, 2)
+        c = clients[0]
+        written = {}
+        for k in range(4, 16):
+            data = os.urandom(MiB)
+            cookie = c.send_write(k * MiB, data)
+            magic, err, got = struct.unpack(">IIQ", recv_exact(c.sock, 16))
+            assert (magic, got) == (C.SIMPLE_REPLY_MAGIC, cookie)
+            if err:
+                assert err == C.NBD_ENOSPC, err
+                break
+            written[k] = data
+        else:
+            pytest.fail("16 MiB fitted on a 3 MiB tmpfs")
+        assert 1 <= len(written) <= 3
+        assert srv.loop.offload.returned >= 1
+        for k, data in written.items():
+            assert c.reply(c.send_read(k * MiB, MiB), MiB) == data
+    finally:
+        for c in clients:
+            c.close()
+        srv.stop()
+        m.close()
