@@ -509,6 +509,8 @@ class Worker:
         structured = c.structured
         starts, deltas, seg_fd, writable = c.starts, c.deltas, c.seg_fd, c.writable
         size, mask, biggest = c.size, c.mask, c.max
+        single = len(starts) == 2        # one segment: no search
+        request_magic, simple_magic = C.REQUEST_MAGIC, C.SIMPLE_REPLY_MAGIC
         apos = 0
         why = None
         hold = False
@@ -516,7 +518,7 @@ class Worker:
         try:
             while end - start >= 28:
                 magic, flags, cmd, cookie, offset, length = _REQUEST.unpack_from(rbuf, start)
-                if magic != C.REQUEST_MAGIC or flags:
+                if magic != request_magic or flags:
                     why = "not a plain request"
                     break
                 if cmd == _READ or cmd == _WRITE:
@@ -524,7 +526,7 @@ class Worker:
                             or offset + length > size):
                         why = "request the daemon refuses or splits"
                         break
-                    i = bisect_right(starts, offset) - 1
+                    i = 0 if single else bisect_right(starts, offset) - 1
                     if offset + length > starts[i + 1] or cmd == _WRITE and not writable[i]:
                         why = "request over segments or read-only"
                         break
@@ -554,24 +556,21 @@ class Worker:
                             break
                     if cmd == _WRITE:
                         need = 28 + length
-                        if end - start < need and length >= splice.MIN and c.spliced[i] and self.pipe.room():
-                            # the payload not all here yet: the rest goes from the socket to the file
-                            have = end - start - 28
-                            data = rview[start + 28:end]
-                            try:
-                                done = os.pwritev(seg_fd[i], [data], offset + deltas[i])
-                            except OSError:
-                                done = -1
-                            data.release()
-                            if done != have:
-                                why = "write failed"
-                                break
-                            c.payload = splice.Payload(bytes(rview[start:start + 28]), seg_fd[i],
-                                                       offset + deltas[i], length, have)
-                            start = end
-                            break
-                        if end - start < need:
-                            if len(rbuf) < need:     # a big write: room for it, kept
+                        if end - start < need:       # the payload is not all here yet
+                            if length >= splice.MIN and c.spliced[i] and self.pipe.room():
+                                # what is here goes to the file now, the rest from the socket
+                                have = end - start - 28
+                                try:
+                                    done = os.pwrite(seg_fd[i], rview[start + 28:end], offset + deltas[i])
+                                except OSError:
+                                    done = -1
+                                if done != have:
+                                    why = "write failed"
+                                    break
+                                c.payload = splice.Payload(bytes(rview[start:start + 28]), seg_fd[i],
+                                                           offset + deltas[i], length, have)
+                                start = end
+                            elif len(rbuf) < need:     # a big write: room for it, kept
                                 c.rbuf = bytearray(need + RECV_BUFFER)
                                 c.rview = memoryview(c.rbuf)
                                 c.rview[:end - start] = rview[start:end]
@@ -580,33 +579,31 @@ class Worker:
                                 end -= start
                                 start = 0
                             break
-                        apos = self._room(c, apos, 16)
-                        if apos < 0:
-                            apos = 0
-                            break
-                        data = rview[start + 28:start + need]
-                        try:
-                            done = os.pwritev(seg_fd[i], [data], offset + deltas[i])
+                        if apos + 16 > ARENA:
+                            apos = self._room(c, apos, 16)
+                            if apos < 0:
+                                apos = 0
+                                break
+                        try:      # the payload's view is released as the call returns
+                            done = os.pwrite(seg_fd[i], rview[start + 28:start + need], offset + deltas[i])
                         except OSError:
                             done = -1
-                        data.release()
                         if done != length:
                             why = "write failed"
                             break
                         start += need
-                        _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                        _SIMPLE.pack_into(arena, apos, simple_magic, 0, cookie)
                         apos += 16
                         continue
-                    apos = self._room(c, apos, hlen + length)
-                    if apos < 0:
-                        apos = 0
-                        break
-                    dest = aview[apos + hlen:apos + hlen + length]
+                    if apos + hlen + length > ARENA:
+                        apos = self._room(c, apos, hlen + length)
+                        if apos < 0:
+                            apos = 0
+                            break
                     try:
-                        done = os.preadv(seg_fd[i], [dest], offset + deltas[i])
+                        done = os.preadv(seg_fd[i], [aview[apos + hlen:apos + hlen + length]], offset + deltas[i])
                     except OSError:
                         done = -1
-                    dest.release()
                     if done != length:
                         why = "read failed"
                         break
@@ -615,7 +612,7 @@ class Worker:
                         _CHUNK.pack_into(arena, apos, C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE,
                                          C.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
                     else:
-                        _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                        _SIMPLE.pack_into(arena, apos, simple_magic, 0, cookie)
                     apos += hlen + length
                     if length >= BIG_READ:       # sent at once, as the daemon's workers do:
                         if not self._flush(c, apos):   # the client waits for it
