@@ -42,7 +42,7 @@ def test_big_requests_verified_while_suspended_resumed_and_reloaded(served, tmp_
     with churning(m, srv, files) as turns:
         proc = subprocess.run(
             ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd+unix:///top?socket={tmp_path / 'nbd.sock'}",
-             "--rw=randwrite", "--bsrange=64k-1m", "--bs_unaligned=0", "--blockalign=64k", "--loops=3",
+             "--rw=randwrite", "--bsrange=64k-1m", "--blockalign=64k", "--loops=3",
              "--iodepth=4", "--numjobs=4", "--size=8M", "--offset_increment=8M", "--verify=crc32c",
              "--do_verify=1", "--verify_state_save=0", "--group_reporting", f"--output={out}",
              "--output-format=json"], capture_output=True, text=True, timeout=300)
@@ -175,5 +175,32 @@ def test_a_write_the_file_cannot_take_gets_the_daemons_errno(tmp_path, small_fs)
     finally:
         for c in clients:
             c.close()
+        srv.stop()
+        m.close()
+
+
+def test_big_requests_over_tcp(tmp_path, images):
+    """A TCP listener (plaintext): fio writes and verifies 64 KiB-1 MiB blocks over two
+    connections, spliced from and to TCP sockets."""
+    if shutil.which("fio") is None:
+        pytest.skip("fio is not installed")
+    m = Mapper()
+    m.create("vol", f"0 {64 * MiB // 512} linear {images(1, 64 * MiB)[0]} 0\n")
+    srv = NBDServer(m, tcp=("127.0.0.1", 0), offload_workers=1)
+    srv.start()
+    try:
+        host, port = srv.tcp_address
+        out = tmp_path / "fio.json"
+        proc = subprocess.run(
+            ["fio", "--name=verify", "--ioengine=nbd", f"--uri=nbd://{host}:{port}/vol", "--rw=randwrite",
+             "--bsrange=64k-1m", "--blockalign=64k", "--iodepth=4", "--numjobs=2", "--size=16M",
+             "--offset_increment=16M", "--verify=crc32c", "--do_verify=1", "--verify_state_save=0",
+             "--group_reporting", f"--output={out}", "--output-format=json"],
+            capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        job = json.loads(out.read_text())["jobs"][0]
+        assert job["error"] == 0 and job["write"]["io_bytes"] == 2 * 16 * MiB
+        assert srv.loop.offload.handed >= 1
+    finally:
         srv.stop()
         m.close()

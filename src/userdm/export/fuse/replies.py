@@ -69,6 +69,16 @@ GONE = (errno.ENOENT, errno.ENODEV, errno.ECONNABORTED, errno.ENOTCONN, errno.EB
 _perf = time.perf_counter
 
 
+def write_reply(fd: int, out: bytes | memoryview, where: str) -> None:
+    """Write one reply to the device fd `fd` (of the mount at `where`); one whose request or
+    connection is gone is dropped without a log line."""
+    try:
+        os.write(fd, out)
+    except OSError as exc:
+        if exc.errno not in GONE:
+            log.error("FUSE at %s: cannot send a reply: %s", where, exc)
+
+
 class Replies:
     """The replies one serving thread holds for the device fd `fd` (not thread-safe)."""
 
@@ -176,11 +186,7 @@ class Replies:
                 log.error("FUSE at %s: cannot send a reply: %s", self.where, os.strerror(-res))
 
     def _write(self, i: int) -> None:
-        try:
-            os.write(self.fd, self._slots[i][:self._sizes[i]])
-        except OSError as exc:
-            if exc.errno not in GONE:
-                log.error("FUSE at %s: cannot send a reply: %s", self.where, exc)
+        write_reply(self.fd, self._slots[i][:self._sizes[i]], self.where)
 
     def _start(self) -> None:
         """The ring and the buffers, at the first time replies are to be held."""

@@ -69,7 +69,7 @@ from ...errors import DMError
 from ..busypoll import PollWindow
 from . import protocol as P
 from .lent import LentTables
-from .replies import Replies
+from .replies import GONE as REPLY_GONE, Replies, write_reply
 from .ops import MAX_WRITE, REPLY_BUFFER, REQUEST_BUFFER, SPLICE_MIN, DeviceOperations, drain
 from .uring import Ring
 from .unmount import is_fuse_mount, lazy_unmount
@@ -366,7 +366,7 @@ class Session:
                     elif held:
                         replies.hold(out)
                     elif out is not None:
-                        self._send(fd, out)
+                        write_reply(fd, out, self.mountpoint)
                     if opcode == P.DESTROY:
                         ended = True
                         return
@@ -650,14 +650,6 @@ class Session:
 
     # ---- replies on /dev/fuse ----------------------------------------------------------
 
-    def _send(self, fd: int, out: bytes | memoryview) -> None:
-        try:
-            os.write(fd, out)
-        except OSError as exc:
-            # ENOENT: the request was interrupted and is gone; the others: the connection is
-            if exc.errno not in (errno.ENOENT, *_GONE):
-                log.error("FUSE at %s: cannot send a reply: %s", self.mountpoint, exc)
-
     def _splice(self, fd: int, length: int, pipe: tuple[int, int, int]) -> None:
         """Send the reply of `length` bytes waiting in `pipe` (one splice: the kernel takes a
         reply whole); what a failure leaves in the pipe is drained."""
@@ -665,7 +657,7 @@ class Session:
             os.splice(pipe[0], fd, length)
         except OSError as exc:
             drain(pipe[0])
-            if exc.errno not in (errno.ENOENT, *_GONE):
+            if exc.errno not in REPLY_GONE:
                 log.error("FUSE at %s: cannot send a reply: %s", self.mountpoint, exc)
 
     def _end_by_itself(self) -> None:

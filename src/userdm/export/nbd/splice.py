@@ -3,8 +3,8 @@ userspace (issue 18): a worker process (`worker.py`) moves them through a pipe w
 
 - A READ: the file's pages go into the pipe by reference (`fill`), the reply's header is
   sent, then the pipe's pages go to the socket (`send`), again by reference. The client's
-  receive is the only copy, where `preadv` + `send` made two more; a 1 MiB READ costs the
-  server a fifth of the CPU time. Filling the pipe first means a file that fails does so
+  receive is the only copy, where `preadv` + `send` made two more: a 1 MiB READ costs the
+  server about a third of the CPU time. Filling the pipe first means a file that fails does so
   before the header leaves: the request goes back to the daemon unserved, as any failure.
 - A WRITE: the payload goes from the socket into the pipe by reference, then from the pipe
   into the file (one copy, the kernel's, where `recv_into` + `pwritev` made two), a pipe's

@@ -9,9 +9,10 @@ device's collapsed table (`userdm.dm.collapse`) with their segments, and the req
 had already received. The worker does READ, WRITE and FLUSH with preadv/pwritev/fdatasync
 (READs and WRITEs of 64 KiB or more on files in the page cache by splice, `splice.py`: a
 payload the client has sent only part of waits in `_Served.payload`, and a hand-back then
-returns the whole request, the part already in the file read back) and nothing else: any other request, flag or refusal, any error, hands the connection back
-*before* that request, unserved, and the daemon serves it as it always does (its errno, its
-failure events, its protocol errors).
+returns the whole request, the part already in the file read back) and nothing else: any
+other request, flag or refusal, any error, hands the connection back *before* that request,
+unserved, and the daemon serves it as it always does (its errno, its failure events, its
+protocol errors).
 
 TLS connections: the worker also holds TLS sessions (`tunnel.py`): it runs the handshake
 and relays plaintext to and from the daemon over a socketpair, and a `serve` of such a
@@ -348,7 +349,6 @@ class Worker:
         """Hand `c` back to the daemon: the request bytes not served, the replies not sent
         (`hold`: not worth offering again at once: the client reads nothing, or the daemon's
         only connection reads big blocks)."""
-
         left = c.rview[c.start:c.end]
         try:
             data = bytes(left) if c.payload is None else c.payload.unserved()
@@ -544,7 +544,7 @@ class Worker:
                                 _CHUNK.pack_into(arena, apos, C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE,
                                                  C.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
                             else:
-                                _SIMPLE.pack_into(arena, apos, C.SIMPLE_REPLY_MAGIC, 0, cookie)
+                                _SIMPLE.pack_into(arena, apos, simple_magic, 0, cookie)
                             sent = self._send_spliced(c, apos + hlen, length)
                             apos = 0
                             if not sent:
