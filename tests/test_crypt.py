@@ -306,3 +306,19 @@ def test_the_two_iv_generators_agree_also_where_sectors_wrap(cipher):
     sub = Engine(spec, bytearray(os.urandom(64 if "xts" in cipher else 32)), 512, False)._subs[0]
     for first, inc in ((0, 1), ((1 << 32) - 3, 1), ((1 << 64) - 5, 8), (123456789, 8)):
         assert sub.iv_bytes(first, inc, 9) == sub.ivs(first, inc, 9).tobytes(), (first, inc)
+
+
+def test_table_text_is_the_lines_joined_keys_hidden_or_shown(mapper, tmp_path):
+    """`table_text` (what `userdm table` prints) says what `table` says, line for line:
+    several targets, a key hidden and shown, an inactive table, a device without one."""
+    img = tmp_path / "img"
+    img.write_bytes(bytes(SIZE))
+    key = os.urandom(32).hex()
+    mapper.create("t", f"0 8 crypt aes-cbc-essiv:sha256 {key} 0 {img} 0\n8 8 zero\n16 8 linear {img} 8\n")
+    mapper.load("t", "0 24 error\n")
+    mapper.create("empty", None)
+    for name, kw in (("t", {}), ("t", {"showkeys": True}), ("t", {"inactive": True}), ("empty", {})):
+        lines = mapper.table(name, **kw)
+        assert mapper.table_text(name, **kw) == "".join(f"{s} {n} {t} {p}\n" for s, n, t, p in lines)
+    assert key not in mapper.table_text("t") and key in mapper.table_text("t", showkeys=True)
+    assert mapper.table_text("empty") == ""

@@ -501,6 +501,11 @@ class Commands:
         prefix = names is None or len(names) > 1
         for name in names or [d["name"] for d in self.dm.list()]:
             texts = show(fetch(name))   # one write: a million-line table prints in one go
+            if isinstance(texts, str):  # lines already joined, each with its newline
+                if not prefix:
+                    sys.stdout.write(texts)
+                    continue
+                texts = texts.splitlines()
             sys.stdout.write("".join(f"{name}: {text}\n" for text in texts) if prefix
                              else "".join(text + "\n" for text in texts))
 
@@ -520,12 +525,16 @@ class Commands:
             else:
                 print("No devices found")
             return
-        def show(lines: list[list[Any]]) -> list[str]:
-            if not lines and not self.o.target:
-                return [""]   # as dmsetup: a device without a table is an empty line (`name: `)
-            return [fmt.table_line(line) for line in lines if not self.o.target or line[2] == self.o.target]
-        self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show,
-                         "table", self._lines_json("params"))
+        if self.o.json:
+            self._per_device(lambda n: self.dm.table(n, inactive=self.o.inactive, showkeys=self.o.showkeys), None,
+                             "table", self._lines_json("params"))
+            return
+
+        def show(text: str) -> str:
+            if self.o.target:
+                return "".join(line + "\n" for line in text.splitlines() if line.split(" ", 3)[2] == self.o.target)
+            return text or "\n"   # as dmsetup: a device without a table is an empty line (`name: `)
+        self._per_device(lambda n: self.dm.table_text(n, inactive=self.o.inactive, showkeys=self.o.showkeys), show)
 
     def _lines_json(self, what: str) -> Any:
         def convert(lines: list[list[Any]]) -> list[dict[str, Any]]:

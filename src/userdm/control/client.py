@@ -171,6 +171,10 @@ class Client:
         """Table lines `[start, length, type, params]` in the kernel's format."""
         return self.call("table", name=name, inactive=inactive, showkeys=showkeys)  # type: ignore[no-any-return]
 
+    def table_text(self, name: str, *, inactive: bool = False, showkeys: bool = False) -> str:
+        """The table as one string, a line per target, as `dmsetup table NAME` prints it."""
+        return self.call("table_text", name=name, inactive=inactive, showkeys=showkeys)  # type: ignore[no-any-return]
+
     def status(self, name: str, *, inactive: bool = False) -> list[list[Any]]:
         """Status lines `[start, length, type, status]` in the kernel's formats."""
         return self.call("status", name=name, inactive=inactive)  # type: ignore[no-any-return]

@@ -34,7 +34,7 @@ _LEN = struct.Struct(">I")
 
 #: commands a client may call, each a method of `userdm.dm.mapper.Mapper`
 COMMANDS = frozenset({
-    "version", "targets", "list", "tree", "info", "table", "status", "deps",
+    "version", "targets", "list", "tree", "info", "table", "table_text", "status", "deps",
     "create", "load", "clear", "suspend", "resume", "remove", "remove_all", "rename",
     "message", "wait", "wipe_table", "partprobe", "find_name", "open", "era_changed",
     "notify_failure", "recent_events",

@@ -173,7 +173,7 @@ SCHEMA: dict[str, dict[str, Field]] = {
                                                                            "deferred": Field(BOOL)},
     "info": _named(), "clear": _named(), "resume": _named(), "wipe_table": _named(),
     "partprobe": _named(),
-    "table": _named(inactive=BOOL, showkeys=BOOL),
+    "table": _named(inactive=BOOL, showkeys=BOOL), "table_text": _named(inactive=BOOL, showkeys=BOOL),
     "status": _named(inactive=BOOL), "deps": _named(inactive=BOOL),
     "create": {"name": required(optional(NEW_NAME)), "table": Field(optional(TEXT)),
                "uuid": Field(optional(UUID)), "readonly": Field(BOOL), "minor": Field(optional(INT)),

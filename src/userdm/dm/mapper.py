@@ -976,6 +976,16 @@ class Mapper:
         return [[t.begin, t.length, t.name, t.table(showkeys) if t.has_keys else t.table()]
                 for t in table.targets]
 
+    def table_text(self, name: str, *, inactive: bool = False, showkeys: bool = False) -> str:
+        """The table as `dmsetup table NAME` prints it: `start length type params` and a
+        newline per target, in one string (a million-line table is built and sent without
+        a list per line: `userdm table` uses it)."""
+        table = self._find_table(name, inactive)
+        if table is None:
+            return "".join(f"{s} {n} {t} {p}\n" for s, n, t, p in self.table(name, inactive=inactive))
+        return "".join([f"{t.begin} {t.length} {t.name} {t.table(showkeys) if t.has_keys else t.table()}\n"
+                        for t in table.targets])
+
     def status(self, name: str, *, inactive: bool = False) -> list[list[Any]]:
         """Status lines `[start, length, type, status]` in the kernel's formats."""
         table = self._find_table(name, inactive)
