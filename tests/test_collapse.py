@@ -150,3 +150,42 @@ def test_fio_verify_eight_connections_through_a_collapsed_stack(mapper, stack, t
         assert sinks(mapper, "top")[0] is not None
     finally:
         srv.stop()
+
+
+def test_a_big_table_of_uneven_segments_finds_every_block(mapper, images):
+    """More segments than a Flat lists (one file, `_one_file`, with its bucket index): segments
+    of 1 to 40 sectors laid out over the file in a shuffled order; every sector read through
+    the device, and a write at each segment's first and last sector, lands where the table
+    says."""
+    import random
+    rng = random.Random(5)
+    lengths = [rng.choice((1, 1, 2, 3, 8, 40)) for _ in range(collapse.MAX_SEGMENTS + 500)]
+    total = sum(lengths)
+    (img,) = images(1, total * 512)
+    with open(img, "r+b") as f:      # sector k of the file holds k
+        f.write(b"".join(k.to_bytes(8, "little") * 64 for k in range(total)))
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    place, at = {}, 0
+    for j in order:                  # the file holds the segments in a shuffled order
+        place[j] = at
+        at += lengths[j]
+    lines, expect, start = [], [], 0
+    for i, n in enumerate(lengths):
+        lines.append(f"{start} {n} linear {img} {place[i]}\n")
+        expect.extend(range(place[i], place[i] + n))
+        start += n
+    mapper.create("big", "".join(lines))
+    md = mapper.device("big")
+    buf = bytearray(512)
+    md.readinto(0, memoryview(buf))
+    assert isinstance(md._flat, collapse.Flat) and md._flat.segments is None    # the big table's Flat
+    for k in range(total):
+        md.readinto(k * 512, memoryview(buf))
+        assert int.from_bytes(buf[:8], "little") == expect[k], k
+    start = 0
+    for n in lengths:
+        for k in {start, start + n - 1}:
+            md.write(k * 512, (10 ** 9 + k).to_bytes(8, "little") * 64)
+            assert int.from_bytes(read_file(img, expect[k] * 512, 8), "little") == 10 ** 9 + k
+        start += n

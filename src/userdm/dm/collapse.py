@@ -34,13 +34,16 @@ from __future__ import annotations
 
 import os
 from array import array
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
+from functools import partial
 
 from ..block.device import SECTOR
 from ..block.file import FileDisk
 
 #: tables with more targets are not collapsed
 MAX_SEGMENTS = 4096
+#: buckets of a big table's index made in one go (`bucket_index`: a few ms)
+INDEX_SLICE = 8192
 #: collapse at all (benchmarks turn it off to measure what it saves)
 ENABLED = True
 _preadv = os.preadv
@@ -149,10 +152,11 @@ class Flat:
     return True, or return False: the caller then sends it through `table` (as it always did)."""
 
     __slots__ = ("table", "segments", "starts", "deltas", "reads", "writes", "users", "retired",
-                 "read", "write", "_sink", "watchers")
+                 "read", "write", "_sink", "watchers", "_first", "_shift")
 
     def __init__(self, table, segments: list[tuple[int, int, object, int]] | None,  # noqa: ANN001
-                 columns: tuple[list, list, list, list] | None = None, sink: FileSink | None = None) -> None:
+                 columns: tuple[list, list, list, list] | None = None, sink: FileSink | None = None,
+                 index: tuple[int, array] | None = None) -> None:
         self.table = table
         #: (start, end, sink or None, delta): device bytes [start, end) are sink bytes + delta;
         #: no sink: through the table. None for a big table's (`_one_file`): not followed
@@ -174,6 +178,8 @@ class Flat:
         #: the one sink of every segment (`_one_file`): no per-segment call to look up
         self._sink = sink
         self.read, self.write = (self._read_one, self._write_one) if sink is not None else (self._read, self._write)
+        #: a big table's index (`_one_file`, `bucket_index`)
+        self._shift, self._first = index if index is not None else (0, None)
 
     def place(self, offset: int, length: int) -> tuple[int, int] | None:
         """(fd, offset) of the `length` bytes at `offset` if they lie whole in one file, else None."""
@@ -184,11 +190,13 @@ class Flat:
         return None if sink is None else sink.place(offset + self.deltas[i], length)
 
     def _read_one(self, offset: int, buf: memoryview) -> bool:
-        i = bisect_right(self.starts, offset) - 1
+        first, b = self._first, offset >> self._shift
+        i = bisect_right(self.starts, offset, first[b], first[b + 1]) - 1
         return offset + len(buf) <= self.starts[i + 1] and self._sink.read(offset + self.deltas[i], buf)
 
     def _write_one(self, offset: int, data: memoryview, fua: bool) -> bool:
-        i = bisect_right(self.starts, offset) - 1
+        first, b = self._first, offset >> self._shift
+        i = bisect_right(self.starts, offset, first[b], first[b + 1]) - 1
         return offset + len(data) <= self.starts[i + 1] and self._sink.write(offset + self.deltas[i], data, fua)
 
     def _read(self, offset: int, buf: memoryview) -> bool:
@@ -311,11 +319,30 @@ def _one_file(table) -> Flat | None:  # noqa: ANN001
             return None
         append(through[1] - start)
     sink = FileSink(disk, not table.read_only and open_.write_mode and not disk.read_only)
-    # machine integers side by side: a binary search over a million of them touches far
-    # fewer cache lines than over a list of int objects
-    starts = array("q", table.starts)
-    starts.append(table.size)
-    return Flat(table, None, (starts, array("q", deltas), [], []), sink)
+    # machine integers, each start beside its segment's delta: a search over a million of
+    # them touches far fewer cache lines than over lists of int objects, and the delta is
+    # in the line the search ended on
+    starts = array("q", table.starts + [table.size])
+    pairs = memoryview(array("q", bytes(16 * len(starts))))
+    pairs[::2] = memoryview(starts)
+    pairs[1:-1:2] = memoryview(array("q", deltas))
+    return Flat(table, None, (pairs[::2], pairs[1::2], [], []), sink, bucket_index(starts))
+
+
+def bucket_index(starts: array) -> tuple[int, array]:
+    """(shift, first) such that the segments that start in bucket b (device bytes from
+    b << shift to (b + 1) << shift) are those from first[b] to first[b + 1] - 1: a search
+    then looks at a handful of starts (about eight), not at twenty levels of a million (a
+    third of the cost of a 4 KiB read). Built a slice at a time, so that other threads run
+    meanwhile."""
+    size = starts[-1]
+    shift = max(0, (size // (len(starts) - 1)).bit_length() + 2)
+    first = array("q")
+    find = partial(bisect_left, starts)
+    bucket = 1 << shift
+    for lo in range(0, size + 2 * bucket, INDEX_SLICE * bucket):
+        first.extend(map(find, range(lo, min(lo + INDEX_SLICE * bucket, size + 2 * bucket), bucket)))
+    return shift, first
 
 
 def _bottom(target) -> bool:  # noqa: ANN001
