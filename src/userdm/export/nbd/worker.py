@@ -530,27 +530,11 @@ class Worker:
                     if offset + length > starts[i + 1] or cmd == _WRITE and not writable[i]:
                         why = "request over segments or read-only"
                         break
+                    spliced = False       # a big READ whose data goes by splice (`splice.py`)
                     if cmd == _READ and length >= BIG_READ:
                         if c.spliced[i] and length <= self.pipe.room():
-                            apos = self._room(c, apos, hlen)
-                            if apos < 0:
-                                apos = 0
-                                break
-                            if not self.pipe.fill(seg_fd[i], offset + deltas[i], length):
-                                why = "read failed"
-                                break
-                            start += 28
-                            if structured:
-                                _CHUNK.pack_into(arena, apos, C.STRUCTURED_REPLY_MAGIC, C.REPLY_FLAG_DONE,
-                                                 C.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
-                            else:
-                                _SIMPLE.pack_into(arena, apos, simple_magic, 0, cookie)
-                            sent = self._send_spliced(c, apos + hlen, length)
-                            apos = 0
-                            if not sent:
-                                break
-                            continue
-                        if c.alone:
+                            spliced = True
+                        elif c.alone:
                             why = "a big read on the daemon's only connection"
                             hold = True
                             break
@@ -595,15 +579,19 @@ class Worker:
                         _SIMPLE.pack_into(arena, apos, simple_magic, 0, cookie)
                         apos += 16
                         continue
-                    if apos + hlen + length > ARENA:
-                        apos = self._room(c, apos, hlen + length)
+                    need = hlen if spliced else hlen + length
+                    if apos + need > ARENA:
+                        apos = self._room(c, apos, need)
                         if apos < 0:
                             apos = 0
                             break
-                    try:
-                        done = os.preadv(seg_fd[i], [aview[apos + hlen:apos + hlen + length]], offset + deltas[i])
-                    except OSError:
-                        done = -1
+                    if spliced:
+                        done = length if self.pipe.fill(seg_fd[i], offset + deltas[i], length) else -1
+                    else:
+                        try:
+                            done = os.preadv(seg_fd[i], [aview[apos + hlen:apos + need]], offset + deltas[i])
+                        except OSError:
+                            done = -1
                     if done != length:
                         why = "read failed"
                         break
@@ -613,7 +601,13 @@ class Worker:
                                          C.REPLY_TYPE_OFFSET_DATA, cookie, length + 8, offset)
                     else:
                         _SIMPLE.pack_into(arena, apos, simple_magic, 0, cookie)
-                    apos += hlen + length
+                    if spliced:                  # the header, then the data from the pipe
+                        sent = self._send_spliced(c, apos + hlen, length)
+                        apos = 0
+                        if not sent:
+                            break
+                        continue
+                    apos += need
                     if length >= BIG_READ:       # sent at once, as the daemon's workers do:
                         if not self._flush(c, apos):   # the client waits for it
                             apos = 0
