@@ -11,7 +11,8 @@ Jobs (each time-based, on space written before): 4 KiB random writes and reads a
 interleave the devices, each round in another order (this machine's speed drifts; it is
 shared, so only the ratios measured side by side mean anything); the medians of the figures
 are printed, and the median over the rounds of each round's ratio mirror/linear. A second
-table gives the daemon's CPU time per request (from /proc), which other load on a shared
+table gives the CPU time per request of the daemon and its NBD worker processes (from /proc:
+a linear device's connection is served by a worker), which other load on a shared
 machine disturbs far less than the throughput.
 
 Goals from issue 15: at least 0.5x for writes and 1.0x for reads. Usage:
@@ -30,6 +31,7 @@ import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
+from nbd import cpu_seconds    # bench/nbd.py: the daemon's and its NBD workers' CPU time
 from thin import Userdm, fio   # bench/thin.py: a daemon driven by the CLI, one fio job
 
 RAMP = 0.5                     # thin.fio's ramp_time: fio runs it too, and counts nothing
@@ -39,12 +41,6 @@ JOBS = (("4K randwrite qd16 (IOPS)", "randwrite", "4k", 16),
         ("4K randread qd16 (IOPS)", "randread", "4k", 16),
         ("1M write qd8 (MB/s)", "write", "1M", 8),
         ("1M read qd8 (MB/s)", "read", "1M", 8))
-
-
-def cpu_seconds(pid: int) -> float:
-    """User and system time of a process so far (/proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def timed_fio(dm: Userdm, name: str, work: Path, rw: str, bs: str, qd: int, size: int,
