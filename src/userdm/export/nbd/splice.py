@@ -10,7 +10,7 @@ userspace (issue 18): a worker process (`worker.py`) moves them through a pipe w
   into the file (one copy, the kernel's, where `recv_into` + `pwritev` made two), a pipe's
   worth at a time, as far as the client has sent it (`Payload.move`, non-blocking): a client
   that stops mid-payload holds nothing but its own connection.
-- A file that is an open with O_DIRECT is never spliced (its pages are not in a cache), nor is
+- A file open with O_DIRECT is never spliced (its pages are not in a cache), nor is
   a TLS session (its bytes are encrypted in userspace).
 
 Data sent by reference is read when the client receives it: a write to the same blocks
