@@ -346,9 +346,10 @@ class Worker:
         self.backlogged.add(c)
 
     def _give_back(self, c: _Served, why: str, hold: bool = False) -> None:
-        """Hand `c` back to the daemon: the request bytes not served, the replies not sent
-        (`hold`: not worth offering again at once: the client reads nothing, or the daemon's
-        only connection reads big blocks)."""
+        """Hand `c` back to the daemon: the request bytes not served (a WRITE part-way to the
+        file: the whole of it, `splice.Payload.unserved`), the replies not sent (`hold`: not
+        worth offering again at once: the client reads nothing, or the daemon's only
+        connection reads big blocks)."""
         left = c.rview[c.start:c.end]
         try:
             data = bytes(left) if c.payload is None else c.payload.unserved()
