@@ -127,7 +127,7 @@ class _Served:
         self.deltas = [s[3] for s in segs]
         self.writable = [bool(s[4]) and not msg["read_only"] for s in segs]
         #: segments whose big READs and WRITEs go by splice (`splice.py`)
-        cached = [splice.cached(fd) and tunnel is None for fd in files]
+        cached = [tunnel is None and splice.cached(fd) for fd in files]
         self.spliced = [cached[s[2]] for s in segs]
         self.sock_flags = 0 if tunnel is not None else fcntl.fcntl(self.fd, fcntl.F_GETFL)
         self.payload: splice.Payload | None = None     # a big WRITE's, on its way to the file
